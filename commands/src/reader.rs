@@ -1,0 +1,228 @@
+//! The one log reader (DESIGN invariant 3), shared by projections, the Kafka relay and
+//! replays. A `position` becomes visible at commit, not at insert, so readers order by
+//! `(transaction_id, position)` and only read rows of transactions older than the oldest
+//! one still running: `transaction_id < pg_snapshot_xmin(pg_current_snapshot())`. Below that
+//! bound nothing can appear any more, so a cursor never passes an event it has not seen.
+//! LISTEN/NOTIFY wakes readers; polling is the fallback.
+
+use crate::error::CommandError;
+use crate::service::EVENTS_CHANNEL;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{PgConnection, PgPool, Row};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Where a reader stands: the last `(transaction_id, position)` it has seen.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct LogCursor {
+    pub transaction_id: u64,
+    pub position: i64,
+}
+
+/// An event as read from the log, payload as stored (not upcast).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedEvent {
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Value,
+    pub metadata: Value,
+    pub position: i64,
+    pub transaction_id: u64,
+    pub recorded_at: DateTime<Utc>,
+    pub project_id: Option<Uuid>,
+    pub hash: Option<Vec<u8>>,
+}
+
+impl RecordedEvent {
+    pub fn cursor(&self) -> LogCursor {
+        LogCursor {
+            transaction_id: self.transaction_id,
+            position: self.position,
+        }
+    }
+
+    pub(crate) fn from_row(row: &PgRow) -> Result<Self, CommandError> {
+        let parse = |col: &str| -> Result<Value, CommandError> {
+            let text: String = row.get(col);
+            serde_json::from_str(&text)
+                .map_err(|e| CommandError::corrupt(format!("event {col}"), e))
+        };
+        let xid: String = row.get("transaction_id");
+        Ok(Self {
+            event_id: row.get("event_id"),
+            aggregate_type: row.get("aggregate_type"),
+            aggregate_id: row.get("aggregate_id"),
+            sequence: row.get("sequence"),
+            event_type: row.get("event_type"),
+            event_version: row.get("event_version"),
+            payload: parse("payload")?,
+            metadata: parse("metadata")?,
+            position: row.get("position"),
+            transaction_id: xid
+                .parse()
+                .map_err(|e| CommandError::corrupt("transaction_id", e))?,
+            recorded_at: row.get("recorded_at"),
+            project_id: row.get("project_id"),
+            hash: row.get("hash"),
+        })
+    }
+}
+
+/// The columns every log query selects, in `RecordedEvent::from_row`'s shape.
+pub(crate) const EVENT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+     payload::text AS payload, metadata::text AS metadata, position, transaction_id::text AS transaction_id, \
+     recorded_at, project_id, hash";
+
+/// Reads the log in commit-safe order.
+#[derive(Clone, Debug)]
+pub struct LogReader {
+    pool: PgPool,
+}
+
+impl LogReader {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Up to `limit` events after `after`, from transactions that can no longer change what
+    /// precedes them.
+    pub async fn read_batch(
+        &self,
+        after: LogCursor,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, CommandError> {
+        let mut conn = self.pool.acquire().await?;
+        read_batch(&mut conn, after, limit).await
+    }
+
+    /// A subscription from `after` that waits for new events.
+    pub async fn subscribe(&self, after: LogCursor) -> Result<Subscription, CommandError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(EVENTS_CHANNEL).await?;
+        Ok(Subscription {
+            reader: self.clone(),
+            cursor: after,
+            listener,
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(500),
+        })
+    }
+
+    /// The saved position of reader `name` (the log's start when it has none).
+    pub async fn checkpoint(
+        conn: &mut PgConnection,
+        name: &str,
+    ) -> Result<LogCursor, CommandError> {
+        let row = sqlx::query("SELECT transaction_id::text AS transaction_id, position FROM reader_checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(conn)
+            .await?;
+        Ok(match row {
+            None => LogCursor::default(),
+            Some(row) => LogCursor {
+                transaction_id: row
+                    .get::<String, _>("transaction_id")
+                    .parse()
+                    .map_err(|e| CommandError::corrupt("checkpoint", e))?,
+                position: row.get("position"),
+            },
+        })
+    }
+
+    /// Saves reader `name`'s position; call it in the transaction that applies the batch.
+    pub async fn save_checkpoint(
+        conn: &mut PgConnection,
+        name: &str,
+        cursor: LogCursor,
+    ) -> Result<(), CommandError> {
+        sqlx::query(
+            "INSERT INTO reader_checkpoints (name, transaction_id, position) VALUES ($1, $2::text::xid8, $3)
+             ON CONFLICT (name) DO UPDATE SET transaction_id = EXCLUDED.transaction_id,
+                 position = EXCLUDED.position, updated_at = now()",
+        )
+        .bind(name)
+        .bind(cursor.transaction_id.to_string())
+        .bind(cursor.position)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+pub(crate) async fn read_batch(
+    conn: &mut PgConnection,
+    after: LogCursor,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, CommandError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events
+         WHERE (transaction_id, position) > ($1::text::xid8, $2)
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY transaction_id, position
+         LIMIT $3"
+    ))
+    .bind(after.transaction_id.to_string())
+    .bind(after.position)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(RecordedEvent::from_row).collect()
+}
+
+/// A position in the log that advances as batches are taken, waking on NOTIFY and polling
+/// every `poll_interval` in case a notification was missed.
+pub struct Subscription {
+    reader: LogReader,
+    cursor: LogCursor,
+    listener: PgListener,
+    pub batch_size: i64,
+    pub poll_interval: Duration,
+}
+
+impl Subscription {
+    pub fn cursor(&self) -> LogCursor {
+        self.cursor
+    }
+
+    /// The next batch, waiting until there is one. The cursor moves past it.
+    pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, CommandError> {
+        loop {
+            let batch = self.reader.read_batch(self.cursor, self.batch_size).await?;
+            if let Some(last) = batch.last() {
+                self.cursor = last.cursor();
+                return Ok(batch);
+            }
+            match tokio::time::timeout(self.poll_interval, self.listener.recv()).await {
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "log listener failed; polling until it reconnects");
+                    tokio::time::sleep(self.poll_interval).await;
+                }
+            }
+        }
+    }
+
+    /// Like `next_batch`, but gives up after `wait` and returns an empty batch.
+    pub async fn next_batch_within(
+        &mut self,
+        wait: Duration,
+    ) -> Result<Vec<RecordedEvent>, CommandError> {
+        match tokio::time::timeout(wait, self.next_batch()).await {
+            Ok(result) => result,
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+}

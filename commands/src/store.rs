@@ -1,0 +1,361 @@
+//! Loading and appending streams. Appends go around postgres-es (one INSERT per event, no
+//! hash chain, no idempotency in the transaction) with one multi-row INSERT per command;
+//! snapshots go around cqrs-es's snapshot store (it applies events twice).
+
+use crate::error::CommandError;
+use crate::hash::{self, Canonical};
+use amplog_domain::upcast::UPCASTERS;
+use amplog_domain::{Aggregate, DomainEvent, EventParts};
+use cqrs_es::persist::{EventUpcaster, SemanticVersionEventUpcaster, SerializedEvent};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{PgConnection, Row};
+use std::collections::HashMap;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// A stream as loaded: the folded state, the last sequence and the chain head.
+#[derive(Clone, Debug)]
+pub struct Loaded<A: Aggregate> {
+    pub id: String,
+    pub state: A,
+    pub sequence: i64,
+    pub hash: Option<Vec<u8>>,
+}
+
+/// One appended event, as returned to the caller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendedEvent {
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub position: i64,
+    pub hash: String,
+}
+
+/// What a command appended. `replayed` is true when an idempotency key returned the first
+/// result of an earlier, identical request, and nothing was appended this time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandOutcome {
+    pub events: Vec<AppendedEvent>,
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+impl CommandOutcome {
+    /// The log position of the last event, for read-your-writes.
+    pub fn last_position(&self) -> Option<i64> {
+        self.events.iter().map(|e| e.position).max()
+    }
+
+    /// The id of the first stream of `aggregate_type` the command wrote to.
+    pub fn id_of(&self, aggregate_type: &str) -> Option<Uuid> {
+        self.events
+            .iter()
+            .find(|e| e.aggregate_type == aggregate_type)
+            .and_then(|e| e.aggregate_id.parse().ok())
+    }
+}
+
+/// Events decided for one stream, not yet written.
+pub(crate) struct PendingStream {
+    pub aggregate_type: &'static str,
+    pub aggregate_id: String,
+    pub base_sequence: i64,
+    pub base_hash: Option<Vec<u8>>,
+    pub events: Vec<EventParts>,
+    /// `(snapshot_version, state json)` when this append crosses a snapshot boundary.
+    pub snapshot: Option<(i32, String)>,
+}
+
+/// Reads streams and writes decided events. Cheap to clone.
+#[derive(Clone)]
+pub struct EventStore {
+    upcasters: Arc<HashMap<&'static str, Vec<Box<dyn EventUpcaster>>>>,
+    /// A snapshot is written each time a stream's sequence crosses a multiple of this.
+    pub snapshot_every: i64,
+}
+
+impl Default for EventStore {
+    fn default() -> Self {
+        Self::new(100)
+    }
+}
+
+impl EventStore {
+    pub fn new(snapshot_every: i64) -> Self {
+        let mut upcasters: HashMap<&'static str, Vec<Box<dyn EventUpcaster>>> = HashMap::new();
+        for u in UPCASTERS {
+            let f = u.upcast;
+            upcasters
+                .entry(u.aggregate_type)
+                .or_default()
+                .push(Box::new(SemanticVersionEventUpcaster::new(
+                    u.event_type,
+                    u.to_version,
+                    Box::new(f),
+                )));
+        }
+        Self {
+            upcasters: Arc::new(upcasters),
+            snapshot_every: snapshot_every.max(1),
+        }
+    }
+
+    /// Lifts a stored event to the current version of its type.
+    pub fn upcast(
+        &self,
+        aggregate_type: &str,
+        event_type: &str,
+        event_version: &str,
+        payload: Value,
+    ) -> (String, Value) {
+        let Some(list) = self.upcasters.get(aggregate_type) else {
+            return (event_version.to_string(), payload);
+        };
+        let mut event = SerializedEvent::new(
+            String::new(),
+            0,
+            aggregate_type.to_string(),
+            event_type.to_string(),
+            event_version.to_string(),
+            payload,
+            Value::Null,
+        );
+        for upcaster in list {
+            if upcaster.can_upcast(&event.event_type, &event.event_version) {
+                event = upcaster.upcast(event);
+            }
+        }
+        (event.event_version, event.payload)
+    }
+
+    /// Decodes one stored event of `A` (upcasting first).
+    pub fn decode<A: Aggregate>(
+        &self,
+        event_type: &str,
+        event_version: &str,
+        payload: Value,
+    ) -> Result<A::Event, CommandError> {
+        let (_, payload) = self.upcast(A::TYPE, event_type, event_version, payload);
+        A::Event::from_parts(event_type, payload).map_err(|e| {
+            CommandError::corrupt(format!("{} event {event_type} {event_version}", A::TYPE), e)
+        })
+    }
+
+    /// Loads a stream from its snapshot (if current) and the events after it.
+    pub async fn load<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        id: &str,
+    ) -> Result<Loaded<A>, CommandError> {
+        let mut loaded = Loaded {
+            id: id.to_string(),
+            state: A::default(),
+            sequence: 0,
+            hash: None,
+        };
+        let snapshot = sqlx::query(
+            "SELECT sequence, hash, state::text AS state FROM aggregate_snapshots
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND snapshot_version = $3",
+        )
+        .bind(A::TYPE)
+        .bind(id)
+        .bind(A::SNAPSHOT_VERSION)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(row) = snapshot {
+            let state: String = row.get("state");
+            loaded.state = serde_json::from_str(&state)
+                .map_err(|e| CommandError::corrupt(format!("{} snapshot {id}", A::TYPE), e))?;
+            loaded.sequence = row.get("sequence");
+            loaded.hash = row.get("hash");
+        }
+        let rows = sqlx::query(
+            "SELECT sequence, event_type, event_version, payload::text AS payload, hash FROM events
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence",
+        )
+        .bind(A::TYPE)
+        .bind(id)
+        .bind(loaded.sequence)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let payload: String = row.get("payload");
+            let payload: Value = serde_json::from_str(&payload)
+                .map_err(|e| CommandError::corrupt("event payload", e))?;
+            let event =
+                self.decode::<A>(row.get("event_type"), row.get("event_version"), payload)?;
+            loaded.state.apply(&event);
+            loaded.sequence = row.get("sequence");
+            loaded.hash = row.get("hash");
+        }
+        Ok(loaded)
+    }
+
+    /// Decides `command` on a loaded stream: the events to append and the new state.
+    pub(crate) fn decide<A: Aggregate>(
+        &self,
+        loaded: &Loaded<A>,
+        command: &A::Command,
+    ) -> Result<(PendingStream, A), CommandError> {
+        let events = loaded.state.decide(command).map_err(Into::into)?;
+        let mut state = loaded.state.clone();
+        for event in &events {
+            state.apply(event);
+        }
+        let next = loaded.sequence + events.len() as i64;
+        let snapshot =
+            (next / self.snapshot_every > loaded.sequence / self.snapshot_every).then(|| {
+                let json =
+                    serde_json::to_string(&state).expect("aggregate state always serialises");
+                (A::SNAPSHOT_VERSION, json)
+            });
+        Ok((
+            PendingStream {
+                aggregate_type: A::TYPE,
+                aggregate_id: loaded.id.clone(),
+                base_sequence: loaded.sequence,
+                base_hash: loaded.hash.clone(),
+                events: events.iter().map(DomainEvent::to_parts).collect(),
+                snapshot,
+            },
+            state,
+        ))
+    }
+
+    /// Writes the pending streams in the caller's transaction with one INSERT. A unique
+    /// violation on `(aggregate_type, aggregate_id, sequence)` is a typed conflict.
+    pub(crate) async fn append(
+        &self,
+        tx: &mut PgConnection,
+        project_id: Uuid,
+        metadata: &str,
+        streams: &[PendingStream],
+    ) -> Result<Vec<AppendedEvent>, CommandError> {
+        let total: usize = streams.iter().map(|s| s.events.len()).sum();
+        let mut types = Vec::with_capacity(total);
+        let mut ids = Vec::with_capacity(total);
+        let mut sequences = Vec::with_capacity(total);
+        let mut event_types = Vec::with_capacity(total);
+        let mut versions = Vec::with_capacity(total);
+        let mut payloads = Vec::with_capacity(total);
+        let mut event_ids = Vec::with_capacity(total);
+        let mut prev_hashes: Vec<Option<Vec<u8>>> = Vec::with_capacity(total);
+        let mut hashes = Vec::with_capacity(total);
+        for stream in streams {
+            let mut prev = stream.base_hash.clone();
+            for (i, event) in stream.events.iter().enumerate() {
+                let sequence = stream.base_sequence + 1 + i as i64;
+                let payload = serde_json::to_string(&event.payload).expect("json values serialise");
+                let hash = hash::chain(
+                    prev.as_deref(),
+                    &Canonical {
+                        aggregate_type: stream.aggregate_type,
+                        aggregate_id: &stream.aggregate_id,
+                        sequence,
+                        event_type: &event.event_type,
+                        event_version: &event.event_version,
+                        payload: &payload,
+                        metadata,
+                    },
+                );
+                types.push(stream.aggregate_type);
+                ids.push(stream.aggregate_id.as_str());
+                sequences.push(sequence);
+                event_types.push(event.event_type.as_str());
+                versions.push(event.event_version.as_str());
+                payloads.push(payload);
+                event_ids.push(Uuid::now_v7());
+                prev_hashes.push(prev.clone());
+                hashes.push(hash.to_vec());
+                prev = Some(hash.to_vec());
+            }
+        }
+        let rows = sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                                 payload, metadata, event_id, project_id, prev_hash, hash)
+             SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version,
+                    t.payload::json, $7::json, t.event_id, $8, t.prev_hash, t.hash
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                         $9::uuid[], $10::bytea[], $11::bytea[])
+                  AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                       event_id, prev_hash, hash)
+             RETURNING event_id, position",
+        )
+        .bind(&types)
+        .bind(&ids)
+        .bind(&sequences)
+        .bind(&event_types)
+        .bind(&versions)
+        .bind(&payloads)
+        .bind(metadata)
+        .bind(project_id)
+        .bind(&event_ids)
+        .bind(&prev_hashes)
+        .bind(&hashes)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.constraint() == Some("events_pkey") => {
+                CommandError::Conflict {
+                    stream: streams
+                        .iter()
+                        .map(|s| format!("{}/{}", s.aggregate_type, s.aggregate_id))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            }
+            _ => CommandError::Database(e),
+        })?;
+        let positions: HashMap<Uuid, i64> = rows
+            .iter()
+            .map(|r| (r.get("event_id"), r.get("position")))
+            .collect();
+
+        for stream in streams.iter() {
+            if let Some((version, state)) = &stream.snapshot {
+                let sequence = stream.base_sequence + stream.events.len() as i64;
+                let index = sequences
+                    .iter()
+                    .zip(&ids)
+                    .zip(&types)
+                    .position(|((s, i), t)| {
+                        *s == sequence && *i == stream.aggregate_id && *t == stream.aggregate_type
+                    })
+                    .expect("the snapshot's event was just written");
+                sqlx::query(
+                    "INSERT INTO aggregate_snapshots (aggregate_type, aggregate_id, snapshot_version, sequence, hash, state)
+                     VALUES ($1, $2, $3, $4, $5, $6::json)
+                     ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+                       SET snapshot_version = EXCLUDED.snapshot_version, sequence = EXCLUDED.sequence,
+                           hash = EXCLUDED.hash, state = EXCLUDED.state, taken_at = now()",
+                )
+                .bind(stream.aggregate_type)
+                .bind(&stream.aggregate_id)
+                .bind(version)
+                .bind(sequence)
+                .bind(&hashes[index])
+                .bind(state)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+
+        Ok((0..total)
+            .map(|i| AppendedEvent {
+                event_id: event_ids[i],
+                aggregate_type: types[i].to_string(),
+                aggregate_id: ids[i].to_string(),
+                sequence: sequences[i],
+                event_type: event_types[i].to_string(),
+                event_version: versions[i].to_string(),
+                position: positions[&event_ids[i]],
+                hash: hex::encode(&hashes[i]),
+            })
+            .collect())
+    }
+}

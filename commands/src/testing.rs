@@ -1,0 +1,106 @@
+//! Test support: a fresh, migrated database per test on the throwaway cluster that
+//! `scripts/test` starts (`AMPLOG_TEST_DATABASE_URL` names its maintenance database). The
+//! schema is migrated once into a template named after the migrations' digest; each test
+//! database is a copy of it.
+
+use crate::credentials::{CredentialKey, CredentialStore};
+use crate::service::CommandService;
+use crate::store::EventStore;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use std::str::FromStr;
+
+pub const TEST_KEY: [u8; 32] = *b"amplog-test-key-0123456789abcdef";
+
+/// A database of one test.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDb {
+    /// The write side on this database, with the test credential key.
+    pub fn service(&self) -> CommandService {
+        CommandService::new(self.pool.clone(), EventStore::default(), credential_store())
+    }
+}
+
+pub fn credential_store() -> CredentialStore {
+    CredentialStore::new(CredentialKey::from_bytes(&TEST_KEY).expect("32 bytes"))
+}
+
+fn server_url() -> String {
+    std::env::var("AMPLOG_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!("AMPLOG_TEST_DATABASE_URL is not set: run the tests with scripts/test, which starts a throwaway PostgreSQL")
+    })
+}
+
+fn url_for(database: &str) -> String {
+    let options = PgConnectOptions::from_str(&server_url())
+        .expect("AMPLOG_TEST_DATABASE_URL is a PostgreSQL URL")
+        .database(database);
+    options.to_url_lossy().to_string()
+}
+
+/// Creates a fresh migrated database and a pool of `max_connections` on it.
+pub async fn test_db_with(max_connections: u32) -> TestDb {
+    let mut admin = PgConnection::connect(&server_url())
+        .await
+        .expect("connect to the test cluster");
+    let template = format!("amplog_tpl_{}", &amplog_migrations::schema_digest()[..16]);
+    // Test processes run in parallel: one of them builds the template, under a lock.
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut admin)
+        .await
+        .expect("lock");
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&template)
+            .fetch_one(&mut admin)
+            .await
+            .expect("query pg_database");
+    if !exists {
+        let building = format!("{template}_building");
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {building}"))
+            .execute(&mut admin)
+            .await
+            .expect("drop");
+        sqlx::raw_sql(&format!("CREATE DATABASE {building}"))
+            .execute(&mut admin)
+            .await
+            .expect("create template");
+        let mut conn = PgConnection::connect(&url_for(&building))
+            .await
+            .expect("connect to template");
+        amplog_migrations::migrate(&mut conn)
+            .await
+            .expect("migrate template");
+        conn.close().await.expect("close");
+        sqlx::raw_sql(&format!("ALTER DATABASE {building} RENAME TO {template}"))
+            .execute(&mut admin)
+            .await
+            .expect("rename");
+    }
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut admin)
+        .await
+        .expect("unlock");
+    let name = format!("amplog_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    admin.close().await.ok();
+    let url = url_for(&name);
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .connect(&url)
+        .await
+        .expect("connect to test database");
+    TestDb { pool, url, name }
+}
+
+pub async fn test_db() -> TestDb {
+    test_db_with(10).await
+}

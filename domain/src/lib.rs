@@ -1,0 +1,17 @@
+//! The pure domain of amplog: aggregates (Project, Integration, Connection, Installation,
+//! Operation), their commands, versioned events, state machines, typed errors and upcasters.
+//! No IO, no clock, no id generation: time and ids arrive inside the commands.
+
+pub mod aggregate;
+pub mod connection;
+pub mod error;
+pub mod ids;
+pub mod installation;
+pub mod integration;
+pub mod operation;
+pub mod project;
+pub mod upcast;
+
+pub use aggregate::{Aggregate, DomainEvent, EventParts};
+pub use error::DomainError;
+pub use ids::*;

@@ -1,0 +1,448 @@
+//! Operation: one read, write or proxy job of an installation.
+//! `pending → running → succeeded | failed | cancelled`; a failed retryable operation can be
+//! retried (back to pending). A running operation is held by a lease: only its holder may
+//! record pages or finish it, and an expired lease may be taken over (fencing).
+
+use crate::aggregate::{Aggregate, DomainEvent};
+use crate::ids::{ConnectionId, InstallationId, LeaseId, ProjectId};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationType {
+    Read,
+    Write,
+    Proxy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Scheduled,
+    Triggered,
+    Backfill,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationStatus {
+    #[default]
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl OperationStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// Why an operation failed; decides the retry policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    RateLimited,
+    AuthInvalidated,
+    Provider5xx,
+    CursorGone,
+    BadRequest,
+    Timeout,
+    Internal,
+}
+
+/// Where a read resumes: a watermark (last modified time seen) and a provider page token.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub watermark: Option<DateTime<Utc>>,
+    pub page_token: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum OperationCommand {
+    Request {
+        project_id: ProjectId,
+        installation_id: InstallationId,
+        connection_id: ConnectionId,
+        op_type: OperationType,
+        object: String,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        trigger: Trigger,
+        at: DateTime<Utc>,
+    },
+    Start {
+        lease_id: LeaseId,
+        lease_until: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
+    RecordPage {
+        lease_id: LeaseId,
+        records: u64,
+        bytes: u64,
+        cursor: Cursor,
+        at: DateTime<Utc>,
+    },
+    Succeed {
+        lease_id: LeaseId,
+        at: DateTime<Utc>,
+    },
+    Fail {
+        lease_id: LeaseId,
+        error_class: ErrorClass,
+        message: String,
+        retryable: bool,
+        at: DateTime<Utc>,
+    },
+    Retry {
+        at: DateTime<Utc>,
+    },
+    Cancel {
+        reason: String,
+        at: DateTime<Utc>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum OperationEvent {
+    Requested {
+        project_id: ProjectId,
+        installation_id: InstallationId,
+        connection_id: ConnectionId,
+        op_type: OperationType,
+        object: String,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        trigger: Trigger,
+        at: DateTime<Utc>,
+    },
+    Started {
+        attempt: u32,
+        lease_id: LeaseId,
+        lease_until: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
+    /// Version 2.0: `records` (was `count`), `bytes` (new) and a structured `cursor` (was a
+    /// bare page token). See `upcast::page_recorded_v1_to_v2`.
+    PageRecorded {
+        lease_id: LeaseId,
+        records: u64,
+        bytes: u64,
+        cursor: Cursor,
+        at: DateTime<Utc>,
+    },
+    Succeeded {
+        records: u64,
+        pages: u64,
+        at: DateTime<Utc>,
+    },
+    Failed {
+        error_class: ErrorClass,
+        message: String,
+        retryable: bool,
+        at: DateTime<Utc>,
+    },
+    Retried {
+        at: DateTime<Utc>,
+    },
+    Cancelled {
+        reason: String,
+        at: DateTime<Utc>,
+    },
+}
+
+impl DomainEvent for OperationEvent {
+    fn event_version(&self) -> &'static str {
+        match self {
+            OperationEvent::PageRecorded { .. } => "2.0",
+            _ => "1.0",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OperationError {
+    #[error("the operation already exists")]
+    AlreadyExists,
+    #[error("no such operation")]
+    NotFound,
+    #[error("the operation is already running under a live lease")]
+    LeaseHeld,
+    #[error("the operation is not running")]
+    NotRunning,
+    #[error("the lease is not the operation's current lease")]
+    StaleLease,
+    #[error("the operation already finished as {0:?}")]
+    AlreadyFinished(OperationStatus),
+    #[error("the operation has not failed")]
+    NotFailed,
+    #[error("the operation failed with a permanent error and cannot be retried")]
+    NotRetryable,
+    #[error("`since` must be before `until`")]
+    InvalidWindow,
+    #[error("an operation needs an object (or a path, for proxy)")]
+    MissingObject,
+    #[error("a lease must end after it starts")]
+    InvalidLease,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub until: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    pub exists: bool,
+    pub project_id: ProjectId,
+    pub installation_id: InstallationId,
+    pub op_type: Option<OperationType>,
+    pub object: String,
+    pub status: OperationStatus,
+    pub attempts: u32,
+    pub lease: Option<Lease>,
+    pub pages: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub cursor: Cursor,
+    pub error_class: Option<ErrorClass>,
+    pub retryable: bool,
+    pub requested_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Operation {
+    fn exists(&self) -> Result<(), OperationError> {
+        if self.exists {
+            Ok(())
+        } else {
+            Err(OperationError::NotFound)
+        }
+    }
+
+    /// The operation must be running under exactly this lease.
+    fn holder(&self, lease_id: LeaseId) -> Result<(), OperationError> {
+        self.exists()?;
+        match self.status {
+            OperationStatus::Running => {}
+            s if s.is_terminal() => return Err(OperationError::AlreadyFinished(s)),
+            _ => return Err(OperationError::NotRunning),
+        }
+        match &self.lease {
+            Some(lease) if lease.id == lease_id => Ok(()),
+            _ => Err(OperationError::StaleLease),
+        }
+    }
+}
+
+impl Aggregate for Operation {
+    const TYPE: &'static str = "operation";
+    type Command = OperationCommand;
+    type Event = OperationEvent;
+    type Error = OperationError;
+
+    fn decide(&self, command: &OperationCommand) -> Result<Vec<OperationEvent>, OperationError> {
+        use OperationCommand as C;
+        use OperationEvent as E;
+        match command {
+            C::Request {
+                project_id,
+                installation_id,
+                connection_id,
+                op_type,
+                object,
+                since,
+                until,
+                trigger,
+                at,
+            } => {
+                if self.exists {
+                    return Err(OperationError::AlreadyExists);
+                }
+                if object.trim().is_empty() {
+                    return Err(OperationError::MissingObject);
+                }
+                if let (Some(since), Some(until)) = (since, until) {
+                    if since >= until {
+                        return Err(OperationError::InvalidWindow);
+                    }
+                }
+                Ok(vec![E::Requested {
+                    project_id: *project_id,
+                    installation_id: *installation_id,
+                    connection_id: *connection_id,
+                    op_type: *op_type,
+                    object: object.clone(),
+                    since: *since,
+                    until: *until,
+                    trigger: *trigger,
+                    at: *at,
+                }])
+            }
+            C::Start {
+                lease_id,
+                lease_until,
+                at,
+            } => {
+                self.exists()?;
+                match self.status {
+                    OperationStatus::Pending => {}
+                    OperationStatus::Running => {
+                        // A crashed worker's lease may be taken over once it has expired.
+                        if self.lease.as_ref().is_some_and(|l| l.until > *at) {
+                            return Err(OperationError::LeaseHeld);
+                        }
+                    }
+                    s => return Err(OperationError::AlreadyFinished(s)),
+                }
+                if lease_until <= at {
+                    return Err(OperationError::InvalidLease);
+                }
+                Ok(vec![E::Started {
+                    attempt: self.attempts + 1,
+                    lease_id: *lease_id,
+                    lease_until: *lease_until,
+                    at: *at,
+                }])
+            }
+            C::RecordPage {
+                lease_id,
+                records,
+                bytes,
+                cursor,
+                at,
+            } => {
+                self.holder(*lease_id)?;
+                Ok(vec![E::PageRecorded {
+                    lease_id: *lease_id,
+                    records: *records,
+                    bytes: *bytes,
+                    cursor: cursor.clone(),
+                    at: *at,
+                }])
+            }
+            C::Succeed { lease_id, at } => {
+                self.holder(*lease_id)?;
+                Ok(vec![E::Succeeded {
+                    records: self.records,
+                    pages: self.pages,
+                    at: *at,
+                }])
+            }
+            C::Fail {
+                lease_id,
+                error_class,
+                message,
+                retryable,
+                at,
+            } => {
+                self.holder(*lease_id)?;
+                Ok(vec![E::Failed {
+                    error_class: *error_class,
+                    message: message.clone(),
+                    retryable: *retryable,
+                    at: *at,
+                }])
+            }
+            C::Retry { at } => {
+                self.exists()?;
+                match self.status {
+                    OperationStatus::Failed if self.retryable => Ok(vec![E::Retried { at: *at }]),
+                    OperationStatus::Failed => Err(OperationError::NotRetryable),
+                    _ => Err(OperationError::NotFailed),
+                }
+            }
+            C::Cancel { reason, at } => {
+                self.exists()?;
+                if self.status.is_terminal() {
+                    return Err(OperationError::AlreadyFinished(self.status));
+                }
+                Ok(vec![E::Cancelled {
+                    reason: reason.clone(),
+                    at: *at,
+                }])
+            }
+        }
+    }
+
+    fn apply(&mut self, event: &OperationEvent) {
+        use OperationEvent as E;
+        match event {
+            E::Requested {
+                project_id,
+                installation_id,
+                op_type,
+                object,
+                at,
+                ..
+            } => {
+                *self = Operation {
+                    exists: true,
+                    project_id: *project_id,
+                    installation_id: *installation_id,
+                    op_type: Some(*op_type),
+                    object: object.clone(),
+                    requested_at: Some(*at),
+                    ..Operation::default()
+                }
+            }
+            E::Started {
+                attempt,
+                lease_id,
+                lease_until,
+                at,
+            } => {
+                self.status = OperationStatus::Running;
+                self.attempts = *attempt;
+                self.lease = Some(Lease {
+                    id: *lease_id,
+                    until: *lease_until,
+                });
+                self.started_at.get_or_insert(*at);
+            }
+            E::PageRecorded {
+                records,
+                bytes,
+                cursor,
+                ..
+            } => {
+                self.pages += 1;
+                self.records += records;
+                self.bytes += bytes;
+                self.cursor = cursor.clone();
+            }
+            E::Succeeded { at, .. } => {
+                self.status = OperationStatus::Succeeded;
+                self.lease = None;
+                self.finished_at = Some(*at);
+            }
+            E::Failed {
+                error_class,
+                retryable,
+                at,
+                ..
+            } => {
+                self.status = OperationStatus::Failed;
+                self.lease = None;
+                self.error_class = Some(*error_class);
+                self.retryable = *retryable;
+                self.finished_at = Some(*at);
+            }
+            E::Retried { .. } => {
+                self.status = OperationStatus::Pending;
+                self.finished_at = None;
+            }
+            E::Cancelled { at, .. } => {
+                self.status = OperationStatus::Cancelled;
+                self.lease = None;
+                self.finished_at = Some(*at);
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The embedded default: with no DATABASE_URL, amplog initialises (once) and starts its own
+//! PostgreSQL from the binaries on PATH in `<data dir>/pg`, listening on a Unix socket only,
+//! and stops it on exit. PostgreSQL refuses to run as root, so as root the server runs as
+//! the `postgres` user.
+
+use anyhow::{bail, Context, Result};
+use sqlx::postgres::PgConnectOptions;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PORT: u16 = 5432;
+const USER: &str = "amplog";
+
+pub struct EmbeddedPostgres {
+    pgdata: PathBuf,
+    socket_dir: PathBuf,
+    bin: PathBuf,
+    run_as: Option<String>,
+    started_here: bool,
+}
+
+impl EmbeddedPostgres {
+    /// Initialises the cluster if needed and starts it unless it already runs.
+    pub fn start(data_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating data folder {}", data_dir.display()))?;
+        let data_dir = data_dir.canonicalize()?;
+        let bin = find_bin_dir()?;
+        let run_as = is_root()?.then(|| "postgres".to_string());
+        let pgdata = data_dir.join("pg");
+        let mut socket_dir = data_dir.join("run");
+        // A Unix socket path must fit in 107 bytes; fall back to a short private folder.
+        if socket_dir.as_os_str().len() + 20 > 107 {
+            let digest = sha_hex(data_dir.to_string_lossy().as_bytes());
+            socket_dir = std::env::temp_dir().join(format!("amplog-{}", &digest[..12]));
+        }
+        for dir in [&pgdata, &socket_dir] {
+            std::fs::create_dir_all(dir)?;
+            set_mode(dir, 0o700)?;
+        }
+        let pg = Self {
+            pgdata,
+            socket_dir,
+            bin,
+            run_as,
+            started_here: false,
+        };
+        if let Some(user) = &pg.run_as {
+            pg.prepare_for(user, &data_dir)?;
+        }
+        pg.init_once()?;
+        pg.start_server()
+    }
+
+    fn prepare_for(&self, user: &str, data_dir: &Path) -> Result<()> {
+        for dir in [&self.pgdata, &self.socket_dir] {
+            run(Command::new("chown")
+                .arg("-R")
+                .arg(format!("{user}:"))
+                .arg(dir))?;
+        }
+        let reachable = Command::new("runuser")
+            .args(["-u", user, "--", "test", "-x"])
+            .arg(&self.pgdata)
+            .status()
+            .context("running runuser")?
+            .success();
+        if !reachable {
+            bail!(
+                "running as root, PostgreSQL runs as the `{user}` user, which cannot reach {}: \
+                 set AMPLOG_DATA_DIR to a folder it can traverse (for example under /var/lib or /tmp)",
+                data_dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    fn init_once(&self) -> Result<()> {
+        if self.pgdata.join("PG_VERSION").exists() {
+            return Ok(());
+        }
+        tracing::info!(pgdata = %self.pgdata.display(), "initialising the embedded PostgreSQL cluster (once)");
+        run(self.command("initdb").arg("-D").arg(&self.pgdata).args([
+            "-U",
+            USER,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]))
+        .context("initdb")
+    }
+
+    fn running(&self) -> bool {
+        self.command("pg_ctl")
+            .arg("status")
+            .arg("-D")
+            .arg(&self.pgdata)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    fn start_server(mut self) -> Result<Self> {
+        if self.running() {
+            tracing::info!("the embedded PostgreSQL is already running; using it");
+            return Ok(self);
+        }
+        let options = format!(
+            "-c listen_addresses='' -k {} -p {PORT}",
+            self.socket_dir.display()
+        );
+        let log = self.socket_dir.join("postgres.log");
+        run(self
+            .command("pg_ctl")
+            .arg("start")
+            .arg("-w")
+            .arg("-D")
+            .arg(&self.pgdata)
+            .arg("-l")
+            .arg(&log)
+            .arg("-o")
+            .arg(options))
+        .with_context(|| {
+            format!(
+                "starting the embedded PostgreSQL (its log: {})",
+                log.display()
+            )
+        })?;
+        self.started_here = true;
+        tracing::info!(socket = %self.socket_dir.display(), "embedded PostgreSQL started");
+        Ok(self)
+    }
+
+    /// Options for a database on this server.
+    pub fn options(&self, database: &str) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .socket(&self.socket_dir)
+            .port(PORT)
+            .username(USER)
+            .database(database)
+    }
+
+    /// Creates the amplog database if missing and returns its options.
+    pub async fn database(&self) -> Result<PgConnectOptions> {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect_with(&self.options("postgres")).await?;
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'amplog')",
+        )
+        .fetch_one(&mut admin)
+        .await?;
+        if !exists {
+            sqlx::raw_sql("CREATE DATABASE amplog")
+                .execute(&mut admin)
+                .await?;
+        }
+        admin.close().await?;
+        Ok(self.options("amplog"))
+    }
+
+    /// Stops the server if this process started it; the data stays for the next run.
+    pub fn stop(&mut self) {
+        if !self.started_here {
+            return;
+        }
+        self.started_here = false;
+        match run(self
+            .command("pg_ctl")
+            .arg("stop")
+            .arg("-w")
+            .args(["-m", "fast"])
+            .arg("-D")
+            .arg(&self.pgdata))
+        {
+            Ok(()) => tracing::info!("embedded PostgreSQL stopped"),
+            Err(error) => tracing::warn!(%error, "stopping the embedded PostgreSQL failed"),
+        }
+    }
+}
+
+impl Drop for EmbeddedPostgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{:?} failed ({}): {}{}",
+            command.get_program(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// `initdb`/`pg_ctl` from PATH, else the newest Debian-style /usr/lib/postgresql/N/bin.
+fn find_bin_dir() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+                return Ok(dir);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin)| bin.join("initdb").is_file())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).context(
+        "no PostgreSQL server binaries (initdb, pg_ctl, postgres) on PATH or in /usr/lib/postgresql: \
+         install PostgreSQL 13 or newer, or set DATABASE_URL",
+    )
+}
+
+fn is_root() -> Result<bool> {
+    let output = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running `id -u`")?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim() == "0")
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+pub fn sha_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
