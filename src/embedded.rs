@@ -5,6 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use sqlx::postgres::PgConnectOptions;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,16 +28,39 @@ impl EmbeddedPostgres {
         let data_dir = data_dir.canonicalize()?;
         let bin = find_bin_dir()?;
         let run_as = is_root()?.then(|| "postgres".to_string());
-        let pgdata = data_dir.join("pg");
-        let mut socket_dir = data_dir.join("run");
+        let mut home = data_dir.clone();
+        if let Some(user) = &run_as {
+            // The data folder is ours: let the server's user traverse it. If a parent folder
+            // stops it (a home folder of mode 0700, say), the cluster lives under /var/lib.
+            let mode = std::fs::metadata(&data_dir)?.permissions().mode();
+            set_mode(&data_dir, mode | 0o011)?;
+            if !can_traverse(user, &data_dir)? {
+                let digest = sha_hex(data_dir.to_string_lossy().as_bytes());
+                home = PathBuf::from("/var/lib/amplog").join(&digest[..16]);
+                std::fs::create_dir_all(&home)?;
+                set_mode(&home, 0o711)?;
+                tracing::warn!(
+                    data_dir = %data_dir.display(), cluster = %home.display(),
+                    "the `{user}` user cannot reach the data folder; the PostgreSQL cluster lives elsewhere"
+                );
+            }
+        }
+        let pgdata = home.join("pg");
+        let mut socket_dir = home.join("run");
         // A Unix socket path must fit in 107 bytes; fall back to a short private folder.
         if socket_dir.as_os_str().len() + 20 > 107 {
-            let digest = sha_hex(data_dir.to_string_lossy().as_bytes());
+            let digest = sha_hex(home.to_string_lossy().as_bytes());
             socket_dir = std::env::temp_dir().join(format!("amplog-{}", &digest[..12]));
         }
         for dir in [&pgdata, &socket_dir] {
             std::fs::create_dir_all(dir)?;
             set_mode(dir, 0o700)?;
+            if let Some(user) = &run_as {
+                run(Command::new("chown")
+                    .arg("-R")
+                    .arg(format!("{user}:"))
+                    .arg(dir))?;
+            }
         }
         let pg = Self {
             pgdata,
@@ -45,34 +69,8 @@ impl EmbeddedPostgres {
             run_as,
             started_here: false,
         };
-        if let Some(user) = &pg.run_as {
-            pg.prepare_for(user, &data_dir)?;
-        }
         pg.init_once()?;
         pg.start_server()
-    }
-
-    fn prepare_for(&self, user: &str, data_dir: &Path) -> Result<()> {
-        for dir in [&self.pgdata, &self.socket_dir] {
-            run(Command::new("chown")
-                .arg("-R")
-                .arg(format!("{user}:"))
-                .arg(dir))?;
-        }
-        let reachable = Command::new("runuser")
-            .args(["-u", user, "--", "test", "-x"])
-            .arg(&self.pgdata)
-            .status()
-            .context("running runuser")?
-            .success();
-        if !reachable {
-            bail!(
-                "running as root, PostgreSQL runs as the `{user}` user, which cannot reach {}: \
-                 set AMPLOG_DATA_DIR to a folder it can traverse (for example under /var/lib or /tmp)",
-                data_dir.display()
-            );
-        }
-        Ok(())
     }
 
     fn command(&self, program: &str) -> Command {
@@ -236,6 +234,15 @@ fn find_bin_dir() -> Result<PathBuf> {
     )
 }
 
+fn can_traverse(user: &str, dir: &Path) -> Result<bool> {
+    let status = Command::new("runuser")
+        .args(["-u", user, "--", "test", "-x"])
+        .arg(dir)
+        .status()
+        .context("running runuser")?;
+    Ok(status.success())
+}
+
 fn is_root() -> Result<bool> {
     let output = Command::new("id")
         .arg("-u")
@@ -245,7 +252,6 @@ fn is_root() -> Result<bool> {
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(())
 }

@@ -274,6 +274,21 @@ impl CommandService {
         .await
     }
 
+    pub async fn rename_project(
+        &self,
+        ctx: &CommandContext,
+        name: &str,
+    ) -> Result<CommandOutcome, CommandError> {
+        let at = Utc::now();
+        self.single::<Project>(ctx, "project.rename", ctx.project_id.0, &name, |_| {
+            ProjectCommand::Rename {
+                name: name.into(),
+                at,
+            }
+        })
+        .await
+    }
+
     // ---- integrations ---------------------------------------------------------------
 
     pub async fn declare_integration(

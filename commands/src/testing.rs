@@ -104,3 +104,89 @@ pub async fn test_db_with(max_connections: u32) -> TestDb {
 pub async fn test_db() -> TestDb {
     test_db_with(10).await
 }
+
+/// A project with a deployed integration, a connection and an installation, ready for
+/// operations.
+pub struct Seeded {
+    pub ctx: crate::CommandContext,
+    pub integration: amplog_domain::IntegrationId,
+    pub connection: amplog_domain::ConnectionId,
+    pub installation: amplog_domain::InstallationId,
+}
+
+pub const SEED_SECRET: &str =
+    r#"{"access_token":"seed-access-token-4f1d","refresh_token":"seed-refresh-token-9a2c"}"#;
+
+/// Seeds one project through the command service.
+pub async fn seed(service: &CommandService) -> Seeded {
+    use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
+    use amplog_domain::*;
+    let ctx = crate::CommandContext::new(ProjectId(uuid::Uuid::now_v7()), "test");
+    service
+        .create_project(&ctx, "Test project")
+        .await
+        .expect("create project");
+    let integration = IntegrationId(
+        service
+            .declare_integration(&ctx, "crm", "hubspot")
+            .await
+            .expect("declare")
+            .id_of("integration")
+            .expect("id"),
+    );
+    let object = |name: &str| ObjectDecl {
+        name: name.into(),
+        schedule: Some("@every 15m".into()),
+        backfill: Backfill::Days(7),
+        fields: vec![],
+    };
+    let manifest = Manifest {
+        objects: vec![object("contacts"), object("companies"), object("deals")],
+    };
+    service
+        .deploy_revision(&ctx, integration, &manifest)
+        .await
+        .expect("deploy");
+    let secret = crate::credentials::Secret(SEED_SECRET.into());
+    let connection = ConnectionId(
+        service
+            .create_connection(&ctx, integration, "group-1", &secret)
+            .await
+            .expect("connect")
+            .id_of("connection")
+            .expect("id"),
+    );
+    let new = crate::service::NewInstallation {
+        integration_id: integration,
+        revision: None,
+        group_ref: "group-1".into(),
+        consumer_ref: "consumer-1".into(),
+        connection_id: connection,
+        objects: None,
+    };
+    let installation = InstallationId(
+        service
+            .create_installation(&ctx, &new)
+            .await
+            .expect("install")
+            .id_of("installation")
+            .expect("id"),
+    );
+    Seeded {
+        ctx,
+        integration,
+        connection,
+        installation,
+    }
+}
+
+/// A read request of `object`.
+pub fn read_of(object: &str) -> crate::service::NewOperation {
+    crate::service::NewOperation {
+        op_type: amplog_domain::operation::OperationType::Read,
+        object: object.into(),
+        since: None,
+        until: None,
+        trigger: amplog_domain::operation::Trigger::Triggered,
+    }
+}

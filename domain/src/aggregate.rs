@@ -58,7 +58,13 @@ pub trait Aggregate:
     const SNAPSHOT_VERSION: i32 = 1;
     type Command: Debug + Serialize + Send + Sync;
     type Event: DomainEvent;
-    type Error: std::error::Error + Into<crate::DomainError> + PartialEq + Send + Sync + 'static;
+    type Error: std::error::Error
+        + Into<crate::DomainError>
+        + Clone
+        + PartialEq
+        + Send
+        + Sync
+        + 'static;
 
     fn decide(&self, command: &Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
     fn apply(&mut self, event: &Self::Event);

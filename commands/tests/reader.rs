@@ -1,0 +1,214 @@
+//! The log reader never skips an event (DESIGN invariant 3), against a real PostgreSQL.
+
+use amplog_commands::testing::{credential_store, test_db_with};
+use amplog_commands::{
+    CommandContext, CommandService, EventStore, LogCursor, LogReader, RecordedEvent, Subscription,
+};
+use amplog_domain::ProjectId;
+use std::collections::HashSet;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Reads until `want` events arrived or nothing came for `quiet`.
+async fn read_until(
+    sub: &mut Subscription,
+    seen: &mut Vec<RecordedEvent>,
+    want: usize,
+    quiet: Duration,
+) {
+    while seen.len() < want {
+        let batch = sub.next_batch_within(quiet).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        seen.extend(batch);
+    }
+}
+
+async fn all_event_ids(pool: &sqlx::PgPool) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT event_id FROM events ORDER BY transaction_id, position")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+fn assert_once_in_order(seen: &[RecordedEvent], expected: &[Uuid]) {
+    let ids: Vec<Uuid> = seen.iter().map(|e| e.event_id).collect();
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "no event is delivered twice");
+    assert_eq!(
+        ids, expected,
+        "exactly the committed events, in (transaction_id, position) order"
+    );
+    assert!(seen.windows(2).all(|w| w[0].cursor() < w[1].cursor()));
+}
+
+fn project() -> CommandContext {
+    CommandContext::new(ProjectId(Uuid::now_v7()), "reader-test")
+}
+
+#[tokio::test]
+async fn an_append_held_open_while_1000_later_appends_commit_is_still_delivered() {
+    let db = test_db_with(24).await;
+    let fast = CommandService::new(
+        db.pool.clone(),
+        EventStore::new(i64::MAX),
+        credential_store(),
+    );
+    // This service snapshots on every append; the snapshot table is locked below, so its
+    // command inserts its event and then waits, uncommitted, for as long as we hold the lock.
+    let slow = CommandService::new(db.pool.clone(), EventStore::new(1), credential_store());
+    let reader = LogReader::new(db.pool.clone());
+    let mut sub = reader.subscribe(LogCursor::default()).await.unwrap();
+
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE aggregate_snapshots IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let held_ctx = project();
+    let held = {
+        let (slow, ctx) = (slow.clone(), held_ctx.clone());
+        tokio::spawn(async move { slow.create_project(&ctx, "held").await })
+    };
+    // Wait until the held command has inserted its event and blocks on the lock.
+    loop {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'aggregate_snapshots'::regclass")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 1,000 later appends commit, 8 at a time.
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let fast = fast.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..125 {
+                fast.create_project(&project(), &format!("later-{w}-{i}"))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let committed_later: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(committed_later, 1000);
+
+    // While the held append is open, the reader delivers nothing past it...
+    let mut seen = Vec::new();
+    read_until(&mut sub, &mut seen, 1, Duration::from_millis(700)).await;
+    assert!(
+        seen.is_empty(),
+        "the reader must wait for the held transaction, got {} events",
+        seen.len()
+    );
+
+    // ...although a reader by position alone would already have passed it.
+    lock.commit().await.unwrap();
+    let outcome = held.await.unwrap().unwrap();
+    let held_position = outcome.events[0].position;
+    let max_position: i64 = sqlx::query_scalar("SELECT max(position) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        held_position < max_position,
+        "the held event has an early position ({held_position} < {max_position})"
+    );
+
+    read_until(&mut sub, &mut seen, 1001, Duration::from_secs(10)).await;
+    assert_eq!(seen.len(), 1001);
+    assert!(
+        seen.iter()
+            .any(|e| e.event_id == outcome.events[0].event_id),
+        "the held event is delivered"
+    );
+    assert_once_in_order(&seen, &all_event_ids(&db.pool).await);
+    // Nothing more arrives.
+    assert!(sub
+        .next_batch_within(Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_rolled_back_append_does_not_stall_the_reader() {
+    let db = test_db_with(16).await;
+    let service = CommandService::new(db.pool.clone(), EventStore::default(), credential_store());
+    let reader = LogReader::new(db.pool.clone());
+    let mut sub = reader.subscribe(LogCursor::default()).await.unwrap();
+
+    let mut doomed = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('project', 'doomed', 1, 'Created', '1.0', '{\"name\":\"doomed\",\"at\":\"2026-01-01T00:00:00Z\"}', '{}')",
+    )
+    .execute(&mut *doomed)
+    .await
+    .unwrap();
+    for i in 0..100 {
+        service
+            .create_project(&project(), &format!("p{i}"))
+            .await
+            .unwrap();
+    }
+    doomed.rollback().await.unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut sub, &mut seen, 100, Duration::from_secs(10)).await;
+    assert_eq!(seen.len(), 100);
+    assert!(seen.iter().all(|e| e.aggregate_id != "doomed"));
+    assert_once_in_order(&seen, &all_event_ids(&db.pool).await);
+    // And it keeps going.
+    service.create_project(&project(), "after").await.unwrap();
+    read_until(&mut sub, &mut seen, 101, Duration::from_secs(10)).await;
+    assert_eq!(seen.len(), 101);
+}
+
+#[tokio::test]
+async fn with_32_concurrent_writers_the_reader_sees_exactly_the_committed_set() {
+    let db = test_db_with(48).await;
+    let service = CommandService::new(db.pool.clone(), EventStore::default(), credential_store());
+    let reader = LogReader::new(db.pool.clone());
+    let mut sub = reader.subscribe(LogCursor::default()).await.unwrap();
+    sub.batch_size = 97; // an odd batch size, so batches end mid-transaction-group
+    let collector = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        read_until(&mut sub, &mut seen, 32 * 35, Duration::from_secs(10)).await;
+        seen
+    });
+    let mut writers = Vec::new();
+    for _ in 0..32 {
+        let service = service.clone();
+        writers.push(tokio::spawn(async move {
+            let ctx = project();
+            service.create_project(&ctx, "first").await.unwrap();
+            for i in 1..40 {
+                // Some commands fail (renaming to an invalid name) and append nothing.
+                let name = if i % 7 == 0 {
+                    String::new()
+                } else {
+                    format!("name-{i}")
+                };
+                let _ = service.rename_project(&ctx, &name).await;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let committed = all_event_ids(&db.pool).await;
+    let seen = collector.await.unwrap();
+    assert_eq!(committed.len(), 32 * (40 - 5));
+    assert_once_in_order(&seen, &committed);
+}

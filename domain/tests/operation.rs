@@ -1,0 +1,409 @@
+mod support;
+
+use amplog_domain::operation::*;
+use amplog_domain::upcast::page_recorded_v1_to_v2;
+use amplog_domain::*;
+use serde_json::json;
+use support::*;
+
+fn requested() -> OperationEvent {
+    OperationEvent::Requested {
+        project_id: id(1),
+        installation_id: id(2),
+        connection_id: id(3),
+        op_type: OperationType::Read,
+        object: "contacts".into(),
+        since: None,
+        until: None,
+        trigger: Trigger::Backfill,
+        at: t(0),
+    }
+}
+
+const LEASE: u128 = 70;
+
+fn started(lease: u128, until: i64) -> OperationEvent {
+    OperationEvent::Started {
+        attempt: 1,
+        lease_id: id(lease),
+        lease_until: t(until),
+        at: t(1),
+    }
+}
+
+fn page(records: u64) -> OperationEvent {
+    OperationEvent::PageRecorded {
+        lease_id: id(LEASE),
+        records,
+        bytes: records * 100,
+        cursor: Cursor {
+            watermark: Some(t(2)),
+            page_token: Some("p2".into()),
+        },
+        at: t(2),
+    }
+}
+
+fn failed(retryable: bool) -> OperationEvent {
+    OperationEvent::Failed {
+        error_class: ErrorClass::Provider5xx,
+        message: "503".into(),
+        retryable,
+        at: t(3),
+    }
+}
+
+fn states() -> Vec<(&'static str, Vec<OperationEvent>)> {
+    vec![
+        ("none", vec![]),
+        ("pending", vec![requested()]),
+        ("running", vec![requested(), started(LEASE, 30)]),
+        (
+            "running_expired_lease",
+            vec![requested(), started(LEASE, 4)],
+        ),
+        (
+            "succeeded",
+            vec![
+                requested(),
+                started(LEASE, 30),
+                OperationEvent::Succeeded {
+                    records: 0,
+                    pages: 0,
+                    at: t(3),
+                },
+            ],
+        ),
+        (
+            "failed_retryable",
+            vec![requested(), started(LEASE, 30), failed(true)],
+        ),
+        (
+            "failed_permanent",
+            vec![requested(), started(LEASE, 30), failed(false)],
+        ),
+        (
+            "cancelled",
+            vec![
+                requested(),
+                OperationEvent::Cancelled {
+                    reason: "user".into(),
+                    at: t(3),
+                },
+            ],
+        ),
+    ]
+}
+
+fn commands(lease: u128) -> Vec<(&'static str, OperationCommand)> {
+    vec![
+        (
+            "request",
+            OperationCommand::Request {
+                project_id: id(1),
+                installation_id: id(2),
+                connection_id: id(3),
+                op_type: OperationType::Read,
+                object: "contacts".into(),
+                since: None,
+                until: None,
+                trigger: Trigger::Triggered,
+                at: t(0),
+            },
+        ),
+        (
+            "start",
+            OperationCommand::Start {
+                lease_id: id(71),
+                lease_until: t(40),
+                at: t(10),
+            },
+        ),
+        (
+            "record_page",
+            OperationCommand::RecordPage {
+                lease_id: id(lease),
+                records: 5,
+                bytes: 9,
+                cursor: Cursor::default(),
+                at: t(10),
+            },
+        ),
+        (
+            "succeed",
+            OperationCommand::Succeed {
+                lease_id: id(lease),
+                at: t(10),
+            },
+        ),
+        (
+            "fail",
+            OperationCommand::Fail {
+                lease_id: id(lease),
+                error_class: ErrorClass::RateLimited,
+                message: "429".into(),
+                retryable: true,
+                at: t(10),
+            },
+        ),
+        ("retry", OperationCommand::Retry { at: t(10) }),
+        (
+            "cancel",
+            OperationCommand::Cancel {
+                reason: "user".into(),
+                at: t(10),
+            },
+        ),
+    ]
+}
+
+#[test]
+fn every_command_in_every_state_as_the_lease_holder() {
+    use OperationError::*;
+    use OperationStatus::*;
+    let done = |s| Err(AlreadyFinished(s));
+    let table: Vec<(&str, Vec<Expect<OperationError>>)> = vec![
+        (
+            "none",
+            vec![
+                Ok(&["Requested"]),
+                Err(NotFound),
+                Err(NotFound),
+                Err(NotFound),
+                Err(NotFound),
+                Err(NotFound),
+                Err(NotFound),
+            ],
+        ),
+        (
+            "pending",
+            vec![
+                Err(AlreadyExists),
+                Ok(&["Started"]),
+                Err(NotRunning),
+                Err(NotRunning),
+                Err(NotRunning),
+                Err(NotFailed),
+                Ok(&["Cancelled"]),
+            ],
+        ),
+        (
+            "running",
+            vec![
+                Err(AlreadyExists),
+                Err(LeaseHeld),
+                Ok(&["PageRecorded"]),
+                Ok(&["Succeeded"]),
+                Ok(&["Failed"]),
+                Err(NotFailed),
+                Ok(&["Cancelled"]),
+            ],
+        ),
+        (
+            "running_expired_lease",
+            vec![
+                Err(AlreadyExists),
+                Ok(&["Started"]),
+                Ok(&["PageRecorded"]),
+                Ok(&["Succeeded"]),
+                Ok(&["Failed"]),
+                Err(NotFailed),
+                Ok(&["Cancelled"]),
+            ],
+        ),
+        (
+            "succeeded",
+            vec![
+                Err(AlreadyExists),
+                done(Succeeded),
+                done(Succeeded),
+                done(Succeeded),
+                done(Succeeded),
+                Err(NotFailed),
+                done(Succeeded),
+            ],
+        ),
+        (
+            "failed_retryable",
+            vec![
+                Err(AlreadyExists),
+                done(Failed),
+                done(Failed),
+                done(Failed),
+                done(Failed),
+                Ok(&["Retried"]),
+                done(Failed),
+            ],
+        ),
+        (
+            "failed_permanent",
+            vec![
+                Err(AlreadyExists),
+                done(Failed),
+                done(Failed),
+                done(Failed),
+                done(Failed),
+                Err(NotRetryable),
+                done(Failed),
+            ],
+        ),
+        (
+            "cancelled",
+            vec![
+                Err(AlreadyExists),
+                done(Cancelled),
+                done(Cancelled),
+                done(Cancelled),
+                done(Cancelled),
+                Err(NotFailed),
+                done(Cancelled),
+            ],
+        ),
+    ];
+    check_matrix::<Operation>(&states(), &commands(LEASE), &table);
+}
+
+#[test]
+fn only_the_current_lease_may_record_or_finish() {
+    use OperationError::StaleLease;
+    let running = vec![requested(), started(LEASE, 30)];
+    for (name, command) in commands(99)
+        .into_iter()
+        .filter(|(n, _)| matches!(*n, "record_page" | "succeed" | "fail"))
+    {
+        let result = Operation::replay(&running).decide(&command);
+        assert_eq!(result, Err(StaleLease), "{name} with a stale lease");
+    }
+    // After a takeover, the old holder is fenced off.
+    let mut history = running.clone();
+    history.push(OperationEvent::Started {
+        attempt: 2,
+        lease_id: id(71),
+        lease_until: t(90),
+        at: t(31),
+    });
+    given::<Operation>(&history)
+        .when(OperationCommand::Succeed {
+            lease_id: id(LEASE),
+            at: t(32),
+        })
+        .then_err(StaleLease);
+    given::<Operation>(&history)
+        .when(OperationCommand::Succeed {
+            lease_id: id(71),
+            at: t(32),
+        })
+        .then_types(&["Succeeded"]);
+}
+
+#[test]
+fn attempts_pages_and_records_accumulate() {
+    let history = vec![
+        requested(),
+        started(LEASE, 30),
+        page(100),
+        page(40),
+        failed(true),
+        OperationEvent::Retried { at: t(4) },
+        OperationEvent::Started {
+            attempt: 2,
+            lease_id: id(LEASE),
+            lease_until: t(30),
+            at: t(5),
+        },
+    ];
+    let state = Operation::replay(&history);
+    assert_eq!(state.status, OperationStatus::Running);
+    assert_eq!(state.attempts, 2);
+    assert_eq!((state.pages, state.records, state.bytes), (2, 140, 14_000));
+    assert_eq!(state.started_at, Some(t(1)));
+    given::<Operation>(&history)
+        .when(OperationCommand::Start {
+            lease_id: id(80),
+            lease_until: t(100),
+            at: t(50),
+        })
+        .then(&[OperationEvent::Started {
+            attempt: 3,
+            lease_id: id(80),
+            lease_until: t(100),
+            at: t(50),
+        }]);
+    given::<Operation>(&history)
+        .when(OperationCommand::Succeed {
+            lease_id: id(LEASE),
+            at: t(6),
+        })
+        .then(&[OperationEvent::Succeeded {
+            records: 140,
+            pages: 2,
+            at: t(6),
+        }]);
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let request = |object: &str, since, until| OperationCommand::Request {
+        project_id: id(1),
+        installation_id: id(2),
+        connection_id: id(3),
+        op_type: OperationType::Read,
+        object: object.into(),
+        since,
+        until,
+        trigger: Trigger::Triggered,
+        at: t(0),
+    };
+    given::<Operation>(&[])
+        .when(request("", None, None))
+        .then_err(OperationError::MissingObject);
+    given::<Operation>(&[])
+        .when(request("contacts", Some(t(5)), Some(t(5))))
+        .then_err(OperationError::InvalidWindow);
+    given::<Operation>(&[requested()])
+        .when(OperationCommand::Start {
+            lease_id: id(1),
+            lease_until: t(0),
+            at: t(0),
+        })
+        .then_err(OperationError::InvalidLease);
+}
+
+#[test]
+fn events_round_trip_through_their_stored_parts() {
+    for event in [
+        requested(),
+        started(LEASE, 30),
+        page(3),
+        failed(true),
+        OperationEvent::Retried { at: t(9) },
+    ] {
+        let parts = event.to_parts();
+        assert_eq!(
+            OperationEvent::from_parts(&parts.event_type, parts.payload).unwrap(),
+            event
+        );
+    }
+    assert_eq!(page(1).to_parts().event_version, "2.0");
+    assert_eq!(requested().to_parts().event_version, "1.0");
+}
+
+#[test]
+fn page_recorded_v1_upcasts_to_v2() {
+    let v1 = json!({"lease_id": uuid::Uuid::from_u128(LEASE), "count": 42, "cursor": "after-42", "at": t(2)});
+    let v2 = page_recorded_v1_to_v2(v1);
+    let event = OperationEvent::from_parts("PageRecorded", v2).unwrap();
+    assert_eq!(
+        event,
+        OperationEvent::PageRecorded {
+            lease_id: id(LEASE),
+            records: 42,
+            bytes: 0,
+            cursor: Cursor {
+                watermark: None,
+                page_token: Some("after-42".into())
+            },
+            at: t(2),
+        }
+    );
+}
