@@ -21,10 +21,7 @@ pub struct App {
 impl App {
     pub async fn open(database_url: Option<&str>, data_dir: &Path) -> Result<Self> {
         let (options, embedded) = match database_url {
-            Some(url) => (
-                PgConnectOptions::from_str(url).context("DATABASE_URL is not a PostgreSQL URL")?,
-                None,
-            ),
+            Some(url) => (PgConnectOptions::from_str(url).context("DATABASE_URL is not a PostgreSQL URL")?, None),
             None => {
                 let pg = EmbeddedPostgres::start(data_dir)?;
                 (pg.database().await?, Some(pg))
@@ -33,28 +30,18 @@ impl App {
         let pool = amplog_commands::connect_and_migrate(options, 16)
             .await
             .context("connecting to PostgreSQL and migrating")?;
-        Ok(Self {
-            pool,
-            embedded,
-            data_dir: data_dir.to_path_buf(),
-        })
+        Ok(Self { pool, embedded, data_dir: data_dir.to_path_buf() })
     }
 
     pub fn service(&self) -> Result<CommandService> {
         let key = self.credential_key()?;
-        Ok(CommandService::new(
-            self.pool.clone(),
-            EventStore::default(),
-            CredentialStore::new(key),
-        ))
+        Ok(CommandService::new(self.pool.clone(), EventStore::default(), CredentialStore::new(key)))
     }
 
     fn credential_key(&self) -> Result<CredentialKey> {
         let b64 = base64::engine::general_purpose::STANDARD;
         if let Ok(encoded) = std::env::var("AMPLOG_CREDENTIALS_KEY") {
-            let bytes = b64
-                .decode(encoded.trim())
-                .context("AMPLOG_CREDENTIALS_KEY is not base64")?;
+            let bytes = b64.decode(encoded.trim()).context("AMPLOG_CREDENTIALS_KEY is not base64")?;
             return Ok(CredentialKey::from_bytes(&bytes)?);
         }
         if self.embedded.is_none() {
@@ -64,18 +51,12 @@ impl App {
         if !path.exists() {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
+            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
             writeln!(file, "{}", b64.encode(CredentialKey::generate()))?;
             tracing::info!(path = %path.display(), "generated the credential encryption key");
         }
         let encoded = std::fs::read_to_string(&path)?;
-        let bytes = b64
-            .decode(encoded.trim())
-            .with_context(|| format!("{} is not base64", path.display()))?;
+        let bytes = b64.decode(encoded.trim()).with_context(|| format!("{} is not base64", path.display()))?;
         Ok(CredentialKey::from_bytes(&bytes)?)
     }
 

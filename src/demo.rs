@@ -16,22 +16,13 @@ use chrono::{Duration, Utc};
 use uuid::Uuid;
 
 fn step(title: &str, outcome: CommandOutcome) -> CommandOutcome {
-    println!(
-        "{title}{}",
-        if outcome.replayed {
-            "  (idempotent replay: nothing appended)"
-        } else {
-            ""
-        }
-    );
+    println!("{title}{}", if outcome.replayed { "  (idempotent replay: nothing appended)" } else { "" });
     appended(title, &outcome.events);
     outcome
 }
 
 fn id_of<A: Aggregate>(outcome: &CommandOutcome) -> Result<Uuid> {
-    outcome
-        .id_of(A::TYPE)
-        .with_context(|| format!("the command appended no {} event", A::TYPE))
+    outcome.id_of(A::TYPE).with_context(|| format!("the command appended no {} event", A::TYPE))
 }
 
 fn object(name: &str, schedule: &str, backfill: Backfill, fields: &[&str]) -> ObjectDecl {
@@ -52,35 +43,19 @@ async fn read(
     pages: &[u64],
     trigger: Trigger,
 ) -> Result<OperationId> {
-    let new = NewOperation {
-        op_type: OperationType::Read,
-        object: name.into(),
-        since: None,
-        until: None,
-        trigger,
-    };
+    let new = NewOperation { op_type: OperationType::Read, object: name.into(), since: None, until: None, trigger };
     let op = OperationId(id_of::<Operation>(&step(
         &format!("request read of {name}"),
         service.request_operation(ctx, installation, &new).await?,
     ))?);
     let lease = LeaseId(Uuid::now_v7());
-    step(
-        "start",
-        service
-            .start_operation(ctx, op, lease, Duration::minutes(5))
-            .await?,
-    );
+    step("start", service.start_operation(ctx, op, lease, Duration::minutes(5)).await?);
     for (i, records) in pages.iter().enumerate() {
         let cursor = Cursor {
             watermark: Some(Utc::now()),
             page_token: (i + 1 < pages.len()).then(|| format!("after-{}", (i + 1) * 100)),
         };
-        step(
-            &format!("page {}", i + 1),
-            service
-                .record_page(ctx, op, lease, *records, records * 512, &cursor)
-                .await?,
-        );
+        step(&format!("page {}", i + 1), service.record_page(ctx, op, lease, *records, records * 512, &cursor).await?);
     }
     step("succeed", service.succeed_operation(ctx, op, lease).await?);
     Ok(op)
@@ -88,57 +63,29 @@ async fn read(
 
 pub async fn run(service: &CommandService) -> Result<()> {
     let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "demo@amplog");
-    step(
-        "create project",
-        service.create_project(&ctx, "Acme Analytics").await?,
-    );
+    step("create project", service.create_project(&ctx, "Acme Analytics").await?);
 
     let integration = IntegrationId(id_of::<Integration>(&step(
         "declare integration",
-        service
-            .declare_integration(&ctx, "crm-sync", "hubspot")
-            .await?,
+        service.declare_integration(&ctx, "crm-sync", "hubspot").await?,
     ))?);
     let manifest = Manifest {
         objects: vec![
-            object(
-                "contacts",
-                "@every 15m",
-                Backfill::Days(30),
-                &["email", "firstname", "lastname"],
-            ),
-            object(
-                "companies",
-                "@every 1h",
-                Backfill::Full,
-                &["name", "domain"],
-            ),
+            object("contacts", "@every 15m", Backfill::Days(30), &["email", "firstname", "lastname"]),
+            object("companies", "@every 1h", Backfill::Full, &["name", "domain"]),
             object("deals", "0 */6 * * *", Backfill::None, &["amount", "stage"]),
         ],
     };
-    step(
-        "deploy revision 1",
-        service
-            .deploy_revision(&ctx, integration, &manifest)
-            .await?,
-    );
+    step("deploy revision 1", service.deploy_revision(&ctx, integration, &manifest).await?);
 
-    let token = |n: u32| {
-        Secret(format!(
-            r#"{{"access_token":"demo-at-{n}","refresh_token":"demo-rt-{n}"}}"#
-        ))
-    };
+    let token = |n: u32| Secret(format!(r#"{{"access_token":"demo-at-{n}","refresh_token":"demo-rt-{n}"}}"#));
     let conn_a = ConnectionId(id_of::<Connection>(&step(
         "connect customer-42",
-        service
-            .create_connection(&ctx, integration, "customer-42", &token(1))
-            .await?,
+        service.create_connection(&ctx, integration, "customer-42", &token(1)).await?,
     ))?);
     let conn_b = ConnectionId(id_of::<Connection>(&step(
         "connect customer-77",
-        service
-            .create_connection(&ctx, integration, "customer-77", &token(2))
-            .await?,
+        service.create_connection(&ctx, integration, "customer-77", &token(2)).await?,
     ))?);
 
     let install = |group: &str, consumer: &str, connection_id| NewInstallation {
@@ -151,43 +98,15 @@ pub async fn run(service: &CommandService) -> Result<()> {
     };
     let inst_a = InstallationId(id_of::<Installation>(&step(
         "install for customer-42",
-        service
-            .create_installation(
-                &ctx,
-                &install("customer-42", "alice@customer42.example", conn_a),
-            )
-            .await?,
+        service.create_installation(&ctx, &install("customer-42", "alice@customer42.example", conn_a)).await?,
     ))?);
     let inst_b = InstallationId(id_of::<Installation>(&step(
         "install for customer-77",
-        service
-            .create_installation(
-                &ctx,
-                &install("customer-77", "bob@customer77.example", conn_b),
-            )
-            .await?,
+        service.create_installation(&ctx, &install("customer-77", "bob@customer77.example", conn_b)).await?,
     ))?);
 
-    read(
-        service,
-        &ctx,
-        inst_a,
-        "contacts",
-        &[100, 100, 37],
-        Trigger::Backfill,
-    )
-    .await?;
-    step(
-        "token refresh",
-        service
-            .refresh_token(
-                &ctx,
-                conn_a,
-                &token(3),
-                Some(Utc::now() + Duration::hours(1)),
-            )
-            .await?,
-    );
+    read(service, &ctx, inst_a, "contacts", &[100, 100, 37], Trigger::Backfill).await?;
+    step("token refresh", service.refresh_token(&ctx, conn_a, &token(3), Some(Utc::now() + Duration::hours(1))).await?);
 
     // A read that fails with a transient provider error, then is retried and succeeds.
     let new = NewOperation {
@@ -202,12 +121,7 @@ pub async fn run(service: &CommandService) -> Result<()> {
         service.request_operation(&ctx, inst_a, &new).await?,
     ))?);
     let lease = LeaseId(Uuid::now_v7());
-    step(
-        "start",
-        service
-            .start_operation(&ctx, op, lease, Duration::minutes(5))
-            .await?,
-    );
+    step("start", service.start_operation(&ctx, op, lease, Duration::minutes(5)).await?);
     step(
         "page 1",
         service
@@ -217,57 +131,27 @@ pub async fn run(service: &CommandService) -> Result<()> {
                 lease,
                 50,
                 25_600,
-                &Cursor {
-                    watermark: Some(Utc::now()),
-                    page_token: Some("after-50".into()),
-                },
+                &Cursor { watermark: Some(Utc::now()), page_token: Some("after-50".into()) },
             )
             .await?,
     );
     step(
         "fail: provider 503",
-        service
-            .fail_operation(
-                &ctx,
-                op,
-                lease,
-                ErrorClass::Provider5xx,
-                "503 Service Unavailable",
-                true,
-            )
-            .await?,
+        service.fail_operation(&ctx, op, lease, ErrorClass::Provider5xx, "503 Service Unavailable", true).await?,
     );
     step("retry", service.retry_operation(&ctx, op).await?);
     let lease = LeaseId(Uuid::now_v7());
-    step(
-        "start (attempt 2)",
-        service
-            .start_operation(&ctx, op, lease, Duration::minutes(5))
-            .await?,
-    );
+    step("start (attempt 2)", service.start_operation(&ctx, op, lease, Duration::minutes(5)).await?);
     step(
         "page 2",
         service
-            .record_page(
-                &ctx,
-                op,
-                lease,
-                12,
-                6_144,
-                &Cursor {
-                    watermark: Some(Utc::now()),
-                    page_token: None,
-                },
-            )
+            .record_page(&ctx, op, lease, 12, 6_144, &Cursor { watermark: Some(Utc::now()), page_token: None })
             .await?,
     );
     step("succeed", service.succeed_operation(&ctx, op, lease).await?);
 
     // Pause: reads are refused with a typed error until unpaused.
-    step(
-        "pause customer-77",
-        service.pause_installation(&ctx, inst_b).await?,
-    );
+    step("pause customer-77", service.pause_installation(&ctx, inst_b).await?);
     let deals = NewOperation {
         op_type: OperationType::Read,
         object: "deals".into(),
@@ -281,27 +165,14 @@ pub async fn run(service: &CommandService) -> Result<()> {
         }
         other => anyhow::bail!("a read on a paused installation should be refused, got {other:?}"),
     }
-    step(
-        "unpause customer-77",
-        service.unpause_installation(&ctx, inst_b).await?,
-    );
+    step("unpause customer-77", service.unpause_installation(&ctx, inst_b).await?);
 
     // A retried request with the same idempotency key appends once.
-    let keyed = ctx
-        .clone()
-        .with_idempotency_key(format!("demo-{}", Uuid::now_v7()));
-    let first = step(
-        "request read of deals (idempotency key)",
-        service.request_operation(&keyed, inst_b, &deals).await?,
-    );
-    let again = step(
-        "same request again (retry)",
-        service.request_operation(&keyed, inst_b, &deals).await?,
-    );
-    anyhow::ensure!(
-        first.events == again.events,
-        "an idempotent retry must return the first result"
-    );
+    let keyed = ctx.clone().with_idempotency_key(format!("demo-{}", Uuid::now_v7()));
+    let first =
+        step("request read of deals (idempotency key)", service.request_operation(&keyed, inst_b, &deals).await?);
+    let again = step("same request again (retry)", service.request_operation(&keyed, inst_b, &deals).await?);
+    anyhow::ensure!(first.events == again.events, "an idempotent retry must return the first result");
 
     println!();
     println!("installations: {inst_a} (customer-42), {inst_b} (customer-77)");

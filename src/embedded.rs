@@ -23,8 +23,7 @@ pub struct EmbeddedPostgres {
 impl EmbeddedPostgres {
     /// Initialises the cluster if needed and starts it unless it already runs.
     pub fn start(data_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating data folder {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir).with_context(|| format!("creating data folder {}", data_dir.display()))?;
         let data_dir = data_dir.canonicalize()?;
         let bin = find_bin_dir()?;
         let run_as = is_root()?.then(|| "postgres".to_string());
@@ -56,19 +55,10 @@ impl EmbeddedPostgres {
             std::fs::create_dir_all(dir)?;
             set_mode(dir, 0o700)?;
             if let Some(user) = &run_as {
-                run(Command::new("chown")
-                    .arg("-R")
-                    .arg(format!("{user}:"))
-                    .arg(dir))?;
+                run(Command::new("chown").arg("-R").arg(format!("{user}:")).arg(dir))?;
             }
         }
-        let pg = Self {
-            pgdata,
-            socket_dir,
-            bin,
-            run_as,
-            started_here: false,
-        };
+        let pg = Self { pgdata, socket_dir, bin, run_as, started_here: false };
         pg.init_once()?;
         pg.start_server()
     }
@@ -103,12 +93,7 @@ impl EmbeddedPostgres {
     }
 
     fn running(&self) -> bool {
-        self.command("pg_ctl")
-            .arg("status")
-            .arg("-D")
-            .arg(&self.pgdata)
-            .output()
-            .is_ok_and(|o| o.status.success())
+        self.command("pg_ctl").arg("status").arg("-D").arg(&self.pgdata).output().is_ok_and(|o| o.status.success())
     }
 
     fn start_server(mut self) -> Result<Self> {
@@ -116,10 +101,7 @@ impl EmbeddedPostgres {
             tracing::info!("the embedded PostgreSQL is already running; using it");
             return Ok(self);
         }
-        let options = format!(
-            "-c listen_addresses='' -k {} -p {PORT}",
-            self.socket_dir.display()
-        );
+        let options = format!("-c listen_addresses='' -k {} -p {PORT}", self.socket_dir.display());
         let log = self.socket_dir.join("postgres.log");
         run(self
             .command("pg_ctl")
@@ -131,12 +113,7 @@ impl EmbeddedPostgres {
             .arg(&log)
             .arg("-o")
             .arg(options))
-        .with_context(|| {
-            format!(
-                "starting the embedded PostgreSQL (its log: {})",
-                log.display()
-            )
-        })?;
+        .with_context(|| format!("starting the embedded PostgreSQL (its log: {})", log.display()))?;
         self.started_here = true;
         tracing::info!(socket = %self.socket_dir.display(), "embedded PostgreSQL started");
         Ok(self)
@@ -144,26 +121,18 @@ impl EmbeddedPostgres {
 
     /// Options for a database on this server.
     pub fn options(&self, database: &str) -> PgConnectOptions {
-        PgConnectOptions::new()
-            .socket(&self.socket_dir)
-            .port(PORT)
-            .username(USER)
-            .database(database)
+        PgConnectOptions::new().socket(&self.socket_dir).port(PORT).username(USER).database(database)
     }
 
     /// Creates the amplog database if missing and returns its options.
     pub async fn database(&self) -> Result<PgConnectOptions> {
         use sqlx::Connection;
         let mut admin = sqlx::PgConnection::connect_with(&self.options("postgres")).await?;
-        let exists: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'amplog')",
-        )
-        .fetch_one(&mut admin)
-        .await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'amplog')")
+            .fetch_one(&mut admin)
+            .await?;
         if !exists {
-            sqlx::raw_sql("CREATE DATABASE amplog")
-                .execute(&mut admin)
-                .await?;
+            sqlx::raw_sql("CREATE DATABASE amplog").execute(&mut admin).await?;
         }
         admin.close().await?;
         Ok(self.options("amplog"))
@@ -175,14 +144,7 @@ impl EmbeddedPostgres {
             return;
         }
         self.started_here = false;
-        match run(self
-            .command("pg_ctl")
-            .arg("stop")
-            .arg("-w")
-            .args(["-m", "fast"])
-            .arg("-D")
-            .arg(&self.pgdata))
-        {
+        match run(self.command("pg_ctl").arg("stop").arg("-w").args(["-m", "fast"]).arg("-D").arg(&self.pgdata)) {
             Ok(()) => tracing::info!("embedded PostgreSQL stopped"),
             Err(error) => tracing::warn!(%error, "stopping the embedded PostgreSQL failed"),
         }
@@ -196,9 +158,7 @@ impl Drop for EmbeddedPostgres {
 }
 
 fn run(command: &mut Command) -> Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
+    let output = command.output().with_context(|| format!("running {command:?}"))?;
     if !output.status.success() {
         bail!(
             "{:?} failed ({}): {}{}",
@@ -235,19 +195,13 @@ fn find_bin_dir() -> Result<PathBuf> {
 }
 
 fn can_traverse(user: &str, dir: &Path) -> Result<bool> {
-    let status = Command::new("runuser")
-        .args(["-u", user, "--", "test", "-x"])
-        .arg(dir)
-        .status()
-        .context("running runuser")?;
+    let status =
+        Command::new("runuser").args(["-u", user, "--", "test", "-x"]).arg(dir).status().context("running runuser")?;
     Ok(status.success())
 }
 
 fn is_root() -> Result<bool> {
-    let output = Command::new("id")
-        .arg("-u")
-        .output()
-        .context("running `id -u`")?;
+    let output = Command::new("id").arg("-u").output().context("running `id -u`")?;
     Ok(String::from_utf8_lossy(&output.stdout).trim() == "0")
 }
 

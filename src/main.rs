@@ -11,22 +11,13 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "amplog",
-    version,
-    about = "Event-sourced backbone of a product-integration platform"
-)]
+#[command(name = "amplog", version, about = "Event-sourced backbone of a product-integration platform")]
 struct Cli {
     /// PostgreSQL to use. Unset: amplog runs its own, in the data folder.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
     /// Where the embedded PostgreSQL and the generated credential key live.
-    #[arg(
-        long,
-        env = "AMPLOG_DATA_DIR",
-        global = true,
-        default_value = ".amplog"
-    )]
+    #[arg(long, env = "AMPLOG_DATA_DIR", global = true, default_value = ".amplog")]
     data_dir: PathBuf,
     #[command(subcommand)]
     command: Cmd,
@@ -87,9 +78,7 @@ async fn run(app: &mut config::App, command: Cmd) -> Result<i32> {
         }
         Cmd::History { installation, json } => {
             let mut conn = app.pool.acquire().await?;
-            let events =
-                amplog_commands::audit::installation_history(&mut conn, &installation.to_string())
-                    .await?;
+            let events = amplog_commands::audit::installation_history(&mut conn, &installation.to_string()).await?;
             if events.is_empty() {
                 anyhow::bail!("installation {installation} has no events");
             }
@@ -99,10 +88,7 @@ async fn run(app: &mut config::App, command: Cmd) -> Result<i32> {
         Cmd::Verify { installation } => {
             let mut conn = app.pool.acquire().await?;
             let streams = match installation {
-                Some(id) => Some(
-                    amplog_commands::audit::installation_streams(&mut conn, &id.to_string())
-                        .await?,
-                ),
+                Some(id) => Some(amplog_commands::audit::installation_streams(&mut conn, &id.to_string()).await?),
                 None => None,
             };
             let report = amplog_commands::audit::verify(&mut conn, streams.as_deref(), |n| {

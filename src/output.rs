@@ -33,11 +33,7 @@ pub fn history(events: &[RecordedEvent], json: bool) {
         );
     }
     for e in events {
-        let actor = e
-            .metadata
-            .get("actor")
-            .and_then(|a| a.as_str())
-            .unwrap_or("-");
+        let actor = e.metadata.get("actor").and_then(|a| a.as_str()).unwrap_or("-");
         let hash = e.hash.as_deref().map(hex::encode).unwrap_or_default();
         if json {
             let line = serde_json::json!({
@@ -74,19 +70,14 @@ pub fn history(events: &[RecordedEvent], json: bool) {
 pub fn verify(report: &VerifyReport) {
     for b in &report.breaks {
         let what = match &b.kind {
-            BreakKind::HashMismatch { stored, computed } => format!(
-                "hash mismatch (stored {}, computed {})",
-                short(stored),
-                short(computed)
-            ),
+            BreakKind::HashMismatch { stored, computed } => {
+                format!("hash mismatch (stored {}, computed {})", short(stored), short(computed))
+            }
             BreakKind::BrokenLink => "previous hash does not match the previous event".to_string(),
             BreakKind::SequenceGap { expected } => format!("sequence gap (expected {expected})"),
             BreakKind::Unhashed => "event has no hash".to_string(),
         };
-        println!(
-            "BROKEN  {}/{} #{}: {what}",
-            b.aggregate_type, b.aggregate_id, b.sequence
-        );
+        println!("BROKEN  {}/{} #{}: {what}", b.aggregate_type, b.aggregate_id, b.sequence);
     }
     for (t, id, sequence, hash) in report.heads.iter().take(50) {
         println!("head    {t}/{id} #{sequence} {}", short(hash));
@@ -96,11 +87,7 @@ pub fn verify(report: &VerifyReport) {
     }
     println!(
         "{}: {} events in {} streams, {} break(s)",
-        if report.is_intact() {
-            "intact"
-        } else {
-            "BROKEN"
-        },
+        if report.is_intact() { "intact" } else { "BROKEN" },
         report.events,
         report.streams,
         report.breaks.len()

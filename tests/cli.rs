@@ -8,11 +8,7 @@ use std::process::{Command, Output};
 
 fn amplog(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_amplog"));
-    command
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("AMPLOG_CREDENTIALS_KEY")
-        .env("AMPLOG_LOG", "warn");
+    command.args(args).env_remove("DATABASE_URL").env_remove("AMPLOG_CREDENTIALS_KEY").env("AMPLOG_LOG", "warn");
     for (k, v) in env {
         command.env(k, v);
     }
@@ -30,79 +26,41 @@ fn ok(output: Output) -> String {
 }
 
 fn installation_of(demo: &str) -> String {
-    let line = demo
-        .lines()
-        .find(|l| l.starts_with("installations: "))
-        .expect("the demo names its installations");
-    line["installations: ".len()..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    let line = demo.lines().find(|l| l.starts_with("installations: ")).expect("the demo names its installations");
+    line["installations: ".len()..].split_whitespace().next().unwrap().to_string()
 }
 
 #[tokio::test]
 async fn demo_history_and_verify_on_a_database_url() {
     let db = test_db().await;
     let key = base64::engine::general_purpose::STANDARD.encode(TEST_KEY);
-    let env = [
-        ("DATABASE_URL", db.url.as_str()),
-        ("AMPLOG_CREDENTIALS_KEY", key.as_str()),
-    ];
+    let env = [("DATABASE_URL", db.url.as_str()), ("AMPLOG_CREDENTIALS_KEY", key.as_str())];
     let demo = ok(amplog(&["demo"], &env));
-    assert!(
-        demo.contains("read while paused is refused: installation.paused"),
-        "{demo}"
-    );
-    assert!(
-        demo.contains("(idempotent replay: nothing appended)"),
-        "{demo}"
-    );
+    assert!(demo.contains("read while paused is refused: installation.paused"), "{demo}");
+    assert!(demo.contains("(idempotent replay: nothing appended)"), "{demo}");
     let installation = installation_of(&demo);
 
-    let history = ok(amplog(
-        &["history", "--installation", &installation, "--json"],
-        &env,
-    ));
-    let events: Vec<serde_json::Value> = history
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let count = |t: &str, e: &str| {
-        events
-            .iter()
-            .filter(|v| v["aggregate_type"] == t && v["event_type"] == e)
-            .count()
-    };
+    let history = ok(amplog(&["history", "--installation", &installation, "--json"], &env));
+    let events: Vec<serde_json::Value> = history.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let count = |t: &str, e: &str| events.iter().filter(|v| v["aggregate_type"] == t && v["event_type"] == e).count();
     assert_eq!(count("installation", "Created"), 1);
     assert_eq!(count("installation", "OperationRequested"), 2);
     assert_eq!(count("operation", "Succeeded"), 2);
     assert_eq!(count("operation", "Failed"), 1);
     assert_eq!(count("operation", "PageRecorded"), 5);
     assert_eq!(count("connection", "TokenRefreshed"), 1);
-    assert!(events
-        .iter()
-        .all(|v| v["actor"] == "demo@amplog" && v["hash"].as_str().unwrap().len() == 64));
-    let positions: Vec<i64> = events
-        .iter()
-        .map(|v| v["position"].as_i64().unwrap())
-        .collect();
+    assert!(events.iter().all(|v| v["actor"] == "demo@amplog" && v["hash"].as_str().unwrap().len() == 64));
+    let positions: Vec<i64> = events.iter().map(|v| v["position"].as_i64().unwrap()).collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "log order");
     // No secret in what an auditor sees.
     assert!(!history.contains("demo-at-") && !history.contains("demo-rt-"));
 
     let verified = ok(amplog(&["verify", "--installation", &installation], &env));
-    assert!(
-        verified.contains("intact: 19 events in 4 streams, 0 break(s)"),
-        "{verified}"
-    );
+    assert!(verified.contains("intact: 19 events in 4 streams, 0 break(s)"), "{verified}");
 
     // An altered row makes `verify` fail, naming it.
     let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica").execute(&mut *tx).await.unwrap();
     sqlx::query("UPDATE events SET metadata = '{\"actor\":\"mallory\"}' WHERE aggregate_id = $1 AND sequence = 1")
         .bind(&installation)
         .execute(&mut *tx)
@@ -112,22 +70,10 @@ async fn demo_history_and_verify_on_a_database_url() {
     let broken = amplog(&["verify"], &env);
     assert_eq!(broken.status.code(), Some(1));
     let out = String::from_utf8_lossy(&broken.stdout);
-    assert!(
-        out.contains(&format!(
-            "BROKEN  installation/{installation} #1: hash mismatch"
-        )),
-        "{out}"
-    );
+    assert!(out.contains(&format!("BROKEN  installation/{installation} #1: hash mismatch")), "{out}");
 
     // Bad input: a clear error, not a panic.
-    let missing = amplog(
-        &[
-            "history",
-            "--installation",
-            "00000000-0000-0000-0000-000000000000",
-        ],
-        &env,
-    );
+    let missing = amplog(&["history", "--installation", "00000000-0000-0000-0000-000000000000"], &env);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("has no events"));
     let no_key = amplog(&["demo"], &[("DATABASE_URL", db.url.as_str())]);
@@ -138,26 +84,16 @@ async fn demo_history_and_verify_on_a_database_url() {
 fn the_embedded_default_starts_its_own_postgres_and_keeps_the_data() {
     let dir = tempfile::tempdir().unwrap();
     // As root, the server runs as `postgres`, which must be able to traverse the folder.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let data = dir.path().join("data");
     let data_dir = data.to_str().unwrap();
     let env = [("AMPLOG_DATA_DIR", data_dir)];
     ok(amplog(&["migrate"], &env));
-    assert!(
-        Path::new(data_dir).join("pg/PG_VERSION").exists(),
-        "the cluster lives in the data folder"
-    );
+    assert!(Path::new(data_dir).join("pg/PG_VERSION").exists(), "the cluster lives in the data folder");
     let demo = ok(amplog(&["demo"], &env));
     let installation = installation_of(&demo);
     let key_file = Path::new(data_dir).join("credentials.key");
-    assert!(
-        key_file.exists(),
-        "the embedded default generates its credential key once"
-    );
+    assert!(key_file.exists(), "the embedded default generates its credential key once");
     let key_before = std::fs::read_to_string(&key_file).unwrap();
     // The server was stopped on exit, and the next run finds the data again.
     let history = ok(amplog(&["history", "--installation", &installation], &env));
@@ -165,13 +101,7 @@ fn the_embedded_default_starts_its_own_postgres_and_keeps_the_data() {
     ok(amplog(&["demo"], &env));
     assert_eq!(std::fs::read_to_string(&key_file).unwrap(), key_before);
     let verified = ok(amplog(&["verify"], &env));
-    assert!(
-        verified.starts_with("head") && verified.contains("intact: "),
-        "{verified}"
-    );
+    assert!(verified.starts_with("head") && verified.contains("intact: "), "{verified}");
     // No server is left running.
-    assert!(
-        !Path::new(data_dir).join("pg/postmaster.pid").exists(),
-        "the embedded server was stopped"
-    );
+    assert!(!Path::new(data_dir).join("pg/postmaster.pid").exists(), "the embedded server was stopped");
 }

@@ -76,17 +76,18 @@ pub async fn verify(
     streams: Option<&[(String, String)]>,
     mut progress: impl FnMut(u64),
 ) -> Result<VerifyReport, CommandError> {
-    let (types, ids): (Vec<&str>, Vec<&str>) = streams
-        .unwrap_or_default()
-        .iter()
-        .map(|(t, i)| (t.as_str(), i.as_str()))
-        .unzip();
+    let (types, ids): (Vec<&str>, Vec<&str>) =
+        streams.unwrap_or_default().iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
     let sql = format!(
         "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload::text AS payload,
                 metadata::text AS metadata, prev_hash, hash
          FROM events {}
          ORDER BY aggregate_type, aggregate_id, sequence",
-        if streams.is_some() { "WHERE (aggregate_type, aggregate_id) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))" } else { "" }
+        if streams.is_some() {
+            "WHERE (aggregate_type, aggregate_id) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))"
+        } else {
+            ""
+        }
     );
     let mut query = sqlx::query(&sql);
     if streams.is_some() {
@@ -101,9 +102,7 @@ pub async fn verify(
         let sequence: i64 = row.get("sequence");
         let prev_hash: Option<Vec<u8>> = row.get("prev_hash");
         let stored: Option<Vec<u8>> = row.get("hash");
-        let same_stream = current
-            .as_ref()
-            .is_some_and(|(t, i, _, _)| *t == aggregate_type && *i == aggregate_id);
+        let same_stream = current.as_ref().is_some_and(|(t, i, _, _)| *t == aggregate_type && *i == aggregate_id);
         if !same_stream {
             if let Some(head) = current.take() {
                 report.heads.push(head_of(head));
@@ -121,9 +120,7 @@ pub async fn verify(
             })
         };
         if sequence != *last_sequence + 1 {
-            fail(BreakKind::SequenceGap {
-                expected: *last_sequence + 1,
-            });
+            fail(BreakKind::SequenceGap { expected: *last_sequence + 1 });
         }
         match stored {
             None => fail(BreakKind::Unhashed),
@@ -146,10 +143,7 @@ pub async fn verify(
                     },
                 );
                 if computed[..] != stored[..] {
-                    fail(BreakKind::HashMismatch {
-                        stored: hex::encode(&stored),
-                        computed: hex::encode(computed),
-                    });
+                    fail(BreakKind::HashMismatch { stored: hex::encode(&stored), computed: hex::encode(computed) });
                 }
                 *last_hash = Some(stored);
             }
@@ -166,9 +160,7 @@ pub async fn verify(
     Ok(report)
 }
 
-fn head_of(
-    (t, i, sequence, hash): (String, String, i64, Option<Vec<u8>>),
-) -> (String, String, i64, String) {
+fn head_of((t, i, sequence, hash): (String, String, i64, Option<Vec<u8>>)) -> (String, String, i64, String) {
     (t, i, sequence, hash.map(hex::encode).unwrap_or_default())
 }
 

@@ -39,17 +39,11 @@ impl fmt::Debug for CredentialKey {
 impl CredentialKey {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CommandError> {
         if bytes.len() != 32 {
-            return Err(CommandError::Credentials(format!(
-                "the key must be 32 bytes, got {}",
-                bytes.len()
-            )));
+            return Err(CommandError::Credentials(format!("the key must be 32 bytes, got {}", bytes.len())));
         }
         let digest = Sha256::digest(bytes);
-        let fingerprint_key: [u8; 32] = Sha256::new()
-            .chain_update(b"amplog-fingerprint")
-            .chain_update(bytes)
-            .finalize()
-            .into();
+        let fingerprint_key: [u8; 32] =
+            Sha256::new().chain_update(b"amplog-fingerprint").chain_update(bytes).finalize().into();
         Ok(Self {
             key_id: hex::encode(&digest[..4]),
             cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(bytes)),
@@ -69,10 +63,7 @@ impl CredentialKey {
     /// A keyed digest of the secret: equal secrets give equal fingerprints under one key,
     /// and the fingerprint reveals nothing without the key.
     pub fn fingerprint(&self, secret: &Secret) -> String {
-        let digest = Sha256::new()
-            .chain_update(self.fingerprint_key)
-            .chain_update(secret.0.as_bytes())
-            .finalize();
+        let digest = Sha256::new().chain_update(self.fingerprint_key).chain_update(secret.0.as_bytes()).finalize();
         format!("sha256:{}", hex::encode(&digest[..12]))
     }
 }
@@ -107,13 +98,7 @@ impl CredentialStore {
         let ciphertext = self
             .key
             .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: secret.0.as_bytes(),
-                    aad: &aad,
-                },
-            )
+            .encrypt(&nonce, Payload { msg: secret.0.as_bytes(), aad: &aad })
             .map_err(|_| CommandError::Credentials("encryption failed".into()))?;
         sqlx::query(
             "INSERT INTO credentials (id, project_id, connection_id, key_id, nonce, ciphertext)
@@ -127,10 +112,7 @@ impl CredentialStore {
         .bind(&ciphertext)
         .execute(conn)
         .await?;
-        Ok(CredentialRef {
-            id,
-            fingerprint: self.key.fingerprint(secret),
-        })
+        Ok(CredentialRef { id, fingerprint: self.key.fingerprint(secret) })
     }
 
     /// Reads and decrypts a secret of `project_id`. Another project's id is not found.
@@ -140,13 +122,11 @@ impl CredentialStore {
         project_id: ProjectId,
         id: CredentialId,
     ) -> Result<Option<Secret>, CommandError> {
-        let row = sqlx::query(
-            "SELECT key_id, nonce, ciphertext FROM credentials WHERE id = $1 AND project_id = $2",
-        )
-        .bind(id.0)
-        .bind(project_id.0)
-        .fetch_optional(conn)
-        .await?;
+        let row = sqlx::query("SELECT key_id, nonce, ciphertext FROM credentials WHERE id = $1 AND project_id = $2")
+            .bind(id.0)
+            .bind(project_id.0)
+            .fetch_optional(conn)
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let key_id: String = row.get("key_id");
         if key_id != self.key.key_id {
@@ -157,26 +137,13 @@ impl CredentialStore {
         let nonce: Vec<u8> = row.get("nonce");
         let ciphertext: Vec<u8> = row.get("ciphertext");
         if nonce.len() != 12 {
-            return Err(CommandError::Credentials(format!(
-                "credential {id} has a malformed nonce"
-            )));
+            return Err(CommandError::Credentials(format!("credential {id} has a malformed nonce")));
         }
         let aad = associated_data(id, project_id);
-        let plain = self
-            .key
-            .cipher
-            .decrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: &ciphertext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| {
-                CommandError::Credentials(format!(
-                    "credential {id} does not decrypt: wrong key or altered row"
-                ))
-            })?;
+        let plain =
+            self.key.cipher.decrypt(Nonce::from_slice(&nonce), Payload { msg: &ciphertext, aad: &aad }).map_err(
+                |_| CommandError::Credentials(format!("credential {id} does not decrypt: wrong key or altered row")),
+            )?;
         String::from_utf8(plain)
             .map(|s| Some(Secret(s)))
             .map_err(|_| CommandError::Credentials(format!("credential {id} is not UTF-8")))

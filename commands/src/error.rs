@@ -52,9 +52,6 @@ impl CommandError {
     }
 
     pub(crate) fn corrupt(what: impl Into<String>, detail: impl ToString) -> Self {
-        CommandError::Corrupt {
-            what: what.into(),
-            detail: detail.to_string(),
-        }
+        CommandError::Corrupt { what: what.into(), detail: detail.to_string() }
     }
 }

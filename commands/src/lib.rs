@@ -23,10 +23,7 @@ pub async fn connect_and_migrate(
     options: sqlx::postgres::PgConnectOptions,
     max_connections: u32,
 ) -> Result<sqlx::PgPool, CommandError> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(max_connections)
-        .connect_with(options)
-        .await?;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(max_connections).connect_with(options).await?;
     let mut conn = pool.acquire().await?;
     amplog_migrations::migrate(&mut conn).await?;
     Ok(pool)

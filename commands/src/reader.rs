@@ -16,9 +16,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 /// Where a reader stands: the last `(transaction_id, position)` it has seen.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LogCursor {
     pub transaction_id: u64,
     pub position: i64,
@@ -44,17 +42,13 @@ pub struct RecordedEvent {
 
 impl RecordedEvent {
     pub fn cursor(&self) -> LogCursor {
-        LogCursor {
-            transaction_id: self.transaction_id,
-            position: self.position,
-        }
+        LogCursor { transaction_id: self.transaction_id, position: self.position }
     }
 
     pub(crate) fn from_row(row: &PgRow) -> Result<Self, CommandError> {
         let parse = |col: &str| -> Result<Value, CommandError> {
             let text: String = row.get(col);
-            serde_json::from_str(&text)
-                .map_err(|e| CommandError::corrupt(format!("event {col}"), e))
+            serde_json::from_str(&text).map_err(|e| CommandError::corrupt(format!("event {col}"), e))
         };
         let xid: String = row.get("transaction_id");
         Ok(Self {
@@ -67,9 +61,7 @@ impl RecordedEvent {
             payload: parse("payload")?,
             metadata: parse("metadata")?,
             position: row.get("position"),
-            transaction_id: xid
-                .parse()
-                .map_err(|e| CommandError::corrupt("transaction_id", e))?,
+            transaction_id: xid.parse().map_err(|e| CommandError::corrupt("transaction_id", e))?,
             recorded_at: row.get("recorded_at"),
             project_id: row.get("project_id"),
             hash: row.get("hash"),
@@ -99,11 +91,7 @@ impl LogReader {
 
     /// Up to `limit` events after `after`, from transactions that can no longer change what
     /// precedes them.
-    pub async fn read_batch(
-        &self,
-        after: LogCursor,
-        limit: i64,
-    ) -> Result<Vec<RecordedEvent>, CommandError> {
+    pub async fn read_batch(&self, after: LogCursor, limit: i64) -> Result<Vec<RecordedEvent>, CommandError> {
         let mut conn = self.pool.acquire().await?;
         read_batch(&mut conn, after, limit).await
     }
@@ -122,14 +110,13 @@ impl LogReader {
     }
 
     /// The saved position of reader `name` (the log's start when it has none).
-    pub async fn checkpoint(
-        conn: &mut PgConnection,
-        name: &str,
-    ) -> Result<LogCursor, CommandError> {
-        let row = sqlx::query("SELECT transaction_id::text AS transaction_id, position FROM reader_checkpoints WHERE name = $1")
-            .bind(name)
-            .fetch_optional(conn)
-            .await?;
+    pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<LogCursor, CommandError> {
+        let row = sqlx::query(
+            "SELECT transaction_id::text AS transaction_id, position FROM reader_checkpoints WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(conn)
+        .await?;
         Ok(match row {
             None => LogCursor::default(),
             Some(row) => LogCursor {
@@ -143,11 +130,7 @@ impl LogReader {
     }
 
     /// Saves reader `name`'s position; call it in the transaction that applies the batch.
-    pub async fn save_checkpoint(
-        conn: &mut PgConnection,
-        name: &str,
-        cursor: LogCursor,
-    ) -> Result<(), CommandError> {
+    pub async fn save_checkpoint(conn: &mut PgConnection, name: &str, cursor: LogCursor) -> Result<(), CommandError> {
         sqlx::query(
             "INSERT INTO reader_checkpoints (name, transaction_id, position) VALUES ($1, $2::text::xid8, $3)
              ON CONFLICT (name) DO UPDATE SET transaction_id = EXCLUDED.transaction_id,
@@ -216,10 +199,7 @@ impl Subscription {
     }
 
     /// Like `next_batch`, but gives up after `wait` and returns an empty batch.
-    pub async fn next_batch_within(
-        &mut self,
-        wait: Duration,
-    ) -> Result<Vec<RecordedEvent>, CommandError> {
+    pub async fn next_batch_within(&mut self, wait: Duration) -> Result<Vec<RecordedEvent>, CommandError> {
         match tokio::time::timeout(wait, self.next_batch()).await {
             Ok(result) => result,
             Err(_) => Ok(Vec::new()),

@@ -6,13 +6,9 @@ use crate::credentials::{CredentialStore, Secret};
 use crate::error::CommandError;
 use crate::store::{CommandOutcome, EventStore, Loaded, PendingStream};
 use amplog_domain::connection::{Connection, ConnectionCommand};
-use amplog_domain::installation::{
-    ConnectionFacts, Installation, InstallationCommand, IntegrationFacts, ObjectConfig,
-};
+use amplog_domain::installation::{ConnectionFacts, Installation, InstallationCommand, IntegrationFacts, ObjectConfig};
 use amplog_domain::integration::{Integration, IntegrationCommand, Manifest};
-use amplog_domain::operation::{
-    Cursor, ErrorClass, Operation, OperationCommand, OperationType, Trigger,
-};
+use amplog_domain::operation::{Cursor, ErrorClass, Operation, OperationCommand, OperationType, Trigger};
 use amplog_domain::project::{Project, ProjectCommand};
 use amplog_domain::*;
 use chrono::{DateTime, Duration, Utc};
@@ -38,12 +34,7 @@ pub struct CommandContext {
 
 impl CommandContext {
     pub fn new(project_id: ProjectId, actor: impl Into<String>) -> Self {
-        Self {
-            project_id,
-            actor: actor.into(),
-            idempotency_key: None,
-            correlation_id: None,
-        }
+        Self { project_id, actor: actor.into(), idempotency_key: None, correlation_id: None }
     }
 
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
@@ -103,12 +94,7 @@ impl CommandService {
     pub fn new(pool: PgPool, store: EventStore, credentials: CredentialStore) -> Self {
         let wake = Arc::new(Notify::new());
         tokio::spawn(notifier(pool.clone(), wake.clone()));
-        Self {
-            pool,
-            store,
-            credentials,
-            wake,
-        }
+        Self { pool, store, credentials, wake }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -125,11 +111,7 @@ impl CommandService {
 
     /// Loads a stream as the context's project sees it: another project's aggregate looks
     /// like one that does not exist.
-    pub async fn load<A: Aggregate + Owned>(
-        &self,
-        ctx: &CommandContext,
-        id: Uuid,
-    ) -> Result<Loaded<A>, CommandError> {
+    pub async fn load<A: Aggregate + Owned>(&self, ctx: &CommandContext, id: Uuid) -> Result<Loaded<A>, CommandError> {
         let mut conn = self.pool.acquire().await?;
         let loaded = self.store.load::<A>(&mut conn, &id.to_string()).await?;
         Ok(scoped(ctx, loaded))
@@ -144,9 +126,7 @@ impl CommandService {
         let mut tx = self.pool.begin().await?;
         if let Some(key) = &ctx.idempotency_key {
             if key.is_empty() || key.len() > 255 {
-                return Err(CommandError::Invalid(
-                    "an idempotency key must be 1 to 255 characters".into(),
-                ));
+                return Err(CommandError::Invalid("an idempotency key must be 1 to 255 characters".into()));
             }
             let digest = request_digest(command, request);
             let inserted = sqlx::query_scalar::<_, i32>(
@@ -159,34 +139,26 @@ impl CommandService {
             .fetch_optional(&mut *tx)
             .await?;
             if inserted.is_none() {
-                let (stored, response): (Vec<u8>, serde_json::Value) =
-                    sqlx::query_as("SELECT request_digest, response FROM idempotency_keys WHERE project_id = $1 AND key = $2")
-                        .bind(ctx.project_id.0)
-                        .bind(key)
-                        .fetch_one(&mut *tx)
-                        .await?;
+                let (stored, response): (Vec<u8>, serde_json::Value) = sqlx::query_as(
+                    "SELECT request_digest, response FROM idempotency_keys WHERE project_id = $1 AND key = $2",
+                )
+                .bind(ctx.project_id.0)
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?;
                 if stored != digest {
                     return Err(CommandError::IdempotencyKeyReused(key.clone()));
                 }
-                let mut outcome: CommandOutcome = serde_json::from_value(response)
-                    .map_err(|e| CommandError::corrupt("idempotency response", e))?;
+                let mut outcome: CommandOutcome =
+                    serde_json::from_value(response).map_err(|e| CommandError::corrupt("idempotency response", e))?;
                 outcome.replayed = true;
                 return Ok(Begun::Replayed(outcome));
             }
         }
-        Ok(Begun::Fresh(UnitOfWork {
-            tx,
-            ctx: ctx.clone(),
-            command,
-            streams: Vec::new(),
-        }))
+        Ok(Begun::Fresh(UnitOfWork { tx, ctx: ctx.clone(), command, streams: Vec::new() }))
     }
 
-    async fn load_in<A: Aggregate + Owned>(
-        &self,
-        uow: &mut UnitOfWork,
-        id: Uuid,
-    ) -> Result<Loaded<A>, CommandError> {
+    async fn load_in<A: Aggregate + Owned>(&self, uow: &mut UnitOfWork, id: Uuid) -> Result<Loaded<A>, CommandError> {
         let loaded = self.store.load::<A>(&mut uow.tx, &id.to_string()).await?;
         Ok(scoped(&uow.ctx, loaded))
     }
@@ -209,31 +181,19 @@ impl CommandService {
             "correlation_id": uow.ctx.correlation_id,
         })
         .to_string();
-        let events = self
-            .store
-            .append(&mut uow.tx, uow.ctx.project_id.0, &metadata, &uow.streams)
-            .await?;
-        let outcome = CommandOutcome {
-            events,
-            replayed: false,
-        };
+        let events = self.store.append(&mut uow.tx, uow.ctx.project_id.0, &metadata, &uow.streams).await?;
+        let outcome = CommandOutcome { events, replayed: false };
         if let Some(key) = &uow.ctx.idempotency_key {
-            sqlx::query(
-                "UPDATE idempotency_keys SET response = $3 WHERE project_id = $1 AND key = $2",
-            )
-            .bind(uow.ctx.project_id.0)
-            .bind(key)
-            .bind(serde_json::to_value(&outcome).expect("outcomes serialise"))
-            .execute(&mut *uow.tx)
-            .await?;
+            sqlx::query("UPDATE idempotency_keys SET response = $3 WHERE project_id = $1 AND key = $2")
+                .bind(uow.ctx.project_id.0)
+                .bind(key)
+                .bind(serde_json::to_value(&outcome).expect("outcomes serialise"))
+                .execute(&mut *uow.tx)
+                .await?;
         }
         uow.tx.commit().await?;
         self.wake.notify_one();
-        tracing::debug!(
-            command = uow.command,
-            events = outcome.events.len(),
-            "command committed"
-        );
+        tracing::debug!(command = uow.command, events = outcome.events.len(), "command committed");
         Ok(outcome)
     }
 
@@ -259,32 +219,20 @@ impl CommandService {
     // ---- projects -------------------------------------------------------------------
 
     /// Creates the project `ctx.project_id`.
-    pub async fn create_project(
-        &self,
-        ctx: &CommandContext,
-        name: &str,
-    ) -> Result<CommandOutcome, CommandError> {
+    pub async fn create_project(&self, ctx: &CommandContext, name: &str) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Project>(ctx, "project.create", ctx.project_id.0, &name, |_| {
-            ProjectCommand::Create {
-                name: name.into(),
-                at,
-            }
+        self.single::<Project>(ctx, "project.create", ctx.project_id.0, &name, |_| ProjectCommand::Create {
+            name: name.into(),
+            at,
         })
         .await
     }
 
-    pub async fn rename_project(
-        &self,
-        ctx: &CommandContext,
-        name: &str,
-    ) -> Result<CommandOutcome, CommandError> {
+    pub async fn rename_project(&self, ctx: &CommandContext, name: &str) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Project>(ctx, "project.rename", ctx.project_id.0, &name, |_| {
-            ProjectCommand::Rename {
-                name: name.into(),
-                at,
-            }
+        self.single::<Project>(ctx, "project.rename", ctx.project_id.0, &name, |_| ProjectCommand::Rename {
+            name: name.into(),
+            at,
         })
         .await
     }
@@ -299,13 +247,11 @@ impl CommandService {
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
         let id = Uuid::now_v7();
-        self.single::<Integration>(ctx, "integration.declare", id, &(name, provider), |_| {
-            IntegrationCommand::Declare {
-                project_id: ctx.project_id,
-                name: name.into(),
-                provider: provider.into(),
-                at,
-            }
+        self.single::<Integration>(ctx, "integration.declare", id, &(name, provider), |_| IntegrationCommand::Declare {
+            project_id: ctx.project_id,
+            name: name.into(),
+            provider: provider.into(),
+            at,
         })
         .await
     }
@@ -319,20 +265,14 @@ impl CommandService {
         let at = Utc::now();
         let digest = format!(
             "sha256:{}",
-            hex::encode(Sha256::digest(
-                serde_json::to_vec(manifest).expect("manifests serialise")
-            ))
+            hex::encode(Sha256::digest(serde_json::to_vec(manifest).expect("manifests serialise")))
         );
         self.single::<Integration>(
             ctx,
             "integration.deploy_revision",
             integration_id.0,
             &(integration_id, manifest),
-            |_| IntegrationCommand::DeployRevision {
-                manifest: manifest.clone(),
-                manifest_digest: digest.clone(),
-                at,
-            },
+            |_| IntegrationCommand::DeployRevision { manifest: manifest.clone(), manifest_digest: digest.clone(), at },
         )
         .await
     }
@@ -348,34 +288,18 @@ impl CommandService {
         secret: &Secret,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        let request = (
-            integration_id,
-            group_ref,
-            self.credentials.key().fingerprint(secret),
-        );
+        let request = (integration_id, group_ref, self.credentials.key().fingerprint(secret));
         let mut uow = match self.begin(ctx, "connection.create", &request).await? {
             Begun::Replayed(outcome) => return Ok(outcome),
             Begun::Fresh(uow) => uow,
         };
-        let integration = self
-            .load_in::<Integration>(&mut uow, integration_id.0)
-            .await?;
+        let integration = self.load_in::<Integration>(&mut uow, integration_id.0).await?;
         if !integration.state.exists {
-            return Err(
-                DomainError::from(amplog_domain::integration::IntegrationError::NotFound).into(),
-            );
+            return Err(DomainError::from(amplog_domain::integration::IntegrationError::NotFound).into());
         }
         let id = ConnectionId(Uuid::now_v7());
-        let credential = self
-            .credentials
-            .put(
-                &mut uow.tx,
-                CredentialId(Uuid::now_v7()),
-                ctx.project_id,
-                id,
-                secret,
-            )
-            .await?;
+        let credential =
+            self.credentials.put(&mut uow.tx, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret).await?;
         let loaded = self.load_in::<Connection>(&mut uow, id.0).await?;
         let command = ConnectionCommand::Create {
             project_id: ctx.project_id,
@@ -409,27 +333,13 @@ impl CommandService {
             fingerprint: self.credentials.key().fingerprint(secret),
         });
         loaded.state.decide(&probe).map_err(DomainError::from)?;
-        let credential = self
-            .credentials
-            .put(
-                &mut uow.tx,
-                CredentialId(Uuid::now_v7()),
-                ctx.project_id,
-                id,
-                secret,
-            )
-            .await?;
+        let credential =
+            self.credentials.put(&mut uow.tx, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret).await?;
         let command = match probe {
             ConnectionCommand::RefreshToken { expires_at, at, .. } => {
-                ConnectionCommand::RefreshToken {
-                    credential,
-                    expires_at,
-                    at,
-                }
+                ConnectionCommand::RefreshToken { credential, expires_at, at }
             }
-            ConnectionCommand::Reconnect { at, .. } => {
-                ConnectionCommand::Reconnect { credential, at }
-            }
+            ConnectionCommand::Reconnect { at, .. } => ConnectionCommand::Reconnect { credential, at },
             other => other,
         };
         self.decide(&mut uow, &loaded, &command)?;
@@ -446,11 +356,7 @@ impl CommandService {
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
         self.connection_with_secret(ctx, "connection.refresh_token", id, secret, |credential| {
-            ConnectionCommand::RefreshToken {
-                credential,
-                expires_at,
-                at,
-            }
+            ConnectionCommand::RefreshToken { credential, expires_at, at }
         })
         .await
     }
@@ -476,16 +382,9 @@ impl CommandService {
         reason: &str,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Connection>(
-            ctx,
-            "connection.record_refresh_failure",
-            id.0,
-            &(id, reason),
-            |_| ConnectionCommand::RecordRefreshFailure {
-                reason: reason.into(),
-                at,
-            },
-        )
+        self.single::<Connection>(ctx, "connection.record_refresh_failure", id.0, &(id, reason), |_| {
+            ConnectionCommand::RecordRefreshFailure { reason: reason.into(), at }
+        })
         .await
     }
 
@@ -495,10 +394,7 @@ impl CommandService {
         id: ConnectionId,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Connection>(ctx, "connection.revoke", id.0, &id, |_| {
-            ConnectionCommand::Revoke { at }
-        })
-        .await
+        self.single::<Connection>(ctx, "connection.revoke", id.0, &id, |_| ConnectionCommand::Revoke { at }).await
     }
 
     // ---- installations --------------------------------------------------------------
@@ -513,15 +409,9 @@ impl CommandService {
             Begun::Replayed(outcome) => return Ok(outcome),
             Begun::Fresh(uow) => uow,
         };
-        let integration = self
-            .load_in::<Integration>(&mut uow, new.integration_id.0)
-            .await?;
-        let connection = self
-            .load_in::<Connection>(&mut uow, new.connection_id.0)
-            .await?;
-        let revision = new
-            .revision
-            .unwrap_or(integration.state.revisions.len() as u32);
+        let integration = self.load_in::<Integration>(&mut uow, new.integration_id.0).await?;
+        let connection = self.load_in::<Connection>(&mut uow, new.connection_id.0).await?;
+        let revision = new.revision.unwrap_or(integration.state.revisions.len() as u32);
         let objects = match &new.objects {
             Some(objects) => objects.clone(),
             None => integration
@@ -531,18 +421,8 @@ impl CommandService {
                     r.objects
                         .values()
                         .map(|o| {
-                            let schedule = o
-                                .schedule
-                                .clone()
-                                .unwrap_or_else(|| DEFAULT_SCHEDULE.into());
-                            (
-                                o.name.clone(),
-                                ObjectConfig {
-                                    enabled: true,
-                                    schedule,
-                                    backfill: o.backfill,
-                                },
-                            )
+                            let schedule = o.schedule.clone().unwrap_or_else(|| DEFAULT_SCHEDULE.into());
+                            (o.name.clone(), ObjectConfig { enabled: true, schedule, backfill: o.backfill })
                         })
                         .collect()
                 })
@@ -552,17 +432,11 @@ impl CommandService {
         let loaded = self.load_in::<Installation>(&mut uow, id).await?;
         let command = InstallationCommand::Create {
             project_id: ctx.project_id,
-            integration: IntegrationFacts {
-                id: new.integration_id,
-                state: integration.state,
-            },
+            integration: IntegrationFacts { id: new.integration_id, state: integration.state },
             revision,
             group_ref: new.group_ref.clone(),
             consumer_ref: new.consumer_ref.clone(),
-            connection: ConnectionFacts {
-                id: new.connection_id,
-                state: connection.state,
-            },
+            connection: ConnectionFacts { id: new.connection_id, state: connection.state },
             objects,
             at,
         };
@@ -578,23 +452,15 @@ impl CommandService {
         objects: &BTreeMap<String, ObjectConfig>,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        let mut uow = match self
-            .begin(ctx, "installation.update_config", &(id, revision, objects))
-            .await?
-        {
+        let mut uow = match self.begin(ctx, "installation.update_config", &(id, revision, objects)).await? {
             Begun::Replayed(outcome) => return Ok(outcome),
             Begun::Fresh(uow) => uow,
         };
         let loaded = self.load_in::<Installation>(&mut uow, id.0).await?;
         let integration_id = loaded.state.integration_id;
-        let integration = self
-            .load_in::<Integration>(&mut uow, integration_id.0)
-            .await?;
+        let integration = self.load_in::<Integration>(&mut uow, integration_id.0).await?;
         let command = InstallationCommand::UpdateConfig {
-            integration: IntegrationFacts {
-                id: integration_id,
-                state: integration.state,
-            },
+            integration: IntegrationFacts { id: integration_id, state: integration.state },
             revision,
             objects: objects.clone(),
             at,
@@ -609,10 +475,7 @@ impl CommandService {
         id: InstallationId,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Installation>(ctx, "installation.pause", id.0, &id, |_| {
-            InstallationCommand::Pause { at }
-        })
-        .await
+        self.single::<Installation>(ctx, "installation.pause", id.0, &id, |_| InstallationCommand::Pause { at }).await
     }
 
     pub async fn unpause_installation(
@@ -621,10 +484,8 @@ impl CommandService {
         id: InstallationId,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Installation>(ctx, "installation.unpause", id.0, &id, |_| {
-            InstallationCommand::Unpause { at }
-        })
-        .await
+        self.single::<Installation>(ctx, "installation.unpause", id.0, &id, |_| InstallationCommand::Unpause { at })
+            .await
     }
 
     pub async fn delete_installation(
@@ -633,10 +494,7 @@ impl CommandService {
         id: InstallationId,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Installation>(ctx, "installation.delete", id.0, &id, |_| {
-            InstallationCommand::Delete { at }
-        })
-        .await
+        self.single::<Installation>(ctx, "installation.delete", id.0, &id, |_| InstallationCommand::Delete { at }).await
     }
 
     // ---- operations -----------------------------------------------------------------
@@ -650,20 +508,13 @@ impl CommandService {
         new: &NewOperation,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        let mut uow = match self
-            .begin(ctx, "operation.request", &(installation_id, new))
-            .await?
-        {
+        let mut uow = match self.begin(ctx, "operation.request", &(installation_id, new)).await? {
             Begun::Replayed(outcome) => return Ok(outcome),
             Begun::Fresh(uow) => uow,
         };
-        let installation = self
-            .load_in::<Installation>(&mut uow, installation_id.0)
-            .await?;
+        let installation = self.load_in::<Installation>(&mut uow, installation_id.0).await?;
         let connection_id = installation.state.connection_id;
-        let connection = self
-            .load_in::<Connection>(&mut uow, connection_id.0)
-            .await?;
+        let connection = self.load_in::<Connection>(&mut uow, connection_id.0).await?;
         let operation_id = OperationId(Uuid::now_v7());
         let operation = self.load_in::<Operation>(&mut uow, operation_id.0).await?;
         // The operation's own checks first: a bad window is the caller's first problem.
@@ -678,10 +529,7 @@ impl CommandService {
             trigger: new.trigger,
             at,
         };
-        operation
-            .state
-            .decide(&request)
-            .map_err(DomainError::from)?;
+        operation.state.decide(&request).map_err(DomainError::from)?;
         self.decide(
             &mut uow,
             &installation,
@@ -690,10 +538,7 @@ impl CommandService {
                 op_type: new.op_type,
                 object: new.object.clone(),
                 trigger: new.trigger,
-                connection: ConnectionFacts {
-                    id: connection_id,
-                    state: connection.state,
-                },
+                connection: ConnectionFacts { id: connection_id, state: connection.state },
                 at,
             },
         )?;
@@ -710,12 +555,10 @@ impl CommandService {
         lease_for: Duration,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Operation>(ctx, "operation.start", id.0, &(id, lease_id), |_| {
-            OperationCommand::Start {
-                lease_id,
-                lease_until: at + lease_for,
-                at,
-            }
+        self.single::<Operation>(ctx, "operation.start", id.0, &(id, lease_id), |_| OperationCommand::Start {
+            lease_id,
+            lease_until: at + lease_for,
+            at,
         })
         .await
     }
@@ -730,19 +573,24 @@ impl CommandService {
         cursor: &Cursor,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Operation>(
-            ctx,
-            "operation.record_page",
-            id.0,
-            &(id, lease_id, records, bytes, cursor),
-            |_| OperationCommand::RecordPage {
-                lease_id,
-                records,
-                bytes,
-                cursor: cursor.clone(),
-                at,
-            },
-        )
+        self.single::<Operation>(ctx, "operation.record_page", id.0, &(id, lease_id, records, bytes, cursor), |_| {
+            OperationCommand::RecordPage { lease_id, records, bytes, cursor: cursor.clone(), at }
+        })
+        .await
+    }
+
+    /// Records a batch of pages in one command (one event each).
+    pub async fn record_pages(
+        &self,
+        ctx: &CommandContext,
+        id: OperationId,
+        lease_id: LeaseId,
+        pages: &[PageRecord],
+    ) -> Result<CommandOutcome, CommandError> {
+        let at = Utc::now();
+        self.single::<Operation>(ctx, "operation.record_pages", id.0, &(id, lease_id, pages), |_| {
+            OperationCommand::RecordPages { lease_id, pages: pages.to_vec(), at }
+        })
         .await
     }
 
@@ -753,8 +601,9 @@ impl CommandService {
         lease_id: LeaseId,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Operation>(ctx, "operation.succeed", id.0, &(id, lease_id), |_| {
-            OperationCommand::Succeed { lease_id, at }
+        self.single::<Operation>(ctx, "operation.succeed", id.0, &(id, lease_id), |_| OperationCommand::Succeed {
+            lease_id,
+            at,
         })
         .await
     }
@@ -769,32 +618,15 @@ impl CommandService {
         retryable: bool,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Operation>(
-            ctx,
-            "operation.fail",
-            id.0,
-            &(id, lease_id, error_class, message, retryable),
-            |_| OperationCommand::Fail {
-                lease_id,
-                error_class,
-                message: message.into(),
-                retryable,
-                at,
-            },
-        )
+        self.single::<Operation>(ctx, "operation.fail", id.0, &(id, lease_id, error_class, message, retryable), |_| {
+            OperationCommand::Fail { lease_id, error_class, message: message.into(), retryable, at }
+        })
         .await
     }
 
-    pub async fn retry_operation(
-        &self,
-        ctx: &CommandContext,
-        id: OperationId,
-    ) -> Result<CommandOutcome, CommandError> {
+    pub async fn retry_operation(&self, ctx: &CommandContext, id: OperationId) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Operation>(ctx, "operation.retry", id.0, &id, |_| {
-            OperationCommand::Retry { at }
-        })
-        .await
+        self.single::<Operation>(ctx, "operation.retry", id.0, &id, |_| OperationCommand::Retry { at }).await
     }
 
     pub async fn cancel_operation(
@@ -804,11 +636,9 @@ impl CommandService {
         reason: &str,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        self.single::<Operation>(ctx, "operation.cancel", id.0, &(id, reason), |_| {
-            OperationCommand::Cancel {
-                reason: reason.into(),
-                at,
-            }
+        self.single::<Operation>(ctx, "operation.cancel", id.0, &(id, reason), |_| OperationCommand::Cancel {
+            reason: reason.into(),
+            at,
         })
         .await
     }
@@ -837,11 +667,7 @@ impl Owned for Project {
 }
 
 fn scoped<A: Aggregate + Owned>(ctx: &CommandContext, mut loaded: Loaded<A>) -> Loaded<A> {
-    if loaded
-        .state
-        .owner()
-        .is_some_and(|owner| owner != ctx.project_id)
-    {
+    if loaded.state.owner().is_some_and(|owner| owner != ctx.project_id) {
         // Another tenant's stream: it does not exist for this caller. An append would
         // conflict on the sequence and fail without revealing anything.
         loaded.state = A::default();
@@ -851,12 +677,7 @@ fn scoped<A: Aggregate + Owned>(ctx: &CommandContext, mut loaded: Loaded<A>) -> 
 
 fn request_digest(command: &str, request: &impl Serialize) -> [u8; 32] {
     let body = serde_json::to_vec(request).expect("requests serialise");
-    Sha256::new()
-        .chain_update(command.as_bytes())
-        .chain_update([0])
-        .chain_update(body)
-        .finalize()
-        .into()
+    Sha256::new().chain_update(command.as_bytes()).chain_update([0]).chain_update(body).finalize().into()
 }
 
 /// Turns commit wake-ups into NOTIFYs, one at a time: several commits coalesce into one
@@ -864,11 +685,7 @@ fn request_digest(command: &str, request: &impl Serialize) -> [u8; 32] {
 async fn notifier(pool: PgPool, wake: Arc<Notify>) {
     loop {
         wake.notified().await;
-        if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
-            .bind(EVENTS_CHANNEL)
-            .execute(&pool)
-            .await
-        {
+        if let Err(error) = sqlx::query("SELECT pg_notify($1, '')").bind(EVENTS_CHANNEL).execute(&pool).await {
             if pool.is_closed() {
                 return;
             }

@@ -53,10 +53,7 @@ impl CommandOutcome {
 
     /// The id of the first stream of `aggregate_type` the command wrote to.
     pub fn id_of(&self, aggregate_type: &str) -> Option<Uuid> {
-        self.events
-            .iter()
-            .find(|e| e.aggregate_type == aggregate_type)
-            .and_then(|e| e.aggregate_id.parse().ok())
+        self.events.iter().find(|e| e.aggregate_type == aggregate_type).and_then(|e| e.aggregate_id.parse().ok())
     }
 }
 
@@ -90,19 +87,13 @@ impl EventStore {
         let mut upcasters: HashMap<&'static str, Vec<Box<dyn EventUpcaster>>> = HashMap::new();
         for u in UPCASTERS {
             let f = u.upcast;
-            upcasters
-                .entry(u.aggregate_type)
-                .or_default()
-                .push(Box::new(SemanticVersionEventUpcaster::new(
-                    u.event_type,
-                    u.to_version,
-                    Box::new(f),
-                )));
+            upcasters.entry(u.aggregate_type).or_default().push(Box::new(SemanticVersionEventUpcaster::new(
+                u.event_type,
+                u.to_version,
+                Box::new(f),
+            )));
         }
-        Self {
-            upcasters: Arc::new(upcasters),
-            snapshot_every: snapshot_every.max(1),
-        }
+        Self { upcasters: Arc::new(upcasters), snapshot_every: snapshot_every.max(1) }
     }
 
     /// Lifts a stored event to the current version of its type.
@@ -141,23 +132,13 @@ impl EventStore {
         payload: Value,
     ) -> Result<A::Event, CommandError> {
         let (_, payload) = self.upcast(A::TYPE, event_type, event_version, payload);
-        A::Event::from_parts(event_type, payload).map_err(|e| {
-            CommandError::corrupt(format!("{} event {event_type} {event_version}", A::TYPE), e)
-        })
+        A::Event::from_parts(event_type, payload)
+            .map_err(|e| CommandError::corrupt(format!("{} event {event_type} {event_version}", A::TYPE), e))
     }
 
     /// Loads a stream from its snapshot (if current) and the events after it.
-    pub async fn load<A: Aggregate>(
-        &self,
-        conn: &mut PgConnection,
-        id: &str,
-    ) -> Result<Loaded<A>, CommandError> {
-        let mut loaded = Loaded {
-            id: id.to_string(),
-            state: A::default(),
-            sequence: 0,
-            hash: None,
-        };
+    pub async fn load<A: Aggregate>(&self, conn: &mut PgConnection, id: &str) -> Result<Loaded<A>, CommandError> {
+        let mut loaded = Loaded { id: id.to_string(), state: A::default(), sequence: 0, hash: None };
         let snapshot = sqlx::query(
             "SELECT sequence, hash, state::text AS state FROM aggregate_snapshots
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND snapshot_version = $3",
@@ -185,10 +166,9 @@ impl EventStore {
         .await?;
         for row in rows {
             let payload: String = row.get("payload");
-            let payload: Value = serde_json::from_str(&payload)
-                .map_err(|e| CommandError::corrupt("event payload", e))?;
-            let event =
-                self.decode::<A>(row.get("event_type"), row.get("event_version"), payload)?;
+            let payload: Value =
+                serde_json::from_str(&payload).map_err(|e| CommandError::corrupt("event payload", e))?;
+            let event = self.decode::<A>(row.get("event_type"), row.get("event_version"), payload)?;
             loaded.state.apply(&event);
             loaded.sequence = row.get("sequence");
             loaded.hash = row.get("hash");
@@ -208,12 +188,10 @@ impl EventStore {
             state.apply(event);
         }
         let next = loaded.sequence + events.len() as i64;
-        let snapshot =
-            (next / self.snapshot_every > loaded.sequence / self.snapshot_every).then(|| {
-                let json =
-                    serde_json::to_string(&state).expect("aggregate state always serialises");
-                (A::SNAPSHOT_VERSION, json)
-            });
+        let snapshot = (next / self.snapshot_every > loaded.sequence / self.snapshot_every).then(|| {
+            let json = serde_json::to_string(&state).expect("aggregate state always serialises");
+            (A::SNAPSHOT_VERSION, json)
+        });
         Ok((
             PendingStream {
                 aggregate_type: A::TYPE,
@@ -300,21 +278,16 @@ impl EventStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.constraint() == Some("events_pkey") => {
-                CommandError::Conflict {
-                    stream: streams
-                        .iter()
-                        .map(|s| format!("{}/{}", s.aggregate_type, s.aggregate_id))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                }
-            }
+            sqlx::Error::Database(db) if db.constraint() == Some("events_pkey") => CommandError::Conflict {
+                stream: streams
+                    .iter()
+                    .map(|s| format!("{}/{}", s.aggregate_type, s.aggregate_id))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            },
             _ => CommandError::Database(e),
         })?;
-        let positions: HashMap<Uuid, i64> = rows
-            .iter()
-            .map(|r| (r.get("event_id"), r.get("position")))
-            .collect();
+        let positions: HashMap<Uuid, i64> = rows.iter().map(|r| (r.get("event_id"), r.get("position"))).collect();
 
         for stream in streams.iter() {
             if let Some((version, state)) = &stream.snapshot {
@@ -323,9 +296,7 @@ impl EventStore {
                     .iter()
                     .zip(&ids)
                     .zip(&types)
-                    .position(|((s, i), t)| {
-                        *s == sequence && *i == stream.aggregate_id && *t == stream.aggregate_type
-                    })
+                    .position(|((s, i), t)| *s == sequence && *i == stream.aggregate_id && *t == stream.aggregate_type)
                     .expect("the snapshot's event was just written");
                 sqlx::query(
                     "INSERT INTO aggregate_snapshots (aggregate_type, aggregate_id, snapshot_version, sequence, hash, state)

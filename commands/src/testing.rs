@@ -32,7 +32,9 @@ pub fn credential_store() -> CredentialStore {
 
 fn server_url() -> String {
     std::env::var("AMPLOG_TEST_DATABASE_URL").unwrap_or_else(|_| {
-        panic!("AMPLOG_TEST_DATABASE_URL is not set: run the tests with scripts/test, which starts a throwaway PostgreSQL")
+        panic!(
+            "AMPLOG_TEST_DATABASE_URL is not set: run the tests with scripts/test, which starts a throwaway PostgreSQL"
+        )
     })
 }
 
@@ -45,47 +47,28 @@ fn url_for(database: &str) -> String {
 
 /// Creates a fresh migrated database and a pool of `max_connections` on it.
 pub async fn test_db_with(max_connections: u32) -> TestDb {
-    let mut admin = PgConnection::connect(&server_url())
-        .await
-        .expect("connect to the test cluster");
+    let mut admin = PgConnection::connect(&server_url()).await.expect("connect to the test cluster");
     let template = format!("amplog_tpl_{}", &amplog_migrations::schema_digest()[..16]);
     // Test processes run in parallel: one of them builds the template, under a lock.
-    sqlx::query("SELECT pg_advisory_lock(4242)")
-        .execute(&mut admin)
+    sqlx::query("SELECT pg_advisory_lock(4242)").execute(&mut admin).await.expect("lock");
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&template)
+        .fetch_one(&mut admin)
         .await
-        .expect("lock");
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&template)
-            .fetch_one(&mut admin)
-            .await
-            .expect("query pg_database");
+        .expect("query pg_database");
     if !exists {
         let building = format!("{template}_building");
-        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {building}"))
-            .execute(&mut admin)
-            .await
-            .expect("drop");
-        sqlx::raw_sql(&format!("CREATE DATABASE {building}"))
-            .execute(&mut admin)
-            .await
-            .expect("create template");
-        let mut conn = PgConnection::connect(&url_for(&building))
-            .await
-            .expect("connect to template");
-        amplog_migrations::migrate(&mut conn)
-            .await
-            .expect("migrate template");
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {building}")).execute(&mut admin).await.expect("drop");
+        sqlx::raw_sql(&format!("CREATE DATABASE {building}")).execute(&mut admin).await.expect("create template");
+        let mut conn = PgConnection::connect(&url_for(&building)).await.expect("connect to template");
+        amplog_migrations::migrate(&mut conn).await.expect("migrate template");
         conn.close().await.expect("close");
         sqlx::raw_sql(&format!("ALTER DATABASE {building} RENAME TO {template}"))
             .execute(&mut admin)
             .await
             .expect("rename");
     }
-    sqlx::query("SELECT pg_advisory_unlock(4242)")
-        .execute(&mut admin)
-        .await
-        .expect("unlock");
+    sqlx::query("SELECT pg_advisory_unlock(4242)").execute(&mut admin).await.expect("unlock");
     let name = format!("amplog_test_{}", uuid::Uuid::new_v4().simple());
     sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
         .execute(&mut admin)
@@ -93,11 +76,8 @@ pub async fn test_db_with(max_connections: u32) -> TestDb {
         .expect("create test database");
     admin.close().await.ok();
     let url = url_for(&name);
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .connect(&url)
-        .await
-        .expect("connect to test database");
+    let pool =
+        PgPoolOptions::new().max_connections(max_connections).connect(&url).await.expect("connect to test database");
     TestDb { pool, url, name }
 }
 
@@ -114,25 +94,16 @@ pub struct Seeded {
     pub installation: amplog_domain::InstallationId,
 }
 
-pub const SEED_SECRET: &str =
-    r#"{"access_token":"seed-access-token-4f1d","refresh_token":"seed-refresh-token-9a2c"}"#;
+pub const SEED_SECRET: &str = r#"{"access_token":"seed-access-token-4f1d","refresh_token":"seed-refresh-token-9a2c"}"#;
 
 /// Seeds one project through the command service.
 pub async fn seed(service: &CommandService) -> Seeded {
     use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
     use amplog_domain::*;
     let ctx = crate::CommandContext::new(ProjectId(uuid::Uuid::now_v7()), "test");
-    service
-        .create_project(&ctx, "Test project")
-        .await
-        .expect("create project");
+    service.create_project(&ctx, "Test project").await.expect("create project");
     let integration = IntegrationId(
-        service
-            .declare_integration(&ctx, "crm", "hubspot")
-            .await
-            .expect("declare")
-            .id_of("integration")
-            .expect("id"),
+        service.declare_integration(&ctx, "crm", "hubspot").await.expect("declare").id_of("integration").expect("id"),
     );
     let object = |name: &str| ObjectDecl {
         name: name.into(),
@@ -140,13 +111,8 @@ pub async fn seed(service: &CommandService) -> Seeded {
         backfill: Backfill::Days(7),
         fields: vec![],
     };
-    let manifest = Manifest {
-        objects: vec![object("contacts"), object("companies"), object("deals")],
-    };
-    service
-        .deploy_revision(&ctx, integration, &manifest)
-        .await
-        .expect("deploy");
+    let manifest = Manifest { objects: vec![object("contacts"), object("companies"), object("deals")] };
+    service.deploy_revision(&ctx, integration, &manifest).await.expect("deploy");
     let secret = crate::credentials::Secret(SEED_SECRET.into());
     let connection = ConnectionId(
         service
@@ -165,19 +131,9 @@ pub async fn seed(service: &CommandService) -> Seeded {
         objects: None,
     };
     let installation = InstallationId(
-        service
-            .create_installation(&ctx, &new)
-            .await
-            .expect("install")
-            .id_of("installation")
-            .expect("id"),
+        service.create_installation(&ctx, &new).await.expect("install").id_of("installation").expect("id"),
     );
-    Seeded {
-        ctx,
-        integration,
-        connection,
-        installation,
-    }
+    Seeded { ctx, integration, connection, installation }
 }
 
 /// A read request of `object`.

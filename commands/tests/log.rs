@@ -23,60 +23,25 @@ async fn a_command_appends_all_its_events_or_none() {
     let before = count(&db.pool, "SELECT count(*) FROM events").await;
 
     // A read request writes two streams in one transaction.
-    let outcome = service
-        .request_operation(&s.ctx, s.installation, &read_of("contacts"))
-        .await
-        .unwrap();
-    let types: Vec<_> = outcome
-        .events
-        .iter()
-        .map(|e| (e.aggregate_type.as_str(), e.event_type.as_str()))
-        .collect();
-    assert_eq!(
-        types,
-        [
-            ("installation", "OperationRequested"),
-            ("operation", "Requested")
-        ]
-    );
-    assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM events").await,
-        before + 2
-    );
+    let outcome = service.request_operation(&s.ctx, s.installation, &read_of("contacts")).await.unwrap();
+    let types: Vec<_> = outcome.events.iter().map(|e| (e.aggregate_type.as_str(), e.event_type.as_str())).collect();
+    assert_eq!(types, [("installation", "OperationRequested"), ("operation", "Requested")]);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM events").await, before + 2);
 
     // A refused command appends nothing at all.
-    service
-        .pause_installation(&s.ctx, s.installation)
-        .await
-        .unwrap();
-    let err = service
-        .request_operation(&s.ctx, s.installation, &read_of("contacts"))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            CommandError::Domain(DomainError::Installation(InstallationError::Paused))
-        ),
-        "{err:?}"
-    );
-    assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM events").await,
-        before + 3
-    );
+    service.pause_installation(&s.ctx, s.installation).await.unwrap();
+    let err = service.request_operation(&s.ctx, s.installation, &read_of("contacts")).await.unwrap_err();
+    assert!(matches!(err, CommandError::Domain(DomainError::Installation(InstallationError::Paused))), "{err:?}");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM events").await, before + 3);
 
     // The second stream's sequence is already taken by another writer: the first stream's
     // event must not be written either.
-    service
-        .unpause_installation(&s.ctx, s.installation)
+    service.unpause_installation(&s.ctx, s.installation).await.unwrap();
+    let installation_seq: i64 = sqlx::query_scalar("SELECT max(sequence) FROM events WHERE aggregate_id = $1")
+        .bind(s.installation.to_string())
+        .fetch_one(&db.pool)
         .await
         .unwrap();
-    let installation_seq: i64 =
-        sqlx::query_scalar("SELECT max(sequence) FROM events WHERE aggregate_id = $1")
-            .bind(s.installation.to_string())
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
     let mut tx = db.pool.begin().await.unwrap();
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
@@ -91,28 +56,14 @@ async fn a_command_appends_all_its_events_or_none() {
         let service = service.clone();
         let ctx = s.ctx.clone();
         let installation = s.installation;
-        tokio::spawn(async move {
-            service
-                .request_operation(&ctx, installation, &read_of("contacts"))
-                .await
-        })
+        tokio::spawn(async move { service.request_operation(&ctx, installation, &read_of("contacts")).await })
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     tx.commit().await.unwrap();
     let err = racing.await.unwrap().unwrap_err();
-    assert!(
-        matches!(&err, CommandError::Conflict { stream } if stream.contains("installation")),
-        "{err:?}"
-    );
-    let operations: i64 = count(
-        &db.pool,
-        "SELECT count(*) FROM events WHERE aggregate_type = 'operation'",
-    )
-    .await;
-    assert_eq!(
-        operations, 1,
-        "the operation stream of the conflicting command was not written"
-    );
+    assert!(matches!(&err, CommandError::Conflict { stream } if stream.contains("installation")), "{err:?}");
+    let operations: i64 = count(&db.pool, "SELECT count(*) FROM events WHERE aggregate_type = 'operation'").await;
+    assert_eq!(operations, 1, "the operation stream of the conflicting command was not written");
 }
 
 #[tokio::test]
@@ -129,27 +80,14 @@ async fn a_stale_writer_gets_a_typed_conflict_never_a_lost_update() {
             .unwrap(),
     );
     let lease = LeaseId(Uuid::now_v7());
-    service
-        .start_operation(&s.ctx, op, lease, Duration::minutes(5))
-        .await
-        .unwrap();
+    service.start_operation(&s.ctx, op, lease, Duration::minutes(5)).await.unwrap();
     // 16 writers record a page at once: every one either lands or gets Conflict.
     let mut tasks = Vec::new();
     for i in 0..16u64 {
         let (service, ctx) = (service.clone(), s.ctx.clone());
         tasks.push(tokio::spawn(async move {
             service
-                .record_page(
-                    &ctx,
-                    op,
-                    lease,
-                    i + 1,
-                    0,
-                    &Cursor {
-                        watermark: None,
-                        page_token: Some(format!("p{i}")),
-                    },
-                )
+                .record_page(&ctx, op, lease, i + 1, 0, &Cursor { watermark: None, page_token: Some(format!("p{i}")) })
                 .await
         }));
     }
@@ -167,10 +105,7 @@ async fn a_stale_writer_gets_a_typed_conflict_never_a_lost_update() {
     }
     assert!(landed >= 1);
     let state = service.load::<Operation>(&s.ctx, op.0).await.unwrap().state;
-    assert_eq!(
-        state.pages, landed,
-        "every accepted page is in the state, no other"
-    );
+    assert_eq!(state.pages, landed, "every accepted page is in the state, no other");
     assert_eq!(state.records, records);
 }
 
@@ -186,72 +121,39 @@ async fn an_idempotency_key_appends_once_and_returns_the_first_result() {
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (service, ctx, inst) = (service.clone(), keyed.clone(), s.installation);
-        tasks.push(tokio::spawn(async move {
-            service
-                .request_operation(&ctx, inst, &read_of("contacts"))
-                .await
-                .unwrap()
-        }));
+        tasks.push(tokio::spawn(
+            async move { service.request_operation(&ctx, inst, &read_of("contacts")).await.unwrap() },
+        ));
     }
     let mut outcomes = Vec::new();
     for t in tasks {
         outcomes.push(t.await.unwrap());
     }
-    assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM events").await,
-        before + 2
-    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM events").await, before + 2);
     assert_eq!(outcomes.iter().filter(|o| !o.replayed).count(), 1);
     for o in &outcomes {
         assert_eq!(o.events, outcomes[0].events);
     }
 
     // A later retry too.
-    let again = service
-        .request_operation(&keyed, s.installation, &read_of("contacts"))
-        .await
-        .unwrap();
+    let again = service.request_operation(&keyed, s.installation, &read_of("contacts")).await.unwrap();
     assert!(again.replayed);
     assert_eq!(again.events, outcomes[0].events);
 
     // The same key for a different request is refused, and appends nothing.
-    let err = service
-        .request_operation(&keyed, s.installation, &read_of("deals"))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, CommandError::IdempotencyKeyReused(k) if k == "req-1"),
-        "{err:?}"
-    );
+    let err = service.request_operation(&keyed, s.installation, &read_of("deals")).await.unwrap_err();
+    assert!(matches!(&err, CommandError::IdempotencyKeyReused(k) if k == "req-1"), "{err:?}");
     // Keys are per project: another project may use the same key.
     let other = seed(&service).await;
     let other_keyed = other.ctx.clone().with_idempotency_key("req-1");
-    let fresh = service
-        .request_operation(&other_keyed, other.installation, &read_of("contacts"))
-        .await
-        .unwrap();
+    let fresh = service.request_operation(&other_keyed, other.installation, &read_of("contacts")).await.unwrap();
     assert!(!fresh.replayed);
     // A refused command does not burn its key: after fixing the cause, the retry runs.
     let paused_key = s.ctx.clone().with_idempotency_key("req-2");
-    service
-        .pause_installation(&s.ctx, s.installation)
-        .await
-        .unwrap();
-    assert!(service
-        .request_operation(&paused_key, s.installation, &read_of("contacts"))
-        .await
-        .is_err());
-    service
-        .unpause_installation(&s.ctx, s.installation)
-        .await
-        .unwrap();
-    assert!(
-        !service
-            .request_operation(&paused_key, s.installation, &read_of("contacts"))
-            .await
-            .unwrap()
-            .replayed
-    );
+    service.pause_installation(&s.ctx, s.installation).await.unwrap();
+    assert!(service.request_operation(&paused_key, s.installation, &read_of("contacts")).await.is_err());
+    service.unpause_installation(&s.ctx, s.installation).await.unwrap();
+    assert!(!service.request_operation(&paused_key, s.installation, &read_of("contacts")).await.unwrap().replayed);
 }
 
 #[tokio::test]
@@ -272,40 +174,27 @@ async fn a_snapshot_plus_its_tail_equals_a_full_replay() {
             .unwrap(),
     );
     let lease = LeaseId(Uuid::now_v7());
-    service
-        .start_operation(&s.ctx, op, lease, Duration::minutes(5))
-        .await
-        .unwrap();
+    service.start_operation(&s.ctx, op, lease, Duration::minutes(5)).await.unwrap();
     for i in 0..33u64 {
-        let cursor = Cursor {
-            watermark: None,
-            page_token: Some(format!("page-{i}")),
-        };
-        service
-            .record_page(&s.ctx, op, lease, i, i * 10, &cursor)
-            .await
-            .unwrap();
+        let cursor = Cursor { watermark: None, page_token: Some(format!("page-{i}")) };
+        service.record_page(&s.ctx, op, lease, i, i * 10, &cursor).await.unwrap();
     }
     // 35 events, snapshots every 10: the stored snapshot is at sequence 30.
-    let row = sqlx::query("SELECT sequence FROM aggregate_snapshots WHERE aggregate_type = 'operation' AND aggregate_id = $1")
-        .bind(op.to_string())
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let row = sqlx::query(
+        "SELECT sequence FROM aggregate_snapshots WHERE aggregate_type = 'operation' AND aggregate_id = $1",
+    )
+    .bind(op.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(row.get::<i64, _>("sequence"), 30);
 
     let via_snapshot = service.load::<Operation>(&s.ctx, op.0).await.unwrap();
     let full = {
         let mut conn = db.pool.acquire().await.unwrap();
-        EventStore::new(i64::MAX)
-            .load::<Operation>(&mut conn, &op.to_string())
-            .await
-            .unwrap()
+        EventStore::new(i64::MAX).load::<Operation>(&mut conn, &op.to_string()).await.unwrap()
     };
-    sqlx::query("DELETE FROM aggregate_snapshots")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::query("DELETE FROM aggregate_snapshots").execute(&db.pool).await.unwrap();
     let replayed = service.load::<Operation>(&s.ctx, op.0).await.unwrap();
     for other in [&full, &replayed] {
         assert_eq!(via_snapshot.state, other.state);
@@ -318,9 +207,7 @@ async fn a_snapshot_plus_its_tail_equals_a_full_replay() {
     // And the next append chains from the right hash.
     service.succeed_operation(&s.ctx, op, lease).await.unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
-    let report = amplog_commands::audit::verify(&mut conn, None, |_| {})
-        .await
-        .unwrap();
+    let report = amplog_commands::audit::verify(&mut conn, None, |_| {}).await.unwrap();
     assert!(report.is_intact(), "{:?}", report.breaks);
 }
 
@@ -338,10 +225,7 @@ async fn a_v1_row_written_by_raw_sql_is_upcast_on_read() {
             .unwrap(),
     );
     let lease = LeaseId(Uuid::now_v7());
-    service
-        .start_operation(&s.ctx, op, lease, Duration::minutes(5))
-        .await
-        .unwrap();
+    service.start_operation(&s.ctx, op, lease, Duration::minutes(5)).await.unwrap();
     // What a release before PageRecorded 2.0 wrote.
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, project_id)
@@ -356,36 +240,18 @@ async fn a_v1_row_written_by_raw_sql_is_upcast_on_read() {
     let state = service.load::<Operation>(&s.ctx, op.0).await.unwrap().state;
     assert_eq!(state.records, 250);
     assert_eq!(state.pages, 1);
-    assert_eq!(
-        state.cursor,
-        Cursor {
-            watermark: None,
-            page_token: Some("after-250".into())
-        }
-    );
+    assert_eq!(state.cursor, Cursor { watermark: None, page_token: Some("after-250".into()) });
     // The log itself is not rewritten.
-    let stored: String = sqlx::query_scalar(
-        "SELECT event_version FROM events WHERE aggregate_id = $1 AND sequence = 3",
-    )
-    .bind(op.to_string())
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let stored: String =
+        sqlx::query_scalar("SELECT event_version FROM events WHERE aggregate_id = $1 AND sequence = 3")
+            .bind(op.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(stored, "1.0");
     // And the stream goes on after it.
-    service
-        .record_page(&s.ctx, op, lease, 10, 0, &Cursor::default())
-        .await
-        .unwrap();
-    assert_eq!(
-        service
-            .load::<Operation>(&s.ctx, op.0)
-            .await
-            .unwrap()
-            .state
-            .records,
-        260
-    );
+    service.record_page(&s.ctx, op, lease, 10, 0, &Cursor::default()).await.unwrap();
+    assert_eq!(service.load::<Operation>(&s.ctx, op.0).await.unwrap().state.records, 260);
 }
 
 #[tokio::test]
@@ -393,11 +259,7 @@ async fn the_log_is_append_only() {
     let db = test_db().await;
     let service = db.service();
     seed(&service).await;
-    for sql in [
-        "UPDATE events SET payload = '{}'",
-        "DELETE FROM events",
-        "TRUNCATE events",
-    ] {
+    for sql in ["UPDATE events SET payload = '{}'", "DELETE FROM events", "TRUNCATE events"] {
         let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
@@ -409,44 +271,12 @@ async fn another_projects_aggregates_do_not_exist_for_a_caller() {
     let service = db.service();
     let a = seed(&service).await;
     let b = seed(&service).await;
-    let err = service
-        .pause_installation(&a.ctx, b.installation)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            CommandError::Domain(DomainError::Installation(InstallationError::NotFound))
-        ),
-        "{err:?}"
-    );
-    let err = service
-        .request_operation(&a.ctx, b.installation, &read_of("contacts"))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            CommandError::Domain(DomainError::Installation(InstallationError::NotFound))
-        ),
-        "{err:?}"
-    );
-    assert!(
-        !service
-            .load::<Installation>(&a.ctx, b.installation.0)
-            .await
-            .unwrap()
-            .state
-            .exists
-    );
-    assert!(
-        service
-            .load::<Installation>(&b.ctx, b.installation.0)
-            .await
-            .unwrap()
-            .state
-            .exists
-    );
+    let err = service.pause_installation(&a.ctx, b.installation).await.unwrap_err();
+    assert!(matches!(err, CommandError::Domain(DomainError::Installation(InstallationError::NotFound))), "{err:?}");
+    let err = service.request_operation(&a.ctx, b.installation, &read_of("contacts")).await.unwrap_err();
+    assert!(matches!(err, CommandError::Domain(DomainError::Installation(InstallationError::NotFound))), "{err:?}");
+    assert!(!service.load::<Installation>(&a.ctx, b.installation.0).await.unwrap().state.exists);
+    assert!(service.load::<Installation>(&b.ctx, b.installation.0).await.unwrap().state.exists);
     let op = OperationId(
         service
             .request_operation(&b.ctx, b.installation, &read_of("contacts"))
@@ -455,40 +285,21 @@ async fn another_projects_aggregates_do_not_exist_for_a_caller() {
             .id_of("operation")
             .unwrap(),
     );
-    let err = service
-        .cancel_operation(&a.ctx, op, "no")
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            CommandError::Domain(DomainError::Operation(OperationError::NotFound))
-        ),
-        "{err:?}"
-    );
+    let err = service.cancel_operation(&a.ctx, op, "no").await.unwrap_err();
+    assert!(matches!(err, CommandError::Domain(DomainError::Operation(OperationError::NotFound))), "{err:?}");
     let state = service.load::<Operation>(&b.ctx, op.0).await.unwrap().state;
     assert_eq!(state.status, OperationStatus::Pending);
     // Credentials are scoped too.
     let mut conn = db.pool.acquire().await.unwrap();
-    let credential_id: Uuid =
-        sqlx::query_scalar("SELECT id FROM credentials WHERE connection_id = $1")
-            .bind(b.connection.0)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
+    let credential_id: Uuid = sqlx::query_scalar("SELECT id FROM credentials WHERE connection_id = $1")
+        .bind(b.connection.0)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
     let store = service.credentials();
+    assert_eq!(store.get(&mut conn, a.ctx.project_id, CredentialId(credential_id)).await.unwrap(), None);
     assert_eq!(
-        store
-            .get(&mut conn, a.ctx.project_id, CredentialId(credential_id))
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        store
-            .get(&mut conn, b.ctx.project_id, CredentialId(credential_id))
-            .await
-            .unwrap(),
+        store.get(&mut conn, b.ctx.project_id, CredentialId(credential_id)).await.unwrap(),
         Some(Secret(SEED_SECRET.into()))
     );
 }
@@ -498,37 +309,22 @@ async fn no_secret_enters_the_log() {
     let db = test_db().await;
     let service = db.service();
     let s = seed(&service).await;
-    let refreshed = Secret(
-        r#"{"access_token":"refreshed-at-77aa","refresh_token":"refreshed-rt-88bb"}"#.into(),
-    );
-    service
-        .refresh_token(&s.ctx, s.connection, &refreshed, None)
-        .await
-        .unwrap();
+    let refreshed = Secret(r#"{"access_token":"refreshed-at-77aa","refresh_token":"refreshed-rt-88bb"}"#.into());
+    service.refresh_token(&s.ctx, s.connection, &refreshed, None).await.unwrap();
     let reconnected = Secret("reconnected-api-key-99cc".into());
-    service
-        .record_refresh_failure(&s.ctx, s.connection, "invalid_grant")
-        .await
-        .unwrap();
-    service
-        .reconnect(&s.ctx, s.connection, &reconnected)
-        .await
-        .unwrap();
+    service.record_refresh_failure(&s.ctx, s.connection, "invalid_grant").await.unwrap();
+    service.reconnect(&s.ctx, s.connection, &reconnected).await.unwrap();
 
-    let everything: String =
-        sqlx::query_scalar("SELECT string_agg(payload::text || metadata::text, '') FROM events")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    let snapshots: Option<String> =
-        sqlx::query_scalar("SELECT string_agg(state::text, '') FROM aggregate_snapshots")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    let stored: Vec<Vec<u8>> = sqlx::query_scalar("SELECT ciphertext FROM credentials")
-        .fetch_all(&db.pool)
+    let everything: String = sqlx::query_scalar("SELECT string_agg(payload::text || metadata::text, '') FROM events")
+        .fetch_one(&db.pool)
         .await
         .unwrap();
+    let snapshots: Option<String> = sqlx::query_scalar("SELECT string_agg(state::text, '') FROM aggregate_snapshots")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let stored: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT ciphertext FROM credentials").fetch_all(&db.pool).await.unwrap();
     for token in [
         "seed-access-token-4f1d",
         "seed-refresh-token-9a2c",
@@ -537,53 +333,25 @@ async fn no_secret_enters_the_log() {
         "reconnected-api-key-99cc",
     ] {
         assert!(!everything.contains(token), "{token} is in the log");
-        assert!(
-            !snapshots.clone().unwrap_or_default().contains(token),
-            "{token} is in a snapshot"
-        );
-        assert!(
-            stored
-                .iter()
-                .all(|c| !String::from_utf8_lossy(c).contains(token)),
-            "{token} is stored in clear"
-        );
+        assert!(!snapshots.clone().unwrap_or_default().contains(token), "{token} is in a snapshot");
+        assert!(stored.iter().all(|c| !String::from_utf8_lossy(c).contains(token)), "{token} is stored in clear");
     }
     // The events carry the reference and fingerprint, and the latest secret decrypts.
-    let state = service
-        .load::<amplog_domain::connection::Connection>(&s.ctx, s.connection.0)
-        .await
-        .unwrap()
-        .state;
+    let state = service.load::<amplog_domain::connection::Connection>(&s.ctx, s.connection.0).await.unwrap().state;
     let credential = state.credential.expect("a credential reference");
-    assert_eq!(
-        credential.fingerprint,
-        service.credentials().key().fingerprint(&reconnected)
-    );
+    assert_eq!(credential.fingerprint, service.credentials().key().fingerprint(&reconnected));
     let mut conn = db.pool.acquire().await.unwrap();
-    assert_eq!(
-        service
-            .credentials()
-            .get(&mut conn, s.ctx.project_id, credential.id)
-            .await
-            .unwrap(),
-        Some(reconnected)
-    );
+    assert_eq!(service.credentials().get(&mut conn, s.ctx.project_id, credential.id).await.unwrap(), Some(reconnected));
     // A ciphertext moved to another row does not decrypt.
-    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM credentials ORDER BY created_at")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
+    let ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM credentials ORDER BY created_at").fetch_all(&db.pool).await.unwrap();
     sqlx::query("UPDATE credentials SET ciphertext = (SELECT ciphertext FROM credentials WHERE id = $1), nonce = (SELECT nonce FROM credentials WHERE id = $1) WHERE id = $2")
         .bind(ids[0])
         .bind(ids[1])
         .execute(&db.pool)
         .await
         .unwrap();
-    let err = service
-        .credentials()
-        .get(&mut conn, s.ctx.project_id, CredentialId(ids[1]))
-        .await
-        .unwrap_err();
+    let err = service.credentials().get(&mut conn, s.ctx.project_id, CredentialId(ids[1])).await.unwrap_err();
     assert!(matches!(err, CommandError::Credentials(_)), "{err:?}");
 }
 
@@ -592,20 +360,11 @@ async fn a_refused_credential_command_stores_no_ciphertext() {
     let db = test_db().await;
     let service = db.service();
     let s = seed(&service).await;
-    service
-        .revoke_connection(&s.ctx, s.connection)
-        .await
-        .unwrap();
+    service.revoke_connection(&s.ctx, s.connection).await.unwrap();
     let before = count(&db.pool, "SELECT count(*) FROM credentials").await;
-    let err = service
-        .refresh_token(&s.ctx, s.connection, &Secret("x".into()), None)
-        .await
-        .unwrap_err();
+    let err = service.refresh_token(&s.ctx, s.connection, &Secret("x".into()), None).await.unwrap_err();
     assert_eq!(err.code(), "connection.revoked");
-    assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM credentials").await,
-        before
-    );
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM credentials").await, before);
 }
 
 #[tokio::test]
@@ -615,10 +374,7 @@ async fn postgres_es_still_reads_and_writes_the_log() {
     let service = db.service();
     let s = seed(&service).await;
     let repo = postgres_es::PostgresEventRepository::new(db.pool.clone());
-    let events = repo
-        .get_events::<CompatProbe>(&s.installation.to_string())
-        .await
-        .unwrap();
+    let events = repo.get_events::<CompatProbe>(&s.installation.to_string()).await.unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event_type, "Created");
     assert_eq!(events[0].payload["group_ref"], "group-1");
@@ -643,20 +399,12 @@ async fn postgres_es_still_reads_and_writes_the_log() {
             .unwrap();
     assert!(stored.0 > 0 && !stored.1.is_empty());
     let mut conn = db.pool.acquire().await.unwrap();
-    let report = amplog_commands::audit::verify(&mut conn, None, |_| {})
-        .await
-        .unwrap();
+    let report = amplog_commands::audit::verify(&mut conn, None, |_| {}).await.unwrap();
     assert_eq!(report.breaks.len(), 1);
     assert_eq!(report.breaks[0].aggregate_id, foreign_id);
-    assert_eq!(
-        report.breaks[0].kind,
-        amplog_commands::audit::BreakKind::Unhashed
-    );
-    let missing: i64 = count(
-        &db.pool,
-        "SELECT count(*) FROM events WHERE position IS NULL OR transaction_id IS NULL",
-    )
-    .await;
+    assert_eq!(report.breaks[0].kind, amplog_commands::audit::BreakKind::Unhashed);
+    let missing: i64 =
+        count(&db.pool, "SELECT count(*) FROM events WHERE position IS NULL OR transaction_id IS NULL").await;
     assert_eq!(missing, 0);
 }
 
@@ -687,12 +435,7 @@ impl cqrs_es::Aggregate for CompatProbe {
     type Event = ProbeEvent;
     type Error = ProbeError;
     type Services = ();
-    async fn handle(
-        &mut self,
-        _: (),
-        _: &(),
-        _: &cqrs_es::event_sink::EventSink<Self>,
-    ) -> Result<(), ProbeError> {
+    async fn handle(&mut self, _: (), _: &(), _: &cqrs_es::event_sink::EventSink<Self>) -> Result<(), ProbeError> {
         Ok(())
     }
     fn apply(&mut self, _: ProbeEvent) {}
@@ -705,38 +448,17 @@ async fn commands_on_an_unknown_id_are_typed_not_found() {
     let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "test");
     let missing = Uuid::now_v7();
     let codes = [
+        service.pause_installation(&ctx, InstallationId(missing)).await.unwrap_err().code(),
+        service.retry_operation(&ctx, OperationId(missing)).await.unwrap_err().code(),
+        service.revoke_connection(&ctx, ConnectionId(missing)).await.unwrap_err().code(),
         service
-            .pause_installation(&ctx, InstallationId(missing))
-            .await
-            .unwrap_err()
-            .code(),
-        service
-            .retry_operation(&ctx, OperationId(missing))
-            .await
-            .unwrap_err()
-            .code(),
-        service
-            .revoke_connection(&ctx, ConnectionId(missing))
-            .await
-            .unwrap_err()
-            .code(),
-        service
-            .deploy_revision(
-                &ctx,
-                IntegrationId(missing),
-                &amplog_domain::integration::Manifest { objects: vec![] },
-            )
+            .deploy_revision(&ctx, IntegrationId(missing), &amplog_domain::integration::Manifest { objects: vec![] })
             .await
             .unwrap_err()
             .code(),
     ];
     assert_eq!(
         codes,
-        [
-            "installation.not_found",
-            "operation.not_found",
-            "connection.not_found",
-            "integration.not_found"
-        ]
+        ["installation.not_found", "operation.not_found", "connection.not_found", "integration.not_found"]
     );
 }

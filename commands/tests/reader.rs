@@ -1,21 +1,14 @@
 //! The log reader never skips an event (DESIGN invariant 3), against a real PostgreSQL.
 
 use amplog_commands::testing::{credential_store, test_db_with};
-use amplog_commands::{
-    CommandContext, CommandService, EventStore, LogCursor, LogReader, RecordedEvent, Subscription,
-};
+use amplog_commands::{CommandContext, CommandService, EventStore, LogCursor, LogReader, RecordedEvent, Subscription};
 use amplog_domain::ProjectId;
 use std::collections::HashSet;
 use std::time::Duration;
 use uuid::Uuid;
 
 /// Reads until `want` events arrived or nothing came for `quiet`.
-async fn read_until(
-    sub: &mut Subscription,
-    seen: &mut Vec<RecordedEvent>,
-    want: usize,
-    quiet: Duration,
-) {
+async fn read_until(sub: &mut Subscription, seen: &mut Vec<RecordedEvent>, want: usize, quiet: Duration) {
     while seen.len() < want {
         let batch = sub.next_batch_within(quiet).await.unwrap();
         if batch.is_empty() {
@@ -26,20 +19,14 @@ async fn read_until(
 }
 
 async fn all_event_ids(pool: &sqlx::PgPool) -> Vec<Uuid> {
-    sqlx::query_scalar("SELECT event_id FROM events ORDER BY transaction_id, position")
-        .fetch_all(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar("SELECT event_id FROM events ORDER BY transaction_id, position").fetch_all(pool).await.unwrap()
 }
 
 fn assert_once_in_order(seen: &[RecordedEvent], expected: &[Uuid]) {
     let ids: Vec<Uuid> = seen.iter().map(|e| e.event_id).collect();
     let unique: HashSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "no event is delivered twice");
-    assert_eq!(
-        ids, expected,
-        "exactly the committed events, in (transaction_id, position) order"
-    );
+    assert_eq!(ids, expected, "exactly the committed events, in (transaction_id, position) order");
     assert!(seen.windows(2).all(|w| w[0].cursor() < w[1].cursor()));
 }
 
@@ -50,11 +37,7 @@ fn project() -> CommandContext {
 #[tokio::test]
 async fn an_append_held_open_while_1000_later_appends_commit_is_still_delivered() {
     let db = test_db_with(24).await;
-    let fast = CommandService::new(
-        db.pool.clone(),
-        EventStore::new(i64::MAX),
-        credential_store(),
-    );
+    let fast = CommandService::new(db.pool.clone(), EventStore::new(i64::MAX), credential_store());
     // This service snapshots on every append; the snapshot table is locked below, so its
     // command inserts its event and then waits, uncommitted, for as long as we hold the lock.
     let slow = CommandService::new(db.pool.clone(), EventStore::new(1), credential_store());
@@ -62,10 +45,7 @@ async fn an_append_held_open_while_1000_later_appends_commit_is_still_delivered(
     let mut sub = reader.subscribe(LogCursor::default()).await.unwrap();
 
     let mut lock = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE aggregate_snapshots IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    sqlx::query("LOCK TABLE aggregate_snapshots IN EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
     let held_ctx = project();
     let held = {
         let (slow, ctx) = (slow.clone(), held_ctx.clone());
@@ -73,10 +53,12 @@ async fn an_append_held_open_while_1000_later_appends_commit_is_still_delivered(
     };
     // Wait until the held command has inserted its event and blocks on the lock.
     loop {
-        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'aggregate_snapshots'::regclass")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'aggregate_snapshots'::regclass",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
         if waiting > 0 {
             break;
         }
@@ -89,57 +71,34 @@ async fn an_append_held_open_while_1000_later_appends_commit_is_still_delivered(
         let fast = fast.clone();
         writers.push(tokio::spawn(async move {
             for i in 0..125 {
-                fast.create_project(&project(), &format!("later-{w}-{i}"))
-                    .await
-                    .unwrap();
+                fast.create_project(&project(), &format!("later-{w}-{i}")).await.unwrap();
             }
         }));
     }
     for w in writers {
         w.await.unwrap();
     }
-    let committed_later: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let committed_later: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db.pool).await.unwrap();
     assert_eq!(committed_later, 1000);
 
     // While the held append is open, the reader delivers nothing past it...
     let mut seen = Vec::new();
     read_until(&mut sub, &mut seen, 1, Duration::from_millis(700)).await;
-    assert!(
-        seen.is_empty(),
-        "the reader must wait for the held transaction, got {} events",
-        seen.len()
-    );
+    assert!(seen.is_empty(), "the reader must wait for the held transaction, got {} events", seen.len());
 
     // ...although a reader by position alone would already have passed it.
     lock.commit().await.unwrap();
     let outcome = held.await.unwrap().unwrap();
     let held_position = outcome.events[0].position;
-    let max_position: i64 = sqlx::query_scalar("SELECT max(position) FROM events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert!(
-        held_position < max_position,
-        "the held event has an early position ({held_position} < {max_position})"
-    );
+    let max_position: i64 = sqlx::query_scalar("SELECT max(position) FROM events").fetch_one(&db.pool).await.unwrap();
+    assert!(held_position < max_position, "the held event has an early position ({held_position} < {max_position})");
 
     read_until(&mut sub, &mut seen, 1001, Duration::from_secs(10)).await;
     assert_eq!(seen.len(), 1001);
-    assert!(
-        seen.iter()
-            .any(|e| e.event_id == outcome.events[0].event_id),
-        "the held event is delivered"
-    );
+    assert!(seen.iter().any(|e| e.event_id == outcome.events[0].event_id), "the held event is delivered");
     assert_once_in_order(&seen, &all_event_ids(&db.pool).await);
     // Nothing more arrives.
-    assert!(sub
-        .next_batch_within(Duration::from_millis(300))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(sub.next_batch_within(Duration::from_millis(300)).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -158,10 +117,7 @@ async fn a_rolled_back_append_does_not_stall_the_reader() {
     .await
     .unwrap();
     for i in 0..100 {
-        service
-            .create_project(&project(), &format!("p{i}"))
-            .await
-            .unwrap();
+        service.create_project(&project(), &format!("p{i}")).await.unwrap();
     }
     doomed.rollback().await.unwrap();
     let mut seen = Vec::new();
@@ -195,11 +151,7 @@ async fn with_32_concurrent_writers_the_reader_sees_exactly_the_committed_set() 
             service.create_project(&ctx, "first").await.unwrap();
             for i in 1..40 {
                 // Some commands fail (renaming to an invalid name) and append nothing.
-                let name = if i % 7 == 0 {
-                    String::new()
-                } else {
-                    format!("name-{i}")
-                };
+                let name = if i % 7 == 0 { String::new() } else { format!("name-{i}") };
                 let _ = service.rename_project(&ctx, &name).await;
             }
         }));

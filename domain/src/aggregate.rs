@@ -15,18 +15,14 @@ pub struct EventParts {
 
 /// A domain event. Serialised adjacently tagged (`{"type": .., "data": ..}`); the log stores
 /// the tag in `event_type` and the content in `payload`.
-pub trait DomainEvent:
-    Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + Sync
-{
+pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + Sync {
     /// The schema version of this event type as written today ("1.0", "2.0", ...).
     fn event_version(&self) -> &'static str;
 
     /// Splits the event into what the log stores.
     fn to_parts(&self) -> EventParts {
         let value = serde_json::to_value(self).expect("domain events always serialise");
-        let Value::Object(mut map) = value else {
-            unreachable!("adjacently tagged enums serialise to objects")
-        };
+        let Value::Object(mut map) = value else { unreachable!("adjacently tagged enums serialise to objects") };
         let event_type = match map.remove("type") {
             Some(Value::String(s)) => s,
             _ => unreachable!("adjacently tagged enums carry a string tag"),
@@ -49,22 +45,14 @@ pub trait DomainEvent:
 
 /// A pure, synchronous aggregate: `decide` turns a command into events or a typed error,
 /// `apply` folds one event into the state. Neither does IO.
-pub trait Aggregate:
-    Default + Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static
-{
+pub trait Aggregate: Default + Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Stored in `events.aggregate_type`.
     const TYPE: &'static str;
     /// Bumped whenever the serialised state changes shape, so old snapshots are ignored.
     const SNAPSHOT_VERSION: i32 = 1;
     type Command: Debug + Serialize + Send + Sync;
     type Event: DomainEvent;
-    type Error: std::error::Error
-        + Into<crate::DomainError>
-        + Clone
-        + PartialEq
-        + Send
-        + Sync
-        + 'static;
+    type Error: std::error::Error + Into<crate::DomainError> + Clone + PartialEq + Send + Sync + 'static;
 
     fn decide(&self, command: &Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
     fn apply(&mut self, event: &Self::Event);

@@ -159,14 +159,7 @@ impl Aggregate for Connection {
         use ConnectionCommand as C;
         use ConnectionEvent as E;
         match command {
-            C::Create {
-                project_id,
-                integration_id,
-                provider,
-                group_ref,
-                credential,
-                at,
-            } => {
+            C::Create { project_id, integration_id, provider, group_ref, credential, at } => {
                 if self.exists {
                     return Err(ConnectionError::AlreadyExists);
                 }
@@ -186,37 +179,23 @@ impl Aggregate for Connection {
                     at: *at,
                 }])
             }
-            C::RefreshToken {
-                credential,
-                expires_at,
-                at,
-            } => {
+            C::RefreshToken { credential, expires_at, at } => {
                 if self.live()? == ConnectionStatus::BadCredentials {
                     return Err(ConnectionError::NeedsReconnect);
                 }
                 check_credential(credential)?;
-                Ok(vec![E::TokenRefreshed {
-                    credential: credential.clone(),
-                    expires_at: *expires_at,
-                    at: *at,
-                }])
+                Ok(vec![E::TokenRefreshed { credential: credential.clone(), expires_at: *expires_at, at: *at }])
             }
             C::RecordRefreshFailure { reason, at } => {
                 if self.live()? == ConnectionStatus::BadCredentials {
                     return Err(ConnectionError::AlreadyBadCredentials);
                 }
-                Ok(vec![E::RefreshFailed {
-                    reason: reason.clone(),
-                    at: *at,
-                }])
+                Ok(vec![E::RefreshFailed { reason: reason.clone(), at: *at }])
             }
             C::Reconnect { credential, at } => {
                 self.live()?;
                 check_credential(credential)?;
-                Ok(vec![E::Reconnected {
-                    credential: credential.clone(),
-                    at: *at,
-                }])
+                Ok(vec![E::Reconnected { credential: credential.clone(), at: *at }])
             }
             C::Revoke { at } => {
                 self.live()?;
@@ -227,14 +206,7 @@ impl Aggregate for Connection {
 
     fn apply(&mut self, event: &ConnectionEvent) {
         match event {
-            ConnectionEvent::Created {
-                project_id,
-                integration_id,
-                provider,
-                group_ref,
-                credential,
-                ..
-            } => {
+            ConnectionEvent::Created { project_id, integration_id, provider, group_ref, credential, .. } => {
                 *self = Connection {
                     exists: true,
                     project_id: *project_id,

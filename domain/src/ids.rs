@@ -24,12 +24,4 @@ macro_rules! id_type {
     )*};
 }
 
-id_type!(
-    ProjectId,
-    IntegrationId,
-    ConnectionId,
-    InstallationId,
-    OperationId,
-    CredentialId,
-    LeaseId
-);
+id_type!(ProjectId, IntegrationId, ConnectionId, InstallationId, OperationId, CredentialId, LeaseId);

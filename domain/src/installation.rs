@@ -188,10 +188,7 @@ fn check_config(
     if !integration.state.exists || integration.state.project_id != project_id {
         return Err(InstallationError::IntegrationNotFound);
     }
-    let declared = integration
-        .state
-        .revision(revision)
-        .ok_or(InstallationError::UnknownRevision(revision))?;
+    let declared = integration.state.revision(revision).ok_or(InstallationError::UnknownRevision(revision))?;
     if objects.is_empty() {
         return Err(InstallationError::NoObjects);
     }
@@ -206,10 +203,7 @@ fn check_config(
     Ok(())
 }
 
-fn check_connection(
-    project_id: ProjectId,
-    connection: &ConnectionFacts,
-) -> Result<(), InstallationError> {
+fn check_connection(project_id: ProjectId, connection: &ConnectionFacts) -> Result<(), InstallationError> {
     let state = &connection.state;
     if !state.exists || state.project_id != project_id {
         return Err(InstallationError::ConnectionNotFound);
@@ -227,23 +221,11 @@ impl Aggregate for Installation {
     type Event = InstallationEvent;
     type Error = InstallationError;
 
-    fn decide(
-        &self,
-        command: &InstallationCommand,
-    ) -> Result<Vec<InstallationEvent>, InstallationError> {
+    fn decide(&self, command: &InstallationCommand) -> Result<Vec<InstallationEvent>, InstallationError> {
         use InstallationCommand as C;
         use InstallationEvent as E;
         match command {
-            C::Create {
-                project_id,
-                integration,
-                revision,
-                group_ref,
-                consumer_ref,
-                connection,
-                objects,
-                at,
-            } => {
+            C::Create { project_id, integration, revision, group_ref, consumer_ref, connection, objects, at } => {
                 if self.exists {
                     return Err(InstallationError::AlreadyExists);
                 }
@@ -274,22 +256,13 @@ impl Aggregate for Installation {
                     at: *at,
                 }])
             }
-            C::UpdateConfig {
-                integration,
-                revision,
-                objects,
-                at,
-            } => {
+            C::UpdateConfig { integration, revision, objects, at } => {
                 self.live()?;
                 if integration.id != self.integration_id {
                     return Err(InstallationError::IntegrationNotFound);
                 }
                 check_config(self.project_id, integration, *revision, objects)?;
-                Ok(vec![E::ConfigUpdated {
-                    revision: *revision,
-                    objects: objects.clone(),
-                    at: *at,
-                }])
+                Ok(vec![E::ConfigUpdated { revision: *revision, objects: objects.clone(), at: *at }])
             }
             C::Pause { at } => {
                 self.live()?;
@@ -309,14 +282,7 @@ impl Aggregate for Installation {
                 self.live()?;
                 Ok(vec![E::Deleted { at: *at }])
             }
-            C::RequestOperation {
-                operation_id,
-                op_type,
-                object,
-                trigger,
-                connection,
-                at,
-            } => {
+            C::RequestOperation { operation_id, op_type, object, trigger, connection, at } => {
                 self.live()?;
                 if self.paused {
                     return Err(InstallationError::Paused);
@@ -326,10 +292,8 @@ impl Aggregate for Installation {
                 }
                 check_connection(self.project_id, connection)?;
                 if *op_type != OperationType::Proxy {
-                    let config = self
-                        .objects
-                        .get(object)
-                        .ok_or_else(|| InstallationError::UnknownObject(object.clone()))?;
+                    let config =
+                        self.objects.get(object).ok_or_else(|| InstallationError::UnknownObject(object.clone()))?;
                     if !config.enabled {
                         return Err(InstallationError::ObjectDisabled(object.clone()));
                     }
@@ -371,9 +335,7 @@ impl Aggregate for Installation {
                     operations_requested: 0,
                 }
             }
-            InstallationEvent::ConfigUpdated {
-                revision, objects, ..
-            } => {
+            InstallationEvent::ConfigUpdated { revision, objects, .. } => {
                 self.revision = *revision;
                 self.objects = objects.clone();
             }

@@ -37,34 +37,15 @@ pub struct Manifest {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum IntegrationCommand {
-    Declare {
-        project_id: ProjectId,
-        name: String,
-        provider: String,
-        at: DateTime<Utc>,
-    },
-    DeployRevision {
-        manifest: Manifest,
-        manifest_digest: String,
-        at: DateTime<Utc>,
-    },
+    Declare { project_id: ProjectId, name: String, provider: String, at: DateTime<Utc> },
+    DeployRevision { manifest: Manifest, manifest_digest: String, at: DateTime<Utc> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum IntegrationEvent {
-    Declared {
-        project_id: ProjectId,
-        name: String,
-        provider: String,
-        at: DateTime<Utc>,
-    },
-    RevisionDeployed {
-        revision: u32,
-        objects: Vec<ObjectDecl>,
-        manifest_digest: String,
-        at: DateTime<Utc>,
-    },
+    Declared { project_id: ProjectId, name: String, provider: String, at: DateTime<Utc> },
+    RevisionDeployed { revision: u32, objects: Vec<ObjectDecl>, manifest_digest: String, at: DateTime<Utc> },
 }
 
 impl DomainEvent for IntegrationEvent {
@@ -123,18 +104,13 @@ pub fn valid_schedule(schedule: &str) -> bool {
     }
     let fields: Vec<&str> = schedule.split_whitespace().collect();
     fields.len() == 5
-        && fields.iter().all(|f| {
-            f.chars()
-                .all(|c| c.is_ascii_digit() || matches!(c, '*' | '/' | ',' | '-'))
-        })
+        && fields.iter().all(|f| f.chars().all(|c| c.is_ascii_digit() || matches!(c, '*' | '/' | ',' | '-')))
 }
 
 pub(crate) fn valid_object_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
 impl Aggregate for Integration {
@@ -143,17 +119,9 @@ impl Aggregate for Integration {
     type Event = IntegrationEvent;
     type Error = IntegrationError;
 
-    fn decide(
-        &self,
-        command: &IntegrationCommand,
-    ) -> Result<Vec<IntegrationEvent>, IntegrationError> {
+    fn decide(&self, command: &IntegrationCommand) -> Result<Vec<IntegrationEvent>, IntegrationError> {
         match command {
-            IntegrationCommand::Declare {
-                project_id,
-                name,
-                provider,
-                at,
-            } => {
+            IntegrationCommand::Declare { project_id, name, provider, at } => {
                 if self.exists {
                     return Err(IntegrationError::AlreadyDeclared);
                 }
@@ -170,11 +138,7 @@ impl Aggregate for Integration {
                     at: *at,
                 }])
             }
-            IntegrationCommand::DeployRevision {
-                manifest,
-                manifest_digest,
-                at,
-            } => {
+            IntegrationCommand::DeployRevision { manifest, manifest_digest, at } => {
                 if !self.exists {
                     return Err(IntegrationError::NotFound);
                 }
@@ -207,25 +171,15 @@ impl Aggregate for Integration {
 
     fn apply(&mut self, event: &IntegrationEvent) {
         match event {
-            IntegrationEvent::Declared {
-                project_id,
-                name,
-                provider,
-                ..
-            } => {
+            IntegrationEvent::Declared { project_id, name, provider, .. } => {
                 self.exists = true;
                 self.project_id = *project_id;
                 self.name = name.clone();
                 self.provider = provider.clone();
             }
-            IntegrationEvent::RevisionDeployed {
-                revision, objects, ..
-            } => self.revisions.push(Revision {
+            IntegrationEvent::RevisionDeployed { revision, objects, .. } => self.revisions.push(Revision {
                 number: *revision,
-                objects: objects
-                    .iter()
-                    .map(|o| (o.name.clone(), o.clone()))
-                    .collect(),
+                objects: objects.iter().map(|o| (o.name.clone(), o.clone())).collect(),
             }),
         }
     }

@@ -61,6 +61,14 @@ pub struct Cursor {
     pub page_token: Option<String>,
 }
 
+/// One page of a read or write, as a worker reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRecord {
+    pub records: u64,
+    pub bytes: u64,
+    pub cursor: Cursor,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum OperationCommand {
     Request {
@@ -84,6 +92,12 @@ pub enum OperationCommand {
         records: u64,
         bytes: u64,
         cursor: Cursor,
+        at: DateTime<Utc>,
+    },
+    /// Pages a worker buffered and flushes at once: one `PageRecorded` event each.
+    RecordPages {
+        lease_id: LeaseId,
+        pages: Vec<PageRecord>,
         at: DateTime<Utc>,
     },
     Succeed {
@@ -188,6 +202,8 @@ pub enum OperationError {
     MissingObject,
     #[error("a lease must end after it starts")]
     InvalidLease,
+    #[error("a batch of pages must not be empty")]
+    NoPages,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -251,17 +267,7 @@ impl Aggregate for Operation {
         use OperationCommand as C;
         use OperationEvent as E;
         match command {
-            C::Request {
-                project_id,
-                installation_id,
-                connection_id,
-                op_type,
-                object,
-                since,
-                until,
-                trigger,
-                at,
-            } => {
+            C::Request { project_id, installation_id, connection_id, op_type, object, since, until, trigger, at } => {
                 if self.exists {
                     return Err(OperationError::AlreadyExists);
                 }
@@ -285,11 +291,7 @@ impl Aggregate for Operation {
                     at: *at,
                 }])
             }
-            C::Start {
-                lease_id,
-                lease_until,
-                at,
-            } => {
+            C::Start { lease_id, lease_until, at } => {
                 self.exists()?;
                 match self.status {
                     OperationStatus::Pending => {}
@@ -311,13 +313,7 @@ impl Aggregate for Operation {
                     at: *at,
                 }])
             }
-            C::RecordPage {
-                lease_id,
-                records,
-                bytes,
-                cursor,
-                at,
-            } => {
+            C::RecordPage { lease_id, records, bytes, cursor, at } => {
                 self.holder(*lease_id)?;
                 Ok(vec![E::PageRecorded {
                     lease_id: *lease_id,
@@ -327,21 +323,27 @@ impl Aggregate for Operation {
                     at: *at,
                 }])
             }
+            C::RecordPages { lease_id, pages, at } => {
+                self.holder(*lease_id)?;
+                if pages.is_empty() {
+                    return Err(OperationError::NoPages);
+                }
+                Ok(pages
+                    .iter()
+                    .map(|p| E::PageRecorded {
+                        lease_id: *lease_id,
+                        records: p.records,
+                        bytes: p.bytes,
+                        cursor: p.cursor.clone(),
+                        at: *at,
+                    })
+                    .collect())
+            }
             C::Succeed { lease_id, at } => {
                 self.holder(*lease_id)?;
-                Ok(vec![E::Succeeded {
-                    records: self.records,
-                    pages: self.pages,
-                    at: *at,
-                }])
+                Ok(vec![E::Succeeded { records: self.records, pages: self.pages, at: *at }])
             }
-            C::Fail {
-                lease_id,
-                error_class,
-                message,
-                retryable,
-                at,
-            } => {
+            C::Fail { lease_id, error_class, message, retryable, at } => {
                 self.holder(*lease_id)?;
                 Ok(vec![E::Failed {
                     error_class: *error_class,
@@ -363,10 +365,7 @@ impl Aggregate for Operation {
                 if self.status.is_terminal() {
                     return Err(OperationError::AlreadyFinished(self.status));
                 }
-                Ok(vec![E::Cancelled {
-                    reason: reason.clone(),
-                    at: *at,
-                }])
+                Ok(vec![E::Cancelled { reason: reason.clone(), at: *at }])
             }
         }
     }
@@ -374,14 +373,7 @@ impl Aggregate for Operation {
     fn apply(&mut self, event: &OperationEvent) {
         use OperationEvent as E;
         match event {
-            E::Requested {
-                project_id,
-                installation_id,
-                op_type,
-                object,
-                at,
-                ..
-            } => {
+            E::Requested { project_id, installation_id, op_type, object, at, .. } => {
                 *self = Operation {
                     exists: true,
                     project_id: *project_id,
@@ -392,26 +384,13 @@ impl Aggregate for Operation {
                     ..Operation::default()
                 }
             }
-            E::Started {
-                attempt,
-                lease_id,
-                lease_until,
-                at,
-            } => {
+            E::Started { attempt, lease_id, lease_until, at } => {
                 self.status = OperationStatus::Running;
                 self.attempts = *attempt;
-                self.lease = Some(Lease {
-                    id: *lease_id,
-                    until: *lease_until,
-                });
+                self.lease = Some(Lease { id: *lease_id, until: *lease_until });
                 self.started_at.get_or_insert(*at);
             }
-            E::PageRecorded {
-                records,
-                bytes,
-                cursor,
-                ..
-            } => {
+            E::PageRecorded { records, bytes, cursor, .. } => {
                 self.pages += 1;
                 self.records += records;
                 self.bytes += bytes;
@@ -422,12 +401,7 @@ impl Aggregate for Operation {
                 self.lease = None;
                 self.finished_at = Some(*at);
             }
-            E::Failed {
-                error_class,
-                retryable,
-                at,
-                ..
-            } => {
+            E::Failed { error_class, retryable, at, .. } => {
                 self.status = OperationStatus::Failed;
                 self.lease = None;
                 self.error_class = Some(*error_class);

@@ -62,10 +62,7 @@ impl Aggregate for Project {
                 if !valid_name(name) {
                     return Err(ProjectError::InvalidName);
                 }
-                Ok(vec![ProjectEvent::Created {
-                    name: name.clone(),
-                    at: *at,
-                }])
+                Ok(vec![ProjectEvent::Created { name: name.clone(), at: *at }])
             }
             ProjectCommand::Rename { name, at } => {
                 if !self.exists {
@@ -74,10 +71,7 @@ impl Aggregate for Project {
                 if !valid_name(name) {
                     return Err(ProjectError::InvalidName);
                 }
-                Ok(vec![ProjectEvent::Renamed {
-                    name: name.clone(),
-                    at: *at,
-                }])
+                Ok(vec![ProjectEvent::Renamed { name: name.clone(), at: *at }])
             }
         }
     }

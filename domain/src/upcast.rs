@@ -31,9 +31,6 @@ pub fn page_recorded_v1_to_v2(v1: Value) -> Value {
     let page_token = map.remove("cursor").unwrap_or(Value::Null);
     map.insert("records".into(), records);
     map.entry("bytes").or_insert(json!(0));
-    map.insert(
-        "cursor".into(),
-        json!({ "watermark": null, "page_token": page_token }),
-    );
+    map.insert("cursor".into(), json!({ "watermark": null, "page_token": page_token }));
     Value::Object(map)
 }

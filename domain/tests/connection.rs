@@ -5,10 +5,7 @@ use amplog_domain::*;
 use support::*;
 
 fn cred(n: u128) -> CredentialRef {
-    CredentialRef {
-        id: id(n),
-        fingerprint: format!("sha256:{n:04}"),
-    }
+    CredentialRef { id: id(n), fingerprint: format!("sha256:{n:04}") }
 }
 
 fn created() -> ConnectionEvent {
@@ -23,18 +20,11 @@ fn created() -> ConnectionEvent {
 }
 
 fn refreshed() -> ConnectionEvent {
-    ConnectionEvent::TokenRefreshed {
-        credential: cred(11),
-        expires_at: Some(t(60)),
-        at: t(1),
-    }
+    ConnectionEvent::TokenRefreshed { credential: cred(11), expires_at: Some(t(60)), at: t(1) }
 }
 
 fn failed() -> ConnectionEvent {
-    ConnectionEvent::RefreshFailed {
-        reason: "invalid_grant".into(),
-        at: t(2),
-    }
+    ConnectionEvent::RefreshFailed { reason: "invalid_grant".into(), at: t(2) }
 }
 
 fn revoked() -> ConnectionEvent {
@@ -65,28 +55,9 @@ fn commands() -> Vec<(&'static str, ConnectionCommand)> {
                 at: t(0),
             },
         ),
-        (
-            "refresh",
-            ConnectionCommand::RefreshToken {
-                credential: cred(12),
-                expires_at: None,
-                at: t(5),
-            },
-        ),
-        (
-            "refresh_failure",
-            ConnectionCommand::RecordRefreshFailure {
-                reason: "invalid_grant".into(),
-                at: t(5),
-            },
-        ),
-        (
-            "reconnect",
-            ConnectionCommand::Reconnect {
-                credential: cred(13),
-                at: t(5),
-            },
-        ),
+        ("refresh", ConnectionCommand::RefreshToken { credential: cred(12), expires_at: None, at: t(5) }),
+        ("refresh_failure", ConnectionCommand::RecordRefreshFailure { reason: "invalid_grant".into(), at: t(5) }),
+        ("reconnect", ConnectionCommand::Reconnect { credential: cred(13), at: t(5) }),
         ("revoke", ConnectionCommand::Revoke { at: t(5) }),
     ]
 }
@@ -96,16 +67,7 @@ fn every_command_in_every_state() {
     use ConnectionError::*;
     // columns: create, refresh, refresh_failure, reconnect, revoke
     let table: Vec<(&str, Vec<Expect<ConnectionError>>)> = vec![
-        (
-            "none",
-            vec![
-                Ok(&["Created"]),
-                Err(NotFound),
-                Err(NotFound),
-                Err(NotFound),
-                Err(NotFound),
-            ],
-        ),
+        ("none", vec![Ok(&["Created"]), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound)]),
         (
             "created",
             vec![
@@ -136,16 +98,7 @@ fn every_command_in_every_state() {
                 Ok(&["Revoked"]),
             ],
         ),
-        (
-            "revoked",
-            vec![
-                Err(AlreadyExists),
-                Err(Revoked),
-                Err(Revoked),
-                Err(Revoked),
-                Err(Revoked),
-            ],
-        ),
+        ("revoked", vec![Err(AlreadyExists), Err(Revoked), Err(Revoked), Err(Revoked), Err(Revoked)]),
     ];
     check_matrix::<Connection>(&states(), &commands(), &table);
 }
@@ -155,14 +108,8 @@ fn status_follows_created_working_bad_credentials_revoked() {
     let status = |events: &[ConnectionEvent]| Connection::replay(events).status;
     assert_eq!(status(&[created()]), ConnectionStatus::Created);
     assert_eq!(status(&[created(), refreshed()]), ConnectionStatus::Working);
-    assert_eq!(
-        status(&[created(), refreshed(), failed()]),
-        ConnectionStatus::BadCredentials
-    );
-    let reconnected = ConnectionEvent::Reconnected {
-        credential: cred(14),
-        at: t(9),
-    };
+    assert_eq!(status(&[created(), refreshed(), failed()]), ConnectionStatus::BadCredentials);
+    let reconnected = ConnectionEvent::Reconnected { credential: cred(14), at: t(9) };
     let state = Connection::replay(&[created(), refreshed(), failed(), reconnected]);
     assert_eq!(state.status, ConnectionStatus::Working);
     assert_eq!(state.failure_reason, None);
@@ -173,16 +120,8 @@ fn status_follows_created_working_bad_credentials_revoked() {
 #[test]
 fn refresh_records_the_new_credential_reference() {
     given::<Connection>(&[created()])
-        .when(ConnectionCommand::RefreshToken {
-            credential: cred(20),
-            expires_at: Some(t(90)),
-            at: t(30),
-        })
-        .then(&[ConnectionEvent::TokenRefreshed {
-            credential: cred(20),
-            expires_at: Some(t(90)),
-            at: t(30),
-        }]);
+        .when(ConnectionCommand::RefreshToken { credential: cred(20), expires_at: Some(t(90)), at: t(30) })
+        .then(&[ConnectionEvent::TokenRefreshed { credential: cred(20), expires_at: Some(t(90)), at: t(30) }]);
 }
 
 #[test]
@@ -192,34 +131,17 @@ fn bad_input_is_refused_with_its_own_error() {
         integration_id: id(2),
         provider: provider.into(),
         group_ref: group.into(),
-        credential: CredentialRef {
-            id: id(10),
-            fingerprint: fingerprint.into(),
-        },
+        credential: CredentialRef { id: id(10), fingerprint: fingerprint.into() },
         at: t(0),
     };
-    given::<Connection>(&[])
-        .when(create("", "hubspot", "fp"))
-        .then_err(ConnectionError::InvalidGroupRef);
-    given::<Connection>(&[])
-        .when(create(" padded ", "hubspot", "fp"))
-        .then_err(ConnectionError::InvalidGroupRef);
-    given::<Connection>(&[])
-        .when(create("g", "", "fp"))
-        .then_err(ConnectionError::InvalidProvider);
-    given::<Connection>(&[])
-        .when(create("g", "hubspot", " "))
-        .then_err(ConnectionError::InvalidCredential);
+    given::<Connection>(&[]).when(create("", "hubspot", "fp")).then_err(ConnectionError::InvalidGroupRef);
+    given::<Connection>(&[]).when(create(" padded ", "hubspot", "fp")).then_err(ConnectionError::InvalidGroupRef);
+    given::<Connection>(&[]).when(create("g", "", "fp")).then_err(ConnectionError::InvalidProvider);
+    given::<Connection>(&[]).when(create("g", "hubspot", " ")).then_err(ConnectionError::InvalidCredential);
 }
 
 #[test]
 fn domain_error_codes_are_stable() {
-    assert_eq!(
-        DomainError::from(ConnectionError::NeedsReconnect).code(),
-        "connection.needs_reconnect"
-    );
-    assert_eq!(
-        DomainError::from(ConnectionError::Revoked).code(),
-        "connection.revoked"
-    );
+    assert_eq!(DomainError::from(ConnectionError::NeedsReconnect).code(), "connection.needs_reconnect");
+    assert_eq!(DomainError::from(ConnectionError::Revoked).code(), "connection.revoked");
 }

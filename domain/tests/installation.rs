@@ -10,27 +10,12 @@ use support::*;
 
 fn integration() -> IntegrationFacts {
     let state = Integration::replay(&[
-        IntegrationEvent::Declared {
-            project_id: id(1),
-            name: "crm".into(),
-            provider: "hubspot".into(),
-            at: t(0),
-        },
+        IntegrationEvent::Declared { project_id: id(1), name: "crm".into(), provider: "hubspot".into(), at: t(0) },
         IntegrationEvent::RevisionDeployed {
             revision: 1,
             objects: vec![
-                ObjectDecl {
-                    name: "contacts".into(),
-                    schedule: None,
-                    backfill: Backfill::Full,
-                    fields: vec![],
-                },
-                ObjectDecl {
-                    name: "deals".into(),
-                    schedule: None,
-                    backfill: Backfill::None,
-                    fields: vec![],
-                },
+                ObjectDecl { name: "contacts".into(), schedule: None, backfill: Backfill::Full, fields: vec![] },
+                ObjectDecl { name: "deals".into(), schedule: None, backfill: Backfill::None, fields: vec![] },
             ],
             manifest_digest: "d".into(),
             at: t(0),
@@ -45,37 +30,20 @@ fn connection(status_events: &[ConnectionEvent]) -> ConnectionFacts {
         integration_id: id(2),
         provider: "hubspot".into(),
         group_ref: "g1".into(),
-        credential: CredentialRef {
-            id: id(9),
-            fingerprint: "fp".into(),
-        },
+        credential: CredentialRef { id: id(9), fingerprint: "fp".into() },
         at: t(0),
     }];
     events.extend_from_slice(status_events);
-    ConnectionFacts {
-        id: id(3),
-        state: Connection::replay(&events),
-    }
+    ConnectionFacts { id: id(3), state: Connection::replay(&events) }
 }
 
 fn objects() -> BTreeMap<String, ObjectConfig> {
     BTreeMap::from([
         (
             "contacts".to_string(),
-            ObjectConfig {
-                enabled: true,
-                schedule: "@every 15m".into(),
-                backfill: Backfill::Days(7),
-            },
+            ObjectConfig { enabled: true, schedule: "@every 15m".into(), backfill: Backfill::Days(7) },
         ),
-        (
-            "deals".to_string(),
-            ObjectConfig {
-                enabled: false,
-                schedule: "@every 1h".into(),
-                backfill: Backfill::None,
-            },
-        ),
+        ("deals".to_string(), ObjectConfig { enabled: false, schedule: "@every 1h".into(), backfill: Backfill::None }),
     ])
 }
 
@@ -126,25 +94,14 @@ fn every_command_in_every_state() {
     let states = vec![
         ("none", vec![]),
         ("active", vec![created()]),
-        (
-            "paused",
-            vec![created(), InstallationEvent::Paused { at: t(2) }],
-        ),
-        (
-            "deleted",
-            vec![created(), InstallationEvent::Deleted { at: t(2) }],
-        ),
+        ("paused", vec![created(), InstallationEvent::Paused { at: t(2) }]),
+        ("deleted", vec![created(), InstallationEvent::Deleted { at: t(2) }]),
     ];
     let commands = vec![
         ("create", create_with(connection(&[]), objects(), 1)),
         (
             "update_config",
-            InstallationCommand::UpdateConfig {
-                integration: integration(),
-                revision: 1,
-                objects: objects(),
-                at: t(3),
-            },
+            InstallationCommand::UpdateConfig { integration: integration(), revision: 1, objects: objects(), at: t(3) },
         ),
         ("pause", InstallationCommand::Pause { at: t(3) }),
         ("unpause", InstallationCommand::Unpause { at: t(3) }),
@@ -152,17 +109,7 @@ fn every_command_in_every_state() {
         ("request", request("contacts", connection(&[]))),
     ];
     let table: Vec<(&str, Vec<Expect<InstallationError>>)> = vec![
-        (
-            "none",
-            vec![
-                Ok(&["Created"]),
-                Err(NotFound),
-                Err(NotFound),
-                Err(NotFound),
-                Err(NotFound),
-                Err(NotFound),
-            ],
-        ),
+        ("none", vec![Ok(&["Created"]), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound)]),
         (
             "active",
             vec![
@@ -185,17 +132,7 @@ fn every_command_in_every_state() {
                 Err(Paused),
             ],
         ),
-        (
-            "deleted",
-            vec![
-                Err(AlreadyExists),
-                Err(Deleted),
-                Err(Deleted),
-                Err(Deleted),
-                Err(Deleted),
-                Err(Deleted),
-            ],
-        ),
+        ("deleted", vec![Err(AlreadyExists), Err(Deleted), Err(Deleted), Err(Deleted), Err(Deleted), Err(Deleted)]),
     ];
     check_matrix::<Installation>(&states, &commands, &table);
 }
@@ -203,50 +140,29 @@ fn every_command_in_every_state() {
 #[test]
 fn create_checks_revision_objects_schedule_and_connection() {
     use InstallationError::*;
-    given::<Installation>(&[])
-        .when(create_with(connection(&[]), objects(), 7))
-        .then_err(UnknownRevision(7));
+    given::<Installation>(&[]).when(create_with(connection(&[]), objects(), 7)).then_err(UnknownRevision(7));
     let mut unknown = objects();
     unknown.insert(
         "tickets".into(),
-        ObjectConfig {
-            enabled: true,
-            schedule: "@every 1h".into(),
-            backfill: Backfill::None,
-        },
+        ObjectConfig { enabled: true, schedule: "@every 1h".into(), backfill: Backfill::None },
     );
-    given::<Installation>(&[])
-        .when(create_with(connection(&[]), unknown, 1))
-        .then_err(UnknownObject("tickets".into()));
+    given::<Installation>(&[]).when(create_with(connection(&[]), unknown, 1)).then_err(UnknownObject("tickets".into()));
     let mut bad_schedule = objects();
     bad_schedule.get_mut("contacts").unwrap().schedule = "sometimes".into();
     given::<Installation>(&[])
         .when(create_with(connection(&[]), bad_schedule, 1))
         .then_err(InvalidSchedule("sometimes".into()));
-    given::<Installation>(&[])
-        .when(create_with(connection(&[]), BTreeMap::new(), 1))
-        .then_err(NoObjects);
+    given::<Installation>(&[]).when(create_with(connection(&[]), BTreeMap::new(), 1)).then_err(NoObjects);
     let revoked = connection(&[ConnectionEvent::Revoked { at: t(0) }]);
-    given::<Installation>(&[])
-        .when(create_with(revoked, objects(), 1))
-        .then_err(ConnectionRevoked);
-    let missing = ConnectionFacts {
-        id: id(3),
-        state: Connection::default(),
-    };
-    given::<Installation>(&[])
-        .when(create_with(missing, objects(), 1))
-        .then_err(ConnectionNotFound);
+    given::<Installation>(&[]).when(create_with(revoked, objects(), 1)).then_err(ConnectionRevoked);
+    let missing = ConnectionFacts { id: id(3), state: Connection::default() };
+    given::<Installation>(&[]).when(create_with(missing, objects(), 1)).then_err(ConnectionNotFound);
     let mut foreign = connection(&[]);
     foreign.state.project_id = id(99);
-    given::<Installation>(&[])
-        .when(create_with(foreign, objects(), 1))
-        .then_err(ConnectionNotFound);
+    given::<Installation>(&[]).when(create_with(foreign, objects(), 1)).then_err(ConnectionNotFound);
     let mut other_group = connection(&[]);
     other_group.state.group_ref = "g2".into();
-    given::<Installation>(&[])
-        .when(create_with(other_group, objects(), 1))
-        .then_err(ConnectionMismatch);
+    given::<Installation>(&[]).when(create_with(other_group, objects(), 1)).then_err(ConnectionMismatch);
     let mut foreign_integration = integration();
     foreign_integration.state.project_id = id(99);
     given::<Installation>(&[])
@@ -262,13 +178,8 @@ fn create_checks_revision_objects_schedule_and_connection() {
         })
         .then_err(IntegrationNotFound);
     // Awaiting re-auth is not a reason to refuse an installation; only its reads wait.
-    let bad = connection(&[ConnectionEvent::RefreshFailed {
-        reason: "invalid_grant".into(),
-        at: t(0),
-    }]);
-    given::<Installation>(&[])
-        .when(create_with(bad, objects(), 1))
-        .then_types(&["Created"]);
+    let bad = connection(&[ConnectionEvent::RefreshFailed { reason: "invalid_grant".into(), at: t(0) }]);
+    given::<Installation>(&[]).when(create_with(bad, objects(), 1)).then_types(&["Created"]);
 }
 
 #[test]
@@ -280,17 +191,10 @@ fn reads_need_a_configured_enabled_object_and_working_credentials() {
     given::<Installation>(&[created()])
         .when(request("deals", connection(&[])))
         .then_err(ObjectDisabled("deals".into()));
-    let bad = connection(&[ConnectionEvent::RefreshFailed {
-        reason: "invalid_grant".into(),
-        at: t(0),
-    }]);
-    given::<Installation>(&[created()])
-        .when(request("contacts", bad))
-        .then_err(NeedsReauth);
+    let bad = connection(&[ConnectionEvent::RefreshFailed { reason: "invalid_grant".into(), at: t(0) }]);
+    given::<Installation>(&[created()]).when(request("contacts", bad)).then_err(NeedsReauth);
     let revoked = connection(&[ConnectionEvent::Revoked { at: t(0) }]);
-    given::<Installation>(&[created()])
-        .when(request("contacts", revoked))
-        .then_err(ConnectionRevoked);
+    given::<Installation>(&[created()]).when(request("contacts", revoked)).then_err(ConnectionRevoked);
     // A proxy call is not tied to a configured object.
     given::<Installation>(&[created()])
         .when(InstallationCommand::RequestOperation {
@@ -306,19 +210,15 @@ fn reads_need_a_configured_enabled_object_and_working_credentials() {
 
 #[test]
 fn a_read_is_accepted_again_after_unpause() {
-    let history = [
-        created(),
-        InstallationEvent::Paused { at: t(2) },
-        InstallationEvent::Unpaused { at: t(3) },
-    ];
+    let history = [created(), InstallationEvent::Paused { at: t(2) }, InstallationEvent::Unpaused { at: t(3) }];
     assert!(!Installation::replay(&history).paused);
-    given::<Installation>(&history)
-        .when(request("contacts", connection(&[])))
-        .then(&[InstallationEvent::OperationRequested {
+    given::<Installation>(&history).when(request("contacts", connection(&[]))).then(&[
+        InstallationEvent::OperationRequested {
             operation_id: id(50),
             op_type: OperationType::Read,
             object: "contacts".into(),
             trigger: Trigger::Triggered,
             at: t(9),
-        }]);
+        },
+    ]);
 }

@@ -23,12 +23,7 @@ fn requested() -> OperationEvent {
 const LEASE: u128 = 70;
 
 fn started(lease: u128, until: i64) -> OperationEvent {
-    OperationEvent::Started {
-        attempt: 1,
-        lease_id: id(lease),
-        lease_until: t(until),
-        at: t(1),
-    }
+    OperationEvent::Started { attempt: 1, lease_id: id(lease), lease_until: t(until), at: t(1) }
 }
 
 fn page(records: u64) -> OperationEvent {
@@ -36,21 +31,13 @@ fn page(records: u64) -> OperationEvent {
         lease_id: id(LEASE),
         records,
         bytes: records * 100,
-        cursor: Cursor {
-            watermark: Some(t(2)),
-            page_token: Some("p2".into()),
-        },
+        cursor: Cursor { watermark: Some(t(2)), page_token: Some("p2".into()) },
         at: t(2),
     }
 }
 
 fn failed(retryable: bool) -> OperationEvent {
-    OperationEvent::Failed {
-        error_class: ErrorClass::Provider5xx,
-        message: "503".into(),
-        retryable,
-        at: t(3),
-    }
+    OperationEvent::Failed { error_class: ErrorClass::Provider5xx, message: "503".into(), retryable, at: t(3) }
 }
 
 fn states() -> Vec<(&'static str, Vec<OperationEvent>)> {
@@ -58,40 +45,14 @@ fn states() -> Vec<(&'static str, Vec<OperationEvent>)> {
         ("none", vec![]),
         ("pending", vec![requested()]),
         ("running", vec![requested(), started(LEASE, 30)]),
-        (
-            "running_expired_lease",
-            vec![requested(), started(LEASE, 4)],
-        ),
+        ("running_expired_lease", vec![requested(), started(LEASE, 4)]),
         (
             "succeeded",
-            vec![
-                requested(),
-                started(LEASE, 30),
-                OperationEvent::Succeeded {
-                    records: 0,
-                    pages: 0,
-                    at: t(3),
-                },
-            ],
+            vec![requested(), started(LEASE, 30), OperationEvent::Succeeded { records: 0, pages: 0, at: t(3) }],
         ),
-        (
-            "failed_retryable",
-            vec![requested(), started(LEASE, 30), failed(true)],
-        ),
-        (
-            "failed_permanent",
-            vec![requested(), started(LEASE, 30), failed(false)],
-        ),
-        (
-            "cancelled",
-            vec![
-                requested(),
-                OperationEvent::Cancelled {
-                    reason: "user".into(),
-                    at: t(3),
-                },
-            ],
-        ),
+        ("failed_retryable", vec![requested(), started(LEASE, 30), failed(true)]),
+        ("failed_permanent", vec![requested(), started(LEASE, 30), failed(false)]),
+        ("cancelled", vec![requested(), OperationEvent::Cancelled { reason: "user".into(), at: t(3) }]),
     ]
 }
 
@@ -111,14 +72,7 @@ fn commands(lease: u128) -> Vec<(&'static str, OperationCommand)> {
                 at: t(0),
             },
         ),
-        (
-            "start",
-            OperationCommand::Start {
-                lease_id: id(71),
-                lease_until: t(40),
-                at: t(10),
-            },
-        ),
+        ("start", OperationCommand::Start { lease_id: id(71), lease_until: t(40), at: t(10) }),
         (
             "record_page",
             OperationCommand::RecordPage {
@@ -129,13 +83,7 @@ fn commands(lease: u128) -> Vec<(&'static str, OperationCommand)> {
                 at: t(10),
             },
         ),
-        (
-            "succeed",
-            OperationCommand::Succeed {
-                lease_id: id(lease),
-                at: t(10),
-            },
-        ),
+        ("succeed", OperationCommand::Succeed { lease_id: id(lease), at: t(10) }),
         (
             "fail",
             OperationCommand::Fail {
@@ -147,13 +95,7 @@ fn commands(lease: u128) -> Vec<(&'static str, OperationCommand)> {
             },
         ),
         ("retry", OperationCommand::Retry { at: t(10) }),
-        (
-            "cancel",
-            OperationCommand::Cancel {
-                reason: "user".into(),
-                at: t(10),
-            },
-        ),
+        ("cancel", OperationCommand::Cancel { reason: "user".into(), at: t(10) }),
     ]
 }
 
@@ -162,103 +104,18 @@ fn every_command_in_every_state_as_the_lease_holder() {
     use OperationError::*;
     use OperationStatus::*;
     let done = |s| Err(AlreadyFinished(s));
+    const PAGES: &[&str] = &["PageRecorded", "PageRecorded"];
+    // columns: request, start, record_page, record_pages, succeed, fail, retry, cancel
+    #[rustfmt::skip]
     let table: Vec<(&str, Vec<Expect<OperationError>>)> = vec![
-        (
-            "none",
-            vec![
-                Ok(&["Requested"]),
-                Err(NotFound),
-                Err(NotFound),
-                Err(NotFound),
-                Err(NotFound),
-                Err(NotFound),
-                Err(NotFound),
-            ],
-        ),
-        (
-            "pending",
-            vec![
-                Err(AlreadyExists),
-                Ok(&["Started"]),
-                Err(NotRunning),
-                Err(NotRunning),
-                Err(NotRunning),
-                Err(NotFailed),
-                Ok(&["Cancelled"]),
-            ],
-        ),
-        (
-            "running",
-            vec![
-                Err(AlreadyExists),
-                Err(LeaseHeld),
-                Ok(&["PageRecorded"]),
-                Ok(&["Succeeded"]),
-                Ok(&["Failed"]),
-                Err(NotFailed),
-                Ok(&["Cancelled"]),
-            ],
-        ),
-        (
-            "running_expired_lease",
-            vec![
-                Err(AlreadyExists),
-                Ok(&["Started"]),
-                Ok(&["PageRecorded"]),
-                Ok(&["Succeeded"]),
-                Ok(&["Failed"]),
-                Err(NotFailed),
-                Ok(&["Cancelled"]),
-            ],
-        ),
-        (
-            "succeeded",
-            vec![
-                Err(AlreadyExists),
-                done(Succeeded),
-                done(Succeeded),
-                done(Succeeded),
-                done(Succeeded),
-                Err(NotFailed),
-                done(Succeeded),
-            ],
-        ),
-        (
-            "failed_retryable",
-            vec![
-                Err(AlreadyExists),
-                done(Failed),
-                done(Failed),
-                done(Failed),
-                done(Failed),
-                Ok(&["Retried"]),
-                done(Failed),
-            ],
-        ),
-        (
-            "failed_permanent",
-            vec![
-                Err(AlreadyExists),
-                done(Failed),
-                done(Failed),
-                done(Failed),
-                done(Failed),
-                Err(NotRetryable),
-                done(Failed),
-            ],
-        ),
-        (
-            "cancelled",
-            vec![
-                Err(AlreadyExists),
-                done(Cancelled),
-                done(Cancelled),
-                done(Cancelled),
-                done(Cancelled),
-                Err(NotFailed),
-                done(Cancelled),
-            ],
-        ),
+        ("none", vec![Ok(&["Requested"]), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound)]),
+        ("pending", vec![Err(AlreadyExists), Ok(&["Started"]), Err(NotRunning), Err(NotRunning), Err(NotRunning), Err(NotRunning), Err(NotFailed), Ok(&["Cancelled"])]),
+        ("running", vec![Err(AlreadyExists), Err(LeaseHeld), Ok(&["PageRecorded"]), Ok(PAGES), Ok(&["Succeeded"]), Ok(&["Failed"]), Err(NotFailed), Ok(&["Cancelled"])]),
+        ("running_expired_lease", vec![Err(AlreadyExists), Ok(&["Started"]), Ok(&["PageRecorded"]), Ok(PAGES), Ok(&["Succeeded"]), Ok(&["Failed"]), Err(NotFailed), Ok(&["Cancelled"])]),
+        ("succeeded", vec![Err(AlreadyExists), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), Err(NotFailed), done(Succeeded)]),
+        ("failed_retryable", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Ok(&["Retried"]), done(Failed)]),
+        ("failed_permanent", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Err(NotRetryable), done(Failed)]),
+        ("cancelled", vec![Err(AlreadyExists), done(Cancelled), done(Cancelled), done(Cancelled), done(Cancelled), done(Cancelled), Err(NotFailed), done(Cancelled)]),
     ];
     check_matrix::<Operation>(&states(), &commands(LEASE), &table);
 }
@@ -267,32 +124,18 @@ fn every_command_in_every_state_as_the_lease_holder() {
 fn only_the_current_lease_may_record_or_finish() {
     use OperationError::StaleLease;
     let running = vec![requested(), started(LEASE, 30)];
-    for (name, command) in commands(99)
-        .into_iter()
-        .filter(|(n, _)| matches!(*n, "record_page" | "succeed" | "fail"))
-    {
+    for (name, command) in commands(99).into_iter().filter(|(n, _)| matches!(*n, "record_page" | "succeed" | "fail")) {
         let result = Operation::replay(&running).decide(&command);
         assert_eq!(result, Err(StaleLease), "{name} with a stale lease");
     }
     // After a takeover, the old holder is fenced off.
     let mut history = running.clone();
-    history.push(OperationEvent::Started {
-        attempt: 2,
-        lease_id: id(71),
-        lease_until: t(90),
-        at: t(31),
-    });
+    history.push(OperationEvent::Started { attempt: 2, lease_id: id(71), lease_until: t(90), at: t(31) });
     given::<Operation>(&history)
-        .when(OperationCommand::Succeed {
-            lease_id: id(LEASE),
-            at: t(32),
-        })
+        .when(OperationCommand::Succeed { lease_id: id(LEASE), at: t(32) })
         .then_err(StaleLease);
     given::<Operation>(&history)
-        .when(OperationCommand::Succeed {
-            lease_id: id(71),
-            at: t(32),
-        })
+        .when(OperationCommand::Succeed { lease_id: id(71), at: t(32) })
         .then_types(&["Succeeded"]);
 }
 
@@ -305,12 +148,7 @@ fn attempts_pages_and_records_accumulate() {
         page(40),
         failed(true),
         OperationEvent::Retried { at: t(4) },
-        OperationEvent::Started {
-            attempt: 2,
-            lease_id: id(LEASE),
-            lease_until: t(30),
-            at: t(5),
-        },
+        OperationEvent::Started { attempt: 2, lease_id: id(LEASE), lease_until: t(30), at: t(5) },
     ];
     let state = Operation::replay(&history);
     assert_eq!(state.status, OperationStatus::Running);
@@ -318,27 +156,11 @@ fn attempts_pages_and_records_accumulate() {
     assert_eq!((state.pages, state.records, state.bytes), (2, 140, 14_000));
     assert_eq!(state.started_at, Some(t(1)));
     given::<Operation>(&history)
-        .when(OperationCommand::Start {
-            lease_id: id(80),
-            lease_until: t(100),
-            at: t(50),
-        })
-        .then(&[OperationEvent::Started {
-            attempt: 3,
-            lease_id: id(80),
-            lease_until: t(100),
-            at: t(50),
-        }]);
+        .when(OperationCommand::Start { lease_id: id(80), lease_until: t(100), at: t(50) })
+        .then(&[OperationEvent::Started { attempt: 3, lease_id: id(80), lease_until: t(100), at: t(50) }]);
     given::<Operation>(&history)
-        .when(OperationCommand::Succeed {
-            lease_id: id(LEASE),
-            at: t(6),
-        })
-        .then(&[OperationEvent::Succeeded {
-            records: 140,
-            pages: 2,
-            at: t(6),
-        }]);
+        .when(OperationCommand::Succeed { lease_id: id(LEASE), at: t(6) })
+        .then(&[OperationEvent::Succeeded { records: 140, pages: 2, at: t(6) }]);
 }
 
 #[test]
@@ -354,35 +176,21 @@ fn bad_requests_are_refused() {
         trigger: Trigger::Triggered,
         at: t(0),
     };
-    given::<Operation>(&[])
-        .when(request("", None, None))
-        .then_err(OperationError::MissingObject);
-    given::<Operation>(&[])
-        .when(request("contacts", Some(t(5)), Some(t(5))))
-        .then_err(OperationError::InvalidWindow);
+    given::<Operation>(&[]).when(request("", None, None)).then_err(OperationError::MissingObject);
+    given::<Operation>(&[]).when(request("contacts", Some(t(5)), Some(t(5)))).then_err(OperationError::InvalidWindow);
+    given::<Operation>(&[requested(), started(LEASE, 30)])
+        .when(OperationCommand::RecordPages { lease_id: id(LEASE), pages: vec![], at: t(3) })
+        .then_err(OperationError::NoPages);
     given::<Operation>(&[requested()])
-        .when(OperationCommand::Start {
-            lease_id: id(1),
-            lease_until: t(0),
-            at: t(0),
-        })
+        .when(OperationCommand::Start { lease_id: id(1), lease_until: t(0), at: t(0) })
         .then_err(OperationError::InvalidLease);
 }
 
 #[test]
 fn events_round_trip_through_their_stored_parts() {
-    for event in [
-        requested(),
-        started(LEASE, 30),
-        page(3),
-        failed(true),
-        OperationEvent::Retried { at: t(9) },
-    ] {
+    for event in [requested(), started(LEASE, 30), page(3), failed(true), OperationEvent::Retried { at: t(9) }] {
         let parts = event.to_parts();
-        assert_eq!(
-            OperationEvent::from_parts(&parts.event_type, parts.payload).unwrap(),
-            event
-        );
+        assert_eq!(OperationEvent::from_parts(&parts.event_type, parts.payload).unwrap(), event);
     }
     assert_eq!(page(1).to_parts().event_version, "2.0");
     assert_eq!(requested().to_parts().event_version, "1.0");
@@ -399,10 +207,7 @@ fn page_recorded_v1_upcasts_to_v2() {
             lease_id: id(LEASE),
             records: 42,
             bytes: 0,
-            cursor: Cursor {
-                watermark: None,
-                page_token: Some("after-42".into())
-            },
+            cursor: Cursor { watermark: None, page_token: Some("after-42".into()) },
             at: t(2),
         }
     );

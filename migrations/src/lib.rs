@@ -18,23 +18,15 @@ impl Migration {
 }
 
 /// Every migration, in order. Files are append-only: never edit one that was released.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "event_log",
-    sql: include_str!("../sql/0001_event_log.sql"),
-}];
+pub const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "event_log", sql: include_str!("../sql/0001_event_log.sql") }];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error("database error while migrating: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migration {version} ({name}) was changed after it was applied (checksum {applied} in the database, {embedded} embedded)")]
-    Changed {
-        version: i32,
-        name: String,
-        applied: String,
-        embedded: String,
-    },
+    Changed { version: i32, name: String, applied: String, embedded: String },
     #[error("the database has migration {0}, which this binary does not know: it is newer than this binary")]
     Unknown(i32),
 }
@@ -53,15 +45,9 @@ const LOCK_KEY: i64 = 0x616d_706c_6f67_0001; // "amplog" + 1
 /// Applies the migrations not yet applied; returns how many were. Safe to call from several
 /// processes at once.
 pub async fn migrate(conn: &mut PgConnection) -> Result<usize, MigrationError> {
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(LOCK_KEY)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(LOCK_KEY).execute(&mut *conn).await?;
     let result = migrate_locked(conn).await;
-    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(LOCK_KEY)
-        .execute(&mut *conn)
-        .await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(LOCK_KEY).execute(&mut *conn).await;
     let applied = result?;
     unlock?;
     Ok(applied)
@@ -77,20 +63,13 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<usize, MigrationError
     )
     .execute(&mut *conn)
     .await?;
-    let rows = sqlx::query("SELECT version, checksum FROM amplog_migrations ORDER BY version")
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows =
+        sqlx::query("SELECT version, checksum FROM amplog_migrations ORDER BY version").fetch_all(&mut *conn).await?;
     let mut applied = std::collections::BTreeMap::new();
     for row in rows {
-        applied.insert(
-            row.get::<i32, _>("version"),
-            row.get::<String, _>("checksum"),
-        );
+        applied.insert(row.get::<i32, _>("version"), row.get::<String, _>("checksum"));
     }
-    if let Some(unknown) = applied
-        .keys()
-        .find(|v| !MIGRATIONS.iter().any(|m| m.version == **v))
-    {
+    if let Some(unknown) = applied.keys().find(|v| !MIGRATIONS.iter().any(|m| m.version == **v)) {
         return Err(MigrationError::Unknown(*unknown));
     }
     let mut count = 0;
@@ -115,11 +94,7 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<usize, MigrationError
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        tracing::info!(
-            version = migration.version,
-            name = migration.name,
-            "migration applied"
-        );
+        tracing::info!(version = migration.version, name = migration.name, "migration applied");
         count += 1;
     }
     Ok(count)
@@ -127,14 +102,11 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<usize, MigrationError
 
 /// Whether every embedded migration is applied (for readiness checks).
 pub async fn is_current(conn: &mut PgConnection) -> Result<bool, MigrationError> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('amplog_migrations') IS NOT NULL")
-        .fetch_one(&mut *conn)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT to_regclass('amplog_migrations') IS NOT NULL").fetch_one(&mut *conn).await?;
     if !exists {
         return Ok(false);
     }
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM amplog_migrations")
-        .fetch_one(&mut *conn)
-        .await?;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM amplog_migrations").fetch_one(&mut *conn).await?;
     Ok(count as usize == MIGRATIONS.len())
 }

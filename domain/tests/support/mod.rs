@@ -20,9 +20,7 @@ pub struct Given<A: Aggregate> {
 }
 
 pub fn given<A: Aggregate>(events: &[A::Event]) -> Given<A> {
-    Given {
-        state: A::replay(events),
-    }
+    Given { state: A::replay(events) }
 }
 
 pub struct Then<A: Aggregate> {
@@ -31,9 +29,7 @@ pub struct Then<A: Aggregate> {
 
 impl<A: Aggregate> Given<A> {
     pub fn when(self, command: A::Command) -> Then<A> {
-        Then {
-            result: self.state.decide(&command),
-        }
+        Then { result: self.state.decide(&command) }
     }
 }
 
@@ -42,10 +38,7 @@ where
     A::Error: Debug,
 {
     pub fn then(self, expected: &[A::Event]) {
-        assert_eq!(
-            self.result.expect("the command should be accepted"),
-            expected
-        );
+        assert_eq!(self.result.expect("the command should be accepted"), expected);
     }
 
     pub fn then_err(self, expected: A::Error) {
@@ -82,18 +75,13 @@ pub fn check_matrix<A: Aggregate>(
     assert_eq!(states.len(), table.len(), "one row per state");
     for ((state, history), (row_state, row)) in states.iter().zip(table) {
         assert_eq!(state, row_state, "rows follow the states' order");
-        assert_eq!(
-            row.len(),
-            commands.len(),
-            "one column per command in row {state}"
-        );
+        assert_eq!(row.len(), commands.len(), "one column per command in row {state}");
         for ((command_name, command), expected) in commands.iter().zip(row) {
             let result = A::replay(history).decide(command);
             let got: Result<Vec<String>, A::Error> =
                 result.map(|events| events.iter().map(|e| e.to_parts().event_type).collect());
-            let want: Result<Vec<String>, A::Error> = expected
-                .clone()
-                .map(|types| types.iter().map(|s| s.to_string()).collect());
+            let want: Result<Vec<String>, A::Error> =
+                expected.clone().map(|types| types.iter().map(|s| s.to_string()).collect());
             assert_eq!(got, want, "{command_name} in state {state}");
         }
     }
