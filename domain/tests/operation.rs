@@ -83,6 +83,14 @@ fn commands(lease: u128) -> Vec<(&'static str, OperationCommand)> {
                 at: t(10),
             },
         ),
+        (
+            "record_pages",
+            OperationCommand::RecordPages {
+                lease_id: id(lease),
+                pages: vec![PageRecord { records: 1, bytes: 2, cursor: Cursor::default() }; 2],
+                at: t(10),
+            },
+        ),
         ("succeed", OperationCommand::Succeed { lease_id: id(lease), at: t(10) }),
         (
             "fail",
@@ -124,7 +132,9 @@ fn every_command_in_every_state_as_the_lease_holder() {
 fn only_the_current_lease_may_record_or_finish() {
     use OperationError::StaleLease;
     let running = vec![requested(), started(LEASE, 30)];
-    for (name, command) in commands(99).into_iter().filter(|(n, _)| matches!(*n, "record_page" | "succeed" | "fail")) {
+    for (name, command) in
+        commands(99).into_iter().filter(|(n, _)| matches!(*n, "record_page" | "record_pages" | "succeed" | "fail"))
+    {
         let result = Operation::replay(&running).decide(&command);
         assert_eq!(result, Err(StaleLease), "{name} with a stale lease");
     }
