@@ -1,1 +1,328 @@
-fn main() {}
+//! `amplog-bench`: load harnesses for the write side and the log reader, each run beside
+//! its raw PostgreSQL baseline in the same run against the same server. Prints a Markdown
+//! table (ratios are amplog ÷ raw) on stdout and progress on stderr. `benches/run` starts a
+//! durable throwaway cluster and calls it; see BENCHMARKS.md.
+
+use amplog_commands::credentials::{CredentialKey, CredentialStore, Secret};
+use amplog_commands::service::{NewInstallation, NewOperation};
+use amplog_commands::{CommandContext, CommandService, EventStore, LogCursor, LogReader};
+use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
+use amplog_domain::operation::{Cursor, OperationType, PageRecord, Trigger};
+use amplog_domain::*;
+use anyhow::{Context, Result};
+use clap::Parser;
+use futures::TryStreamExt;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgPool};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+#[derive(Parser)]
+struct Args {
+    /// A maintenance database URL; the harness creates (and recreates) `amplog_bench`.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// How long each measured load runs.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Size of the log for the reader catch-up benchmark.
+    #[arg(long, default_value_t = 1_000_000)]
+    catchup_events: i64,
+}
+
+struct Stats {
+    ops: u64,
+    events: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Stats {
+    fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+    fn events_per_sec(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+    fn percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        sorted.get(((sorted.len() as f64 - 1.0) * p) as usize).copied().unwrap_or_default()
+    }
+}
+
+/// Runs `op(writer, i)` in a loop on `writers` tasks for `duration`; `op` returns how many
+/// events it wrote.
+async fn drive<F, Fut>(writers: usize, duration: Duration, op: F) -> Result<Stats>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<u64>> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut events, mut latencies) = (0u64, Vec::new());
+            let mut i = 0;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                events += op(w, i).await?;
+                latencies.push(t0.elapsed());
+                i += 1;
+            }
+            Ok::<_, anyhow::Error>((events, latencies))
+        }));
+    }
+    let mut stats = Stats { ops: 0, events: 0, elapsed: Duration::ZERO, latencies: Vec::new() };
+    for task in tasks {
+        let (events, latencies) = task.await??;
+        stats.events += events;
+        stats.ops += latencies.len() as u64;
+        stats.latencies.extend(latencies);
+    }
+    stats.elapsed = start.elapsed();
+    Ok(stats)
+}
+
+struct Report {
+    rows: Vec<String>,
+}
+
+impl Report {
+    fn pair(&mut self, name: &str, unit: &str, ours: &Stats, raw: &Stats, per_event: bool) {
+        let (a, b) =
+            if per_event { (ours.events_per_sec(), raw.events_per_sec()) } else { (ours.ops_per_sec(), raw.ops_per_sec()) };
+        let row = format!(
+            "| {name} | {a:.0} {unit} (p50 {:.1} ms, p99 {:.1} ms) | {b:.0} {unit} (p50 {:.1} ms, p99 {:.1} ms) | **{:.2}** |",
+            ms(ours.percentile(0.5)),
+            ms(ours.percentile(0.99)),
+            ms(raw.percentile(0.5)),
+            ms(raw.percentile(0.99)),
+            a / b
+        );
+        eprintln!("{row}");
+        self.rows.push(row);
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn fresh_database(url: &str) -> Result<PgPool> {
+    let admin_options = PgConnectOptions::from_str(url)?;
+    let mut admin = sqlx::PgConnection::connect_with(&admin_options).await?;
+    sqlx::raw_sql("DROP DATABASE IF EXISTS amplog_bench WITH (FORCE)").execute(&mut admin).await?;
+    sqlx::raw_sql("CREATE DATABASE amplog_bench").execute(&mut admin).await?;
+    admin.close().await?;
+    let options = admin_options.database("amplog_bench").disable_statement_logging();
+    Ok(amplog_commands::connect_and_migrate(options, 48).await?)
+}
+
+fn service(pool: &PgPool) -> CommandService {
+    let key = CredentialKey::from_bytes(&CredentialKey::generate()).expect("32 bytes");
+    CommandService::new(pool.clone(), EventStore::default(), CredentialStore::new(key))
+}
+
+/// One project per writer with an installation and a running read operation.
+async fn setup_writers(service: &CommandService, writers: usize) -> Result<Vec<(CommandContext, OperationId, LeaseId)>> {
+    let mut out = Vec::new();
+    for _ in 0..writers {
+        let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "bench");
+        service.create_project(&ctx, "bench").await?;
+        let integration = IntegrationId(service.declare_integration(&ctx, "crm", "hubspot").await?.id_of("integration").context("id")?);
+        let decl = ObjectDecl { name: "contacts".into(), schedule: None, backfill: Backfill::None, fields: vec![] };
+        service.deploy_revision(&ctx, integration, &Manifest { objects: vec![decl] }).await?;
+        let connection = ConnectionId(
+            service.create_connection(&ctx, integration, "g", &Secret("token".into())).await?.id_of("connection").context("id")?,
+        );
+        let new = NewInstallation {
+            integration_id: integration,
+            revision: None,
+            group_ref: "g".into(),
+            consumer_ref: "c".into(),
+            connection_id: connection,
+            objects: None,
+        };
+        let installation = InstallationId(service.create_installation(&ctx, &new).await?.id_of("installation").context("id")?);
+        let read = NewOperation {
+            op_type: OperationType::Read,
+            object: "contacts".into(),
+            since: None,
+            until: None,
+            trigger: Trigger::Scheduled,
+        };
+        let op = OperationId(service.request_operation(&ctx, installation, &read).await?.id_of("operation").context("id")?);
+        let lease = LeaseId(Uuid::now_v7());
+        service.start_operation(&ctx, op, lease, chrono::Duration::days(1)).await?;
+        out.push((ctx, op, lease));
+    }
+    Ok(out)
+}
+
+const RAW_PAYLOAD: &str = r#"{"lease_id":"01a20987-4121-77f1-82b3-a126ef612179","records":100,"bytes":51200,"cursor":{"watermark":"2026-11-23T17:49:48.709844Z","page_token":"after-100"},"at":"2026-11-23T17:49:48.709844Z"}"#;
+
+/// Raw baseline: one transaction, one INSERT of `rows` rows into the same events table.
+async fn raw_insert(pool: &PgPool, stream: &str, first_sequence: i64, rows: i64) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'raw', $1, s, 'PageRecorded', '2.0', $3::json, '{\"actor\":\"bench\"}'
+         FROM generate_series($2::bigint, $2::bigint + $4 - 1) AS s",
+    )
+    .bind(stream)
+    .bind(first_sequence)
+    .bind(RAW_PAYLOAD)
+    .bind(rows)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows as u64)
+}
+
+fn page(i: u64) -> PageRecord {
+    PageRecord { records: 100, bytes: 51_200, cursor: Cursor { watermark: None, page_token: Some(format!("after-{i}")) } }
+}
+
+async fn single_event(pool: &PgPool, report: &mut Report, writers: usize, duration: Duration) -> Result<()> {
+    let svc = service(pool);
+    let setup = Arc::new(setup_writers(&svc, writers).await?);
+    eprintln!("single-event commands, {writers} writer(s)...");
+    let ours = drive(writers, duration, move |w, i| {
+        let (svc, setup) = (svc.clone(), setup.clone());
+        async move {
+            let (ctx, op, lease) = &setup[w];
+            Ok(svc.record_page(ctx, *op, *lease, 100, 51_200, &page(i).cursor).await?.events.len() as u64)
+        }
+    })
+    .await?;
+    let pool2 = pool.clone();
+    let run = Uuid::now_v7();
+    let raw = drive(writers, duration, move |w, i| {
+        let pool = pool2.clone();
+        async move { raw_insert(&pool, &format!("{run}-{w}"), i as i64 + 1, 1).await }
+    })
+    .await?;
+    report.pair(&format!("single-event commands, {writers} writer(s) (vs one-row INSERT transactions)"), "cmd/s", &ours, &raw, false);
+    Ok(())
+}
+
+async fn hundred_event(pool: &PgPool, report: &mut Report, writers: usize, duration: Duration) -> Result<()> {
+    let svc = service(pool);
+    let setup = Arc::new(setup_writers(&svc, writers).await?);
+    eprintln!("100-event commands, {writers} writers...");
+    let ours = drive(writers, duration, move |w, i| {
+        let (svc, setup) = (svc.clone(), setup.clone());
+        async move {
+            let (ctx, op, lease) = &setup[w];
+            let pages: Vec<PageRecord> = (0..100).map(|p| page(i * 100 + p)).collect();
+            Ok(svc.record_pages(ctx, *op, *lease, &pages).await?.events.len() as u64)
+        }
+    })
+    .await?;
+    let pool2 = pool.clone();
+    let run = Uuid::now_v7();
+    let raw = drive(writers, duration, move |w, i| {
+        let pool = pool2.clone();
+        async move { raw_insert(&pool, &format!("{run}-{w}"), i as i64 * 100 + 1, 100).await }
+    })
+    .await?;
+    report.pair(&format!("100-event commands, {writers} writers (vs 100-row INSERT transactions)"), "events/s", &ours, &raw, true);
+    Ok(())
+}
+
+async fn catch_up(pool: &PgPool, report: &mut Report, target: i64) -> Result<()> {
+    let svc = service(pool);
+    let setup = Arc::new(setup_writers(&svc, 8).await?);
+    let mut have: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
+    eprintln!("filling the log to {target} events through 100-event commands...");
+    let mut round = 0u64;
+    while have < target {
+        let tasks: Vec<_> = setup
+            .iter()
+            .cloned()
+            .map(|(ctx, op, lease)| {
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    let pages: Vec<PageRecord> = (0..100).map(|p| page(round * 100 + p)).collect();
+                    for _ in 0..25 {
+                        svc.record_pages(&ctx, op, lease, &pages).await?;
+                    }
+                    Ok::<_, anyhow::Error>(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        have += 8 * 25 * 100;
+        round += 1;
+        if round % 5 == 0 {
+            eprintln!("  {have} events");
+        }
+    }
+    sqlx::raw_sql("VACUUM ANALYZE events").execute(pool).await?;
+    let have: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
+
+    eprintln!("reader catch-up over {have} events...");
+    let reader = LogReader::new(pool.clone());
+    let start = Instant::now();
+    let (mut cursor, mut events, mut latencies) = (LogCursor::default(), 0u64, Vec::new());
+    loop {
+        let t0 = Instant::now();
+        let batch = reader.read_batch(cursor, 5000).await?;
+        latencies.push(t0.elapsed());
+        let Some(last) = batch.last() else { break };
+        cursor = last.cursor();
+        events += batch.len() as u64;
+        if events % 200_000 < 5000 {
+            eprintln!("  {events} events");
+        }
+    }
+    let ours = Stats { ops: latencies.len() as u64, events, elapsed: start.elapsed(), latencies };
+
+    let start = Instant::now();
+    let mut conn = pool.acquire().await?;
+    let mut rows = sqlx::query(
+        "SELECT event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, payload::text, metadata::text,
+                position, transaction_id::text, recorded_at, project_id, hash
+         FROM events ORDER BY transaction_id, position",
+    )
+    .fetch(&mut *conn);
+    let mut raw_events = 0u64;
+    while let Some(row) = rows.try_next().await? {
+        use sqlx::Row;
+        let _: (Uuid, String, String, i64, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get::<String, _>(6));
+        raw_events += 1;
+    }
+    drop(rows);
+    let raw = Stats { ops: 1, events: raw_events, elapsed: start.elapsed(), latencies: vec![start.elapsed()] };
+    anyhow::ensure!(raw_events == events, "the reader delivered {events} events of {raw_events}");
+    report.pair(&format!("log reader catch-up over {have} events (vs one ordered SELECT scan)"), "events/s", &ours, &raw, true);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let pool = fresh_database(&args.database_url).await?;
+    let duration = Duration::from_secs(args.seconds);
+    let mut report = Report { rows: Vec::new() };
+    single_event(&pool, &mut report, 1, duration).await?;
+    single_event(&pool, &mut report, 32, duration).await?;
+    hundred_event(&pool, &mut report, 8, duration).await?;
+    catch_up(&pool, &mut report, args.catchup_events).await?;
+    println!("| benchmark | amplog | raw baseline | ratio |");
+    println!("|---|---|---|---|");
+    for row in report.rows {
+        println!("{row}");
+    }
+    Ok(())
+}

@@ -8,7 +8,7 @@ use crate::store::{CommandOutcome, EventStore, Loaded, PendingStream};
 use amplog_domain::connection::{Connection, ConnectionCommand};
 use amplog_domain::installation::{ConnectionFacts, Installation, InstallationCommand, IntegrationFacts, ObjectConfig};
 use amplog_domain::integration::{Integration, IntegrationCommand, Manifest};
-use amplog_domain::operation::{Cursor, ErrorClass, Operation, OperationCommand, OperationType, Trigger};
+use amplog_domain::operation::{Cursor, ErrorClass, Operation, OperationCommand, OperationType, PageRecord, Trigger};
 use amplog_domain::project::{Project, ProjectCommand};
 use amplog_domain::*;
 use chrono::{DateTime, Duration, Utc};
