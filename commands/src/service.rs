@@ -14,7 +14,8 @@ use amplog_domain::*;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -77,8 +78,28 @@ pub struct NewOperation {
 /// The schedule an object gets when neither the installation nor the manifest sets one.
 pub const DEFAULT_SCHEDULE: &str = "@every 1h";
 
+/// A connection that becomes a transaction only when a command needs more than one
+/// statement to be atomic (an idempotency key, a stored credential, a snapshot). Otherwise
+/// the append is one INSERT statement, atomic on its own, and saves BEGIN and COMMIT.
+enum Conn {
+    Plain(PoolConnection<Postgres>),
+    Tx(Transaction<'static, Postgres>),
+    /// Only while turning `Plain` into `Tx`.
+    Gone,
+}
+
+impl Conn {
+    fn get(&mut self) -> &mut PgConnection {
+        match self {
+            Conn::Plain(conn) => conn,
+            Conn::Tx(tx) => tx,
+            Conn::Gone => unreachable!("a unit of work is not used after its BEGIN failed"),
+        }
+    }
+}
+
 struct UnitOfWork {
-    tx: Transaction<'static, Postgres>,
+    conn: Conn,
     ctx: CommandContext,
     command: &'static str,
     streams: Vec<PendingStream>,
@@ -123,11 +144,16 @@ impl CommandService {
         command: &'static str,
         request: &impl Serialize,
     ) -> Result<Begun, CommandError> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(key) = &ctx.idempotency_key {
-            if key.is_empty() || key.len() > 255 {
-                return Err(CommandError::Invalid("an idempotency key must be 1 to 255 characters".into()));
-            }
+        let Some(key) = &ctx.idempotency_key else {
+            let conn = Conn::Plain(self.pool.acquire().await?);
+            return Ok(Begun::Fresh(UnitOfWork { conn, ctx: ctx.clone(), command, streams: Vec::new() }));
+        };
+        if key.is_empty() || key.len() > 255 {
+            return Err(CommandError::Invalid("an idempotency key must be 1 to 255 characters".into()));
+        }
+        let mut conn = Conn::Tx(self.pool.begin().await?);
+        {
+            let tx = conn.get();
             let digest = request_digest(command, request);
             let inserted = sqlx::query_scalar::<_, i32>(
                 "INSERT INTO idempotency_keys (project_id, key, request_digest, response)
@@ -155,11 +181,22 @@ impl CommandService {
                 return Ok(Begun::Replayed(outcome));
             }
         }
-        Ok(Begun::Fresh(UnitOfWork { tx, ctx: ctx.clone(), command, streams: Vec::new() }))
+        Ok(Begun::Fresh(UnitOfWork { conn, ctx: ctx.clone(), command, streams: Vec::new() }))
+    }
+
+    /// Turns the unit of work into a transaction (if it is not one yet).
+    async fn in_tx<'u>(&self, uow: &'u mut UnitOfWork) -> Result<&'u mut PgConnection, CommandError> {
+        if let Conn::Plain(_) = uow.conn {
+            let Conn::Plain(plain) = std::mem::replace(&mut uow.conn, Conn::Gone) else { unreachable!() };
+            // BEGIN on the connection already held (sqlx's own `Pool::begin` does the same),
+            // so a command never holds two pool connections at once.
+            uow.conn = Conn::Tx(Transaction::begin(plain, None).await?);
+        }
+        Ok(uow.conn.get())
     }
 
     async fn load_in<A: Aggregate + Owned>(&self, uow: &mut UnitOfWork, id: Uuid) -> Result<Loaded<A>, CommandError> {
-        let loaded = self.store.load::<A>(&mut uow.tx, &id.to_string()).await?;
+        let loaded = self.store.load::<A>(uow.conn.get(), &id.to_string()).await?;
         Ok(scoped(&uow.ctx, loaded))
     }
 
@@ -181,17 +218,22 @@ impl CommandService {
             "correlation_id": uow.ctx.correlation_id,
         })
         .to_string();
-        let events = self.store.append(&mut uow.tx, uow.ctx.project_id.0, &metadata, &uow.streams).await?;
+        if uow.streams.iter().any(|s| s.snapshot.is_some()) {
+            self.in_tx(&mut uow).await?;
+        }
+        let events = self.store.append(uow.conn.get(), uow.ctx.project_id.0, &metadata, &uow.streams).await?;
         let outcome = CommandOutcome { events, replayed: false };
         if let Some(key) = &uow.ctx.idempotency_key {
             sqlx::query("UPDATE idempotency_keys SET response = $3 WHERE project_id = $1 AND key = $2")
                 .bind(uow.ctx.project_id.0)
                 .bind(key)
                 .bind(serde_json::to_value(&outcome).expect("outcomes serialise"))
-                .execute(&mut *uow.tx)
+                .execute(uow.conn.get())
                 .await?;
         }
-        uow.tx.commit().await?;
+        if let Conn::Tx(tx) = uow.conn {
+            tx.commit().await?;
+        }
         self.wake.notify_one();
         tracing::debug!(command = uow.command, events = outcome.events.len(), "command committed");
         Ok(outcome)
@@ -299,7 +341,7 @@ impl CommandService {
         }
         let id = ConnectionId(Uuid::now_v7());
         let credential =
-            self.credentials.put(&mut uow.tx, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret).await?;
+            self.credentials.put(self.in_tx(&mut uow).await?, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret).await?;
         let loaded = self.load_in::<Connection>(&mut uow, id.0).await?;
         let command = ConnectionCommand::Create {
             project_id: ctx.project_id,
@@ -334,7 +376,7 @@ impl CommandService {
         });
         loaded.state.decide(&probe).map_err(DomainError::from)?;
         let credential =
-            self.credentials.put(&mut uow.tx, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret).await?;
+            self.credentials.put(self.in_tx(&mut uow).await?, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret).await?;
         let command = match probe {
             ConnectionCommand::RefreshToken { expires_at, at, .. } => {
                 ConnectionCommand::RefreshToken { credential, expires_at, at }

@@ -139,37 +139,34 @@ impl EventStore {
     /// Loads a stream from its snapshot (if current) and the events after it.
     pub async fn load<A: Aggregate>(&self, conn: &mut PgConnection, id: &str) -> Result<Loaded<A>, CommandError> {
         let mut loaded = Loaded { id: id.to_string(), state: A::default(), sequence: 0, hash: None };
-        let snapshot = sqlx::query(
-            "SELECT sequence, hash, state::text AS state FROM aggregate_snapshots
-             WHERE aggregate_type = $1 AND aggregate_id = $2 AND snapshot_version = $3",
+        // One round trip: the current snapshot (kind 0), then the events after it (kind 1).
+        let rows = sqlx::query(
+            "WITH snap AS (
+                 SELECT sequence, hash, state FROM aggregate_snapshots
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND snapshot_version = $3)
+             SELECT 0 AS kind, sequence, NULL::text AS event_type, NULL::text AS event_version, state::text AS body, hash
+             FROM snap
+             UNION ALL
+             SELECT 1, sequence, event_type, event_version, payload::text, hash FROM events
+             WHERE aggregate_type = $1 AND aggregate_id = $2
+               AND sequence > COALESCE((SELECT sequence FROM snap), 0)
+             ORDER BY kind, sequence",
         )
         .bind(A::TYPE)
         .bind(id)
         .bind(A::SNAPSHOT_VERSION)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(row) = snapshot {
-            let state: String = row.get("state");
-            loaded.state = serde_json::from_str(&state)
-                .map_err(|e| CommandError::corrupt(format!("{} snapshot {id}", A::TYPE), e))?;
-            loaded.sequence = row.get("sequence");
-            loaded.hash = row.get("hash");
-        }
-        let rows = sqlx::query(
-            "SELECT sequence, event_type, event_version, payload::text AS payload, hash FROM events
-             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence",
-        )
-        .bind(A::TYPE)
-        .bind(id)
-        .bind(loaded.sequence)
         .fetch_all(&mut *conn)
         .await?;
         for row in rows {
-            let payload: String = row.get("payload");
-            let payload: Value =
-                serde_json::from_str(&payload).map_err(|e| CommandError::corrupt("event payload", e))?;
-            let event = self.decode::<A>(row.get("event_type"), row.get("event_version"), payload)?;
-            loaded.state.apply(&event);
+            let body: String = row.get("body");
+            if row.get::<i32, _>("kind") == 0 {
+                loaded.state =
+                    serde_json::from_str(&body).map_err(|e| CommandError::corrupt(format!("{} snapshot {id}", A::TYPE), e))?;
+            } else {
+                let payload: Value = serde_json::from_str(&body).map_err(|e| CommandError::corrupt("event payload", e))?;
+                let event = self.decode::<A>(row.get("event_type"), row.get("event_version"), payload)?;
+                loaded.state.apply(&event);
+            }
             loaded.sequence = row.get("sequence");
             loaded.hash = row.get("hash");
         }
