@@ -96,8 +96,11 @@ struct Report {
 
 impl Report {
     fn pair(&mut self, name: &str, unit: &str, ours: &Stats, raw: &Stats, per_event: bool) {
-        let (a, b) =
-            if per_event { (ours.events_per_sec(), raw.events_per_sec()) } else { (ours.ops_per_sec(), raw.ops_per_sec()) };
+        let (a, b) = if per_event {
+            (ours.events_per_sec(), raw.events_per_sec())
+        } else {
+            (ours.ops_per_sec(), raw.ops_per_sec())
+        };
         let row = format!(
             "| {name} | {a:.0} {unit} (p50 {:.1} ms, p99 {:.1} ms) | {b:.0} {unit} (p50 {:.1} ms, p99 {:.1} ms) | **{:.2}** |",
             ms(ours.percentile(0.5)),
@@ -131,16 +134,25 @@ fn service(pool: &PgPool) -> CommandService {
 }
 
 /// One project per writer with an installation and a running read operation.
-async fn setup_writers(service: &CommandService, writers: usize) -> Result<Vec<(CommandContext, OperationId, LeaseId)>> {
+async fn setup_writers(
+    service: &CommandService,
+    writers: usize,
+) -> Result<Vec<(CommandContext, OperationId, LeaseId)>> {
     let mut out = Vec::new();
     for _ in 0..writers {
         let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "bench");
         service.create_project(&ctx, "bench").await?;
-        let integration = IntegrationId(service.declare_integration(&ctx, "crm", "hubspot").await?.id_of("integration").context("id")?);
+        let integration = IntegrationId(
+            service.declare_integration(&ctx, "crm", "hubspot").await?.id_of("integration").context("id")?,
+        );
         let decl = ObjectDecl { name: "contacts".into(), schedule: None, backfill: Backfill::None, fields: vec![] };
         service.deploy_revision(&ctx, integration, &Manifest { objects: vec![decl] }).await?;
         let connection = ConnectionId(
-            service.create_connection(&ctx, integration, "g", &Secret("token".into())).await?.id_of("connection").context("id")?,
+            service
+                .create_connection(&ctx, integration, "g", &Secret("token".into()))
+                .await?
+                .id_of("connection")
+                .context("id")?,
         );
         let new = NewInstallation {
             integration_id: integration,
@@ -150,7 +162,8 @@ async fn setup_writers(service: &CommandService, writers: usize) -> Result<Vec<(
             connection_id: connection,
             objects: None,
         };
-        let installation = InstallationId(service.create_installation(&ctx, &new).await?.id_of("installation").context("id")?);
+        let installation =
+            InstallationId(service.create_installation(&ctx, &new).await?.id_of("installation").context("id")?);
         let read = NewOperation {
             op_type: OperationType::Read,
             object: "contacts".into(),
@@ -158,7 +171,8 @@ async fn setup_writers(service: &CommandService, writers: usize) -> Result<Vec<(
             until: None,
             trigger: Trigger::Scheduled,
         };
-        let op = OperationId(service.request_operation(&ctx, installation, &read).await?.id_of("operation").context("id")?);
+        let op =
+            OperationId(service.request_operation(&ctx, installation, &read).await?.id_of("operation").context("id")?);
         let lease = LeaseId(Uuid::now_v7());
         service.start_operation(&ctx, op, lease, chrono::Duration::days(1)).await?;
         out.push((ctx, op, lease));
@@ -187,7 +201,11 @@ async fn raw_insert(pool: &PgPool, stream: &str, first_sequence: i64, rows: i64)
 }
 
 fn page(i: u64) -> PageRecord {
-    PageRecord { records: 100, bytes: 51_200, cursor: Cursor { watermark: None, page_token: Some(format!("after-{i}")) } }
+    PageRecord {
+        records: 100,
+        bytes: 51_200,
+        cursor: Cursor { watermark: None, page_token: Some(format!("after-{i}")) },
+    }
 }
 
 async fn single_event(pool: &PgPool, report: &mut Report, writers: usize, duration: Duration) -> Result<()> {
@@ -209,7 +227,13 @@ async fn single_event(pool: &PgPool, report: &mut Report, writers: usize, durati
         async move { raw_insert(&pool, &format!("{run}-{w}"), i as i64 + 1, 1).await }
     })
     .await?;
-    report.pair(&format!("single-event commands, {writers} writer(s) (vs one-row INSERT transactions)"), "cmd/s", &ours, &raw, false);
+    report.pair(
+        &format!("single-event commands, {writers} writer(s) (vs one-row INSERT transactions)"),
+        "cmd/s",
+        &ours,
+        &raw,
+        false,
+    );
     Ok(())
 }
 
@@ -233,7 +257,13 @@ async fn hundred_event(pool: &PgPool, report: &mut Report, writers: usize, durat
         async move { raw_insert(&pool, &format!("{run}-{w}"), i as i64 * 100 + 1, 100).await }
     })
     .await?;
-    report.pair(&format!("100-event commands, {writers} writers (vs 100-row INSERT transactions)"), "events/s", &ours, &raw, true);
+    report.pair(
+        &format!("100-event commands, {writers} writers (vs 100-row INSERT transactions)"),
+        "events/s",
+        &ours,
+        &raw,
+        true,
+    );
     Ok(())
 }
 
@@ -274,11 +304,17 @@ async fn catch_up(pool: &PgPool, report: &mut Report, target: i64) -> Result<()>
     let reader = LogReader::new(pool.clone());
     let start = Instant::now();
     let (mut cursor, mut events, mut latencies) = (LogCursor::default(), 0u64, Vec::new());
-    loop {
+    // Read until every event is delivered: a batch can come back empty while any other
+    // transaction (autovacuum's ANALYZE, say) holds the snapshot's xmin back.
+    while (events as i64) < have {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "the reader stalled at {events} of {have} events");
         let t0 = Instant::now();
         let batch = reader.read_batch(cursor, 5000).await?;
         latencies.push(t0.elapsed());
-        let Some(last) = batch.last() else { break };
+        let Some(last) = batch.last() else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
         cursor = last.cursor();
         events += batch.len() as u64;
         if events % 200_000 < 5000 {
@@ -305,7 +341,13 @@ async fn catch_up(pool: &PgPool, report: &mut Report, target: i64) -> Result<()>
     drop(rows);
     let raw = Stats { ops: 1, events: raw_events, elapsed: start.elapsed(), latencies: vec![start.elapsed()] };
     anyhow::ensure!(raw_events == events, "the reader delivered {events} events of {raw_events}");
-    report.pair(&format!("log reader catch-up over {have} events (vs one ordered SELECT scan)"), "events/s", &ours, &raw, true);
+    report.pair(
+        &format!("log reader catch-up over {have} events (vs one ordered SELECT scan)"),
+        "events/s",
+        &ours,
+        &raw,
+        true,
+    );
     Ok(())
 }
 

@@ -50,7 +50,7 @@ impl RecordedEvent {
             let text: String = row.get(col);
             serde_json::from_str(&text).map_err(|e| CommandError::corrupt(format!("event {col}"), e))
         };
-        let xid: String = row.get("transaction_id");
+        let xid: String = row.get("xid");
         Ok(Self {
             event_id: row.get("event_id"),
             aggregate_type: row.get("aggregate_type"),
@@ -69,9 +69,11 @@ impl RecordedEvent {
     }
 }
 
-/// The columns every log query selects, in `RecordedEvent::from_row`'s shape.
+/// The columns every log query selects, in `RecordedEvent::from_row`'s shape. The text
+/// form of `transaction_id` is named `xid`: an alias `transaction_id` would make
+/// `ORDER BY transaction_id` sort the text, in the wrong order and without the index.
 pub(crate) const EVENT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-     payload::text AS payload, metadata::text AS metadata, position, transaction_id::text AS transaction_id, \
+     payload::text AS payload, metadata::text AS metadata, position, transaction_id::text AS xid, \
      recorded_at, project_id, hash";
 
 /// Reads the log in commit-safe order.
@@ -111,17 +113,15 @@ impl LogReader {
 
     /// The saved position of reader `name` (the log's start when it has none).
     pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<LogCursor, CommandError> {
-        let row = sqlx::query(
-            "SELECT transaction_id::text AS transaction_id, position FROM reader_checkpoints WHERE name = $1",
-        )
-        .bind(name)
-        .fetch_optional(conn)
-        .await?;
+        let row = sqlx::query("SELECT transaction_id::text AS xid, position FROM reader_checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(conn)
+            .await?;
         Ok(match row {
             None => LogCursor::default(),
             Some(row) => LogCursor {
                 transaction_id: row
-                    .get::<String, _>("transaction_id")
+                    .get::<String, _>("xid")
                     .parse()
                     .map_err(|e| CommandError::corrupt("checkpoint", e))?,
                 position: row.get("position"),
@@ -160,6 +160,8 @@ pub(crate) async fn read_batch(
     .bind(after.transaction_id.to_string())
     .bind(after.position)
     .bind(limit)
+    // Planned with each cursor's values: a cached generic plan may not use the index.
+    .persistent(false)
     .fetch_all(conn)
     .await?;
     rows.iter().map(RecordedEvent::from_row).collect()

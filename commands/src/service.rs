@@ -51,6 +51,25 @@ pub struct CommandService {
     store: EventStore,
     credentials: CredentialStore,
     wake: Arc<Notify>,
+    #[cfg(feature = "testing")]
+    gate: Option<Arc<CommitGate>>,
+}
+
+/// Tests only: holds transactional commands just before COMMIT, their events inserted, so a
+/// test can keep an append open while others commit.
+#[cfg(feature = "testing")]
+pub struct CommitGate {
+    /// Signalled when a command reaches the gate.
+    pub reached: Notify,
+    /// One permit lets one command commit.
+    pub release: tokio::sync::Semaphore,
+}
+
+#[cfg(feature = "testing")]
+impl Default for CommitGate {
+    fn default() -> Self {
+        Self { reached: Notify::new(), release: tokio::sync::Semaphore::new(0) }
+    }
 }
 
 /// Options of a new installation; unset objects default to every object of the revision.
@@ -79,8 +98,8 @@ pub struct NewOperation {
 pub const DEFAULT_SCHEDULE: &str = "@every 1h";
 
 /// A connection that becomes a transaction only when a command needs more than one
-/// statement to be atomic (an idempotency key, a stored credential, a snapshot). Otherwise
-/// the append is one INSERT statement, atomic on its own, and saves BEGIN and COMMIT.
+/// statement to be atomic (an idempotency key, a stored credential). Otherwise the append
+/// is one statement, atomic on its own, and saves BEGIN and COMMIT.
 enum Conn {
     Plain(PoolConnection<Postgres>),
     Tx(Transaction<'static, Postgres>),
@@ -115,7 +134,21 @@ impl CommandService {
     pub fn new(pool: PgPool, store: EventStore, credentials: CredentialStore) -> Self {
         let wake = Arc::new(Notify::new());
         tokio::spawn(notifier(pool.clone(), wake.clone()));
-        Self { pool, store, credentials, wake }
+        Self {
+            pool,
+            store,
+            credentials,
+            wake,
+            #[cfg(feature = "testing")]
+            gate: None,
+        }
+    }
+
+    /// Tests only: commands in a transaction wait at `gate` before they commit.
+    #[cfg(feature = "testing")]
+    pub fn with_commit_gate(mut self, gate: Arc<CommitGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -218,9 +251,6 @@ impl CommandService {
             "correlation_id": uow.ctx.correlation_id,
         })
         .to_string();
-        if uow.streams.iter().any(|s| s.snapshot.is_some()) {
-            self.in_tx(&mut uow).await?;
-        }
         let events = self.store.append(uow.conn.get(), uow.ctx.project_id.0, &metadata, &uow.streams).await?;
         let outcome = CommandOutcome { events, replayed: false };
         if let Some(key) = &uow.ctx.idempotency_key {
@@ -232,6 +262,11 @@ impl CommandService {
                 .await?;
         }
         if let Conn::Tx(tx) = uow.conn {
+            #[cfg(feature = "testing")]
+            if let Some(gate) = &self.gate {
+                gate.reached.notify_one();
+                gate.release.acquire().await.expect("the gate is never closed").forget();
+            }
             tx.commit().await?;
         }
         self.wake.notify_one();
@@ -340,8 +375,10 @@ impl CommandService {
             return Err(DomainError::from(amplog_domain::integration::IntegrationError::NotFound).into());
         }
         let id = ConnectionId(Uuid::now_v7());
-        let credential =
-            self.credentials.put(self.in_tx(&mut uow).await?, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret).await?;
+        let credential = self
+            .credentials
+            .put(self.in_tx(&mut uow).await?, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret)
+            .await?;
         let loaded = self.load_in::<Connection>(&mut uow, id.0).await?;
         let command = ConnectionCommand::Create {
             project_id: ctx.project_id,
@@ -375,8 +412,10 @@ impl CommandService {
             fingerprint: self.credentials.key().fingerprint(secret),
         });
         loaded.state.decide(&probe).map_err(DomainError::from)?;
-        let credential =
-            self.credentials.put(self.in_tx(&mut uow).await?, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret).await?;
+        let credential = self
+            .credentials
+            .put(self.in_tx(&mut uow).await?, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret)
+            .await?;
         let command = match probe {
             ConnectionCommand::RefreshToken { expires_at, at, .. } => {
                 ConnectionCommand::RefreshToken { credential, expires_at, at }
@@ -723,11 +762,29 @@ fn request_digest(command: &str, request: &impl Serialize) -> [u8; 32] {
 }
 
 /// Turns commit wake-ups into NOTIFYs, one at a time: several commits coalesce into one
-/// notification, and no append transaction takes PostgreSQL's global notify lock.
+/// notification, and no append transaction takes PostgreSQL's global notify lock. Its own
+/// connection does not wait for the WAL flush (a NOTIFY is a wake-up, not data), so it adds
+/// no fsync to the writers'.
 async fn notifier(pool: PgPool, wake: Arc<Notify>) {
+    // Detached from the pool: its session setting must never reach a command's connection.
+    let mut conn: Option<PgConnection> = None;
     loop {
         wake.notified().await;
-        if let Err(error) = sqlx::query("SELECT pg_notify($1, '')").bind(EVENTS_CHANNEL).execute(&pool).await {
+        if pool.is_closed() {
+            return;
+        }
+        let result = async {
+            if conn.is_none() {
+                let mut fresh = pool.acquire().await?.detach();
+                sqlx::query("SET synchronous_commit = off").execute(&mut fresh).await?;
+                conn = Some(fresh);
+            }
+            let c = conn.as_mut().expect("connected above");
+            sqlx::query("SELECT pg_notify($1, '')").bind(EVENTS_CHANNEL).execute(c).await
+        }
+        .await;
+        if let Err(error) = result {
+            conn = None;
             if pool.is_closed() {
                 return;
             }

@@ -160,10 +160,11 @@ impl EventStore {
         for row in rows {
             let body: String = row.get("body");
             if row.get::<i32, _>("kind") == 0 {
-                loaded.state =
-                    serde_json::from_str(&body).map_err(|e| CommandError::corrupt(format!("{} snapshot {id}", A::TYPE), e))?;
+                loaded.state = serde_json::from_str(&body)
+                    .map_err(|e| CommandError::corrupt(format!("{} snapshot {id}", A::TYPE), e))?;
             } else {
-                let payload: Value = serde_json::from_str(&body).map_err(|e| CommandError::corrupt("event payload", e))?;
+                let payload: Value =
+                    serde_json::from_str(&body).map_err(|e| CommandError::corrupt("event payload", e))?;
                 let event = self.decode::<A>(row.get("event_type"), row.get("event_version"), payload)?;
                 loaded.state.apply(&event);
             }
@@ -202,7 +203,7 @@ impl EventStore {
         ))
     }
 
-    /// Writes the pending streams in the caller's transaction with one INSERT. A unique
+    /// Writes the pending streams (and their due snapshots) with one statement. A unique
     /// violation on `(aggregate_type, aggregate_id, sequence)` is a typed conflict.
     pub(crate) async fn append(
         &self,
@@ -221,6 +222,8 @@ impl EventStore {
         let mut event_ids = Vec::with_capacity(total);
         let mut prev_hashes: Vec<Option<Vec<u8>>> = Vec::with_capacity(total);
         let mut hashes = Vec::with_capacity(total);
+        let (mut snap_types, mut snap_ids, mut snap_versions, mut snap_sequences, mut snap_hashes, mut snap_states) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for stream in streams {
             let mut prev = stream.base_hash.clone();
             for (i, event) in stream.events.iter().enumerate() {
@@ -249,17 +252,37 @@ impl EventStore {
                 hashes.push(hash.to_vec());
                 prev = Some(hash.to_vec());
             }
+            if let Some((version, state)) = &stream.snapshot {
+                snap_types.push(stream.aggregate_type);
+                snap_ids.push(stream.aggregate_id.as_str());
+                snap_versions.push(*version);
+                snap_sequences.push(stream.base_sequence + stream.events.len() as i64);
+                snap_hashes.push(prev.clone());
+                snap_states.push(state.as_str());
+            }
         }
+        // One statement, so atomic without BEGIN/COMMIT: the events and, when a stream
+        // crosses a snapshot boundary, its snapshot (a data-modifying CTE always runs).
         let rows = sqlx::query(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                                 payload, metadata, event_id, project_id, prev_hash, hash)
-             SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version,
-                    t.payload::json, $7::json, t.event_id, $8, t.prev_hash, t.hash
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                         $9::uuid[], $10::bytea[], $11::bytea[])
-                  AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-                       event_id, prev_hash, hash)
-             RETURNING event_id, position",
+            "WITH appended AS (
+                 INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                                     payload, metadata, event_id, project_id, prev_hash, hash)
+                 SELECT t.aggregate_type, t.aggregate_id, t.sequence, t.event_type, t.event_version,
+                        t.payload::json, $7::json, t.event_id, $8, t.prev_hash, t.hash
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                             $9::uuid[], $10::bytea[], $11::bytea[])
+                      AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                           event_id, prev_hash, hash)
+                 RETURNING event_id, position),
+             snapshots AS (
+                 INSERT INTO aggregate_snapshots (aggregate_type, aggregate_id, snapshot_version, sequence, hash, state)
+                 SELECT t.aggregate_type, t.aggregate_id, t.snapshot_version, t.sequence, t.hash, t.state::json
+                 FROM UNNEST($12::text[], $13::text[], $14::int[], $15::bigint[], $16::bytea[], $17::text[])
+                      AS t(aggregate_type, aggregate_id, snapshot_version, sequence, hash, state)
+                 ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+                   SET snapshot_version = EXCLUDED.snapshot_version, sequence = EXCLUDED.sequence,
+                       hash = EXCLUDED.hash, state = EXCLUDED.state, taken_at = now())
+             SELECT event_id, position FROM appended",
         )
         .bind(&types)
         .bind(&ids)
@@ -272,6 +295,12 @@ impl EventStore {
         .bind(&event_ids)
         .bind(&prev_hashes)
         .bind(&hashes)
+        .bind(&snap_types)
+        .bind(&snap_ids)
+        .bind(&snap_versions)
+        .bind(&snap_sequences)
+        .bind(&snap_hashes)
+        .bind(&snap_states)
         .fetch_all(&mut *tx)
         .await
         .map_err(|e| match &e {
@@ -285,33 +314,6 @@ impl EventStore {
             _ => CommandError::Database(e),
         })?;
         let positions: HashMap<Uuid, i64> = rows.iter().map(|r| (r.get("event_id"), r.get("position"))).collect();
-
-        for stream in streams.iter() {
-            if let Some((version, state)) = &stream.snapshot {
-                let sequence = stream.base_sequence + stream.events.len() as i64;
-                let index = sequences
-                    .iter()
-                    .zip(&ids)
-                    .zip(&types)
-                    .position(|((s, i), t)| *s == sequence && *i == stream.aggregate_id && *t == stream.aggregate_type)
-                    .expect("the snapshot's event was just written");
-                sqlx::query(
-                    "INSERT INTO aggregate_snapshots (aggregate_type, aggregate_id, snapshot_version, sequence, hash, state)
-                     VALUES ($1, $2, $3, $4, $5, $6::json)
-                     ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
-                       SET snapshot_version = EXCLUDED.snapshot_version, sequence = EXCLUDED.sequence,
-                           hash = EXCLUDED.hash, state = EXCLUDED.state, taken_at = now()",
-                )
-                .bind(stream.aggregate_type)
-                .bind(&stream.aggregate_id)
-                .bind(version)
-                .bind(sequence)
-                .bind(&hashes[index])
-                .bind(state)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
 
         Ok((0..total)
             .map(|i| AppendedEvent {

@@ -1,9 +1,11 @@
 //! The log reader never skips an event (DESIGN invariant 3), against a real PostgreSQL.
 
+use amplog_commands::service::CommitGate;
 use amplog_commands::testing::{credential_store, test_db_with};
 use amplog_commands::{CommandContext, CommandService, EventStore, LogCursor, LogReader, RecordedEvent, Subscription};
 use amplog_domain::ProjectId;
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -37,33 +39,20 @@ fn project() -> CommandContext {
 #[tokio::test]
 async fn an_append_held_open_while_1000_later_appends_commit_is_still_delivered() {
     let db = test_db_with(24).await;
-    let fast = CommandService::new(db.pool.clone(), EventStore::new(i64::MAX), credential_store());
-    // This service snapshots on every append; the snapshot table is locked below, so its
-    // command inserts its event and then waits, uncommitted, for as long as we hold the lock.
-    let slow = CommandService::new(db.pool.clone(), EventStore::new(1), credential_store());
+    let fast = CommandService::new(db.pool.clone(), EventStore::default(), credential_store());
+    // This service stops its transactional commands after their INSERT, before COMMIT.
+    let gate = Arc::new(CommitGate::default());
+    let slow =
+        CommandService::new(db.pool.clone(), EventStore::default(), credential_store()).with_commit_gate(gate.clone());
     let reader = LogReader::new(db.pool.clone());
     let mut sub = reader.subscribe(LogCursor::default()).await.unwrap();
 
-    let mut lock = db.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE aggregate_snapshots IN EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
-    let held_ctx = project();
+    let held_ctx = project().with_idempotency_key("held"); // a keyed command runs in a transaction
     let held = {
         let (slow, ctx) = (slow.clone(), held_ctx.clone());
         tokio::spawn(async move { slow.create_project(&ctx, "held").await })
     };
-    // Wait until the held command has inserted its event and blocks on the lock.
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'aggregate_snapshots'::regclass",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gate.reached.notified().await;
 
     // 1,000 later appends commit, 8 at a time.
     let mut writers = Vec::new();
@@ -87,7 +76,7 @@ async fn an_append_held_open_while_1000_later_appends_commit_is_still_delivered(
     assert!(seen.is_empty(), "the reader must wait for the held transaction, got {} events", seen.len());
 
     // ...although a reader by position alone would already have passed it.
-    lock.commit().await.unwrap();
+    gate.release.add_permits(1);
     let outcome = held.await.unwrap().unwrap();
     let held_position = outcome.events[0].position;
     let max_position: i64 = sqlx::query_scalar("SELECT max(position) FROM events").fetch_one(&db.pool).await.unwrap();
@@ -163,4 +152,53 @@ async fn with_32_concurrent_writers_the_reader_sees_exactly_the_committed_set() 
     let seen = collector.await.unwrap();
     assert_eq!(committed.len(), 32 * (40 - 5));
     assert_once_in_order(&seen, &committed);
+}
+
+/// Burns transaction ids (subtransactions with a write each) until the next one is `target`.
+async fn burn_xids_until(pool: &sqlx::PgPool, target: i64) {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql("CREATE TEMP TABLE IF NOT EXISTS burn (x int)").execute(&mut *conn).await.unwrap();
+    loop {
+        let next: i64 =
+            sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint").fetch_one(&mut *conn).await.unwrap();
+        let left = target - next - 1;
+        if left <= 0 {
+            return;
+        }
+        let chunk = left.min(200_000);
+        sqlx::raw_sql(&format!(
+            "DO $$ BEGIN FOR i IN 1..{chunk} LOOP BEGIN INSERT INTO burn VALUES (i); EXCEPTION WHEN others THEN NULL; END; END LOOP; END $$"
+        ))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn log_order_holds_across_a_transaction_id_digit_boundary() {
+    // Transaction ids compared as text would put 100000 before 99999; make the log cross
+    // such a boundary and read it back in small batches.
+    let db = test_db_with(8).await;
+    let service = CommandService::new(db.pool.clone(), EventStore::default(), credential_store());
+    let now: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint").fetch_one(&db.pool).await.unwrap();
+    let boundary = 10i64.pow((now + 100).to_string().len() as u32);
+    assert!(boundary - now < 5_000_000, "the test cluster must be fresh (scripts/test starts one): its transaction ids are too large to burn up to the next digit boundary");
+    burn_xids_until(&db.pool, boundary - 30).await;
+    for i in 0..60 {
+        service.create_project(&project(), &format!("p{i}")).await.unwrap();
+    }
+    let xids: Vec<String> =
+        sqlx::query_scalar("SELECT transaction_id::text AS xid FROM events ORDER BY transaction_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(xids.first().unwrap().len() < xids.last().unwrap().len(), "the log crosses a digit boundary: {xids:?}");
+
+    let reader = LogReader::new(db.pool.clone());
+    let mut sub = reader.subscribe(LogCursor::default()).await.unwrap();
+    sub.batch_size = 7;
+    let mut seen = Vec::new();
+    read_until(&mut sub, &mut seen, 60, Duration::from_secs(5)).await;
+    assert_once_in_order(&seen, &all_event_ids(&db.pool).await);
 }
