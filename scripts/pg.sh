@@ -7,7 +7,7 @@ log() { printf '\n==> %s\n' "$*" >&2; }
 
 find_pg_bin() {
   if command -v initdb >/dev/null && command -v pg_ctl >/dev/null; then
-    PG_BIN="$(dirname "$(command -v initdb)")"
+    PG_BIN="$(dirname "$(readlink -f "$(command -v initdb)")")"
   else
     PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
   fi

@@ -269,6 +269,7 @@ impl CommandService {
             }
             tx.commit().await?;
         }
+        self.store.committed(&uow.streams, &outcome.events);
         self.wake.notify_one();
         tracing::debug!(command = uow.command, events = outcome.events.len(), "command committed");
         Ok(outcome)

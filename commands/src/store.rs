@@ -10,6 +10,7 @@ use cqrs_es::persist::{EventUpcaster, SemanticVersionEventUpcaster, SerializedEv
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{PgConnection, Row};
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -66,12 +67,25 @@ pub(crate) struct PendingStream {
     pub events: Vec<EventParts>,
     /// `(snapshot_version, state json)` when this append crosses a snapshot boundary.
     pub snapshot: Option<(i32, String)>,
+    /// The state after these events, for the cache once they are committed.
+    pub state: Arc<dyn Any + Send + Sync>,
+}
+
+/// A committed state of a stream: valid at `sequence` forever, since the log only grows.
+struct Cached {
+    sequence: i64,
+    hash: Option<Vec<u8>>,
+    state: Arc<dyn Any + Send + Sync>,
 }
 
 /// Reads streams and writes decided events. Cheap to clone.
 #[derive(Clone)]
 pub struct EventStore {
     upcasters: Arc<HashMap<&'static str, Vec<Box<dyn EventUpcaster>>>>,
+    /// Committed states by stream, so a load reads only the events after them (usually
+    /// none). Entries are only ever committed states, so a stale one costs a longer tail,
+    /// never a wrong decision: the optimistic append still checks the sequence.
+    cache: moka::sync::Cache<(&'static str, String), Arc<Cached>>,
     /// A snapshot is written each time a stream's sequence crosses a multiple of this.
     pub snapshot_every: i64,
 }
@@ -93,7 +107,11 @@ impl EventStore {
                 Box::new(f),
             )));
         }
-        Self { upcasters: Arc::new(upcasters), snapshot_every: snapshot_every.max(1) }
+        Self {
+            upcasters: Arc::new(upcasters),
+            cache: moka::sync::Cache::new(100_000),
+            snapshot_every: snapshot_every.max(1),
+        }
     }
 
     /// Lifts a stored event to the current version of its type.
@@ -136,27 +154,46 @@ impl EventStore {
             .map_err(|e| CommandError::corrupt(format!("{} event {event_type} {event_version}", A::TYPE), e))
     }
 
-    /// Loads a stream from its snapshot (if current) and the events after it.
+    /// Loads a stream: from the cache or its snapshot (if current), then the events after.
     pub async fn load<A: Aggregate>(&self, conn: &mut PgConnection, id: &str) -> Result<Loaded<A>, CommandError> {
         let mut loaded = Loaded { id: id.to_string(), state: A::default(), sequence: 0, hash: None };
-        // One round trip: the current snapshot (kind 0), then the events after it (kind 1).
-        let rows = sqlx::query(
-            "WITH snap AS (
-                 SELECT sequence, hash, state FROM aggregate_snapshots
-                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND snapshot_version = $3)
-             SELECT 0 AS kind, sequence, NULL::text AS event_type, NULL::text AS event_version, state::text AS body, hash
-             FROM snap
-             UNION ALL
-             SELECT 1, sequence, event_type, event_version, payload::text, hash FROM events
-             WHERE aggregate_type = $1 AND aggregate_id = $2
-               AND sequence > COALESCE((SELECT sequence FROM snap), 0)
-             ORDER BY kind, sequence",
-        )
-        .bind(A::TYPE)
-        .bind(id)
-        .bind(A::SNAPSHOT_VERSION)
-        .fetch_all(&mut *conn)
-        .await?;
+        let cached = self.cache.get(&(A::TYPE, id.to_string()));
+        let cached = cached.as_ref().and_then(|c| Some((c, c.state.downcast_ref::<A>()?)));
+        let rows = if let Some((entry, state)) = cached {
+            loaded.state = state.clone();
+            loaded.sequence = entry.sequence;
+            loaded.hash = entry.hash.clone();
+            sqlx::query(
+                "SELECT 1 AS kind, sequence, event_type, event_version, payload::text AS body, hash FROM events
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence",
+            )
+            .bind(A::TYPE)
+            .bind(id)
+            .bind(entry.sequence)
+            .fetch_all(&mut *conn)
+            .await?
+        } else {
+            // One round trip: the current snapshot (kind 0), then the events after it (kind 1).
+            sqlx::query(
+                "WITH snap AS (
+                     SELECT sequence, hash, state FROM aggregate_snapshots
+                     WHERE aggregate_type = $1 AND aggregate_id = $2 AND snapshot_version = $3)
+                 SELECT 0 AS kind, sequence, NULL::text AS event_type, NULL::text AS event_version,
+                        state::text AS body, hash
+                 FROM snap
+                 UNION ALL
+                 SELECT 1, sequence, event_type, event_version, payload::text, hash FROM events
+                 WHERE aggregate_type = $1 AND aggregate_id = $2
+                   AND sequence > COALESCE((SELECT sequence FROM snap), 0)
+                 ORDER BY kind, sequence",
+            )
+            .bind(A::TYPE)
+            .bind(id)
+            .bind(A::SNAPSHOT_VERSION)
+            .fetch_all(&mut *conn)
+            .await?
+        };
+        let fresh = cached.is_none() || !rows.is_empty();
         for row in rows {
             let body: String = row.get("body");
             if row.get::<i32, _>("kind") == 0 {
@@ -171,7 +208,38 @@ impl EventStore {
             loaded.sequence = row.get("sequence");
             loaded.hash = row.get("hash");
         }
+        if fresh && loaded.sequence > 0 {
+            let state: Arc<dyn Any + Send + Sync> = Arc::new(loaded.state.clone());
+            self.remember(A::TYPE, id, loaded.sequence, loaded.hash.clone(), state);
+        }
         Ok(loaded)
+    }
+
+    fn remember(
+        &self,
+        aggregate_type: &'static str,
+        id: &str,
+        sequence: i64,
+        hash: Option<Vec<u8>>,
+        state: Arc<dyn Any + Send + Sync>,
+    ) {
+        self.cache.insert((aggregate_type, id.to_string()), Arc::new(Cached { sequence, hash, state }));
+    }
+
+    /// Caches the states of streams whose append has committed.
+    pub(crate) fn committed(&self, streams: &[PendingStream], events: &[AppendedEvent]) {
+        for stream in streams {
+            let sequence = stream.base_sequence + stream.events.len() as i64;
+            let head = events
+                .iter()
+                .find(|e| {
+                    e.aggregate_type == stream.aggregate_type
+                        && e.aggregate_id == stream.aggregate_id
+                        && e.sequence == sequence
+                })
+                .and_then(|e| hex::decode(&e.hash).ok());
+            self.remember(stream.aggregate_type, &stream.aggregate_id, sequence, head, stream.state.clone());
+        }
     }
 
     /// Decides `command` on a loaded stream: the events to append and the new state.
@@ -198,6 +266,7 @@ impl EventStore {
                 base_hash: loaded.hash.clone(),
                 events: events.iter().map(DomainEvent::to_parts).collect(),
                 snapshot,
+                state: Arc::new(state.clone()),
             },
             state,
         ))

@@ -189,14 +189,15 @@ async fn a_snapshot_plus_its_tail_equals_a_full_replay() {
     .unwrap();
     assert_eq!(row.get::<i64, _>("sequence"), 30);
 
-    let via_snapshot = service.load::<Operation>(&s.ctx, op.0).await.unwrap();
-    let full = {
-        let mut conn = db.pool.acquire().await.unwrap();
-        EventStore::new(i64::MAX).load::<Operation>(&mut conn, &op.to_string()).await.unwrap()
-    };
+    // Fresh stores (no cache), as another process would load.
+    let mut conn = db.pool.acquire().await.unwrap();
+    let via_snapshot = EventStore::new(10).load::<Operation>(&mut conn, &op.to_string()).await.unwrap();
+    let full = EventStore::new(i64::MAX).load::<Operation>(&mut conn, &op.to_string()).await.unwrap();
     sqlx::query("DELETE FROM aggregate_snapshots").execute(&db.pool).await.unwrap();
-    let replayed = service.load::<Operation>(&s.ctx, op.0).await.unwrap();
-    for other in [&full, &replayed] {
+    let replayed = EventStore::new(10).load::<Operation>(&mut conn, &op.to_string()).await.unwrap();
+    let cached = service.load::<Operation>(&s.ctx, op.0).await.unwrap();
+    drop(conn);
+    for other in [&full, &replayed, &cached] {
         assert_eq!(via_snapshot.state, other.state);
         assert_eq!(via_snapshot.sequence, other.sequence);
         assert_eq!(via_snapshot.hash, other.hash);
@@ -461,4 +462,27 @@ async fn commands_on_an_unknown_id_are_typed_not_found() {
         codes,
         ["installation.not_found", "operation.not_found", "connection.not_found", "integration.not_found"]
     );
+}
+
+#[tokio::test]
+async fn two_processes_writing_one_stream_each_see_the_others_events() {
+    let db = test_db().await;
+    let (a, b) = (db.service(), db.service()); // separate stores and caches, like two processes
+    let s = seed(&a).await;
+    let op = OperationId(
+        a.request_operation(&s.ctx, s.installation, &read_of("contacts")).await.unwrap().id_of("operation").unwrap(),
+    );
+    let lease = LeaseId(Uuid::now_v7());
+    a.start_operation(&s.ctx, op, lease, Duration::minutes(5)).await.unwrap();
+    for i in 0..10u64 {
+        let writer = if i % 2 == 0 { &a } else { &b };
+        writer.record_page(&s.ctx, op, lease, i, 0, &Cursor::default()).await.unwrap();
+    }
+    for service in [&a, &b] {
+        let loaded = service.load::<Operation>(&s.ctx, op.0).await.unwrap();
+        assert_eq!((loaded.sequence, loaded.state.pages, loaded.state.records), (12, 10, 45));
+    }
+    b.cancel_operation(&s.ctx, op, "stop").await.unwrap();
+    let err = a.record_page(&s.ctx, op, lease, 1, 0, &Cursor::default()).await.unwrap_err();
+    assert_eq!(err.code(), "operation.already_finished");
 }
