@@ -105,3 +105,42 @@ fn the_embedded_default_starts_its_own_postgres_and_keeps_the_data() {
     // No server is left running.
     assert!(!Path::new(data_dir).join("pg/postmaster.pid").exists(), "the embedded server was stopped");
 }
+
+#[test]
+fn the_embedded_default_works_as_a_normal_user() {
+    // As root, run the binary as the unprivileged `postgres` user: amplog then runs initdb
+    // and the server itself, without runuser. As a normal user, that is what already happens.
+    let root = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap().trim() == "0";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let binary = dir.path().join("amplog");
+    std::fs::copy(env!("CARGO_BIN_EXE_amplog"), &binary).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    if root {
+        assert!(Command::new("chown").arg("postgres:").arg(&data).status().unwrap().success());
+    }
+    let run = |args: &[&str]| {
+        let mut command = if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&binary);
+            c
+        } else {
+            Command::new(&binary)
+        };
+        command
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("AMPLOG_CREDENTIALS_KEY")
+            .env("AMPLOG_LOG", "warn")
+            .env("AMPLOG_DATA_DIR", &data)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let demo = ok(run(&["demo"]));
+    let installation = installation_of(&demo);
+    let verified = ok(run(&["verify", "--installation", &installation]));
+    assert!(verified.contains("intact: 19 events in 4 streams"), "{verified}");
+    assert!(!data.join("pg/postmaster.pid").exists(), "the embedded server was stopped");
+}
