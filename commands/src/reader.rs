@@ -95,7 +95,7 @@ impl LogReader {
     /// precedes them.
     pub async fn read_batch(&self, after: LogCursor, limit: i64) -> Result<Vec<RecordedEvent>, CommandError> {
         let mut conn = self.pool.acquire().await?;
-        read_batch(&mut conn, after, limit).await
+        read_batch_in(&mut conn, after, limit).await
     }
 
     /// A subscription from `after` that waits for new events.
@@ -145,7 +145,8 @@ impl LogReader {
     }
 }
 
-pub(crate) async fn read_batch(
+/// `LogReader::read_batch` on the caller's connection (inside its transaction, say).
+pub async fn read_batch_in(
     conn: &mut PgConnection,
     after: LogCursor,
     limit: i64,

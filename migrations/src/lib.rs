@@ -18,8 +18,10 @@ impl Migration {
 }
 
 /// Every migration, in order. Files are append-only: never edit one that was released.
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "event_log", sql: include_str!("../sql/0001_event_log.sql") }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "event_log", sql: include_str!("../sql/0001_event_log.sql") },
+    Migration { version: 2, name: "read_models", sql: include_str!("../sql/0002_read_models.sql") },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {

@@ -1,3 +1,23 @@
-//! Checkpointed projectors from the log to the read models, `read_states`, usage/billing and
-//! Prometheus metrics. Not built yet: issue 4. The log reader it will use is
-//! `amplog_commands::reader`.
+//! Projections: checkpointed projectors that fold the log into the read models
+//! (installations, connections, operations, read_states, usage, the installation timeline
+//! index), one leader per projector, exactly-once in effect, rebuildable into shadow tables.
+//! They read the log only through `amplog_commands::reader`.
+
+pub mod docs;
+pub mod fold;
+pub mod runtime;
+
+pub use runtime::{rebuild, status, wait_for_position, ProjectorStatus, Runner, READ_MODELS};
+
+/// The one error of the projections boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error(transparent)]
+    Log(#[from] amplog_commands::CommandError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("projector {0} lost its leadership (fenced)")]
+    Fenced(String),
+    #[error("a read-model document could not be decoded: {0}")]
+    Corrupt(String),
+}

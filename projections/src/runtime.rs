@@ -1,0 +1,297 @@
+//! The projector runtime: one leader per projector (a PostgreSQL advisory lock held on its
+//! own connection, plus a fencing token every batch re-checks), batches read through the
+//! shared log reader and applied with their checkpoint in one transaction, rebuilds into
+//! shadow tables swapped in atomically.
+
+use crate::fold::{Fold, Tables, TABLES};
+use crate::ProjectionError;
+use amplog_commands::{EventStore, LogCursor, LogReader};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{Connection, PgConnection, PgPool, Row};
+use std::time::{Duration, Instant};
+
+/// The projector that maintains every read-model table.
+pub const READ_MODELS: &str = "read_models";
+
+fn lock_key(name: &str) -> i64 {
+    // A stable 63-bit key per projector name (FNV-1a).
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in format!("amplog.projector.{name}").bytes() {
+        hash ^= byte as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash >> 1) as i64
+}
+
+/// Runs one projector in this process whenever it can lead.
+pub struct Runner {
+    pool: PgPool,
+    store: EventStore,
+    pub name: String,
+    pub holder: String,
+    pub batch_size: i64,
+}
+
+/// Held while this process leads a projector: the session that owns the advisory lock.
+struct Leadership {
+    session: PgConnection,
+    token: i64,
+}
+
+impl Runner {
+    pub fn new(pool: PgPool, store: EventStore, holder: impl Into<String>) -> Self {
+        Self { pool, store, name: READ_MODELS.into(), holder: holder.into(), batch_size: 1000 }
+    }
+
+    /// Tries to become the leader: the advisory lock, then a new fencing token.
+    async fn lead(&self) -> Result<Option<Leadership>, ProjectionError> {
+        let mut session = self.pool.acquire().await?.detach();
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(lock_key(&self.name))
+            .fetch_one(&mut session)
+            .await?;
+        if !locked {
+            session.close().await.ok();
+            return Ok(None);
+        }
+        let token: i64 = sqlx::query_scalar(
+            "INSERT INTO projector_leases (name, token, holder, acquired_at, heartbeat) VALUES ($1, 1, $2, now(), now())
+             ON CONFLICT (name) DO UPDATE SET token = projector_leases.token + 1, holder = EXCLUDED.holder,
+                 acquired_at = now(), heartbeat = now()
+             RETURNING token",
+        )
+        .bind(&self.name)
+        .bind(&self.holder)
+        .fetch_one(&mut session)
+        .await?;
+        tracing::info!(projector = %self.name, token, holder = %self.holder, "leading");
+        Ok(Some(Leadership { session, token }))
+    }
+
+    /// Runs until `stop` resolves: waits for leadership, then projects batch after batch.
+    pub async fn run(&self, stop: impl std::future::Future<Output = ()>) -> Result<(), ProjectionError> {
+        tokio::pin!(stop);
+        loop {
+            let step = async {
+                match self.lead().await? {
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        Ok(())
+                    }
+                    Some(leadership) => self.project_while_leading(leadership).await,
+                }
+            };
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                result = step => match result {
+                    Ok(()) => {}
+                    Err(ProjectionError::Fenced(name)) => tracing::warn!(projector = %name, "fenced: taking leadership again"),
+                    Err(error) => {
+                        tracing::warn!(%error, projector = %self.name, "projector failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn project_while_leading(&self, mut leadership: Leadership) -> Result<(), ProjectionError> {
+        let reader = LogReader::new(self.pool.clone());
+        let start = {
+            let mut conn = self.pool.acquire().await?;
+            LogReader::checkpoint(&mut conn, &self.name).await?
+        };
+        let mut subscription = reader.subscribe(start).await?;
+        subscription.batch_size = self.batch_size;
+        loop {
+            let batch = subscription.next_batch_within(Duration::from_secs(2)).await?;
+            // The leadership session must still be alive: it holds the advisory lock.
+            sqlx::query("SELECT 1").execute(&mut leadership.session).await?;
+            let mut tx = self.pool.begin().await?;
+            fence(&mut tx, &self.name, leadership.token).await?;
+            if let Some(last) = batch.last() {
+                let started = Instant::now();
+                Fold::apply_batch(&mut tx, &Tables::live(), &self.store, &batch).await?;
+                LogReader::save_checkpoint(&mut tx, &self.name, last.cursor()).await?;
+                tx.commit().await?;
+                tracing::debug!(projector = %self.name, events = batch.len(), ms = started.elapsed().as_millis() as u64, "batch applied");
+            } else {
+                tx.commit().await?; // the heartbeat
+            }
+        }
+    }
+
+    /// Applies every event not yet projected, as leader, then returns (tests and one-shot
+    /// jobs). Returns false when another process leads.
+    pub async fn catch_up(&self) -> Result<bool, ProjectionError> {
+        let Some(leadership) = self.lead().await? else { return Ok(false) };
+        let reader = LogReader::new(self.pool.clone());
+        let mut conn = self.pool.acquire().await?;
+        let mut cursor = LogReader::checkpoint(&mut conn, &self.name).await?;
+        drop(conn);
+        loop {
+            let batch = reader.read_batch(cursor, self.batch_size).await?;
+            let Some(last) = batch.last() else { break };
+            let mut tx = self.pool.begin().await?;
+            fence(&mut tx, &self.name, leadership.token).await?;
+            Fold::apply_batch(&mut tx, &Tables::live(), &self.store, &batch).await?;
+            LogReader::save_checkpoint(&mut tx, &self.name, last.cursor()).await?;
+            tx.commit().await?;
+            cursor = last.cursor();
+        }
+        leadership.session.close().await?;
+        Ok(true)
+    }
+}
+
+/// Checks, in the batch's transaction, that `token` is still the projector's: a newer
+/// leader (or a rebuild) bumps it, and the row lock orders the two.
+async fn fence(tx: &mut PgConnection, name: &str, token: i64) -> Result<(), ProjectionError> {
+    let held = sqlx::query("UPDATE projector_leases SET heartbeat = now() WHERE name = $1 AND token = $2")
+        .bind(name)
+        .bind(token)
+        .execute(tx)
+        .await?;
+    if held.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(ProjectionError::Fenced(name.to_string()))
+    }
+}
+
+/// Rebuilds every read model from the start of the log into shadow tables, then swaps them
+/// in with the checkpoint in one transaction; queries read the old tables meanwhile. The
+/// swap fences the running leader, which then resumes from the rebuilt checkpoint.
+pub async fn rebuild(
+    pool: &PgPool,
+    store: &EventStore,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<u64, ProjectionError> {
+    let shadow = Tables::shadow();
+    let mut conn = pool.acquire().await?;
+    for table in TABLES {
+        let name = shadow.name(table);
+        sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (LIKE {table} INCLUDING ALL)"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut *conn).await?;
+    drop(conn);
+    let reader = LogReader::new(pool.clone());
+    let (mut cursor, mut done) = (LogCursor::default(), 0u64);
+    loop {
+        let batch = reader.read_batch(cursor, 10_000).await?;
+        let Some(last) = batch.last() else { break };
+        let mut tx = pool.begin().await?;
+        Fold::apply_batch(&mut tx, &shadow, store, &batch).await?;
+        tx.commit().await?;
+        cursor = last.cursor();
+        done += batch.len() as u64;
+        progress(done, total.max(done as i64) as u64);
+    }
+    // The swap: fence the leader, project what arrived meanwhile, rename, checkpoint.
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO projector_leases (name, token) VALUES ($1, 1)
+         ON CONFLICT (name) DO UPDATE SET token = projector_leases.token + 1",
+    )
+    .bind(READ_MODELS)
+    .execute(&mut *tx)
+    .await?;
+    loop {
+        let batch = amplog_commands::reader::read_batch_in(&mut tx, cursor, 10_000).await?;
+        let Some(last) = batch.last() else { break };
+        Fold::apply_batch(&mut tx, &shadow, store, &batch).await?;
+        cursor = last.cursor();
+        done += batch.len() as u64;
+    }
+    for table in TABLES {
+        let name = shadow.name(table);
+        sqlx::raw_sql(&format!(
+            "ALTER TABLE {table} RENAME TO {table}__old; ALTER TABLE {name} RENAME TO {table}; DROP TABLE {table}__old"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    LogReader::save_checkpoint(&mut tx, READ_MODELS, cursor).await?;
+    tx.commit().await?;
+    progress(done, done);
+    Ok(done)
+}
+
+/// Where a projector stands.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProjectorStatus {
+    pub name: String,
+    pub checkpoint: LogCursor,
+    pub lag_events: i64,
+    pub lag_seconds: f64,
+    pub leader: Option<String>,
+    pub token: i64,
+    pub heartbeat: Option<DateTime<Utc>>,
+}
+
+pub async fn status(pool: &PgPool, name: &str) -> Result<ProjectorStatus, ProjectionError> {
+    let mut conn = pool.acquire().await?;
+    let checkpoint = LogReader::checkpoint(&mut conn, name).await?;
+    let lag = sqlx::query(
+        "SELECT count(*) AS events, EXTRACT(EPOCH FROM now() - min(recorded_at))::float8 AS seconds FROM events
+         WHERE (transaction_id, position) > ($1::text::xid8, $2)",
+    )
+    .bind(checkpoint.transaction_id.to_string())
+    .bind(checkpoint.position)
+    .fetch_one(&mut *conn)
+    .await?;
+    let lease = sqlx::query("SELECT token, holder, heartbeat FROM projector_leases WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?;
+    // The leader is whoever holds the advisory lock now, not whoever held it last.
+    let locked: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             AND ((classid::bigint << 32) | objid::bigint) = $1)",
+    )
+    .bind(lock_key(name))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(ProjectorStatus {
+        name: name.to_string(),
+        checkpoint,
+        lag_events: lag.get("events"),
+        lag_seconds: lag.get::<Option<f64>, _>("seconds").unwrap_or(0.0),
+        leader: if locked { lease.as_ref().and_then(|l| l.get("holder")) } else { None },
+        token: lease.as_ref().map(|l| l.get("token")).unwrap_or(0),
+        heartbeat: lease.as_ref().and_then(|l| l.get("heartbeat")),
+    })
+}
+
+/// Read-your-writes: waits (at most `timeout`) until projector `name` has applied the
+/// event at log `position`. Returns whether it has.
+pub async fn wait_for_position(
+    pool: &PgPool,
+    name: &str,
+    position: i64,
+    timeout: Duration,
+) -> Result<bool, ProjectionError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let passed: Option<bool> = sqlx::query_scalar(
+            "SELECT (c.transaction_id, c.position) >= (e.transaction_id, e.position)
+             FROM events e LEFT JOIN reader_checkpoints c ON c.name = $1 WHERE e.position = $2",
+        )
+        .bind(name)
+        .bind(position)
+        .fetch_optional(pool)
+        .await?
+        .flatten();
+        if passed == Some(true) {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,513 @@
+//! Read models equal the log: incrementally, after a rebuild, and against an independent
+//! fold written here; one leader at a time; no event skipped.
+
+use amplog_commands::service::{CommitGate, NewOperation};
+use amplog_commands::testing::{credential_store, read_of, seed, test_db_with, Seeded, TestDb};
+use amplog_commands::{CommandError, CommandService, EventStore, LogCursor, LogReader};
+use amplog_domain::operation::{Cursor, ErrorClass, OperationType, PageRecord, Trigger};
+use amplog_domain::*;
+use amplog_projections::{rebuild, status, wait_for_position, Runner, READ_MODELS};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+const TABLES: &[&str] =
+    &["installations", "connections", "operations", "read_states", "usage_daily", "installation_streams"];
+
+async fn checksums(pool: &sqlx::PgPool) -> BTreeMap<String, (i64, String)> {
+    let mut out = BTreeMap::new();
+    for table in TABLES {
+        let row: (i64, String) = sqlx::query_as(&format!(
+            "SELECT count(*), md5(coalesce(string_agg(key || '|' || project_id || '|' || doc::text, ',' ORDER BY key), '')) FROM {table}"
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        out.insert(table.to_string(), row);
+    }
+    out
+}
+
+struct Workload {
+    service: CommandService,
+    projects: Vec<Seeded>,
+    operations: Vec<(usize, OperationId, LeaseId)>,
+}
+
+/// One random command; refused ones are part of the workload (they append nothing).
+async fn random_command(w: &Workload, rng: &mut StdRng) -> Result<Option<(usize, OperationId, LeaseId)>, CommandError> {
+    let p = rng.gen_range(0..w.projects.len());
+    let s = &w.projects[p];
+    let ctx = &s.ctx;
+    let objects = ["contacts", "companies", "deals"];
+    let op_of = |rng: &mut StdRng| {
+        let mine: Vec<_> = w.operations.iter().filter(|(q, _, _)| *q == p).collect();
+        (!mine.is_empty()).then(|| *mine[rng.gen_range(0..mine.len())])
+    };
+    match rng.gen_range(0..100) {
+        0..=24 => {
+            let op_type = match rng.gen_range(0..10) {
+                0 => OperationType::Write,
+                1 => OperationType::Proxy,
+                _ => OperationType::Read,
+            };
+            let trigger = if rng.gen_bool(0.2) { Trigger::Backfill } else { Trigger::Scheduled };
+            let new = NewOperation {
+                op_type,
+                object: objects[rng.gen_range(0..3)].into(),
+                since: None,
+                until: None,
+                trigger,
+            };
+            let outcome = w.service.request_operation(ctx, s.installation, &new).await?;
+            let op = OperationId(outcome.id_of("operation").unwrap());
+            return Ok(Some((p, op, LeaseId(Uuid::now_v7()))));
+        }
+        25..=39 => {
+            if let Some((_, op, lease)) = op_of(rng) {
+                w.service.start_operation(ctx, op, lease, chrono::Duration::minutes(10)).await?;
+            }
+        }
+        40..=64 => {
+            if let Some((_, op, lease)) = op_of(rng) {
+                let records = rng.gen_range(0..500);
+                let cursor =
+                    Cursor { watermark: Some(chrono::Utc::now()), page_token: Some(format!("t{}", rng.gen::<u32>())) };
+                if rng.gen_bool(0.2) {
+                    let pages = vec![PageRecord { records, bytes: records * 10, cursor }; rng.gen_range(1..5)];
+                    w.service.record_pages(ctx, op, lease, &pages).await?;
+                } else {
+                    w.service.record_page(ctx, op, lease, records, records * 10, &cursor).await?;
+                }
+            }
+        }
+        65..=74 => {
+            if let Some((_, op, lease)) = op_of(rng) {
+                w.service.succeed_operation(ctx, op, lease).await?;
+            }
+        }
+        75..=80 => {
+            if let Some((_, op, lease)) = op_of(rng) {
+                let retryable = rng.gen_bool(0.6);
+                w.service.fail_operation(ctx, op, lease, ErrorClass::Provider5xx, "503", retryable).await?;
+            }
+        }
+        81..=84 => {
+            if let Some((_, op, _)) = op_of(rng) {
+                w.service.retry_operation(ctx, op).await?;
+            }
+        }
+        85..=86 => {
+            if let Some((_, op, _)) = op_of(rng) {
+                w.service.cancel_operation(ctx, op, "user").await?;
+            }
+        }
+        87..=90 => {
+            if rng.gen_bool(0.5) {
+                w.service.pause_installation(ctx, s.installation).await?;
+            } else {
+                w.service.unpause_installation(ctx, s.installation).await?;
+            }
+        }
+        91..=94 => {
+            let secret = amplog_commands::credentials::Secret(format!("token-{}", rng.gen::<u32>()));
+            w.service.refresh_token(ctx, s.connection, &secret, None).await?;
+        }
+        95..=97 => {
+            w.service.record_refresh_failure(ctx, s.connection, "invalid_grant").await?;
+        }
+        _ => {
+            let secret = amplog_commands::credentials::Secret(format!("again-{}", rng.gen::<u32>()));
+            w.service.reconnect(ctx, s.connection, &secret).await?;
+        }
+    }
+    Ok(None)
+}
+
+/// Runs `rounds` rounds of 8 concurrent random commands; conflicts are retried once.
+async fn run_workload(w: &mut Workload, seed: u64, rounds: usize) -> (usize, usize) {
+    let (mut conflicts, mut refused) = (0, 0);
+    for round in 0..rounds {
+        let shared = Arc::new(Workload {
+            service: w.service.clone(),
+            projects: w.projects.iter().map(clone_seeded).collect(),
+            operations: w.operations.clone(),
+        });
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(round as u64 * 31 + t));
+                let mut result = random_command(&shared, &mut rng).await;
+                let mut conflicted = false;
+                if matches!(result, Err(CommandError::Conflict { .. })) {
+                    conflicted = true;
+                    let mut rng =
+                        StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(round as u64 * 31 + t));
+                    result = random_command(&shared, &mut rng).await;
+                }
+                (result, conflicted)
+            }));
+        }
+        for task in tasks {
+            let (result, conflicted) = task.await.unwrap();
+            conflicts += conflicted as usize;
+            match result {
+                Ok(Some(op)) => w.operations.push(op),
+                Ok(None) => {}
+                Err(CommandError::Domain(_)) | Err(CommandError::Conflict { .. }) => refused += 1,
+                Err(other) => panic!("unexpected error {other:?}"),
+            }
+        }
+    }
+    (conflicts, refused)
+}
+
+fn clone_seeded(s: &Seeded) -> Seeded {
+    Seeded { ctx: s.ctx.clone(), integration: s.integration, connection: s.connection, installation: s.installation }
+}
+
+async fn workload(db: &TestDb, projects: usize) -> Workload {
+    let service = db.service();
+    let mut seeded = Vec::new();
+    for _ in 0..projects {
+        seeded.push(seed(&service).await);
+    }
+    Workload { service, projects: seeded, operations: Vec::new() }
+}
+
+/// What the read models must say, folded here from the raw log, independently of the
+/// projector: per operation (status, records), per installation (paused, records read),
+/// per connection status.
+async fn independent_fold(
+    pool: &sqlx::PgPool,
+) -> (BTreeMap<String, (String, u64)>, BTreeMap<String, (bool, u64)>, BTreeMap<String, String>) {
+    let reader = LogReader::new(pool.clone());
+    let (mut ops, mut installs, mut conns) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    let mut op_installation: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut cursor = LogCursor::default();
+    loop {
+        let batch = reader.read_batch(cursor, 1000).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        cursor = last.cursor();
+        for e in &batch {
+            let p = &e.payload;
+            match (e.aggregate_type.as_str(), e.event_type.as_str()) {
+                ("installation", "Created") => {
+                    installs.insert(e.aggregate_id.clone(), (false, 0));
+                }
+                ("installation", "Paused") => installs.get_mut(&e.aggregate_id).unwrap().0 = true,
+                ("installation", "Unpaused") => installs.get_mut(&e.aggregate_id).unwrap().0 = false,
+                ("connection", t) => {
+                    let status = match t {
+                        "Created" => "created",
+                        "TokenRefreshed" | "Reconnected" => "working",
+                        "RefreshFailed" => "bad_credentials",
+                        "Revoked" => "revoked",
+                        other => panic!("unknown {other}"),
+                    };
+                    conns.insert(e.aggregate_id.clone(), status.to_string());
+                }
+                ("operation", "Requested") => {
+                    ops.insert(e.aggregate_id.clone(), ("pending".to_string(), 0));
+                    op_installation.insert(
+                        e.aggregate_id.clone(),
+                        (
+                            p["installation_id"].as_str().unwrap().to_string(),
+                            p["op_type"].as_str().unwrap().to_string(),
+                        ),
+                    );
+                }
+                ("operation", t) => {
+                    let op = ops.get_mut(&e.aggregate_id).unwrap();
+                    match t {
+                        "Started" => op.0 = "running".into(),
+                        "PageRecorded" => {
+                            let records = p["records"].as_u64().unwrap();
+                            op.1 += records;
+                            let (installation, op_type) = &op_installation[&e.aggregate_id];
+                            if op_type != "write" {
+                                installs.get_mut(installation).unwrap().1 += records;
+                            }
+                        }
+                        "Succeeded" => op.0 = "succeeded".into(),
+                        "Failed" => op.0 = "failed".into(),
+                        "Retried" => op.0 = "pending".into(),
+                        "Cancelled" => op.0 = "cancelled".into(),
+                        other => panic!("unknown {other}"),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    (ops, installs, conns)
+}
+
+async fn assert_matches_independent_fold(pool: &sqlx::PgPool) {
+    let (ops, installs, conns) = independent_fold(pool).await;
+    let rows: Vec<(String, Value)> = sqlx::query_as("SELECT key, doc FROM operations").fetch_all(pool).await.unwrap();
+    let projected: BTreeMap<String, (String, u64)> = rows
+        .into_iter()
+        .map(|(k, d)| (k, (d["status"].as_str().unwrap().to_string(), d["records"].as_u64().unwrap())))
+        .collect();
+    assert_eq!(projected, ops, "operations: status and records");
+    let rows: Vec<(String, bool)> =
+        sqlx::query_as("SELECT key, paused FROM installations").fetch_all(pool).await.unwrap();
+    let usage: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT installation_id, sum((doc->>'records_read')::bigint)::bigint FROM usage_daily GROUP BY installation_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let usage: BTreeMap<String, i64> = usage.into_iter().collect();
+    let projected: BTreeMap<String, (bool, u64)> = rows
+        .into_iter()
+        .map(|(k, paused)| {
+            let read = usage.get(&k).copied().unwrap_or(0) as u64;
+            (k, (paused, read))
+        })
+        .collect();
+    assert_eq!(projected, installs, "installations: paused, and usage records read");
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT key, status FROM connections").fetch_all(pool).await.unwrap();
+    assert_eq!(rows.into_iter().collect::<BTreeMap<_, _>>(), conns, "connections: status");
+}
+
+#[tokio::test]
+async fn incremental_rebuild_and_an_independent_fold_agree_on_a_random_workload() {
+    let db = test_db_with(24).await;
+    let mut w = workload(&db, 4).await;
+    let mut runner = Runner::new(db.pool.clone(), EventStore::default(), "test");
+    runner.batch_size = 37; // batches end anywhere
+    let mut total_conflicts = 0;
+    for step in 0..6 {
+        let (conflicts, _) = run_workload(&mut w, 7 + step, 50).await;
+        total_conflicts += conflicts;
+        assert!(runner.catch_up().await.unwrap());
+    }
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db.pool).await.unwrap();
+    assert!(events > 500, "a sizeable workload: {events} events");
+    let st = status(&db.pool, READ_MODELS).await.unwrap();
+    assert_eq!(st.lag_events, 0);
+    assert_matches_independent_fold(&db.pool).await;
+    let incremental = checksums(&db.pool).await;
+    assert!(
+        incremental["operations"].0 > 50 && incremental["usage_daily"].0 > 0 && incremental["read_states"].0 > 0,
+        "{incremental:?}"
+    );
+
+    let rebuilt_events = rebuild(&db.pool, &EventStore::default(), |_, _| {}).await.unwrap();
+    assert_eq!(rebuilt_events as i64, events);
+    assert_eq!(checksums(&db.pool).await, incremental, "a rebuild gives byte-identical read models");
+    eprintln!("{events} events, {total_conflicts} conflicts retried");
+}
+
+#[tokio::test]
+async fn a_rebuild_into_an_empty_database_matches_the_incremental_models() {
+    let db = test_db_with(24).await;
+    let mut w = workload(&db, 3).await;
+    let runner = Runner::new(db.pool.clone(), EventStore::default(), "test");
+    run_workload(&mut w, 99, 60).await;
+    assert!(runner.catch_up().await.unwrap());
+    let incremental = checksums(&db.pool).await;
+    // Drop every read-model row and the checkpoint, then rebuild from the log alone.
+    for table in TABLES {
+        sqlx::query(&format!("DELETE FROM {table}")).execute(&db.pool).await.unwrap();
+    }
+    sqlx::query("DELETE FROM reader_checkpoints").execute(&db.pool).await.unwrap();
+    rebuild(&db.pool, &EventStore::default(), |_, _| {}).await.unwrap();
+    assert_eq!(checksums(&db.pool).await, incremental);
+    assert_eq!(status(&db.pool, READ_MODELS).await.unwrap().lag_events, 0);
+}
+
+#[tokio::test]
+async fn a_projector_killed_mid_batch_loses_and_duplicates_nothing() {
+    let db = test_db_with(24).await;
+    let mut w = workload(&db, 3).await;
+    run_workload(&mut w, 5, 60).await;
+    // Kill the projector task again and again while it works, at random points.
+    let mut rng = StdRng::seed_from_u64(3);
+    for _ in 0..8 {
+        let mut runner = Runner::new(db.pool.clone(), EventStore::default(), "killed");
+        runner.batch_size = 23;
+        let task = tokio::spawn(async move { runner.run(std::future::pending()).await });
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(5..120))).await;
+        task.abort();
+        let _ = task.await;
+        run_workload(&mut w, rng.gen(), 5).await;
+    }
+    let runner = Runner::new(db.pool.clone(), EventStore::default(), "final");
+    // The aborted leaders' sessions close asynchronously; wait for the lock to be free.
+    let mut led = false;
+    for _ in 0..100 {
+        if runner.catch_up().await.unwrap() {
+            led = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(led);
+    assert_matches_independent_fold(&db.pool).await;
+}
+
+#[tokio::test]
+async fn one_leader_at_a_time_and_a_takeover_when_it_dies() {
+    let db = test_db_with(24).await;
+    let mut w = workload(&db, 2).await;
+    let a = tokio::spawn({
+        let runner = Runner::new(db.pool.clone(), EventStore::default(), "process-a");
+        async move { runner.run(std::future::pending()).await }
+    });
+    // Let a lead first.
+    let mut leader = None;
+    for _ in 0..100 {
+        leader = status(&db.pool, READ_MODELS).await.unwrap().leader;
+        if leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(leader.as_deref(), Some("process-a"));
+    let b = tokio::spawn({
+        let runner = Runner::new(db.pool.clone(), EventStore::default(), "process-b");
+        async move { runner.run(std::future::pending()).await }
+    });
+    run_workload(&mut w, 11, 20).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(status(&db.pool, READ_MODELS).await.unwrap().leader.as_deref(), Some("process-a"), "b waits");
+
+    a.abort();
+    let _ = a.await;
+    run_workload(&mut w, 12, 20).await;
+    let mut took_over = false;
+    for _ in 0..200 {
+        let st = status(&db.pool, READ_MODELS).await.unwrap();
+        if st.leader.as_deref() == Some("process-b") && st.lag_events == 0 {
+            took_over = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(took_over, "process-b took over and caught up");
+    b.abort();
+    let _ = b.await;
+    assert_matches_independent_fold(&db.pool).await;
+}
+
+#[tokio::test]
+async fn a_held_open_append_is_not_skipped_and_reads_can_wait_for_their_writes() {
+    let db = test_db_with(24).await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let other = seed(&service).await;
+    let runner = Runner::new(db.pool.clone(), EventStore::default(), "live");
+    let projector = tokio::spawn(async move { runner.run(std::future::pending()).await });
+
+    let gate = Arc::new(CommitGate::default());
+    let slow =
+        CommandService::new(db.pool.clone(), EventStore::default(), credential_store()).with_commit_gate(gate.clone());
+    let held = {
+        let ctx = s.ctx.clone().with_idempotency_key("held-pause");
+        let installation = s.installation;
+        tokio::spawn(async move { slow.pause_installation(&ctx, installation).await })
+    };
+    gate.reached.notified().await;
+    let mut last = 0;
+    for _ in 0..50 {
+        // Later appends to other streams commit while the pause is held.
+        let outcome = service.request_operation(&other.ctx, other.installation, &read_of("contacts")).await;
+        last = outcome.unwrap().last_position().unwrap();
+    }
+    // The projector cannot pass the held transaction, so the later requests wait too.
+    assert!(!wait_for_position(&db.pool, READ_MODELS, last, Duration::from_millis(500)).await.unwrap());
+    gate.release.add_permits(1);
+    let pause = held.await.unwrap().unwrap().last_position().unwrap();
+    assert!(wait_for_position(&db.pool, READ_MODELS, pause, Duration::from_secs(10)).await.unwrap());
+    assert!(wait_for_position(&db.pool, READ_MODELS, last, Duration::from_secs(10)).await.unwrap());
+    let paused: bool = sqlx::query_scalar("SELECT paused FROM installations WHERE key = $1")
+        .bind(s.installation.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(paused, "the held pause was projected");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM operations").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(count, 50);
+    projector.abort();
+}
+
+#[tokio::test]
+async fn read_states_usage_and_health_follow_an_installation() {
+    let db = test_db_with(12).await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let runner = Runner::new(db.pool.clone(), EventStore::default(), "t");
+    let backfill = NewOperation {
+        op_type: OperationType::Read,
+        object: "contacts".into(),
+        since: None,
+        until: None,
+        trigger: Trigger::Backfill,
+    };
+    let op = OperationId(
+        service.request_operation(&s.ctx, s.installation, &backfill).await.unwrap().id_of("operation").unwrap(),
+    );
+    let lease = LeaseId(Uuid::now_v7());
+    service.start_operation(&s.ctx, op, lease, chrono::Duration::minutes(5)).await.unwrap();
+    let mark = chrono::DateTime::parse_from_rfc3339("2026-05-01T10:00:00Z").unwrap().with_timezone(&chrono::Utc);
+    service
+        .record_page(&s.ctx, op, lease, 100, 1000, &Cursor { watermark: Some(mark), page_token: Some("p2".into()) })
+        .await
+        .unwrap();
+    runner.catch_up().await.unwrap();
+    let state: Value =
+        sqlx::query_scalar("SELECT doc FROM read_states WHERE installation_id = $1 AND object = 'contacts'")
+            .bind(s.installation.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state["mode"].as_str(), state["page_token"].as_str(), state["records_read"].as_u64()),
+        (Some("backfill"), Some("p2"), Some(100))
+    );
+    service.succeed_operation(&s.ctx, op, lease).await.unwrap();
+    service.record_refresh_failure(&s.ctx, s.connection, "invalid_grant").await.unwrap();
+    runner.catch_up().await.unwrap();
+    let state: Value = sqlx::query_scalar("SELECT doc FROM read_states WHERE installation_id = $1")
+        .bind(s.installation.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (state["mode"].as_str(), state["page_token"].as_str(), state["watermark"].as_str()),
+        (Some("incremental"), None, Some("2026-05-01T10:00:00Z"))
+    );
+    let inst: Value = sqlx::query_scalar("SELECT doc FROM installations WHERE key = $1")
+        .bind(s.installation.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(inst["health"], "needs_reauth");
+    assert_eq!(inst["connection_status"], "bad_credentials");
+    assert_eq!(inst["last_operation"]["status"], "succeeded");
+    assert!(inst["last_successful_read"]["contacts"].is_string());
+    let usage: Value = sqlx::query_scalar("SELECT doc FROM usage_daily WHERE installation_id = $1")
+        .bind(s.installation.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (usage["records_read"].as_u64(), usage["bytes"].as_u64(), usage["operations"]["read.succeeded"].as_u64()),
+        (Some(100), Some(1000), Some(1))
+    );
+    let streams: i64 = sqlx::query_scalar("SELECT count(*) FROM installation_streams WHERE installation_id = $1")
+        .bind(s.installation.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(streams, 3, "installation, connection, operation");
+}
