@@ -174,6 +174,23 @@ pub async fn run(service: &CommandService) -> Result<()> {
     let again = step("same request again (retry)", service.request_operation(&keyed, inst_b, &deals).await?);
     anyhow::ensure!(first.events == again.events, "an idempotent retry must return the first result");
 
+    // Project the log into the read models and show what builders will query.
+    let runner = amplog_projections::Runner::new(service.pool().clone(), service.store().clone(), "demo");
+    if runner.catch_up().await? {
+        let rows: Vec<(String, String, bool, String)> = sqlx::query_as(
+            "SELECT key, health, paused, doc->'last_operation'->>'status' FROM installations
+             WHERE project_id = $1 ORDER BY key",
+        )
+        .bind(ctx.project_id.0)
+        .fetch_all(service.pool())
+        .await?;
+        println!();
+        println!("read models (projected from the log):");
+        for (id, health, paused, last) in rows {
+            println!("  installation {id}: health {health}, paused {paused}, last operation {last}");
+        }
+    }
+
     println!();
     println!("installations: {inst_a} (customer-42), {inst_b} (customer-77)");
     println!("next: amplog history --installation {inst_a}");

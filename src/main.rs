@@ -44,6 +44,31 @@ enum Cmd {
         #[arg(long)]
         installation: Option<uuid::Uuid>,
     },
+    /// The read-model projector: run it, see where it stands, rebuild, or print metrics.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectionsCmd {
+    /// Project the log into the read models until interrupted (one leader at a time).
+    Run {
+        /// Events per batch.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: i64,
+    },
+    /// Position, lag and leader of each projector.
+    Status,
+    /// Rebuild the read models from the whole log into shadow tables and swap them in.
+    Rebuild {
+        /// The projector to rebuild (there is one: read_models).
+        #[arg(default_value = amplog_projections::READ_MODELS)]
+        name: String,
+    },
+    /// Print the Prometheus metrics derived from the read models.
+    Metrics,
 }
 
 #[tokio::main]
@@ -85,6 +110,7 @@ async fn run(app: &mut config::App, command: Cmd) -> Result<i32> {
             output::history(&events, json);
             Ok(0)
         }
+        Cmd::Projections { command } => projections(app, command).await,
         Cmd::Verify { installation } => {
             let mut conn = app.pool.acquire().await?;
             let streams = match installation {
@@ -100,4 +126,53 @@ async fn run(app: &mut config::App, command: Cmd) -> Result<i32> {
             Ok(if report.is_intact() { 0 } else { 1 })
         }
     }
+}
+
+async fn projections(app: &mut config::App, command: ProjectionsCmd) -> Result<i32> {
+    use amplog_projections::{rebuild, status, Runner, READ_MODELS};
+    match command {
+        ProjectionsCmd::Run { batch_size } => {
+            let holder = format!("{}:{}", hostname(), std::process::id());
+            let mut runner = Runner::new(app.pool.clone(), amplog_commands::EventStore::default(), holder);
+            runner.batch_size = batch_size.clamp(1, 100_000);
+            runner
+                .run(async {
+                    tokio::signal::ctrl_c().await.ok();
+                })
+                .await?;
+            Ok(0)
+        }
+        ProjectionsCmd::Status => {
+            let st = status(&app.pool, READ_MODELS).await?;
+            println!("{}", serde_json::to_string_pretty(&st)?);
+            Ok(0)
+        }
+        ProjectionsCmd::Rebuild { name } => {
+            anyhow::ensure!(name == READ_MODELS, "unknown projector `{name}` (there is one: {READ_MODELS})");
+            let started = std::time::Instant::now();
+            let mut last_report = std::time::Instant::now();
+            let events = rebuild(&app.pool, &amplog_commands::EventStore::default(), |done, total| {
+                if last_report.elapsed() >= std::time::Duration::from_secs(1) || done == total {
+                    last_report = std::time::Instant::now();
+                    let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+                    eprintln!("rebuild: {done}/{total} events ({pct:.0}%)");
+                }
+            })
+            .await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "rebuilt {name} from {events} events in {secs:.1} s ({:.0} events/s)",
+                events as f64 / secs.max(1e-9)
+            );
+            Ok(0)
+        }
+        ProjectionsCmd::Metrics => {
+            print!("{}", amplog_projections::metrics::render(&app.pool).await?);
+            Ok(0)
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "amplog".into())
 }

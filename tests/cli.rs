@@ -144,3 +144,104 @@ fn the_embedded_default_works_as_a_normal_user() {
     assert!(verified.contains("intact: 19 events in 4 streams"), "{verified}");
     assert!(!data.join("pg/postmaster.pid").exists(), "the embedded server was stopped");
 }
+
+/// Usage and operations as the log says, by SQL over the raw events.
+async fn log_truth(pool: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events WHERE aggregate_type = 'operation' AND event_type = 'Requested'),
+                (SELECT coalesce(sum((e.payload->>'records')::bigint), 0)::bigint FROM events e
+                 JOIN events r ON r.aggregate_type = 'operation' AND r.aggregate_id = e.aggregate_id AND r.sequence = 1
+                 WHERE e.aggregate_type = 'operation' AND e.event_type = 'PageRecorded' AND r.payload->>'op_type' <> 'write')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn projected(pool: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM operations),
+                (SELECT coalesce(sum((doc->>'records_read')::bigint), 0)::bigint FROM usage_daily)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn projector_processes_killed_with_sigkill_hand_over_and_lose_nothing() {
+    use amplog_commands::testing::{read_of, seed};
+    use amplog_projections::{status, READ_MODELS};
+    let db = test_db().await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_amplog"))
+            .args(["projections", "run", "--batch-size", "3"])
+            .env("DATABASE_URL", &db.url)
+            .env("AMPLOG_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let leader_pid =
+        |leader: Option<String>| leader.and_then(|h| h.rsplit(':').next().and_then(|p| p.parse::<u32>().ok()));
+    let mut children = vec![spawn(), spawn()];
+    let workload = |n: usize| {
+        let service = service.clone();
+        let (ctx, installation) = (s.ctx.clone(), s.installation);
+        async move {
+            for _ in 0..n {
+                let op = amplog_domain::OperationId(
+                    service
+                        .request_operation(&ctx, installation, &read_of("contacts"))
+                        .await
+                        .unwrap()
+                        .id_of("operation")
+                        .unwrap(),
+                );
+                let lease = amplog_domain::LeaseId(uuid::Uuid::now_v7());
+                service.start_operation(&ctx, op, lease, chrono::Duration::minutes(5)).await.unwrap();
+                service.record_page(&ctx, op, lease, 7, 70, &Default::default()).await.unwrap();
+            }
+        }
+    };
+    // Three times: let a leader work, SIGKILL it mid-stream, start a replacement.
+    for _ in 0..3 {
+        let writing = tokio::spawn(workload(30));
+        let mut pid = None;
+        for _ in 0..200 {
+            pid = leader_pid(status(&db.pool, READ_MODELS).await.unwrap().leader);
+            if pid.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        let pid = pid.expect("one process leads");
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        let index = children.iter().position(|c| c.id() == pid).expect("the leader is one of ours");
+        let mut killed = children.remove(index);
+        killed.kill().unwrap(); // SIGKILL
+        killed.wait().unwrap();
+        children.push(spawn());
+        writing.await.unwrap();
+    }
+    // The survivors catch up; the read models equal the log.
+    let mut caught_up = false;
+    for _ in 0..400 {
+        let st = status(&db.pool, READ_MODELS).await.unwrap();
+        if st.leader.is_some() && st.lag_events == 0 {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    for mut child in children {
+        child.kill().ok();
+        child.wait().ok();
+    }
+    assert!(caught_up, "a surviving process took over and caught up");
+    assert_eq!(projected(&db.pool).await, log_truth(&db.pool).await);
+    assert_eq!(log_truth(&db.pool).await, (90, 90 * 7));
+}

@@ -8,7 +8,10 @@ CREATE TABLE projector_leases (
     token       bigint      NOT NULL DEFAULT 0,
     holder      text,
     acquired_at timestamptz,
-    heartbeat   timestamptz
+    heartbeat   timestamptz,
+    -- The last applied batch, for the batch-latency metric.
+    last_batch_events integer,
+    last_batch_ms     double precision
 );
 
 CREATE TABLE installations (

@@ -5,6 +5,7 @@
 
 pub mod docs;
 pub mod fold;
+pub mod metrics;
 pub mod runtime;
 
 pub use runtime::{rebuild, status, wait_for_position, ProjectorStatus, Runner, READ_MODELS};

@@ -114,6 +114,12 @@ impl Runner {
                 let started = Instant::now();
                 Fold::apply_batch(&mut tx, &Tables::live(), &self.store, &batch).await?;
                 LogReader::save_checkpoint(&mut tx, &self.name, last.cursor()).await?;
+                sqlx::query("UPDATE projector_leases SET last_batch_events = $2, last_batch_ms = $3 WHERE name = $1")
+                    .bind(&self.name)
+                    .bind(batch.len() as i32)
+                    .bind(started.elapsed().as_secs_f64() * 1000.0)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
                 tracing::debug!(projector = %self.name, events = batch.len(), ms = started.elapsed().as_millis() as u64, "batch applied");
             } else {

@@ -511,3 +511,47 @@ async fn read_states_usage_and_health_follow_an_installation() {
         .unwrap();
     assert_eq!(streams, 3, "installation, connection, operation");
 }
+
+#[tokio::test]
+async fn metrics_come_from_the_log_and_read_the_same_after_a_restart() {
+    let db = test_db_with(12).await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let op = OperationId(
+        service
+            .request_operation(&s.ctx, s.installation, &read_of("contacts"))
+            .await
+            .unwrap()
+            .id_of("operation")
+            .unwrap(),
+    );
+    let lease = LeaseId(Uuid::now_v7());
+    service.start_operation(&s.ctx, op, lease, chrono::Duration::minutes(5)).await.unwrap();
+    service.record_page(&s.ctx, op, lease, 120, 4096, &Cursor::default()).await.unwrap();
+    service.succeed_operation(&s.ctx, op, lease).await.unwrap();
+    service.request_operation(&s.ctx, s.installation, &read_of("deals")).await.unwrap();
+    Runner::new(db.pool.clone(), EventStore::default(), "m").catch_up().await.unwrap();
+
+    let text = amplog_projections::metrics::render(&db.pool).await.unwrap();
+    let p = s.ctx.project_id;
+    for line in [
+        format!("amplog_records_read_total{{project=\"{p}\"}} 120"),
+        format!("amplog_bytes_total{{project=\"{p}\"}} 4096"),
+        format!("amplog_operations{{project=\"{p}\",type=\"read\",status=\"succeeded\"}} 1.0"),
+        format!("amplog_operations{{project=\"{p}\",type=\"read\",status=\"pending\"}} 1.0"),
+        format!("amplog_operations_finished_total{{project=\"{p}\",type=\"read\",status=\"succeeded\"}} 1"),
+        format!("amplog_connections{{project=\"{p}\",status=\"created\"}} 1.0"),
+        format!("amplog_active_installations{{project=\"{p}\",health=\"healthy\"}} 1.0"),
+        "amplog_operation_duration_seconds_count{type=\"read\"} 1".to_string(),
+        "amplog_projector_lag_events{projector=\"read_models\"} 0.0".to_string(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+    }
+    // Another process (a new pool) renders the same metrics: nothing lived in memory.
+    let fresh = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&db.url).await.unwrap();
+    let again = amplog_projections::metrics::render(&fresh).await.unwrap();
+    let stable = |t: &str| {
+        t.lines().filter(|l| !l.starts_with("amplog_projector_lag_seconds")).map(str::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(stable(&again), stable(&text));
+}

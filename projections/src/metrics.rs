@@ -1,0 +1,199 @@
+//! Prometheus metrics, derived at scrape time from the read models and the projector
+//! state in PostgreSQL — not from in-process counters — so they read the same after a
+//! restart and on every replica. Text exposition through `prometheus-client`.
+
+use crate::runtime::{status, READ_MODELS};
+use crate::ProjectionError;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use sqlx::{PgPool, Row};
+
+type Labels = Vec<(String, String)>;
+/// One metric family: name, help, and a value per label set.
+type Family<T> = (&'static str, &'static str, Vec<(Labels, T)>);
+/// One histogram series: labels, sum, count, cumulative buckets.
+type HistogramSeries = (Labels, f64, u64, Vec<(f64, u64)>);
+
+/// Upper bounds (seconds) of the operation duration histogram.
+pub const DURATION_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0];
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    gauges: Vec<Family<f64>>,
+    /// Named without `_total`: the encoder appends it.
+    counters: Vec<Family<u64>>,
+    durations: Vec<HistogramSeries>,
+}
+
+impl prometheus_client::collector::Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, series) in &self.gauges {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (labels, value) in series {
+                metric.encode_family(labels)?.encode_gauge(value)?;
+            }
+        }
+        for (name, help, series) in &self.counters {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, value) in series {
+                metric.encode_family(labels)?.encode_counter::<Labels, u64, u64>(value, None)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "amplog_operation_duration_seconds",
+            "Durations of finished operations, from start to finish",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (labels, sum, count, buckets) in &self.durations {
+            metric.encode_family(labels)?.encode_histogram::<Labels>(*sum, *count, buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
+fn labels(pairs: &[(&str, String)]) -> Labels {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+}
+
+/// Renders every metric in the Prometheus text format.
+pub async fn render(pool: &PgPool) -> Result<String, ProjectionError> {
+    let mut snap = Snapshot::default();
+
+    let rows = sqlx::query("SELECT project_id::text AS p, op_type, status, count(*) AS n FROM operations GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
+        .fetch_all(pool)
+        .await?;
+    snap.gauges.push((
+        "amplog_operations",
+        "Operations by project, type and current status",
+        rows.iter()
+            .map(|r| {
+                let l = labels(&[("project", r.get("p")), ("type", r.get("op_type")), ("status", r.get("status"))]);
+                (l, r.get::<i64, _>("n") as f64)
+            })
+            .collect(),
+    ));
+
+    let rows = sqlx::query(
+        "SELECT project_id::text AS p, sum((doc->>'records_read')::bigint)::bigint AS read,
+                sum((doc->>'records_written')::bigint)::bigint AS written, sum((doc->>'bytes')::bigint)::bigint AS bytes,
+                sum((doc->>'proxy_calls')::bigint)::bigint AS proxy
+         FROM usage_daily GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (name, help, column) in [
+        ("amplog_records_read", "Records read from providers", "read"),
+        ("amplog_records_written", "Records written to providers", "written"),
+        ("amplog_bytes", "Bytes moved by reads and writes", "bytes"),
+        ("amplog_proxy_calls", "Proxy calls requested", "proxy"),
+    ] {
+        let series =
+            rows.iter().map(|r| (labels(&[("project", r.get("p"))]), r.get::<i64, _>(column) as u64)).collect();
+        snap.counters.push((name, help, series));
+    }
+
+    let rows = sqlx::query(
+        "SELECT project_id::text AS p, split_part(kv.key, '.', 1) AS t, split_part(kv.key, '.', 2) AS s, sum(kv.value::bigint)::bigint AS n
+         FROM usage_daily, jsonb_each_text(doc->'operations') AS kv GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )
+    .fetch_all(pool)
+    .await?;
+    snap.counters.push((
+        "amplog_operations_finished",
+        "Operations that finished, by project, type and final status",
+        rows.iter()
+            .map(|r| {
+                (
+                    labels(&[("project", r.get("p")), ("type", r.get("t")), ("status", r.get("s"))]),
+                    r.get::<i64, _>("n") as u64,
+                )
+            })
+            .collect(),
+    ));
+
+    let rows =
+        sqlx::query("SELECT project_id::text AS p, status, count(*) AS n FROM connections GROUP BY 1, 2 ORDER BY 1, 2")
+            .fetch_all(pool)
+            .await?;
+    snap.gauges.push((
+        "amplog_connections",
+        "Connections by project and status",
+        rows.iter()
+            .map(|r| (labels(&[("project", r.get("p")), ("status", r.get("status"))]), r.get::<i64, _>("n") as f64))
+            .collect(),
+    ));
+
+    let rows = sqlx::query(
+        "SELECT project_id::text AS p, health, count(*) AS n FROM installations
+         WHERE NOT (doc->>'deleted')::boolean AND NOT paused GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await?;
+    snap.gauges.push((
+        "amplog_active_installations",
+        "Installations neither paused nor deleted, by project and health",
+        rows.iter()
+            .map(|r| (labels(&[("project", r.get("p")), ("health", r.get("health"))]), r.get::<i64, _>("n") as f64))
+            .collect(),
+    ));
+
+    let bounds: Vec<f64> = DURATION_BUCKETS.to_vec();
+    let rows = sqlx::query(
+        "SELECT op_type, count(*) AS n, coalesce(sum((doc->>'duration_ms')::float8), 0) / 1000.0 AS sum,
+                array_agg((doc->>'duration_ms')::float8 / 1000.0) AS durations
+         FROM operations WHERE doc->>'duration_ms' IS NOT NULL GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    for r in &rows {
+        let durations: Vec<f64> = r.get("durations");
+        let mut buckets: Vec<(f64, u64)> =
+            bounds.iter().map(|b| (*b, durations.iter().filter(|d| **d <= *b).count() as u64)).collect();
+        buckets.push((f64::INFINITY, durations.len() as u64));
+        snap.durations.push((
+            labels(&[("type", r.get("op_type"))]),
+            r.get("sum"),
+            r.get::<i64, _>("n") as u64,
+            buckets,
+        ));
+    }
+
+    let st = status(pool, READ_MODELS).await?;
+    let projector = labels(&[("projector", st.name.clone())]);
+    let batch: Option<(Option<i32>, Option<f64>)> =
+        sqlx::query_as("SELECT last_batch_events, last_batch_ms FROM projector_leases WHERE name = $1")
+            .bind(READ_MODELS)
+            .fetch_optional(pool)
+            .await?;
+    let (batch_events, batch_ms) = batch.unwrap_or_default();
+    for (name, help, value) in [
+        ("amplog_projector_lag_events", "Events in the log the projector has not applied", st.lag_events as f64),
+        ("amplog_projector_lag_seconds", "Age of the oldest event the projector has not applied", st.lag_seconds),
+        (
+            "amplog_projector_leader",
+            "1 when a process leads the projector",
+            if st.leader.is_some() { 1.0 } else { 0.0 },
+        ),
+        (
+            "amplog_projector_last_batch_events",
+            "Events in the projector's last batch",
+            batch_events.unwrap_or(0) as f64,
+        ),
+        (
+            "amplog_projector_last_batch_seconds",
+            "How long the projector's last batch took",
+            batch_ms.unwrap_or(0.0) / 1000.0,
+        ),
+    ] {
+        snap.gauges.push((name, help, vec![(projector.clone(), value)]));
+    }
+
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(snap));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .map_err(|e| ProjectionError::Corrupt(e.to_string()))?;
+    Ok(out)
+}
