@@ -133,11 +133,17 @@ fn service(pool: &PgPool) -> CommandService {
     CommandService::new(pool.clone(), EventStore::default(), CredentialStore::new(key))
 }
 
+/// A writer's project, installation and running read operation.
+#[derive(Clone)]
+struct Writer {
+    ctx: CommandContext,
+    installation: InstallationId,
+    op: OperationId,
+    lease: LeaseId,
+}
+
 /// One project per writer with an installation and a running read operation.
-async fn setup_writers(
-    service: &CommandService,
-    writers: usize,
-) -> Result<Vec<(CommandContext, OperationId, LeaseId)>> {
+async fn setup_writers(service: &CommandService, writers: usize) -> Result<Vec<Writer>> {
     let mut out = Vec::new();
     for _ in 0..writers {
         let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "bench");
@@ -175,7 +181,7 @@ async fn setup_writers(
             OperationId(service.request_operation(&ctx, installation, &read).await?.id_of("operation").context("id")?);
         let lease = LeaseId(Uuid::now_v7());
         service.start_operation(&ctx, op, lease, chrono::Duration::days(1)).await?;
-        out.push((ctx, op, lease));
+        out.push(Writer { ctx, installation, op, lease });
     }
     Ok(out)
 }
@@ -215,7 +221,7 @@ async fn single_event(pool: &PgPool, report: &mut Report, writers: usize, durati
     let ours = drive(writers, duration, move |w, i| {
         let (svc, setup) = (svc.clone(), setup.clone());
         async move {
-            let (ctx, op, lease) = &setup[w];
+            let Writer { ctx, op, lease, .. } = &setup[w];
             Ok(svc.record_page(ctx, *op, *lease, 100, 51_200, &page(i).cursor).await?.events.len() as u64)
         }
     })
@@ -244,7 +250,7 @@ async fn hundred_event(pool: &PgPool, report: &mut Report, writers: usize, durat
     let ours = drive(writers, duration, move |w, i| {
         let (svc, setup) = (svc.clone(), setup.clone());
         async move {
-            let (ctx, op, lease) = &setup[w];
+            let Writer { ctx, op, lease, .. } = &setup[w];
             let pages: Vec<PageRecord> = (0..100).map(|p| page(i * 100 + p)).collect();
             Ok(svc.record_pages(ctx, *op, *lease, &pages).await?.events.len() as u64)
         }
@@ -271,18 +277,36 @@ async fn catch_up(pool: &PgPool, report: &mut Report, target: i64) -> Result<()>
     let svc = service(pool);
     let setup = Arc::new(setup_writers(&svc, 8).await?);
     let mut have: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
-    eprintln!("filling the log to {target} events through 100-event commands...");
+    eprintln!(
+        "filling the log to {target} events: read operations of 100 events each (request, start, 96 pages, succeed)..."
+    );
     let mut round = 0u64;
     while have < target {
         let tasks: Vec<_> = setup
             .iter()
             .cloned()
-            .map(|(ctx, op, lease)| {
+            .map(|w| {
                 let svc = svc.clone();
                 tokio::spawn(async move {
-                    let pages: Vec<PageRecord> = (0..100).map(|p| page(round * 100 + p)).collect();
-                    for _ in 0..25 {
-                        svc.record_pages(&ctx, op, lease, &pages).await?;
+                    let read = NewOperation {
+                        op_type: OperationType::Read,
+                        object: "contacts".into(),
+                        since: None,
+                        until: None,
+                        trigger: Trigger::Scheduled,
+                    };
+                    let pages: Vec<PageRecord> = (0..96).map(|p| page(round * 100 + p)).collect();
+                    for _ in 0..10 {
+                        let op = OperationId(
+                            svc.request_operation(&w.ctx, w.installation, &read)
+                                .await?
+                                .id_of("operation")
+                                .context("id")?,
+                        );
+                        let lease = LeaseId(Uuid::now_v7());
+                        svc.start_operation(&w.ctx, op, lease, chrono::Duration::hours(1)).await?;
+                        svc.record_pages(&w.ctx, op, lease, &pages).await?;
+                        svc.succeed_operation(&w.ctx, op, lease).await?;
                     }
                     Ok::<_, anyhow::Error>(())
                 })
@@ -291,9 +315,9 @@ async fn catch_up(pool: &PgPool, report: &mut Report, target: i64) -> Result<()>
         for t in tasks {
             t.await??;
         }
-        have += 8 * 25 * 100;
+        have += 8 * 10 * 100;
         round += 1;
-        if round % 5 == 0 {
+        if round % 20 == 0 {
             eprintln!("  {have} events");
         }
     }
@@ -348,6 +372,105 @@ async fn catch_up(pool: &PgPool, report: &mut Report, target: i64) -> Result<()>
         &raw,
         true,
     );
+
+    eprintln!("rebuild of every read model from {have} events...");
+    let start = Instant::now();
+    let mut last_report = Instant::now();
+    let rebuilt = amplog_projections::rebuild(pool, &EventStore::default(), |done, total| {
+        if last_report.elapsed() > Duration::from_secs(5) {
+            last_report = Instant::now();
+            eprintln!("  {done}/{total}");
+        }
+    })
+    .await?;
+    let elapsed = start.elapsed();
+    let ours = Stats { ops: 1, events: rebuilt, elapsed, latencies: vec![elapsed] };
+    report.pair(
+        &format!("rebuild of all read models from {have} events (vs the same ordered SELECT scan)"),
+        "events/s",
+        &ours,
+        &raw,
+        true,
+    );
+    Ok(())
+}
+
+/// Projection lag at a steady command rate: the time from a command's commit until the
+/// projector's checkpoint has passed its event, for every command.
+async fn projection_lag(pool: &PgPool, report: &mut Report, rate: u64, duration: Duration) -> Result<()> {
+    let svc = service(pool);
+    let per_tick = (rate / 100).max(1) as usize;
+    // One stream per command of a tick, so commands of a tick never conflict.
+    let setup = Arc::new(setup_writers(&svc, per_tick).await?);
+    let runner = amplog_projections::Runner::new(pool.clone(), EventStore::default(), "bench");
+    let projector = tokio::spawn(async move { runner.run(std::future::pending()).await });
+    tokio::time::sleep(Duration::from_secs(2)).await; // leadership and catch-up
+    eprintln!("projection lag at {rate} events/s for {} s...", duration.as_secs());
+    let pending: Arc<std::sync::Mutex<Vec<(i64, Instant)>>> = Arc::default();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let (pool, pending, done) = (pool.clone(), pending.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut lags = Vec::new();
+            loop {
+                let waiting: Vec<i64> = pending.lock().unwrap().iter().map(|(p, _)| *p).collect();
+                if waiting.is_empty() && done.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Ok::<_, anyhow::Error>(lags);
+                }
+                let projected: Vec<i64> = sqlx::query_scalar(
+                    "SELECT e.position FROM events e JOIN reader_checkpoints c ON c.name = 'read_models'
+                     WHERE e.position = ANY($1) AND (e.transaction_id, e.position) <= (c.transaction_id, c.position)",
+                )
+                .bind(&waiting)
+                .fetch_all(&pool)
+                .await?;
+                let now = Instant::now();
+                pending.lock().unwrap().retain(|(p, t)| {
+                    if projected.contains(p) {
+                        lags.push(now - *t);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        tick.tick().await;
+        let mut batch = Vec::new();
+        for k in 0..per_tick {
+            let (svc, setup, pending) = (svc.clone(), setup.clone(), pending.clone());
+            let w = k;
+            batch.push(tokio::spawn(async move {
+                let Writer { ctx, op, lease, .. } = &setup[w];
+                let outcome = svc.record_page(ctx, *op, *lease, 10, 100, &Cursor::default()).await?;
+                pending.lock().unwrap().push((outcome.last_position().context("position")?, Instant::now()));
+                Ok::<_, anyhow::Error>(())
+            }));
+        }
+        for t in batch {
+            t.await??;
+        }
+    }
+    let elapsed = start.elapsed();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lags = tokio::time::timeout(Duration::from_secs(60), probe).await???;
+    projector.abort();
+    let stats = Stats { ops: lags.len() as u64, events: lags.len() as u64, elapsed, latencies: lags };
+    let row = format!(
+        "| projection lag at a steady {rate} events/s (achieved {:.0}/s, {} events) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | — | target p99 < 500 ms |",
+        stats.events_per_sec(),
+        stats.ops,
+        ms(stats.percentile(0.5)),
+        ms(stats.percentile(0.99)),
+        ms(stats.percentile(1.0))
+    );
+    eprintln!("{row}");
+    report.rows.push(row);
     Ok(())
 }
 
@@ -361,6 +484,7 @@ async fn main() -> Result<()> {
     single_event(&pool, &mut report, 32, duration).await?;
     hundred_event(&pool, &mut report, 8, duration).await?;
     catch_up(&pool, &mut report, args.catchup_events).await?;
+    projection_lag(&pool, &mut report, 1000, Duration::from_secs(args.seconds.max(10))).await?;
     println!("| benchmark | amplog | raw baseline | ratio |");
     println!("|---|---|---|---|");
     for row in report.rows {
