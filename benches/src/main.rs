@@ -406,27 +406,22 @@ async fn projection_lag(pool: &PgPool, report: &mut Report, rate: u64, duration:
     let projector = tokio::spawn(async move { runner.run(std::future::pending()).await });
     tokio::time::sleep(Duration::from_secs(2)).await; // leadership and catch-up
     eprintln!("projection lag at {rate} events/s for {} s...", duration.as_secs());
-    let pending: Arc<std::sync::Mutex<Vec<(i64, Instant)>>> = Arc::default();
+    let pending: Arc<std::sync::Mutex<Vec<(LogCursor, Instant)>>> = Arc::default();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let probe = {
         let (pool, pending, done) = (pool.clone(), pending.clone(), done.clone());
         tokio::spawn(async move {
             let mut lags = Vec::new();
             loop {
-                let waiting: Vec<i64> = pending.lock().unwrap().iter().map(|(p, _)| *p).collect();
-                if waiting.is_empty() && done.load(std::sync::atomic::Ordering::SeqCst) {
+                if pending.lock().unwrap().is_empty() && done.load(std::sync::atomic::Ordering::SeqCst) {
                     return Ok::<_, anyhow::Error>(lags);
                 }
-                let projected: Vec<i64> = sqlx::query_scalar(
-                    "SELECT e.position FROM events e JOIN reader_checkpoints c ON c.name = 'read_models'
-                     WHERE e.position = ANY($1) AND (e.transaction_id, e.position) <= (c.transaction_id, c.position)",
-                )
-                .bind(&waiting)
-                .fetch_all(&pool)
-                .await?;
+                let mut conn = pool.acquire().await?;
+                let checkpoint = LogReader::checkpoint(&mut conn, amplog_projections::READ_MODELS).await?;
+                drop(conn);
                 let now = Instant::now();
-                pending.lock().unwrap().retain(|(p, t)| {
-                    if projected.contains(p) {
+                pending.lock().unwrap().retain(|(cursor, t)| {
+                    if *cursor <= checkpoint {
                         lags.push(now - *t);
                         false
                     } else {
@@ -448,7 +443,7 @@ async fn projection_lag(pool: &PgPool, report: &mut Report, rate: u64, duration:
             batch.push(tokio::spawn(async move {
                 let Writer { ctx, op, lease, .. } = &setup[w];
                 let outcome = svc.record_page(ctx, *op, *lease, 10, 100, &Cursor::default()).await?;
-                pending.lock().unwrap().push((outcome.last_position().context("position")?, Instant::now()));
+                pending.lock().unwrap().push((outcome.last_cursor().context("cursor")?, Instant::now()));
                 Ok::<_, anyhow::Error>(())
             }));
         }

@@ -34,6 +34,9 @@ pub struct AppendedEvent {
     pub event_type: String,
     pub event_version: String,
     pub position: i64,
+    /// With `position`, the event's place in log order (see `LogCursor`).
+    #[serde(default)]
+    pub transaction_id: u64,
     pub hash: String,
 }
 
@@ -50,6 +53,12 @@ impl CommandOutcome {
     /// The log position of the last event, for read-your-writes.
     pub fn last_position(&self) -> Option<i64> {
         self.events.iter().map(|e| e.position).max()
+    }
+
+    /// The log cursor of the last event, for read-your-writes: a reader whose checkpoint
+    /// is at or past it has seen every event of this command.
+    pub fn last_cursor(&self) -> Option<crate::LogCursor> {
+        self.events.iter().map(|e| crate::LogCursor { transaction_id: e.transaction_id, position: e.position }).max()
     }
 
     /// The id of the first stream of `aggregate_type` the command wrote to.
@@ -342,7 +351,7 @@ impl EventStore {
                              $9::uuid[], $10::bytea[], $11::bytea[])
                       AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
                            event_id, prev_hash, hash)
-                 RETURNING event_id, position),
+                 RETURNING event_id, position, transaction_id),
              snapshots AS (
                  INSERT INTO aggregate_snapshots (aggregate_type, aggregate_id, snapshot_version, sequence, hash, state)
                  SELECT t.aggregate_type, t.aggregate_id, t.snapshot_version, t.sequence, t.hash, t.state::json
@@ -351,7 +360,7 @@ impl EventStore {
                  ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
                    SET snapshot_version = EXCLUDED.snapshot_version, sequence = EXCLUDED.sequence,
                        hash = EXCLUDED.hash, state = EXCLUDED.state, taken_at = now())
-             SELECT event_id, position FROM appended",
+             SELECT event_id, position, transaction_id::text AS xid FROM appended",
         )
         .bind(&types)
         .bind(&ids)
@@ -383,6 +392,10 @@ impl EventStore {
             _ => CommandError::Database(e),
         })?;
         let positions: HashMap<Uuid, i64> = rows.iter().map(|r| (r.get("event_id"), r.get("position"))).collect();
+        let xid: u64 = match rows.first() {
+            Some(row) => row.get::<String, _>("xid").parse().map_err(|e| CommandError::corrupt("transaction_id", e))?,
+            None => 0,
+        };
 
         Ok((0..total)
             .map(|i| AppendedEvent {
@@ -393,6 +406,7 @@ impl EventStore {
                 event_type: event_types[i].to_string(),
                 event_version: versions[i].to_string(),
                 position: positions[&event_ids[i]],
+                transaction_id: xid,
                 hash: hex::encode(&hashes[i]),
             })
             .collect())

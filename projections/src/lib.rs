@@ -7,8 +7,9 @@ pub mod docs;
 pub mod fold;
 pub mod metrics;
 pub mod runtime;
+pub mod usage;
 
-pub use runtime::{rebuild, status, wait_for_position, ProjectorStatus, Runner, READ_MODELS};
+pub use runtime::{rebuild, status, wait_for, ProjectorStatus, Runner, READ_MODELS};
 
 /// The one error of the projections boundary.
 #[derive(Debug, thiserror::Error)]

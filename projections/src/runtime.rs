@@ -273,31 +273,24 @@ pub async fn status(pool: &PgPool, name: &str) -> Result<ProjectorStatus, Projec
     })
 }
 
-/// Read-your-writes: waits (at most `timeout`) until projector `name` has applied the
-/// event at log `position`. Returns whether it has.
-pub async fn wait_for_position(
+/// Read-your-writes: waits (at most `timeout`) until projector `name` has applied every
+/// event up to `cursor` (a command's `CommandOutcome::last_cursor`). Returns whether it has.
+pub async fn wait_for(
     pool: &PgPool,
     name: &str,
-    position: i64,
+    cursor: LogCursor,
     timeout: Duration,
 ) -> Result<bool, ProjectionError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let passed: Option<bool> = sqlx::query_scalar(
-            "SELECT (c.transaction_id, c.position) >= (e.transaction_id, e.position)
-             FROM events e LEFT JOIN reader_checkpoints c ON c.name = $1 WHERE e.position = $2",
-        )
-        .bind(name)
-        .bind(position)
-        .fetch_optional(pool)
-        .await?
-        .flatten();
-        if passed == Some(true) {
+        let mut conn = pool.acquire().await?;
+        if LogReader::checkpoint(&mut conn, name).await? >= cursor {
             return Ok(true);
         }
+        drop(conn);
         if Instant::now() >= deadline {
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

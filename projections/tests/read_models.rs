@@ -6,7 +6,7 @@ use amplog_commands::testing::{credential_store, read_of, seed, test_db_with, Se
 use amplog_commands::{CommandError, CommandService, EventStore, LogCursor, LogReader};
 use amplog_domain::operation::{Cursor, ErrorClass, OperationType, PageRecord, Trigger};
 use amplog_domain::*;
-use amplog_projections::{rebuild, status, wait_for_position, Runner, READ_MODELS};
+use amplog_projections::{rebuild, status, wait_for, Runner, READ_MODELS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -417,18 +417,19 @@ async fn a_held_open_append_is_not_skipped_and_reads_can_wait_for_their_writes()
         tokio::spawn(async move { slow.pause_installation(&ctx, installation).await })
     };
     gate.reached.notified().await;
-    let mut last = 0;
+    let mut last = LogCursor::default();
     for _ in 0..50 {
         // Later appends to other streams commit while the pause is held.
         let outcome = service.request_operation(&other.ctx, other.installation, &read_of("contacts")).await;
-        last = outcome.unwrap().last_position().unwrap();
+        last = outcome.unwrap().last_cursor().unwrap();
     }
     // The projector cannot pass the held transaction, so the later requests wait too.
-    assert!(!wait_for_position(&db.pool, READ_MODELS, last, Duration::from_millis(500)).await.unwrap());
+    assert!(!wait_for(&db.pool, READ_MODELS, last, Duration::from_millis(500)).await.unwrap());
     gate.release.add_permits(1);
-    let pause = held.await.unwrap().unwrap().last_position().unwrap();
-    assert!(wait_for_position(&db.pool, READ_MODELS, pause, Duration::from_secs(10)).await.unwrap());
-    assert!(wait_for_position(&db.pool, READ_MODELS, last, Duration::from_secs(10)).await.unwrap());
+    let pause = held.await.unwrap().unwrap().last_cursor().unwrap();
+    assert!(pause < last, "the held command's transaction started first");
+    assert!(wait_for(&db.pool, READ_MODELS, pause, Duration::from_secs(10)).await.unwrap());
+    assert!(wait_for(&db.pool, READ_MODELS, last, Duration::from_secs(10)).await.unwrap());
     let paused: bool = sqlx::query_scalar("SELECT paused FROM installations WHERE key = $1")
         .bind(s.installation.to_string())
         .fetch_one(&db.pool)
@@ -503,6 +504,18 @@ async fn read_states_usage_and_health_follow_an_installation() {
     assert_eq!(
         (usage["records_read"].as_u64(), usage["bytes"].as_u64(), usage["operations"]["read.succeeded"].as_u64()),
         (Some(100), Some(1000), Some(1))
+    );
+    let months = amplog_projections::usage::monthly(&db.pool, s.ctx.project_id.0).await.unwrap();
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    assert_eq!(months.len(), 1);
+    assert_eq!(
+        (months[0].month.as_str(), months[0].records_read, months[0].bytes, months[0].active_installations),
+        (month.as_str(), 100, 1000, 1)
+    );
+    assert_eq!(months[0].operations.get("read.succeeded"), Some(&1));
+    assert!(
+        amplog_projections::usage::monthly(&db.pool, Uuid::now_v7()).await.unwrap().is_empty(),
+        "scoped by project"
     );
     let streams: i64 = sqlx::query_scalar("SELECT count(*) FROM installation_streams WHERE installation_id = $1")
         .bind(s.installation.to_string())
