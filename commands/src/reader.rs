@@ -98,6 +98,26 @@ impl LogReader {
         read_batch_in(&mut conn, after, limit).await
     }
 
+    /// How many committed events after `after` have a position up to `up_to`. An empty
+    /// batch does not mean the log is read: rows above the snapshot's xmin wait for older
+    /// transactions — of any database of the cluster — to end. Catch-up jobs read until
+    /// this is zero for the log's end as they found it.
+    pub async fn committed_after(&self, after: LogCursor, up_to: i64) -> Result<i64, CommandError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2) AND position <= $3",
+        )
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .bind(up_to)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// The highest position committed now: where a catch-up job stops.
+    pub async fn end(&self) -> Result<i64, CommandError> {
+        Ok(sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events").fetch_one(&self.pool).await?)
+    }
+
     /// A subscription from `after` that waits for new events.
     pub async fn subscribe(&self, after: LogCursor) -> Result<Subscription, CommandError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;

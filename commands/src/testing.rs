@@ -146,3 +146,18 @@ pub fn read_of(object: &str) -> crate::service::NewOperation {
         trigger: amplog_domain::operation::Trigger::Triggered,
     }
 }
+
+/// Requests a read of `object` on the seeded installation and starts it under a new
+/// five-minute lease.
+pub async fn start_read(
+    service: &CommandService,
+    s: &Seeded,
+    object: &str,
+) -> (amplog_domain::OperationId, amplog_domain::LeaseId) {
+    use amplog_domain::{LeaseId, OperationId};
+    let outcome = service.request_operation(&s.ctx, s.installation, &read_of(object)).await.expect("request a read");
+    let op = OperationId(outcome.id_of("operation").expect("an operation"));
+    let lease = LeaseId(uuid::Uuid::now_v7());
+    service.start_operation(&s.ctx, op, lease, chrono::Duration::minutes(5)).await.expect("start the read");
+    (op, lease)
+}

@@ -1,10 +1,7 @@
 //! Auditors: an installation's timeline, and hash chains that reveal any alteration.
 
 use amplog_commands::audit::{installation_history, installation_streams, verify, BreakKind};
-use amplog_commands::testing::{read_of, seed, test_db};
-use amplog_domain::*;
-use chrono::Duration;
-use uuid::Uuid;
+use amplog_commands::testing::{read_of, seed, start_read, test_db};
 
 #[tokio::test]
 async fn history_is_the_installation_its_connection_and_its_operations_in_log_order() {
@@ -12,16 +9,7 @@ async fn history_is_the_installation_its_connection_and_its_operations_in_log_or
     let service = db.service();
     let s = seed(&service).await;
     let other = seed(&service).await;
-    let op = OperationId(
-        service
-            .request_operation(&s.ctx, s.installation, &read_of("contacts"))
-            .await
-            .unwrap()
-            .id_of("operation")
-            .unwrap(),
-    );
-    let lease = LeaseId(Uuid::now_v7());
-    service.start_operation(&s.ctx, op, lease, Duration::minutes(1)).await.unwrap();
+    let (op, lease) = start_read(&service, &s, "contacts").await;
     service.request_operation(&other.ctx, other.installation, &read_of("contacts")).await.unwrap();
     service.record_refresh_failure(&s.ctx, s.connection, "invalid_grant").await.unwrap();
     service
@@ -65,16 +53,7 @@ async fn verification_finds_an_altered_a_rehashed_and_a_removed_event() {
     let db = test_db().await;
     let service = db.service();
     let s = seed(&service).await;
-    let op = OperationId(
-        service
-            .request_operation(&s.ctx, s.installation, &read_of("contacts"))
-            .await
-            .unwrap()
-            .id_of("operation")
-            .unwrap(),
-    );
-    let lease = LeaseId(Uuid::now_v7());
-    service.start_operation(&s.ctx, op, lease, Duration::minutes(1)).await.unwrap();
+    let (op, lease) = start_read(&service, &s, "contacts").await;
     for _ in 0..3 {
         service.record_page(&s.ctx, op, lease, 100, 0, &Default::default()).await.unwrap();
     }

@@ -2,12 +2,11 @@
 //! snapshots, upcasting of old rows, append-only storage, tenancy, secrets kept out.
 
 use amplog_commands::credentials::Secret;
-use amplog_commands::testing::{read_of, seed, test_db, SEED_SECRET};
+use amplog_commands::testing::{read_of, seed, start_read, test_db, SEED_SECRET};
 use amplog_commands::{CommandContext, CommandError, EventStore};
 use amplog_domain::installation::{Installation, InstallationError};
 use amplog_domain::operation::{Cursor, Operation, OperationError, OperationStatus};
 use amplog_domain::*;
-use chrono::Duration;
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -71,16 +70,7 @@ async fn a_stale_writer_gets_a_typed_conflict_never_a_lost_update() {
     let db = test_db().await;
     let service = db.service();
     let s = seed(&service).await;
-    let op = OperationId(
-        service
-            .request_operation(&s.ctx, s.installation, &read_of("contacts"))
-            .await
-            .unwrap()
-            .id_of("operation")
-            .unwrap(),
-    );
-    let lease = LeaseId(Uuid::now_v7());
-    service.start_operation(&s.ctx, op, lease, Duration::minutes(5)).await.unwrap();
+    let (op, lease) = start_read(&service, &s, "contacts").await;
     // 16 writers record a page at once: every one either lands or gets Conflict.
     let mut tasks = Vec::new();
     for i in 0..16u64 {
@@ -165,16 +155,7 @@ async fn a_snapshot_plus_its_tail_equals_a_full_replay() {
         amplog_commands::testing::credential_store(),
     );
     let s = seed(&service).await;
-    let op = OperationId(
-        service
-            .request_operation(&s.ctx, s.installation, &read_of("contacts"))
-            .await
-            .unwrap()
-            .id_of("operation")
-            .unwrap(),
-    );
-    let lease = LeaseId(Uuid::now_v7());
-    service.start_operation(&s.ctx, op, lease, Duration::minutes(5)).await.unwrap();
+    let (op, lease) = start_read(&service, &s, "contacts").await;
     for i in 0..33u64 {
         let cursor = Cursor { watermark: None, page_token: Some(format!("page-{i}")) };
         service.record_page(&s.ctx, op, lease, i, i * 10, &cursor).await.unwrap();
@@ -217,16 +198,7 @@ async fn a_v1_row_written_by_raw_sql_is_upcast_on_read() {
     let db = test_db().await;
     let service = db.service();
     let s = seed(&service).await;
-    let op = OperationId(
-        service
-            .request_operation(&s.ctx, s.installation, &read_of("contacts"))
-            .await
-            .unwrap()
-            .id_of("operation")
-            .unwrap(),
-    );
-    let lease = LeaseId(Uuid::now_v7());
-    service.start_operation(&s.ctx, op, lease, Duration::minutes(5)).await.unwrap();
+    let (op, lease) = start_read(&service, &s, "contacts").await;
     // What a release before PageRecorded 2.0 wrote.
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, project_id)
@@ -469,11 +441,7 @@ async fn two_processes_writing_one_stream_each_see_the_others_events() {
     let db = test_db().await;
     let (a, b) = (db.service(), db.service()); // separate stores and caches, like two processes
     let s = seed(&a).await;
-    let op = OperationId(
-        a.request_operation(&s.ctx, s.installation, &read_of("contacts")).await.unwrap().id_of("operation").unwrap(),
-    );
-    let lease = LeaseId(Uuid::now_v7());
-    a.start_operation(&s.ctx, op, lease, Duration::minutes(5)).await.unwrap();
+    let (op, lease) = start_read(&a, &s, "contacts").await;
     for i in 0..10u64 {
         let writer = if i % 2 == 0 { &a } else { &b };
         writer.record_page(&s.ctx, op, lease, i, 0, &Cursor::default()).await.unwrap();

@@ -136,9 +136,17 @@ impl Runner {
         let mut conn = self.pool.acquire().await?;
         let mut cursor = LogReader::checkpoint(&mut conn, &self.name).await?;
         drop(conn);
+        let end = reader.end().await?;
         loop {
             let batch = reader.read_batch(cursor, self.batch_size).await?;
-            let Some(last) = batch.last() else { break };
+            let Some(last) = batch.last() else {
+                // Empty is not the end while older transactions hold the xmin back.
+                if reader.committed_after(cursor, end).await? == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
             let mut tx = self.pool.begin().await?;
             fence(&mut tx, &self.name, leadership.token).await?;
             Fold::apply_batch(&mut tx, &Tables::live(), &self.store, &batch).await?;
@@ -186,9 +194,16 @@ pub async fn rebuild(
     drop(conn);
     let reader = LogReader::new(pool.clone());
     let (mut cursor, mut done) = (LogCursor::default(), 0u64);
+    let end = reader.end().await?;
     loop {
         let batch = reader.read_batch(cursor, 10_000).await?;
-        let Some(last) = batch.last() else { break };
+        let Some(last) = batch.last() else {
+            if reader.committed_after(cursor, end).await? == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
         let mut tx = pool.begin().await?;
         Fold::apply_batch(&mut tx, &shadow, store, &batch).await?;
         tx.commit().await?;
