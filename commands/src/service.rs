@@ -1,6 +1,7 @@
-//! The command service: one method per command users can send. Each runs in one
-//! transaction: idempotency check, loads (tenant-scoped), pure decision, credential writes,
-//! one append, commit, then a coalesced NOTIFY that wakes log readers.
+//! The command service: one method per command users can send. Each is atomic —
+//! idempotency check, loads (tenant-scoped), pure decision, credential writes, one append
+//! statement — in one transaction when it needs more than that one statement; then a
+//! coalesced NOTIFY wakes log readers.
 
 use crate::credentials::{CredentialStore, Secret};
 use crate::error::CommandError;
