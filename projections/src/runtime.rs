@@ -47,6 +47,11 @@ impl Runner {
     /// Tries to become the leader: the advisory lock, then a new fencing token.
     async fn lead(&self) -> Result<Option<Leadership>, ProjectionError> {
         let mut session = self.pool.acquire().await?.detach();
+        // The session names itself, so `status` reports whoever holds the lock right now.
+        sqlx::query("SELECT set_config('application_name', $1, false)")
+            .bind(self.holder.chars().take(63).collect::<String>())
+            .execute(&mut session)
+            .await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(lock_key(&self.name))
             .fetch_one(&mut session)
@@ -264,25 +269,26 @@ pub async fn status(pool: &PgPool, name: &str) -> Result<ProjectorStatus, Projec
     .bind(checkpoint.position)
     .fetch_one(&mut *conn)
     .await?;
-    let lease = sqlx::query("SELECT token, holder, heartbeat FROM projector_leases WHERE name = $1")
+    let lease = sqlx::query("SELECT token, heartbeat FROM projector_leases WHERE name = $1")
         .bind(name)
         .fetch_optional(&mut *conn)
         .await?;
     // The leader is whoever holds the advisory lock now, not whoever held it last.
-    let locked: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-             AND ((classid::bigint << 32) | objid::bigint) = $1)",
+    let leader: Option<String> = sqlx::query_scalar(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.granted
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
     )
     .bind(lock_key(name))
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
     Ok(ProjectorStatus {
         name: name.to_string(),
         checkpoint,
         lag_events: lag.get("events"),
         lag_seconds: lag.get::<Option<f64>, _>("seconds").unwrap_or(0.0),
-        leader: if locked { lease.as_ref().and_then(|l| l.get("holder")) } else { None },
+        leader,
         token: lease.as_ref().map(|l| l.get("token")).unwrap_or(0),
         heartbeat: lease.as_ref().and_then(|l| l.get("heartbeat")),
     })
