@@ -751,9 +751,12 @@ impl Owned for Project {
 
 fn scoped<A: Aggregate + Owned>(ctx: &CommandContext, mut loaded: Loaded<A>) -> Loaded<A> {
     if loaded.state.owner().is_some_and(|owner| owner != ctx.project_id) {
-        // Another tenant's stream: it does not exist for this caller. An append would
-        // conflict on the sequence and fail without revealing anything.
+        // Another tenant's stream: it does not exist for this caller. Seen from sequence 0,
+        // any append (a create is the only command an empty state accepts) collides with
+        // the stream's first event and fails as a conflict, revealing nothing.
         loaded.state = A::default();
+        loaded.sequence = 0;
+        loaded.hash = None;
     }
     loaded
 }

@@ -139,25 +139,33 @@ pub async fn render(pool: &PgPool) -> Result<String, ProjectionError> {
             .collect(),
     ));
 
-    let bounds: Vec<f64> = DURATION_BUCKETS.to_vec();
-    let rows = sqlx::query(
-        "SELECT op_type, count(*) AS n, coalesce(sum((doc->>'duration_ms')::float8), 0) / 1000.0 AS sum,
-                array_agg((doc->>'duration_ms')::float8 / 1000.0) AS durations
-         FROM operations WHERE doc->>'duration_ms' IS NOT NULL GROUP BY 1 ORDER BY 1",
-    )
+    // Bucket counts are computed by PostgreSQL: a scrape never ships every duration.
+    let filters: Vec<String> = DURATION_BUCKETS
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("count(*) FILTER (WHERE d <= {b:?}) AS b{i}"))
+        .collect();
+    let rows = sqlx::query(&format!(
+        "SELECT op_type, count(*) AS n, coalesce(sum(d), 0) AS sum, {}
+         FROM (SELECT op_type, (doc->>'duration_ms')::float8 / 1000.0 AS d FROM operations
+               WHERE doc->>'duration_ms' IS NOT NULL) AS finished
+         GROUP BY 1 ORDER BY 1",
+        filters.join(", ")
+    ))
     .fetch_all(pool)
     .await?;
     for r in &rows {
-        let durations: Vec<f64> = r.get("durations");
-        let mut buckets: Vec<(f64, u64)> =
-            bounds.iter().map(|b| (*b, durations.iter().filter(|d| **d <= *b).count() as u64)).collect();
-        buckets.push((f64::INFINITY, durations.len() as u64));
-        snap.durations.push((
-            labels(&[("type", r.get("op_type"))]),
-            r.get("sum"),
-            r.get::<i64, _>("n") as u64,
-            buckets,
-        ));
+        let count = r.get::<i64, _>("n") as u64;
+        // The encoder cumulates: it takes each bucket's own count, not the running total.
+        let mut below = 0u64;
+        let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(DURATION_BUCKETS.len() + 1);
+        for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+            let cumulative = r.get::<i64, _>(format!("b{i}").as_str()) as u64;
+            buckets.push((*bound, cumulative - below));
+            below = cumulative;
+        }
+        buckets.push((f64::INFINITY, count - below));
+        snap.durations.push((labels(&[("type", r.get("op_type"))]), r.get("sum"), count, buckets));
     }
 
     let st = status(pool, READ_MODELS).await?;

@@ -559,6 +559,20 @@ async fn metrics_come_from_the_log_and_read_the_same_after_a_restart() {
     ] {
         assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
     }
+    // Buckets are cumulative: non-decreasing, ending at the count; the smallest holds
+    // exactly the operations that took 100 ms or less.
+    let buckets: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("amplog_operation_duration_seconds_bucket{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(buckets.len(), amplog_projections::metrics::DURATION_BUCKETS.len() + 1, "{text}");
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]) && *buckets.last().unwrap() == 1, "{buckets:?}");
+    let fast: i64 = sqlx::query_scalar("SELECT count(*) FROM operations WHERE (doc->>'duration_ms')::float8 <= 100")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(buckets[0], fast as u64);
     // Another process (a new pool) renders the same metrics: nothing lived in memory.
     let fresh = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&db.url).await.unwrap();
     let again = amplog_projections::metrics::render(&fresh).await.unwrap();
