@@ -581,3 +581,56 @@ async fn metrics_come_from_the_log_and_read_the_same_after_a_restart() {
     };
     assert_eq!(stable(&again), stable(&text));
 }
+
+#[tokio::test]
+async fn a_rebuild_while_the_live_projector_runs_swaps_in_and_loses_nothing() {
+    let db = test_db_with(32).await;
+    let mut w = workload(&db, 3).await;
+    run_workload(&mut w, 21, 30).await;
+    let mut runner = Runner::new(db.pool.clone(), EventStore::default(), "live");
+    runner.batch_size = 17;
+    let live = tokio::spawn(async move { runner.run(std::future::pending()).await });
+    // Writes go on during the rebuild; a reader of the live tables is never refused.
+    let writer = {
+        let mut w = Workload {
+            service: w.service.clone(),
+            projects: w.projects.iter().map(clone_seeded).collect(),
+            operations: w.operations.clone(),
+        };
+        tokio::spawn(async move {
+            run_workload(&mut w, 22, 30).await;
+        })
+    };
+    let reader = {
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            for _ in 0..50 {
+                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM operations").fetch_one(&pool).await.unwrap();
+                assert!(n >= 0);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    rebuild(&db.pool, &EventStore::default(), |_, _| {}).await.unwrap();
+    writer.await.unwrap();
+    reader.await.unwrap();
+    let mut caught_up = false;
+    for _ in 0..400 {
+        if status(&db.pool, READ_MODELS).await.unwrap().lag_events == 0 {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(caught_up, "the fenced live projector resumed from the rebuilt checkpoint");
+    live.abort();
+    let _ = live.await;
+    assert_matches_independent_fold(&db.pool).await;
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE tablename LIKE '%\\_\\_rebuild' OR tablename LIKE '%\\_\\_old'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0, "no shadow table is left behind");
+}
