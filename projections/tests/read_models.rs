@@ -256,6 +256,17 @@ async fn independent_fold(
     (ops, installs, conns)
 }
 
+/// Polls the projector's status (every 25 ms, up to 10 s) until `done` holds.
+async fn status_until(pool: &sqlx::PgPool, done: impl Fn(&amplog_projections::ProjectorStatus) -> bool) -> bool {
+    for _ in 0..400 {
+        if done(&status(pool, READ_MODELS).await.unwrap()) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
 async fn assert_matches_independent_fold(pool: &sqlx::PgPool) {
     let (ops, installs, conns) = independent_fold(pool).await;
     let rows: Vec<(String, Value)> = sqlx::query_as("SELECT key, doc FROM operations").fetch_all(pool).await.unwrap();
@@ -372,15 +383,8 @@ async fn one_leader_at_a_time_and_a_takeover_when_it_dies() {
         async move { runner.run(std::future::pending()).await }
     });
     // Let a lead first.
-    let mut leader = None;
-    for _ in 0..100 {
-        leader = status(&db.pool, READ_MODELS).await.unwrap().leader;
-        if leader.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(leader.as_deref(), Some("process-a"));
+    assert!(status_until(&db.pool, |st| st.leader.is_some()).await);
+    assert_eq!(status(&db.pool, READ_MODELS).await.unwrap().leader.as_deref(), Some("process-a"));
     let b = tokio::spawn({
         let runner = Runner::new(db.pool.clone(), EventStore::default(), "process-b");
         async move { runner.run(std::future::pending()).await }
@@ -392,15 +396,7 @@ async fn one_leader_at_a_time_and_a_takeover_when_it_dies() {
     a.abort();
     let _ = a.await;
     run_workload(&mut w, 12, 20).await;
-    let mut took_over = false;
-    for _ in 0..200 {
-        let st = status(&db.pool, READ_MODELS).await.unwrap();
-        if st.leader.as_deref() == Some("process-b") && st.lag_events == 0 {
-            took_over = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let took_over = status_until(&db.pool, |st| st.leader.as_deref() == Some("process-b") && st.lag_events == 0).await;
     assert!(took_over, "process-b took over and caught up");
     b.abort();
     let _ = b.await;
@@ -614,14 +610,7 @@ async fn a_rebuild_while_the_live_projector_runs_swaps_in_and_loses_nothing() {
     rebuild(&db.pool, &EventStore::default(), |_, _| {}).await.unwrap();
     writer.await.unwrap();
     reader.await.unwrap();
-    let mut caught_up = false;
-    for _ in 0..400 {
-        if status(&db.pool, READ_MODELS).await.unwrap().lag_events == 0 {
-            caught_up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let caught_up = status_until(&db.pool, |st| st.lag_events == 0).await;
     assert!(caught_up, "the fenced live projector resumed from the rebuilt checkpoint");
     live.abort();
     let _ = live.await;
