@@ -239,10 +239,9 @@ impl CommandService {
         uow: &mut UnitOfWork,
         loaded: &Loaded<A>,
         command: &A::Command,
-    ) -> Result<A, CommandError> {
-        let (pending, state) = self.store.decide(loaded, command)?;
-        uow.streams.push(pending);
-        Ok(state)
+    ) -> Result<(), CommandError> {
+        uow.streams.push(self.store.decide(loaded, command)?);
+        Ok(())
     }
 
     async fn commit(&self, mut uow: UnitOfWork) -> Result<CommandOutcome, CommandError> {

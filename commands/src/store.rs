@@ -251,12 +251,12 @@ impl EventStore {
         }
     }
 
-    /// Decides `command` on a loaded stream: the events to append and the new state.
+    /// Decides `command` on a loaded stream: the events to append, with the new state.
     pub(crate) fn decide<A: Aggregate>(
         &self,
         loaded: &Loaded<A>,
         command: &A::Command,
-    ) -> Result<(PendingStream, A), CommandError> {
+    ) -> Result<PendingStream, CommandError> {
         let events = loaded.state.decide(command).map_err(Into::into)?;
         let mut state = loaded.state.clone();
         for event in &events {
@@ -267,18 +267,15 @@ impl EventStore {
             let json = serde_json::to_string(&state).expect("aggregate state always serialises");
             (A::SNAPSHOT_VERSION, json)
         });
-        Ok((
-            PendingStream {
-                aggregate_type: A::TYPE,
-                aggregate_id: loaded.id.clone(),
-                base_sequence: loaded.sequence,
-                base_hash: loaded.hash.clone(),
-                events: events.iter().map(DomainEvent::to_parts).collect(),
-                snapshot,
-                state: Arc::new(state.clone()),
-            },
-            state,
-        ))
+        Ok(PendingStream {
+            aggregate_type: A::TYPE,
+            aggregate_id: loaded.id.clone(),
+            base_sequence: loaded.sequence,
+            base_hash: loaded.hash.clone(),
+            events: events.iter().map(DomainEvent::to_parts).collect(),
+            snapshot,
+            state: Arc::new(state),
+        })
     }
 
     /// Writes the pending streams (and their due snapshots) with one statement. A unique
