@@ -242,7 +242,13 @@ impl Fold {
                     Some(op) => (op.installation_id, op.object.clone(), op.op_type.clone()),
                     None => continue,
                 },
-                Decoded::Installation(InstallationEvent::OperationRequested { at, .. }) => {
+                // Only proxy requests count in usage when requested (reads and writes count
+                // their pages and outcomes).
+                Decoded::Installation(InstallationEvent::OperationRequested {
+                    at,
+                    op_type: OperationType::Proxy,
+                    ..
+                }) => {
                     usage.insert(usage_key(event.aggregate_id.parse().unwrap_or_default(), *at));
                     continue;
                 }
