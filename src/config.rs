@@ -27,10 +27,19 @@ impl App {
                 (pg.database().await?, Some(pg))
             }
         };
-        let pool = amplog_commands::connect_and_migrate(options, 16)
+        let pool_size = match std::env::var("AMPLOG_DB_POOL") {
+            Ok(n) => n.parse().context("AMPLOG_DB_POOL is not a number")?,
+            Err(_) => 16,
+        };
+        let pool = amplog_commands::connect_and_migrate(options, pool_size)
             .await
             .context("connecting to PostgreSQL and migrating")?;
         Ok(Self { pool, embedded, data_dir: data_dir.to_path_buf() })
+    }
+
+    /// Whether amplog runs its own PostgreSQL (then it also runs the projectors in `serve`).
+    pub fn is_embedded(&self) -> bool {
+        self.embedded.is_some()
     }
 
     pub fn service(&self) -> Result<CommandService> {

@@ -5,6 +5,7 @@ mod config;
 mod demo;
 mod embedded;
 mod output;
+mod serve;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -44,11 +45,62 @@ enum Cmd {
         #[arg(long)]
         installation: Option<uuid::Uuid>,
     },
+    /// Serve the API: GraphQL at /graphql (WebSocket subscriptions at /graphql/ws), the
+    /// audit export, /healthz, /readyz and /metrics. Stops gracefully on Ctrl-C or SIGTERM.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "AMPLOG_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Development mode: GraphiQL at GET /graphql and schema introspection.
+        #[arg(long, env = "AMPLOG_DEV")]
+        dev: bool,
+        /// Run the read-model projector in this process (default: only on the embedded
+        /// PostgreSQL; with DATABASE_URL run `amplog projections run` beside the API).
+        #[arg(long, value_enum, default_value_t = serve::Projectors::Auto)]
+        projectors: serve::Projectors,
+    },
+    /// Projects (tenants).
+    Projects {
+        #[command(subcommand)]
+        command: ProjectsCmd,
+    },
+    /// API keys: create (printed once), list, revoke.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCmd,
+    },
     /// The read-model projector: run it, see where it stands, rebuild, or print metrics.
     Projections {
         #[command(subcommand)]
         command: ProjectionsCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum ProjectsCmd {
+    /// Create a project; prints its id.
+    Create { name: String },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Create a key for a project and print it (the only time it is shown).
+    Create {
+        #[arg(long)]
+        project: uuid::Uuid,
+        #[arg(long, value_parser = ["read", "write", "admin"], default_value = "read")]
+        scope: String,
+        /// A note to recognise the key by.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List a project's keys (ids, scopes, dates; never the keys).
+    List {
+        #[arg(long)]
+        project: uuid::Uuid,
+    },
+    /// Revoke a key by its id: refused everywhere within a second.
+    Revoke { id: uuid::Uuid },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +163,15 @@ async fn run(app: &mut config::App, command: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Projections { command } => projections(app, command).await,
+        Cmd::Serve { listen, dev, projectors } => serve::run(app, listen, dev, projectors).await,
+        Cmd::Projects { command: ProjectsCmd::Create { name } } => serve::create_project(app, &name).await,
+        Cmd::Keys { command } => match command {
+            KeysCmd::Create { project, scope, label } => {
+                serve::create_key(app, project, &scope, label.as_deref()).await
+            }
+            KeysCmd::List { project } => serve::list_keys(app, project).await,
+            KeysCmd::Revoke { id } => serve::revoke_key(app, id).await,
+        },
         Cmd::Verify { installation } => {
             let mut conn = app.pool.acquire().await?;
             let streams = match installation {

@@ -3,15 +3,47 @@
 
 use crate::error::CommandError;
 use crate::hash::{self, Canonical};
-use crate::reader::{RecordedEvent, EVENT_COLUMNS};
+use crate::reader::{LogCursor, RecordedEvent, EVENT_COLUMNS};
+use crate::store::EventStore;
+use amplog_domain::connection::Connection;
+use amplog_domain::installation::Installation;
+use amplog_domain::operation::Operation;
+use amplog_domain::Aggregate;
+use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use serde::Serialize;
 use sqlx::{PgConnection, Row};
+use std::collections::BTreeMap;
+
+/// Which part of a timeline to read: events after `after` (log order), recorded in
+/// `[from, to]`, at most `limit`.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryRange {
+    pub after: LogCursor,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub limit: i64,
+}
+
+impl Default for HistoryRange {
+    fn default() -> Self {
+        Self { after: LogCursor::default(), from: None, to: None, limit: i64::MAX }
+    }
+}
 
 /// Every event of an installation, of its connection and of its operations, in log order.
 pub async fn installation_history(
     conn: &mut PgConnection,
     installation_id: &str,
+) -> Result<Vec<RecordedEvent>, CommandError> {
+    installation_history_in(conn, installation_id, HistoryRange::default()).await
+}
+
+/// The part of an installation's timeline `range` selects, in log order.
+pub async fn installation_history_in(
+    conn: &mut PgConnection,
+    installation_id: &str,
+    range: HistoryRange,
 ) -> Result<Vec<RecordedEvent>, CommandError> {
     let rows = sqlx::query(&format!(
         "WITH inst AS (
@@ -22,9 +54,18 @@ pub async fn installation_history(
              UNION SELECT 'connection', payload->>'connection_id' FROM inst WHERE event_type = 'Created'
              UNION SELECT 'operation', payload->>'operation_id' FROM inst WHERE event_type = 'OperationRequested')
          SELECT {EVENT_COLUMNS} FROM events e JOIN streams s ON e.aggregate_type = s.t AND e.aggregate_id = s.id
-         ORDER BY e.transaction_id, e.position"
+         WHERE (e.transaction_id, e.position) > ($2::text::xid8, $3)
+           AND ($4::timestamptz IS NULL OR e.recorded_at >= $4)
+           AND ($5::timestamptz IS NULL OR e.recorded_at <= $5)
+         ORDER BY e.transaction_id, e.position
+         LIMIT $6"
     ))
     .bind(installation_id)
+    .bind(range.after.transaction_id.to_string())
+    .bind(range.after.position)
+    .bind(range.from)
+    .bind(range.to)
+    .bind(range.limit)
     .fetch_all(conn)
     .await?;
     rows.iter().map(RecordedEvent::from_row).collect()
@@ -181,4 +222,72 @@ pub async fn installation_streams(
     .await?;
     streams.extend(rows.iter().map(|r| (r.get("t"), r.get("id"))));
     Ok(streams)
+}
+
+/// Up to which point `installation_as_of` replays.
+#[derive(Clone, Copy, Debug)]
+pub enum AsOf {
+    /// Events recorded at or before this time.
+    Time(DateTime<Utc>),
+    /// Events at or before this log position. Within a stream, positions grow with
+    /// sequences, so this is a prefix of every stream.
+    Position(i64),
+}
+
+/// An installation, its connection and its operations as they stood at a point of the
+/// past, folded from the log by the domain's own `apply`.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstallationAsOf {
+    pub installation: Installation,
+    pub connection: Option<Connection>,
+    pub operations: BTreeMap<String, Operation>,
+    /// The events replayed, and the last of them.
+    pub events: u64,
+    pub last_position: Option<i64>,
+    pub last_recorded_at: Option<DateTime<Utc>>,
+}
+
+/// Replays an installation's timeline up to `at`; `None` when it had no event by then.
+pub async fn installation_as_of(
+    conn: &mut PgConnection,
+    store: &EventStore,
+    installation_id: &str,
+    at: AsOf,
+) -> Result<Option<InstallationAsOf>, CommandError> {
+    let events = installation_history(conn, installation_id).await?;
+    let mut installation = Installation::default();
+    let mut connection: Option<Connection> = None;
+    let mut operations: BTreeMap<String, Operation> = BTreeMap::new();
+    let mut replayed = 0u64;
+    let (mut last_position, mut last_recorded_at) = (None, None);
+    for event in events.into_iter().filter(|e| match at {
+        AsOf::Time(t) => e.recorded_at <= t,
+        AsOf::Position(p) => e.position <= p,
+    }) {
+        let (kind, version) = (event.event_type.as_str(), event.event_version.as_str());
+        match event.aggregate_type.as_str() {
+            "installation" => installation.apply(&store.decode::<Installation>(kind, version, event.payload)?),
+            "connection" => connection.get_or_insert_with(Connection::default).apply(&store.decode::<Connection>(
+                kind,
+                version,
+                event.payload,
+            )?),
+            "operation" => operations
+                .entry(event.aggregate_id.clone())
+                .or_default()
+                .apply(&store.decode::<Operation>(kind, version, event.payload)?),
+            _ => continue,
+        }
+        replayed += 1;
+        last_position = Some(event.position);
+        last_recorded_at = Some(event.recorded_at);
+    }
+    Ok((replayed > 0).then_some(InstallationAsOf {
+        installation,
+        connection,
+        operations,
+        events: replayed,
+        last_position,
+        last_recorded_at,
+    }))
 }

@@ -22,6 +22,14 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// `N` bytes from the operating system's CSPRNG (for API keys, tokens, ...).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use aes_gcm::aead::rand_core::RngCore;
+    let mut bytes = [0u8; N];
+    OsRng.fill_bytes(&mut bytes);
+    bytes
+}
+
 /// The encryption key. `key_id` names it, so keys can be rotated.
 #[derive(Clone)]
 pub struct CredentialKey {

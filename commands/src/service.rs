@@ -22,6 +22,10 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+fn manifest_digest(manifest: &Manifest) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(serde_json::to_vec(manifest).expect("manifests serialise"))))
+}
+
 /// The NOTIFY channel that wakes log readers after appends commit.
 pub const EVENTS_CHANNEL: &str = "amplog_events";
 
@@ -240,7 +244,7 @@ impl CommandService {
         loaded: &Loaded<A>,
         command: &A::Command,
     ) -> Result<(), CommandError> {
-        uow.streams.push(self.store.decide(loaded, command)?);
+        uow.streams.push(self.store.decide(loaded, std::slice::from_ref(command))?);
         Ok(())
     }
 
@@ -323,15 +327,35 @@ impl CommandService {
         name: &str,
         provider: &str,
     ) -> Result<CommandOutcome, CommandError> {
+        self.declare_integration_with(ctx, name, provider, None).await
+    }
+
+    /// Declares an integration and, when a manifest is given, deploys it as revision 1 in
+    /// the same append: both events or neither.
+    pub async fn declare_integration_with(
+        &self,
+        ctx: &CommandContext,
+        name: &str,
+        provider: &str,
+        manifest: Option<&Manifest>,
+    ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        let id = Uuid::now_v7();
-        self.single::<Integration>(ctx, "integration.declare", id, &(name, provider), |_| IntegrationCommand::Declare {
-            project_id: ctx.project_id,
-            name: name.into(),
-            provider: provider.into(),
-            at,
-        })
-        .await
+        let mut uow = match self.begin(ctx, "integration.declare", &(name, provider, manifest)).await? {
+            Begun::Replayed(outcome) => return Ok(outcome),
+            Begun::Fresh(uow) => uow,
+        };
+        let loaded = self.load_in::<Integration>(&mut uow, Uuid::now_v7()).await?;
+        let mut commands =
+            vec![IntegrationCommand::Declare { project_id: ctx.project_id, name: name.into(), provider: provider.into(), at }];
+        if let Some(manifest) = manifest {
+            commands.push(IntegrationCommand::DeployRevision {
+                manifest: manifest.clone(),
+                manifest_digest: manifest_digest(manifest),
+                at,
+            });
+        }
+        uow.streams.push(self.store.decide(&loaded, &commands)?);
+        self.commit(uow).await
     }
 
     pub async fn deploy_revision(
@@ -341,10 +365,7 @@ impl CommandService {
         manifest: &Manifest,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        let digest = format!(
-            "sha256:{}",
-            hex::encode(Sha256::digest(serde_json::to_vec(manifest).expect("manifests serialise")))
-        );
+        let digest = manifest_digest(manifest);
         self.single::<Integration>(
             ctx,
             "integration.deploy_revision",

@@ -251,16 +251,21 @@ impl EventStore {
         }
     }
 
-    /// Decides `command` on a loaded stream: the events to append, with the new state.
+    /// Decides `commands`, each on the state the previous one left, on a loaded stream: the
+    /// events to append (all or none), with the new state.
     pub(crate) fn decide<A: Aggregate>(
         &self,
         loaded: &Loaded<A>,
-        command: &A::Command,
+        commands: &[A::Command],
     ) -> Result<PendingStream, CommandError> {
-        let events = loaded.state.decide(command).map_err(Into::into)?;
         let mut state = loaded.state.clone();
-        for event in &events {
-            state.apply(event);
+        let mut events = Vec::new();
+        for command in commands {
+            let decided = state.decide(command).map_err(Into::into)?;
+            for event in &decided {
+                state.apply(event);
+            }
+            events.extend(decided);
         }
         let next = loaded.sequence + events.len() as i64;
         let snapshot = (next / self.snapshot_every > loaded.sequence / self.snapshot_every).then(|| {

@@ -1,2 +1,14 @@
-//! The edges: axum HTTP + async-graphql API, auth, audit endpoints, `/metrics`, provider
-//! connectors and webhook delivery. Not built yet: issues 5 and 7.
+//! The edges: the HTTP API (`amplog serve`). GraphQL over the read models and the command
+//! service, API keys and scopes, tenancy's second line (row-level security per request),
+//! the auditor's endpoints, health, readiness and metrics.
+
+pub mod auth;
+pub mod error;
+pub mod graphql;
+pub mod manifest;
+pub mod server;
+pub mod tenant;
+
+pub use auth::{Keys, Principal, Scope};
+pub use error::ApiError;
+pub use server::{Server, ServerConfig};

@@ -2,6 +2,7 @@
 //! from events (never from the projector's clock), so a rebuild writes the same bytes.
 
 use amplog_domain::installation::ObjectConfig;
+use amplog_domain::integration::ObjectDecl;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -14,6 +15,20 @@ pub struct LastOperation {
     pub object: String,
     pub status: String,
     pub at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct IntegrationDoc {
+    pub integration_id: Uuid,
+    pub project_id: Uuid,
+    pub name: String,
+    pub provider: String,
+    /// The newest deployed revision and its objects; `None` before the first deploy.
+    pub latest_revision: Option<u32>,
+    pub objects: Vec<ObjectDecl>,
+    pub manifest_digest: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -86,6 +101,8 @@ pub struct OperationDoc {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub duration_ms: Option<i64>,
+    /// The operation stream's sequence this document reflects (subscriptions compare it).
+    pub version: i64,
 }
 
 /// Where a sync worker resumes one object of one installation.

@@ -7,6 +7,7 @@ use crate::ProjectionError;
 use amplog_commands::{EventStore, RecordedEvent};
 use amplog_domain::connection::{Connection, ConnectionEvent};
 use amplog_domain::installation::{Installation, InstallationEvent};
+use amplog_domain::integration::{Integration, IntegrationEvent};
 use amplog_domain::operation::{Operation, OperationEvent, OperationType, Trigger};
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
@@ -16,8 +17,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
 /// The read-model tables, by their base names.
-pub const TABLES: &[&str] =
-    &["installations", "connections", "operations", "read_states", "usage_daily", "installation_streams"];
+pub const TABLES: &[&str] = &[
+    "integrations",
+    "installations",
+    "connections",
+    "operations",
+    "read_states",
+    "usage_daily",
+    "installation_streams",
+];
 
 /// The names of one set of read-model tables: the live ones, or a rebuild's shadows.
 #[derive(Clone, Debug)]
@@ -116,6 +124,7 @@ impl<D: Serialize + DeserializeOwned + Default + Clone> Docs<D> {
 }
 
 enum Decoded {
+    Integration(IntegrationEvent),
     Installation(InstallationEvent),
     Connection(ConnectionEvent),
     Operation(OperationEvent),
@@ -124,6 +133,7 @@ enum Decoded {
 
 /// What a batch changes, held until it is flushed.
 pub struct Fold {
+    integrations: Docs<IntegrationDoc>,
     installations: Docs<InstallationDoc>,
     connections: Docs<ConnectionDoc>,
     operations: Docs<OperationDoc>,
@@ -135,6 +145,7 @@ pub struct Fold {
 impl Default for Fold {
     fn default() -> Self {
         Self {
+            integrations: Docs::new("integrations"),
             installations: Docs::new("installations"),
             connections: Docs::new("connections"),
             operations: Docs::new("operations"),
@@ -180,6 +191,7 @@ impl Fold {
         for (event, decoded) in events.iter().zip(&decoded) {
             fold.apply(event, decoded);
         }
+        fold.integrations.flush(conn, tables).await?;
         fold.installations.flush(conn, tables).await?;
         fold.connections.flush(conn, tables).await?;
         fold.operations.flush(conn, tables).await?;
@@ -198,8 +210,12 @@ impl Fold {
     ) -> Result<(), ProjectionError> {
         // Round 1: the documents the events name.
         let (mut inst, mut conns, mut ops) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        let mut integrations = BTreeSet::new();
         for (event, d) in events.iter().zip(decoded) {
             match d {
+                Decoded::Integration(_) => {
+                    integrations.insert(event.aggregate_id.clone());
+                }
                 Decoded::Installation(e) => {
                     inst.insert(event.aggregate_id.clone());
                     if let InstallationEvent::Created { connection_id, .. } = e {
@@ -215,6 +231,7 @@ impl Fold {
                 Decoded::Other => {}
             }
         }
+        self.integrations.fetch(conn, tables, integrations).await?;
         self.connections.fetch(conn, tables, conns.clone()).await?;
         self.operations.fetch(conn, tables, ops).await?;
         // Installations on a changed connection show its status.
@@ -272,10 +289,39 @@ impl Fold {
         let project = event.project_id.unwrap_or_default();
         let id: Uuid = event.aggregate_id.parse().unwrap_or_default();
         match decoded {
+            Decoded::Integration(e) => self.integration(project, id, e),
             Decoded::Installation(e) => self.installation(project, id, e),
             Decoded::Connection(e) => self.connection(project, id, e),
-            Decoded::Operation(e) => self.operation(project, id, e),
+            Decoded::Operation(e) => {
+                self.operation(project, id, e);
+                if let Some(op) = self.operations.get(&event.aggregate_id) {
+                    op.version = event.sequence;
+                }
+            }
             Decoded::Other => {}
+        }
+    }
+
+    fn integration(&mut self, project: Uuid, id: Uuid, event: &IntegrationEvent) {
+        let doc = self.integrations.get_or_default(&id.to_string(), project);
+        match event {
+            IntegrationEvent::Declared { name, provider, at, .. } => {
+                *doc = IntegrationDoc {
+                    integration_id: id,
+                    project_id: project,
+                    name: name.clone(),
+                    provider: provider.clone(),
+                    created_at: Some(*at),
+                    updated_at: Some(*at),
+                    ..IntegrationDoc::default()
+                };
+            }
+            IntegrationEvent::RevisionDeployed { revision, objects, manifest_digest, at } => {
+                doc.latest_revision = Some(*revision);
+                doc.objects = objects.clone();
+                doc.manifest_digest = Some(manifest_digest.clone());
+                doc.updated_at = Some(*at);
+            }
         }
     }
 
@@ -524,6 +570,9 @@ impl Fold {
 fn decode(store: &EventStore, event: &RecordedEvent) -> Result<Decoded, ProjectionError> {
     let payload = event.payload.clone();
     Ok(match event.aggregate_type.as_str() {
+        "integration" => {
+            Decoded::Integration(store.decode::<Integration>(&event.event_type, &event.event_version, payload)?)
+        }
         "installation" => {
             Decoded::Installation(store.decode::<Installation>(&event.event_type, &event.event_version, payload)?)
         }

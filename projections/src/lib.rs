@@ -1,5 +1,5 @@
 //! Projections: checkpointed projectors that fold the log into the read models
-//! (installations, connections, operations, read_states, usage, the installation timeline
+//! (integrations, installations, connections, operations, read_states, usage, the installation timeline
 //! index), one leader per projector, exactly-once in effect, rebuildable into shadow tables.
 //! They read the log only through `amplog_commands::reader`.
 
@@ -9,7 +9,7 @@ pub mod metrics;
 pub mod runtime;
 pub mod usage;
 
-pub use runtime::{rebuild, status, wait_for, ProjectorStatus, Runner, READ_MODELS};
+pub use runtime::{rebuild, status, wait_for, ProjectorStatus, Runner, PROJECTED_CHANNEL, READ_MODELS};
 
 /// The one error of the projections boundary.
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 /// The projector that maintains every read-model table.
 pub const READ_MODELS: &str = "read_models";
 
+/// The NOTIFY channel a projector signals on when a batch commits (payload: its name), so
+/// API subscriptions re-read the read models at once instead of polling.
+pub const PROJECTED_CHANNEL: &str = "amplog_projected";
+
 fn lock_key(name: &str) -> i64 {
     // A stable 63-bit key per projector name (FNV-1a).
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -123,6 +127,12 @@ impl Runner {
                     .bind(&self.name)
                     .bind(batch.len() as i32)
                     .bind(started.elapsed().as_secs_f64() * 1000.0)
+                    .execute(&mut *tx)
+                    .await?;
+                // Delivered at commit; one per batch, so the notify lock costs nothing here.
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(PROJECTED_CHANNEL)
+                    .bind(&self.name)
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
@@ -235,7 +245,8 @@ pub async fn rebuild(
     for table in TABLES {
         let name = shadow.name(table);
         sqlx::raw_sql(&format!(
-            "ALTER TABLE {table} RENAME TO {table}__old; ALTER TABLE {name} RENAME TO {table}; DROP TABLE {table}__old"
+            "ALTER TABLE {table} RENAME TO {table}__old; ALTER TABLE {name} RENAME TO {table}; DROP TABLE {table}__old;
+             SELECT amplog_secure('{table}')"
         ))
         .execute(&mut *tx)
         .await?;

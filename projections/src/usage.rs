@@ -3,7 +3,7 @@
 
 use crate::ProjectionError;
 use serde::Serialize;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, Row};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -22,7 +22,7 @@ pub struct MonthlyUsage {
 }
 
 /// The project's usage by month, oldest first.
-pub async fn monthly(pool: &PgPool, project_id: Uuid) -> Result<Vec<MonthlyUsage>, ProjectionError> {
+pub async fn monthly(conn: &mut PgConnection, project_id: Uuid) -> Result<Vec<MonthlyUsage>, ProjectionError> {
     let rows = sqlx::query(
         "SELECT left(day, 7) AS month,
                 sum((doc->>'records_read')::bigint)::bigint AS records_read,
@@ -35,7 +35,7 @@ pub async fn monthly(pool: &PgPool, project_id: Uuid) -> Result<Vec<MonthlyUsage
          FROM usage_daily WHERE project_id = $1 GROUP BY 1 ORDER BY 1",
     )
     .bind(project_id)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let mut months: Vec<MonthlyUsage> = rows
         .iter()
@@ -54,7 +54,7 @@ pub async fn monthly(pool: &PgPool, project_id: Uuid) -> Result<Vec<MonthlyUsage
          FROM usage_daily, jsonb_each_text(doc->'operations') AS kv WHERE project_id = $1 GROUP BY 1, 2",
     )
     .bind(project_id)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     for r in ops {
         let month: String = r.get("month");

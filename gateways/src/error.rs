@@ -1,0 +1,162 @@
+//! The one error of the API boundary, and its one mapping to an HTTP status and a GraphQL
+//! `extensions.code` (plus `extensions.status`, the same status for GraphQL clients).
+
+use amplog_commands::CommandError;
+use amplog_domain::DomainError;
+use amplog_projections::ProjectionError;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Cheap to clone (resolvers and DataLoaders share errors), so causes are behind `Arc`s.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("a valid API key is required (header X-Api-Key)")]
+    Unauthenticated,
+    #[error("this API key's scope ({have}) does not allow this; it needs {need}")]
+    Forbidden { need: &'static str, have: &'static str },
+    /// Unknown, or another project's: the two answer alike.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("the request did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Command(Arc<CommandError>),
+    #[error(transparent)]
+    Projection(Arc<ProjectionError>),
+    #[error("database: {0}")]
+    Database(Arc<sqlx::Error>),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        ApiError::Command(Arc::new(e))
+    }
+}
+
+impl From<ProjectionError> for ApiError {
+    fn from(e: ProjectionError) -> Self {
+        ApiError::Projection(Arc::new(e))
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Database(Arc::new(e))
+    }
+}
+
+impl From<serde_json::Error> for ApiError {
+    fn from(e: serde_json::Error) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest { code, message: message.into() }
+    }
+
+    /// A stable machine-readable code: `unauthenticated`, `not_found`,
+    /// `installation.paused`, `conflict`, ...
+    pub fn code(&self) -> String {
+        match self {
+            ApiError::Unauthenticated => "unauthenticated".into(),
+            ApiError::Forbidden { .. } => "forbidden".into(),
+            ApiError::NotFound(_) => "not_found".into(),
+            ApiError::BadRequest { code, .. } => (*code).into(),
+            ApiError::Timeout(_) => "timeout".into(),
+            ApiError::Command(e) if is_not_found(e) => "not_found".into(),
+            ApiError::Command(e) => e.code(),
+            ApiError::Projection(e) => match &**e {
+                ProjectionError::Log(e) => e.code(),
+                _ => "internal".into(),
+            },
+            ApiError::Database(_) | ApiError::Internal(_) => "internal".into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Command(e) if is_not_found(e) => StatusCode::NOT_FOUND,
+            ApiError::Command(e) => match &**e {
+                CommandError::Conflict { .. } => StatusCode::CONFLICT,
+                CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
+                e if e.is_client_error() => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            ApiError::Projection(_) | ApiError::Database(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// What the client is told. Server-side failures say nothing of their cause (it is
+    /// logged where it happens); client errors say exactly what was wrong.
+    pub fn public_message(&self) -> String {
+        match self {
+            ApiError::Command(e) if is_not_found(e) => format!("{} not found", not_found_what(e)),
+            _ if self.status().is_server_error() && !matches!(self, ApiError::Timeout(_)) => {
+                "internal error; the server log has the details".into()
+            }
+            _ => self.to_string(),
+        }
+    }
+
+    /// The body of an HTTP error, shaped like a GraphQL error response.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"errors": [{
+            "message": self.public_message(),
+            "extensions": {"code": self.code(), "status": self.status().as_u16()},
+        }]})
+    }
+}
+
+/// A command that named an aggregate that does not exist (or is another project's).
+fn is_not_found(e: &CommandError) -> bool {
+    matches!(e, CommandError::Domain(d) if d.code().ends_with("not_found"))
+}
+
+fn not_found_what(e: &CommandError) -> &'static str {
+    use amplog_domain::{connection::ConnectionError as C, installation::InstallationError as I};
+    match e {
+        CommandError::Domain(DomainError::Project(_)) => "project",
+        CommandError::Domain(DomainError::Integration(_) | DomainError::Installation(I::IntegrationNotFound)) => {
+            "integration"
+        }
+        CommandError::Domain(DomainError::Connection(C::NotFound) | DomainError::Installation(I::ConnectionNotFound)) => {
+            "connection"
+        }
+        CommandError::Domain(DomainError::Operation(_)) => "operation",
+        _ => "installation",
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status(), axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<ApiError> for async_graphql::Error {
+    fn from(e: ApiError) -> Self {
+        if e.status().is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        let mut error = async_graphql::Error::new(e.public_message());
+        error.extensions = Some(Default::default());
+        if let Some(ext) = error.extensions.as_mut() {
+            ext.set("code", e.code());
+            ext.set("status", e.status().as_u16());
+        }
+        error
+    }
+}

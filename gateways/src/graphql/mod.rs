@@ -1,0 +1,145 @@
+//! The GraphQL schema: queries over the read models and the log, mutations through the
+//! command service, the `operationUpdates` subscription, and the limits every request runs
+//! under.
+
+pub mod loaders;
+pub mod mutation;
+pub mod query;
+pub mod subscription;
+pub mod types;
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::server::AppState;
+use crate::tenant::TenantDb;
+use async_graphql::connection::PageInfo;
+use async_graphql::dataloader::DataLoader;
+use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
+use async_graphql::{Context, OutputType, Schema, SimpleObject};
+use loaders::Loaders;
+use std::sync::Arc;
+use uuid::Uuid;
+
+pub type AmplogSchema = Schema<query::Query, mutation::Mutation, subscription::Subscription>;
+
+/// The limits every request runs under (async-graphql ships with none).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub depth: usize,
+    pub complexity: usize,
+    pub recursive_depth: usize,
+    pub aliases: usize,
+    pub introspection: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { depth: 10, complexity: 10_000, recursive_depth: 32, aliases: 30, introspection: false }
+    }
+}
+
+pub fn build(state: Arc<AppState>, limits: &Limits) -> AmplogSchema {
+    let mut builder = Schema::build(query::Query, mutation::Mutation, subscription::Subscription)
+        .data(state)
+        .limit_depth(limits.depth)
+        .limit_complexity(limits.complexity)
+        .limit_recursive_depth(limits.recursive_depth);
+    if !limits.introspection {
+        builder = builder.disable_introspection();
+    }
+    builder.finish()
+}
+
+/// What one request brings to its resolvers.
+pub fn request_data(
+    request: async_graphql::Request,
+    principal: Principal,
+    db: Arc<TenantDb>,
+    idempotency_key: Option<String>,
+) -> async_graphql::Request {
+    let loader = DataLoader::new(Loaders { db: db.clone() }, tokio::spawn);
+    request.data(principal).data(db).data(loader).data(IdempotencyKey(idempotency_key))
+}
+
+/// The `Idempotency-Key` header of the request, if any.
+pub struct IdempotencyKey(pub Option<String>);
+
+pub(crate) fn app<'a>(ctx: &Context<'a>) -> &'a AppState {
+    ctx.data_unchecked::<Arc<AppState>>()
+}
+
+pub(crate) fn principal<'a>(ctx: &Context<'a>) -> &'a Principal {
+    ctx.data_unchecked::<Principal>()
+}
+
+pub(crate) fn db<'a>(ctx: &Context<'a>) -> &'a Arc<TenantDb> {
+    ctx.data_unchecked::<Arc<TenantDb>>()
+}
+
+pub(crate) fn loader<'a>(ctx: &Context<'a>) -> &'a DataLoader<Loaders> {
+    ctx.data_unchecked::<DataLoader<Loaders>>()
+}
+
+/// Cursors are the ids of the read models' rows (UUIDv7: they sort by creation time).
+pub(crate) fn parse_cursor(s: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(s).map_err(|_| ApiError::bad_request("invalid_cursor", format!("`{s}` is not a cursor")))
+}
+
+/// A page of a list read newest first; `pageInfo.endCursor` is the `after` of the next
+/// page (only forward paging: `hasPreviousPage` is always false).
+#[derive(SimpleObject)]
+#[graphql(concrete(name = "OperationPage", params(types::Operation)))]
+pub struct Page<T: OutputType> {
+    pub nodes: Vec<T>,
+    pub page_info: PageInfo,
+}
+
+impl<T: OutputType> Page<T> {
+    /// `docs` holds up to `first + 1` rows: the extra one only says that more follow.
+    pub fn of<D: Into<T>>(mut docs: Vec<D>, first: i64, id: impl Fn(&D) -> Uuid) -> Self {
+        let has_next_page = docs.len() as i64 > first;
+        docs.truncate(first.max(0) as usize);
+        let page_info = PageInfo {
+            has_previous_page: false,
+            has_next_page,
+            start_cursor: docs.first().map(|d| id(d).to_string()),
+            end_cursor: docs.last().map(|d| id(d).to_string()),
+        };
+        Page { nodes: docs.into_iter().map(Into::into).collect(), page_info }
+    }
+}
+
+/// What the request handler checks before executing a query.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct QueryShape {
+    /// Aliased fields (fragments included, each counted where it is defined): many aliases
+    /// of one expensive field are how a small query asks for a lot of work.
+    pub aliases: usize,
+    /// Whether it selects `__schema` or `__type` (refused outright in production, rather
+    /// than answered with nulls as async-graphql does).
+    pub introspection: bool,
+}
+
+pub fn shape(doc: &ExecutableDocument) -> QueryShape {
+    fn walk(set: &SelectionSet, shape: &mut QueryShape) {
+        for item in &set.items {
+            match &item.node {
+                Selection::Field(f) => {
+                    shape.aliases += f.node.alias.is_some() as usize;
+                    shape.introspection |= matches!(f.node.name.node.as_str(), "__schema" | "__type");
+                    walk(&f.node.selection_set.node, shape);
+                }
+                Selection::InlineFragment(f) => walk(&f.node.selection_set.node, shape),
+                Selection::FragmentSpread(_) => {}
+            }
+        }
+    }
+    let mut shape = QueryShape::default();
+    for (_, op) in doc.operations.iter() {
+        walk(&op.node.selection_set.node, &mut shape);
+    }
+    for fragment in doc.fragments.values() {
+        walk(&fragment.node.selection_set.node, &mut shape);
+    }
+    shape
+}

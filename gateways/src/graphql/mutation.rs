@@ -1,0 +1,367 @@
+//! Mutations: each is one command of the command service, scoped to the key's project, made
+//! safe to retry by the `Idempotency-Key` header, and able to wait until its effects are
+//! visible in the read models (`waitForVisibility`).
+
+use super::loaders::*;
+use super::types::*;
+use super::{app, db, loader, principal, IdempotencyKey};
+use crate::auth::Scope;
+use crate::error::ApiError;
+use crate::manifest;
+use amplog_commands::credentials::Secret;
+use amplog_commands::service::{NewInstallation, NewOperation};
+use amplog_commands::{CommandContext, CommandOutcome};
+use amplog_domain::installation::ObjectConfig;
+use amplog_domain::integration::Backfill;
+use amplog_domain::operation::{OperationType, Trigger};
+use amplog_domain::*;
+use amplog_projections::docs::*;
+use async_graphql::{ComplexObject, Context, InputObject, Json, Object, SimpleObject};
+
+type Result<T, E = ApiError> = std::result::Result<T, E>;
+use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// How long `waitForVisibility` waits for the projector at most.
+const VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(InputObject)]
+pub struct ObjectConfigInput {
+    pub name: String,
+    #[graphql(default = true)]
+    pub enabled: bool,
+    /// `@every 15m` or a five-field cron expression.
+    pub schedule: String,
+    /// Days of history the first read fetches; with `fullBackfill`, all of it.
+    pub backfill_days: Option<u32>,
+    #[graphql(default = false)]
+    pub full_backfill: bool,
+}
+
+fn objects_of(inputs: Vec<ObjectConfigInput>) -> Result<BTreeMap<String, ObjectConfig>, ApiError> {
+    let mut objects = BTreeMap::new();
+    for o in inputs {
+        let backfill = match (o.backfill_days, o.full_backfill) {
+            (None, false) => Backfill::None,
+            (Some(days), false) => Backfill::Days(days),
+            (None, true) => Backfill::Full,
+            (Some(_), true) => {
+                return Err(ApiError::bad_request("invalid_input", "give `backfillDays` or `fullBackfill`, not both"))
+            }
+        };
+        if objects.insert(o.name.clone(), ObjectConfig { enabled: o.enabled, schedule: o.schedule, backfill }).is_some() {
+            return Err(ApiError::bad_request("invalid_input", format!("object `{}` is given twice", o.name)));
+        }
+    }
+    Ok(objects)
+}
+
+#[derive(InputObject)]
+pub struct CreateConnectionInput {
+    pub integration_id: Uuid,
+    pub group_ref: String,
+    /// The provider's token set (`access_token`, `refresh_token`, `expires_at`, ...). Stored
+    /// encrypted; events and read models only carry a fingerprint.
+    pub credentials: Json<serde_json::Value>,
+}
+
+#[derive(InputObject)]
+pub struct CreateInstallationInput {
+    pub integration_id: Uuid,
+    pub connection_id: Uuid,
+    pub group_ref: String,
+    pub consumer_ref: String,
+    /// Pinned revision; the latest when absent.
+    pub revision: Option<u32>,
+    /// Per-object configuration; the revision's defaults when absent.
+    pub objects: Option<Vec<ObjectConfigInput>>,
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct AppendedEventRef {
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub position: i64,
+    pub hash: String,
+}
+
+/// What a mutation did: the id it acted on, the events it appended (or, `replayed`, the
+/// first result of an identical earlier request with the same idempotency key), and
+/// whether its effects were visible in the read models when it returned.
+#[derive(SimpleObject, Clone, Debug)]
+#[graphql(complex)]
+pub struct MutationPayload {
+    pub id: Uuid,
+    pub replayed: bool,
+    pub visible: bool,
+    pub events: Vec<AppendedEventRef>,
+}
+
+#[ComplexObject]
+impl MutationPayload {
+    async fn integration(&self, ctx: &Context<'_>) -> Result<Option<Integration>> {
+        Ok(loader(ctx).load_one(IntegrationKey(self.id)).await?.map(Into::into))
+    }
+
+    async fn connection(&self, ctx: &Context<'_>) -> Result<Option<Connection>> {
+        Ok(loader(ctx).load_one(ConnectionKey(self.id)).await?.map(Into::into))
+    }
+
+    async fn installation(&self, ctx: &Context<'_>) -> Result<Option<Installation>> {
+        let doc: Option<InstallationDoc> = doc_by_id(db(ctx), "installations", self.id).await?;
+        Ok(doc.map(Into::into))
+    }
+
+    async fn operation(&self, ctx: &Context<'_>) -> Result<Option<Operation>> {
+        let doc: Option<OperationDoc> = doc_by_id(db(ctx), "operations", self.id).await?;
+        Ok(doc.map(Into::into))
+    }
+}
+
+/// The command context of this mutation field. One request may hold several mutations, so
+/// the idempotency key is the header's, qualified by the field's response key (and `part`).
+fn command_ctx(ctx: &Context<'_>, need: Scope, part: Option<&str>) -> Result<CommandContext, ApiError> {
+    let who = principal(ctx);
+    who.require(need)?;
+    let mut command = CommandContext::new(who.project_id, who.actor());
+    if let IdempotencyKey(Some(key)) = ctx.data_unchecked::<IdempotencyKey>() {
+        let field = ctx.item.node.response_key().node.as_str();
+        command = command.with_idempotency_key(match part {
+            Some(part) => format!("{key}:{field}:{part}"),
+            None => format!("{key}:{field}"),
+        });
+    }
+    Ok(command)
+}
+
+async fn finish(
+    ctx: &Context<'_>,
+    outcome: CommandOutcome,
+    id: Option<Uuid>,
+    wait: bool,
+) -> Result<MutationPayload, ApiError> {
+    let id = id.ok_or_else(|| ApiError::bad_request("invalid_input", "the command appended no event"))?;
+    let visible = match (wait, outcome.last_cursor()) {
+        (true, Some(cursor)) => {
+            let pool = app(ctx).service.pool();
+            amplog_projections::wait_for(pool, amplog_projections::READ_MODELS, cursor, VISIBILITY_TIMEOUT).await?
+        }
+        _ => false,
+    };
+    Ok(MutationPayload {
+        id,
+        replayed: outcome.replayed,
+        visible,
+        events: outcome
+            .events
+            .into_iter()
+            .map(|e| AppendedEventRef {
+                event_id: e.event_id,
+                aggregate_type: e.aggregate_type,
+                aggregate_id: e.aggregate_id,
+                sequence: e.sequence,
+                event_type: e.event_type,
+                position: e.position,
+                hash: e.hash,
+            })
+            .collect(),
+    })
+}
+
+pub struct Mutation;
+
+#[Object]
+impl Mutation {
+    /// Declares the integrations of a manifest (YAML, amp.yaml-shaped) and deploys each as
+    /// its revision 1, atomically per integration. Needs an admin key.
+    async fn declare_integrations(
+        &self,
+        ctx: &Context<'_>,
+        manifest: String,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<Vec<MutationPayload>> {
+        command_ctx(ctx, Scope::Admin, None)?;
+        let declared = manifest::parse(&manifest)?;
+        let mut out = Vec::with_capacity(declared.len());
+        for integration in &declared {
+            let command = command_ctx(ctx, Scope::Admin, Some(&integration.name))?;
+            let outcome = app(ctx)
+                .service
+                .declare_integration_with(&command, &integration.name, &integration.provider, Some(&integration.manifest))
+                .await?;
+            let id = outcome.id_of("integration");
+            out.push(finish(ctx, outcome, id, wait_for_visibility).await?);
+        }
+        Ok(out)
+    }
+
+    /// Deploys a new revision of an integration from a manifest holding that one integration.
+    async fn deploy_revision(
+        &self,
+        ctx: &Context<'_>,
+        integration_id: Uuid,
+        manifest: String,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Admin, None)?;
+        let mut declared = manifest::parse(&manifest)?;
+        if declared.len() != 1 {
+            return Err(ApiError::bad_request("manifest.invalid", "a revision's manifest must hold one integration")); 
+        }
+        let declared = declared.remove(0);
+        let outcome =
+            app(ctx).service.deploy_revision(&command, IntegrationId(integration_id), &declared.manifest).await?;
+        Ok(finish(ctx, outcome, Some(integration_id), wait_for_visibility).await?)
+    }
+
+    /// Creates a connection; the credentials go to the encrypted store, never to the log.
+    async fn create_connection(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateConnectionInput,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        if !input.credentials.0.as_object().is_some_and(|o| !o.is_empty()) {
+            return Err(ApiError::bad_request("invalid_input", "`credentials` must be a non-empty object")); 
+        }
+        let secret = Secret(input.credentials.0.to_string());
+        let outcome = app(ctx)
+            .service
+            .create_connection(&command, IntegrationId(input.integration_id), &input.group_ref, &secret)
+            .await?;
+        let id = outcome.id_of("connection");
+        Ok(finish(ctx, outcome, id, wait_for_visibility).await?)
+    }
+
+    async fn create_installation(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateInstallationInput,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        let new = NewInstallation {
+            integration_id: IntegrationId(input.integration_id),
+            revision: input.revision,
+            group_ref: input.group_ref,
+            consumer_ref: input.consumer_ref,
+            connection_id: ConnectionId(input.connection_id),
+            objects: input.objects.map(objects_of).transpose()?,
+        };
+        let outcome = app(ctx).service.create_installation(&command, &new).await?;
+        let id = outcome.id_of("installation");
+        Ok(finish(ctx, outcome, id, wait_for_visibility).await?)
+    }
+
+    /// Replaces the installation's per-object configuration (and, given, its revision).
+    async fn update_installation(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        objects: Vec<ObjectConfigInput>,
+        revision: Option<u32>,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        let service = &app(ctx).service;
+        let revision = match revision {
+            Some(r) => r,
+            None => {
+                let loaded =
+                    service.load::<amplog_domain::installation::Installation>(&command, id).await?;
+                if !loaded.state.exists {
+                    return Err(ApiError::NotFound("installation")); 
+                }
+                loaded.state.revision
+            }
+        };
+        let outcome =
+            service.update_installation_config(&command, InstallationId(id), revision, &objects_of(objects)?).await?;
+        Ok(finish(ctx, outcome, Some(id), wait_for_visibility).await?)
+    }
+
+    async fn pause_installation(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        let outcome = app(ctx).service.pause_installation(&command, InstallationId(id)).await?;
+        Ok(finish(ctx, outcome, Some(id), wait_for_visibility).await?)
+    }
+
+    async fn unpause_installation(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        let outcome = app(ctx).service.unpause_installation(&command, InstallationId(id)).await?;
+        Ok(finish(ctx, outcome, Some(id), wait_for_visibility).await?)
+    }
+
+    async fn delete_installation(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        let outcome = app(ctx).service.delete_installation(&command, InstallationId(id)).await?;
+        Ok(finish(ctx, outcome, Some(id), wait_for_visibility).await?)
+    }
+
+    /// Requests a read of each object (all enabled objects when none are named), optionally
+    /// bounded by `since`/`until`. Returns one payload per operation; `id` is its id.
+    async fn trigger_read(
+        &self,
+        ctx: &Context<'_>,
+        installation_id: Uuid,
+        objects: Option<Vec<String>>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<Vec<MutationPayload>> {
+        let check = command_ctx(ctx, Scope::Write, None)?;
+        let service = &app(ctx).service;
+        let objects = match objects {
+            Some(objects) if !objects.is_empty() => objects,
+            _ => {
+                let loaded = service.load::<amplog_domain::installation::Installation>(&check, installation_id).await?;
+                if !loaded.state.exists {
+                    return Err(ApiError::NotFound("installation")); 
+                }
+                loaded.state.objects.iter().filter(|(_, c)| c.enabled).map(|(name, _)| name.clone()).collect()
+            }
+        };
+        let mut out = Vec::with_capacity(objects.len());
+        for object in objects {
+            let command = command_ctx(ctx, Scope::Write, Some(&object))?;
+            let new = NewOperation { op_type: OperationType::Read, object, since, until, trigger: Trigger::Triggered };
+            let outcome = service.request_operation(&command, InstallationId(installation_id), &new).await?;
+            let id = outcome.id_of("operation");
+            out.push(finish(ctx, outcome, id, wait_for_visibility).await?);
+        }
+        Ok(out)
+    }
+
+    async fn cancel_operation(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        #[graphql(default = "cancelled by the builder")] reason: String,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        let outcome = app(ctx).service.cancel_operation(&command, OperationId(id), &reason).await?;
+        Ok(finish(ctx, outcome, Some(id), wait_for_visibility).await?)
+    }
+}

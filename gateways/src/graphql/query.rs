@@ -1,0 +1,438 @@
+//! Queries: the read models (integrations, installations with their connection,
+//! operations, read states and usage; billing) and the auditor's views of the log.
+
+use super::loaders::*;
+use super::types::*;
+use super::{app, db, loader, parse_cursor, principal, Page};
+use crate::error::ApiError;
+use amplog_commands::audit::{self, AsOf, HistoryRange};
+use amplog_commands::LogCursor;
+use amplog_projections::docs::*;
+use async_graphql::connection::{query, Connection as Relay, Edge};
+use async_graphql::{ComplexObject, Context, InputObject, Json, Object, SimpleObject};
+
+type Result<T, E = ApiError> = std::result::Result<T, E>;
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::Row;
+use uuid::Uuid;
+
+const DEFAULT_PAGE: usize = 20;
+const MAX_PAGE: usize = 100;
+
+#[derive(InputObject, Default)]
+pub struct InstallationFilter {
+    pub integration_id: Option<Uuid>,
+    pub group_ref: Option<String>,
+    pub health: Option<Health>,
+    pub paused: Option<bool>,
+    /// Deleted installations are left out unless this is true.
+    #[graphql(default = false)]
+    pub include_deleted: bool,
+}
+
+#[derive(InputObject, Default)]
+pub struct OperationFilter {
+    pub installation_id: Option<Uuid>,
+    /// `pending`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: Option<String>,
+    /// `read`, `write` or `proxy`.
+    pub op_type: Option<String>,
+}
+
+pub struct Query;
+
+#[Object]
+impl Query {
+    /// The project's integrations, by name.
+    async fn integrations(&self, ctx: &Context<'_>) -> Result<Vec<Integration>> {
+        let db = db(ctx);
+        let rows = sqlx::query("SELECT doc::text AS doc FROM integrations WHERE project_id = $1 ORDER BY name, key")
+            .bind(db.project.0)
+            .fetch_all(&mut *db.conn().await?)
+            .await?;
+        Ok(rows.iter().map(|r| decode::<IntegrationDoc>(r).map(Into::into)).collect::<Result<_, _>>()?)
+    }
+
+    async fn integration(&self, ctx: &Context<'_>, id: Uuid) -> Result<Integration> {
+        let doc = loader(ctx).load_one(IntegrationKey(id)).await?;
+        Ok(doc.ok_or(ApiError::NotFound("integration"))?.into())
+    }
+
+    /// Installations, oldest first, with Relay cursor pagination.
+    #[graphql(complexity = "page_complexity(first, last, child_complexity)")]
+    async fn installations(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<InstallationFilter>,
+        after: Option<String>,
+        before: Option<String>,
+        first: Option<i32>,
+        last: Option<i32>,
+    ) -> Result<Relay<String, Installation>, async_graphql::Error> {
+        let filter = filter.unwrap_or_default();
+        let db = db(ctx);
+        query(after, before, first, last, |after: Option<String>, before: Option<String>, first, last| async move {
+            let after = after.as_deref().map(parse_cursor).transpose()?;
+            let before = before.as_deref().map(parse_cursor).transpose()?;
+            let backwards = last.is_some() && first.is_none();
+            let limit = first.or(last).unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
+            let sql = format!(
+                "SELECT key, doc::text AS doc FROM installations
+                 WHERE project_id = $1
+                   AND ($2::text IS NULL OR key > $2) AND ($3::text IS NULL OR key < $3)
+                   AND ($4::text IS NULL OR integration_id = $4) AND ($5::text IS NULL OR group_ref = $5)
+                   AND ($6::text IS NULL OR health = $6) AND ($7::boolean IS NULL OR paused = $7)
+                   AND ($8 OR (doc->>'deleted')::boolean IS NOT TRUE)
+                 ORDER BY key {} LIMIT $9",
+                if backwards { "DESC" } else { "ASC" }
+            );
+            let rows = sqlx::query(&sql)
+                .bind(db.project.0)
+                .bind(after.map(|a| a.to_string()))
+                .bind(before.map(|b| b.to_string()))
+                .bind(filter.integration_id.map(|i| i.to_string()))
+                .bind(&filter.group_ref)
+                .bind(filter.health.map(Health::as_str))
+                .bind(filter.paused)
+                .bind(filter.include_deleted)
+                .bind(limit as i64 + 1)
+                .fetch_all(&mut *db.conn().await?)
+                .await
+                .map_err(ApiError::from)?;
+            let more = rows.len() > limit;
+            let mut nodes = rows
+                .iter()
+                .take(limit)
+                .map(|r| Ok((r.get::<String, _>("key"), decode::<InstallationDoc>(r)?)))
+                .collect::<Result<Vec<_>, ApiError>>()?;
+            if backwards {
+                nodes.reverse();
+            }
+            let (has_previous, has_next) =
+                if backwards { (more, before.is_some()) } else { (after.is_some(), more) };
+            let mut page = Relay::new(has_previous, has_next);
+            page.edges.extend(nodes.into_iter().map(|(key, doc)| Edge::new(key, Installation::from(doc))));
+            Ok::<_, ApiError>(page)
+        })
+        .await
+    }
+
+    async fn installation(&self, ctx: &Context<'_>, id: Uuid) -> Result<Installation> {
+        let doc: Option<InstallationDoc> = doc_by_id(db(ctx), "installations", id).await?;
+        Ok(doc.ok_or(ApiError::NotFound("installation"))?.into())
+    }
+
+    async fn connection(&self, ctx: &Context<'_>, id: Uuid) -> Result<Connection> {
+        let doc = loader(ctx).load_one(ConnectionKey(id)).await?;
+        Ok(doc.ok_or(ApiError::NotFound("connection"))?.into())
+    }
+
+    async fn operation(&self, ctx: &Context<'_>, id: Uuid) -> Result<Operation> {
+        let doc: Option<OperationDoc> = doc_by_id(db(ctx), "operations", id).await?;
+        Ok(doc.ok_or(ApiError::NotFound("operation"))?.into())
+    }
+
+    /// Operations, newest first.
+    #[graphql(complexity = "page_complexity(first, None, child_complexity)")]
+    async fn operations(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<OperationFilter>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Page<Operation>> {
+        let filter = filter.unwrap_or_default();
+        let db = db(ctx);
+        let first = page_size(first)?;
+        let after = after.as_deref().map(parse_cursor).transpose()?;
+        let rows = sqlx::query(
+            "SELECT key, doc::text AS doc FROM operations
+             WHERE project_id = $1 AND ($2::text IS NULL OR installation_id = $2)
+               AND ($3::text IS NULL OR status = $3) AND ($4::text IS NULL OR op_type = $4)
+               AND ($5::text IS NULL OR key < $5)
+             ORDER BY key DESC LIMIT $6",
+        )
+        .bind(db.project.0)
+        .bind(filter.installation_id.map(|i| i.to_string()))
+        .bind(&filter.status)
+        .bind(&filter.op_type)
+        .bind(after.map(|a| a.to_string()))
+        .bind(first + 1)
+        .fetch_all(&mut *db.conn().await?)
+        .await?;
+        let docs = rows.iter().map(decode::<OperationDoc>).collect::<Result<Vec<_>, _>>()?;
+        Ok(Page::of(docs, first, |d| d.operation_id))
+    }
+
+    /// Daily usage in `[from, to]` (UTC days), all installations of the project.
+    async fn usage(&self, ctx: &Context<'_>, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Vec<UsageDay>> {
+        let db = db(ctx);
+        let rows = sqlx::query(
+            "SELECT doc::text AS doc FROM usage_daily WHERE project_id = $1
+               AND ($2::text IS NULL OR day >= $2) AND ($3::text IS NULL OR day <= $3)
+             ORDER BY day, key LIMIT 10000",
+        )
+        .bind(db.project.0)
+        .bind(from.map(|d| d.to_string()))
+        .bind(to.map(|d| d.to_string()))
+        .fetch_all(&mut *db.conn().await?)
+        .await?;
+        Ok(rows.iter().map(|r| decode::<UsageDoc>(r).map(Into::into)).collect::<Result<_, _>>()?)
+    }
+
+    /// The monthly billing summary, oldest month first.
+    async fn billing(&self, ctx: &Context<'_>) -> Result<Vec<BillingMonth>> {
+        let db = db(ctx);
+        let months = amplog_projections::usage::monthly(&mut *db.conn().await?, db.project.0).await?;
+        Ok(months.into_iter().map(Into::into).collect())
+    }
+
+    // ---- auditors -------------------------------------------------------------------
+
+    /// Every event of the installation, its connection and its operations, in log order,
+    /// with hashes and actors. Page with `after` (a previous page's `endCursor`).
+    async fn installation_history(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        after: Option<String>,
+        #[graphql(default = 1000)] first: i32,
+    ) -> Result<HistoryPage> {
+        let db = db(ctx);
+        require_installation(db, id).await?;
+        let after = after.as_deref().map(parse_log_cursor).transpose()?.unwrap_or_default();
+        let first = first.clamp(1, 10_000) as i64;
+        let range = HistoryRange { after, from, to, limit: first + 1 };
+        let mut events = audit::installation_history_in(&mut *db.conn().await?, &id.to_string(), range).await?;
+        let has_next_page = events.len() as i64 > first;
+        events.truncate(first as usize);
+        let end_cursor = events.last().map(|e| format!("{}:{}", e.transaction_id, e.position));
+        Ok(HistoryPage { events: events.into_iter().map(AuditEvent::from).collect(), end_cursor, has_next_page })
+    }
+
+    /// The installation, its connection and its operations as they stood at `at` (a time)
+    /// or `position` (a log position), replayed from the log.
+    async fn installation_as_of(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        at: Option<DateTime<Utc>>,
+        position: Option<i64>,
+    ) -> Result<InstallationAsOf> {
+        let bound = match (at, position) {
+            (Some(t), None) => AsOf::Time(t),
+            (None, Some(p)) => AsOf::Position(p),
+            _ => return Err(ApiError::bad_request("invalid_input", "give exactly one of `at` or `position`")),
+        };
+        let db = db(ctx);
+        require_installation(db, id).await?;
+        let store = app(ctx).service.store().clone();
+        let state = audit::installation_as_of(&mut *db.conn().await?, &store, &id.to_string(), bound)
+            .await?
+            .ok_or(ApiError::NotFound("installation"))?;
+        Ok(InstallationAsOf {
+            installation: Json(serde_json::to_value(&state.installation)?),
+            connection: state.connection.map(|c| serde_json::to_value(&c)).transpose()?.map(Json),
+            operations: state
+                .operations
+                .iter()
+                .map(|(id, op)| {
+                    let mut value = serde_json::to_value(op)?;
+                    value["id"] = serde_json::Value::String(id.clone());
+                    Ok(Json(value))
+                })
+                .collect::<Result<_, serde_json::Error>>()?,
+            events: state.events,
+            last_position: state.last_position,
+            last_recorded_at: state.last_recorded_at,
+        })
+    }
+
+    /// Recomputes the hash chains of the installation's streams.
+    async fn verify_installation(&self, ctx: &Context<'_>, id: Uuid) -> Result<Verification> {
+        let db = db(ctx);
+        require_installation(db, id).await?;
+        let mut conn = db.conn().await?;
+        let streams = audit::installation_streams(&mut conn, &id.to_string()).await?;
+        let report = audit::verify(&mut conn, Some(&streams), |_| {}).await?;
+        Ok(Verification {
+            intact: report.is_intact(),
+            streams: report.streams,
+            events: report.events,
+            heads: report
+                .heads
+                .into_iter()
+                .map(|(aggregate_type, aggregate_id, sequence, hash)| StreamHead {
+                    aggregate_type,
+                    aggregate_id,
+                    sequence,
+                    hash,
+                })
+                .collect(),
+            breaks: report.breaks.iter().map(|b| Json(serde_json::to_value(b).unwrap_or_default())).collect(),
+        })
+    }
+
+    /// Who is asking: the key's project and scope.
+    async fn viewer(&self, ctx: &Context<'_>) -> Viewer {
+        let p = principal(ctx);
+        Viewer { project_id: p.project_id.0, key_id: p.key_id, scope: p.scope.as_str().into() }
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct Viewer {
+    pub project_id: Uuid,
+    pub key_id: Uuid,
+    pub scope: String,
+}
+
+/// Complexity of a paginated field: its page size times what each item costs.
+fn page_complexity(first: Option<i32>, last: Option<i32>, child: usize) -> usize {
+    let n = first.or(last).unwrap_or(DEFAULT_PAGE as i32).clamp(0, MAX_PAGE as i32) as usize;
+    n.max(1) * child + 1
+}
+
+fn page_size(first: Option<i32>) -> Result<i64, ApiError> {
+    match first {
+        None => Ok(DEFAULT_PAGE as i64),
+        Some(n) if (0..=MAX_PAGE as i32).contains(&n) => Ok(n as i64),
+        Some(n) => Err(ApiError::bad_request("invalid_input", format!("`first` must be 0 to {MAX_PAGE}, not {n}"))),
+    }
+}
+
+fn parse_log_cursor(s: &str) -> Result<LogCursor, ApiError> {
+    let bad = || ApiError::bad_request("invalid_cursor", format!("`{s}` is not a history cursor"));
+    let (xid, position) = s.split_once(':').ok_or_else(bad)?;
+    Ok(LogCursor { transaction_id: xid.parse().map_err(|_| bad())?, position: position.parse().map_err(|_| bad())? })
+}
+
+/// The installation exists and is the caller's (otherwise: not found, as for any id).
+pub async fn require_installation(db: &crate::tenant::TenantDb, id: Uuid) -> Result<(), ApiError> {
+    let found: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM events WHERE aggregate_type = 'installation' AND aggregate_id = $1 AND project_id = $2 LIMIT 1",
+    )
+    .bind(id.to_string())
+    .bind(db.project.0)
+    .fetch_optional(&mut *db.conn().await?)
+    .await?;
+    found.map(|_| ()).ok_or(ApiError::NotFound("installation"))
+}
+
+#[ComplexObject]
+impl Installation {
+    async fn connection(&self, ctx: &Context<'_>) -> Result<Option<Connection>> {
+        Ok(loader(ctx).load_one(ConnectionKey(self.connection_id)).await?.map(Into::into))
+    }
+
+    async fn integration(&self, ctx: &Context<'_>) -> Result<Option<Integration>> {
+        Ok(loader(ctx).load_one(IntegrationKey(self.integration_id)).await?.map(Into::into))
+    }
+
+    /// The installation's operations, newest first.
+    #[graphql(complexity = "page_complexity(first, None, child_complexity)")]
+    async fn operations(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+        status: Option<String>,
+        op_type: Option<String>,
+    ) -> Result<Page<Operation>> {
+        let first = page_size(first)?;
+        let after = after.as_deref().map(parse_cursor).transpose()?;
+        let key = OperationsKey { installation: self.id, after, first, status, op_type };
+        let (docs, more) = loader(ctx).load_one(key).await?.unwrap_or_default();
+        let mut page = Page::of(docs, first, |d| d.operation_id);
+        page.page_info.has_next_page = more;
+        Ok(page)
+    }
+
+    async fn read_states(&self, ctx: &Context<'_>) -> Result<Vec<ReadState>> {
+        let docs = loader(ctx).load_one(ReadStatesKey(self.id)).await?.unwrap_or_default();
+        Ok(docs.into_iter().map(Into::into).collect())
+    }
+
+    async fn usage(&self, ctx: &Context<'_>, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Vec<UsageDay>> {
+        let key = UsageKey { installation: self.id, from: from.map(|d| d.to_string()), to: to.map(|d| d.to_string()) };
+        let docs = loader(ctx).load_one(key).await?.unwrap_or_default();
+        Ok(docs.into_iter().map(Into::into).collect())
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct AuditEvent {
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Json<serde_json::Value>,
+    pub metadata: Json<serde_json::Value>,
+    /// Who sent the command (from the metadata).
+    pub actor: Option<String>,
+    pub position: i64,
+    pub transaction_id: String,
+    pub recorded_at: DateTime<Utc>,
+    /// The stream's chain hash at this event (hex).
+    pub hash: Option<String>,
+}
+
+impl From<amplog_commands::RecordedEvent> for AuditEvent {
+    fn from(e: amplog_commands::RecordedEvent) -> Self {
+        AuditEvent {
+            actor: e.metadata.get("actor").and_then(|a| a.as_str()).map(str::to_string),
+            event_id: e.event_id,
+            aggregate_type: e.aggregate_type,
+            aggregate_id: e.aggregate_id,
+            sequence: e.sequence,
+            event_type: e.event_type,
+            event_version: e.event_version,
+            payload: Json(e.payload),
+            metadata: Json(e.metadata),
+            position: e.position,
+            transaction_id: e.transaction_id.to_string(),
+            recorded_at: e.recorded_at,
+            hash: e.hash.map(hex::encode),
+        }
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct HistoryPage {
+    pub events: Vec<AuditEvent>,
+    pub end_cursor: Option<String>,
+    pub has_next_page: bool,
+}
+
+#[derive(SimpleObject)]
+pub struct InstallationAsOf {
+    /// The aggregates' states, as the domain folds them.
+    pub installation: Json<serde_json::Value>,
+    pub connection: Option<Json<serde_json::Value>>,
+    pub operations: Vec<Json<serde_json::Value>>,
+    /// How many events were replayed, and the last one's position and time.
+    pub events: u64,
+    pub last_position: Option<i64>,
+    pub last_recorded_at: Option<DateTime<Utc>>,
+}
+
+#[derive(SimpleObject)]
+pub struct StreamHead {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub hash: String,
+}
+
+#[derive(SimpleObject)]
+pub struct Verification {
+    pub intact: bool,
+    pub streams: u64,
+    pub events: u64,
+    pub heads: Vec<StreamHead>,
+    pub breaks: Vec<Json<serde_json::Value>>,
+}

@@ -1,0 +1,326 @@
+//! The GraphQL output types: read-model documents as builders see them.
+
+use amplog_projections::docs::*;
+use async_graphql::{Enum, SimpleObject};
+use chrono::{DateTime, NaiveDate, Utc};
+use uuid::Uuid;
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct ObjectDeclaration {
+    pub name: String,
+    pub schedule: Option<String>,
+    /// `none`, `days` or `full`.
+    pub backfill: String,
+    pub backfill_days: Option<u32>,
+    pub fields: Vec<String>,
+}
+
+fn backfill_parts(b: &amplog_domain::integration::Backfill) -> (String, Option<u32>) {
+    use amplog_domain::integration::Backfill;
+    match b {
+        Backfill::None => ("none".into(), None),
+        Backfill::Days(d) => ("days".into(), Some(*d)),
+        Backfill::Full => ("full".into(), None),
+    }
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Integration {
+    pub id: Uuid,
+    pub name: String,
+    pub provider: String,
+    pub latest_revision: Option<u32>,
+    pub objects: Vec<ObjectDeclaration>,
+    pub manifest_digest: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl From<IntegrationDoc> for Integration {
+    fn from(d: IntegrationDoc) -> Self {
+        Integration {
+            id: d.integration_id,
+            name: d.name,
+            provider: d.provider,
+            latest_revision: d.latest_revision,
+            objects: d
+                .objects
+                .into_iter()
+                .map(|o| {
+                    let (backfill, backfill_days) = backfill_parts(&o.backfill);
+                    ObjectDeclaration { name: o.name, schedule: o.schedule, backfill, backfill_days, fields: o.fields }
+                })
+                .collect(),
+            manifest_digest: d.manifest_digest,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+        }
+    }
+}
+
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    Degraded,
+    NeedsReauth,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Degraded => "degraded",
+            Health::NeedsReauth => "needs_reauth",
+        }
+    }
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct InstallationObject {
+    pub name: String,
+    pub enabled: bool,
+    pub schedule: String,
+    pub backfill: String,
+    pub backfill_days: Option<u32>,
+    pub last_successful_read: Option<DateTime<Utc>>,
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct LastOperationSummary {
+    pub operation_id: Uuid,
+    pub op_type: String,
+    pub object: String,
+    pub status: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+#[graphql(complex)]
+pub struct Installation {
+    pub id: Uuid,
+    pub integration_id: Uuid,
+    pub revision: u32,
+    pub group_ref: String,
+    pub consumer_ref: String,
+    pub connection_id: Uuid,
+    pub connection_status: String,
+    /// `healthy`, `degraded` (the last operation failed) or `needs_reauth`.
+    pub health: String,
+    pub paused: bool,
+    pub deleted: bool,
+    pub objects: Vec<InstallationObject>,
+    pub last_operation: Option<LastOperationSummary>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl From<InstallationDoc> for Installation {
+    fn from(d: InstallationDoc) -> Self {
+        let objects = d
+            .objects
+            .iter()
+            .map(|(name, o)| {
+                let (backfill, backfill_days) = backfill_parts(&o.backfill);
+                InstallationObject {
+                    name: name.clone(),
+                    enabled: o.enabled,
+                    schedule: o.schedule.clone(),
+                    backfill,
+                    backfill_days,
+                    last_successful_read: d.last_successful_read.get(name).copied(),
+                }
+            })
+            .collect();
+        Installation {
+            id: d.installation_id,
+            integration_id: d.integration_id,
+            revision: d.revision,
+            group_ref: d.group_ref,
+            consumer_ref: d.consumer_ref,
+            connection_id: d.connection_id,
+            connection_status: d.connection_status,
+            health: d.health,
+            paused: d.paused,
+            deleted: d.deleted,
+            objects,
+            last_operation: d.last_operation.map(|l| LastOperationSummary {
+                operation_id: l.operation_id,
+                op_type: l.op_type,
+                object: l.object,
+                status: l.status,
+                at: l.at,
+            }),
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+        }
+    }
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Connection {
+    pub id: Uuid,
+    pub integration_id: Uuid,
+    pub provider: String,
+    pub group_ref: String,
+    /// `created`, `working`, `bad_credentials` or `revoked`.
+    pub status: String,
+    /// A keyed fingerprint of the stored credentials (never the credentials).
+    pub credential_fingerprint: String,
+    pub last_refresh_at: Option<DateTime<Utc>>,
+    pub failure_reason: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl From<ConnectionDoc> for Connection {
+    fn from(d: ConnectionDoc) -> Self {
+        Connection {
+            id: d.connection_id,
+            integration_id: d.integration_id,
+            provider: d.provider,
+            group_ref: d.group_ref,
+            status: d.status,
+            credential_fingerprint: d.credential_fingerprint,
+            last_refresh_at: d.last_refresh_at,
+            failure_reason: d.failure_reason,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+        }
+    }
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Operation {
+    pub id: Uuid,
+    pub installation_id: Uuid,
+    /// `read`, `write` or `proxy`.
+    pub op_type: String,
+    pub object: String,
+    pub trigger: String,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// `pending`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: String,
+    pub attempts: u32,
+    pub pages: u64,
+    pub records: u64,
+    pub bytes: u64,
+    pub error_class: Option<String>,
+    pub error_message: Option<String>,
+    pub requested_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub duration_ms: Option<i64>,
+    /// The operation stream's sequence this state reflects.
+    pub version: i64,
+}
+
+impl From<OperationDoc> for Operation {
+    fn from(d: OperationDoc) -> Self {
+        Operation {
+            id: d.operation_id,
+            installation_id: d.installation_id,
+            op_type: d.op_type,
+            object: d.object,
+            trigger: d.trigger,
+            since: d.since,
+            until: d.until,
+            status: d.status,
+            attempts: d.attempts,
+            pages: d.pages,
+            records: d.records,
+            bytes: d.bytes,
+            error_class: d.error_class,
+            error_message: d.error_message,
+            requested_at: d.requested_at,
+            started_at: d.started_at,
+            finished_at: d.finished_at,
+            duration_ms: d.duration_ms,
+            version: d.version,
+        }
+    }
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct ReadState {
+    pub object: String,
+    pub watermark: Option<DateTime<Utc>>,
+    pub page_token: Option<String>,
+    /// `backfill` until the first successful read, then `incremental`.
+    pub mode: String,
+    pub records_read: u64,
+    pub last_success_at: Option<DateTime<Utc>>,
+}
+
+impl From<ReadStateDoc> for ReadState {
+    fn from(d: ReadStateDoc) -> Self {
+        ReadState {
+            object: d.object,
+            watermark: d.watermark,
+            page_token: d.page_token,
+            mode: d.mode,
+            records_read: d.records_read,
+            last_success_at: d.last_success_at,
+        }
+    }
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct Count {
+    pub key: String,
+    pub count: i64,
+}
+
+#[derive(SimpleObject, Clone, Debug)]
+pub struct UsageDay {
+    pub installation_id: Uuid,
+    pub day: NaiveDate,
+    pub records_read: u64,
+    pub records_written: u64,
+    pub bytes: u64,
+    pub proxy_calls: u64,
+    /// Finished operations by `<type>.<status>`.
+    pub operations: Vec<Count>,
+}
+
+impl From<UsageDoc> for UsageDay {
+    fn from(d: UsageDoc) -> Self {
+        UsageDay {
+            installation_id: d.installation_id,
+            day: d.day,
+            records_read: d.records_read,
+            records_written: d.records_written,
+            bytes: d.bytes,
+            proxy_calls: d.proxy_calls,
+            operations: d.operations.into_iter().map(|(key, n)| Count { key, count: n as i64 }).collect(),
+        }
+    }
+}
+
+/// A month of the project's usage: what billing charges for.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct BillingMonth {
+    /// `YYYY-MM`.
+    pub month: String,
+    pub records_read: i64,
+    pub records_written: i64,
+    pub bytes: i64,
+    pub proxy_calls: i64,
+    pub operations: Vec<Count>,
+    /// Installations with any activity in the month.
+    pub active_installations: i64,
+}
+
+impl From<amplog_projections::usage::MonthlyUsage> for BillingMonth {
+    fn from(m: amplog_projections::usage::MonthlyUsage) -> Self {
+        BillingMonth {
+            month: m.month,
+            records_read: m.records_read,
+            records_written: m.records_written,
+            bytes: m.bytes,
+            proxy_calls: m.proxy_calls,
+            operations: m.operations.into_iter().map(|(key, count)| Count { key, count }).collect(),
+            active_installations: m.active_installations,
+        }
+    }
+}

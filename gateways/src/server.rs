@@ -1,0 +1,390 @@
+//! `amplog serve`: the axum router (GraphQL over HTTP and WebSocket, health, readiness,
+//! metrics, the audit export), authentication, request limits and graceful shutdown.
+
+use crate::auth::{Keys, Principal, Scope};
+use crate::error::ApiError;
+use crate::graphql::{self, AmplogSchema, Limits};
+use crate::tenant::TenantDb;
+use amplog_commands::audit::{self, HistoryRange};
+use amplog_commands::{CommandService, LogCursor};
+use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql::Data;
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
+use axum::body::{Body, Bytes};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+use uuid::Uuid;
+
+/// How the server runs. `dev` turns on GraphiQL and introspection.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub dev: bool,
+    pub limits: Limits,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// How long one GraphQL request may run.
+    pub request_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` for API reads, in milliseconds.
+    pub statement_timeout_ms: u64,
+    /// A projector heartbeat older than this makes `/readyz` fail.
+    pub projector_stale_after: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            dev: false,
+            limits: Limits::default(),
+            body_limit: 256 * 1024,
+            request_timeout: Duration::from_secs(10),
+            statement_timeout_ms: 5_000,
+            projector_stale_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub service: CommandService,
+    pub keys: Keys,
+    pub config: ServerConfig,
+    /// Ticks when a projector batch commits (subscriptions re-read then).
+    pub projected: broadcast::Sender<()>,
+    /// Becomes true on shutdown: long-lived subscriptions end.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+#[derive(Clone)]
+struct Shared {
+    state: Arc<AppState>,
+    schema: AmplogSchema,
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+}
+
+impl Server {
+    /// Binds `config.listen` (port 0 picks a free port) and serves until `stop`.
+    pub async fn start(config: ServerConfig, service: CommandService, keys: Keys) -> Result<Server, std::io::Error> {
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let (stop, shutdown) = watch::channel(false);
+        let (projected, _) = broadcast::channel(16);
+        tokio::spawn(relay_projected(service.pool().clone(), projected.clone(), shutdown.clone()));
+        let state = Arc::new(AppState { service, keys, config, projected, shutdown: shutdown.clone() });
+        let router = router(state);
+        let mut until = shutdown;
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stopped(&mut until).await })
+                .await
+        });
+        tracing::info!(%addr, "serving: POST /graphql, GET /graphql/ws, /healthz, /readyz, /metrics");
+        Ok(Server { addr, stop, task })
+    }
+
+    /// Stops accepting, ends subscriptions, lets in-flight requests finish.
+    pub async fn stop(self) -> Result<(), std::io::Error> {
+        self.stop.send(true).ok();
+        self.task.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Turns the projectors' NOTIFYs into ticks for subscriptions.
+async fn relay_projected(pool: sqlx::PgPool, ticks: broadcast::Sender<()>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let listen = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(amplog_projections::PROJECTED_CHANNEL).await?;
+            loop {
+                listener.recv().await?;
+                ticks.send(()).ok();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            result = listen => if let Err(error) = result {
+                tracing::warn!(%error, "listening for projector batches failed; subscriptions poll meanwhile");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            },
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limits = Limits { introspection: state.config.dev, ..state.config.limits.clone() };
+    let schema = graphql::build(state.clone(), &limits);
+    let body_limit = state.config.body_limit;
+    let shared = Shared { state, schema };
+    Router::new()
+        .route("/graphql", get(graphiql).post(graphql_http))
+        .route("/graphql/ws", get(graphql_ws))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/audit/installations/{id}/events", get(export_events))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(shared)
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(key) = headers.get("x-api-key") {
+        return key.to_str().ok();
+    }
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let key = presented_key(headers).ok_or(ApiError::Unauthenticated)?;
+    state.keys.authenticate(key).await
+}
+
+async fn graphql_http(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let state = &shared.state;
+    let principal = authenticate(state, &headers).await?;
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::bad_request(
+            "payload_too_large",
+            format!("the request body is larger than {} bytes", state.config.body_limit),
+        ),
+        _ => ApiError::bad_request("bad_request", rejection.body_text()),
+    })?;
+    let mut request: async_graphql::Request = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("bad_request", format!("the body is not a GraphQL request: {e}")))?;
+    // A syntax error is left to the executor, which reports it as GraphQL clients expect.
+    let shape = request.parsed_query().map(graphql::shape).unwrap_or_default();
+    if shape.aliases > state.config.limits.aliases {
+        return Err(ApiError::bad_request(
+            "too_many_aliases",
+            format!("the query has {} aliases; at most {} are allowed", shape.aliases, state.config.limits.aliases),
+        ));
+    }
+    if shape.introspection && !state.config.dev {
+        return Err(ApiError::bad_request("introspection_disabled", "schema introspection is off in production mode"));
+    }
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 200)
+                .ok_or_else(|| ApiError::bad_request("invalid_input", "Idempotency-Key must be 1 to 200 visible ASCII characters"))?
+                .to_string(),
+        ),
+    };
+    let db = Arc::new(TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms));
+    let request = graphql::request_data(request, principal, db.clone(), idempotency_key);
+    let executed = tokio::time::timeout(state.config.request_timeout, shared.schema.execute(request)).await;
+    db.release().await;
+    let mut response = executed.map_err(|_| ApiError::Timeout(state.config.request_timeout))?;
+    // Errors the executor raised itself (syntax, validation, limits) get a code too.
+    for error in &mut response.errors {
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        if extensions.get("code").is_none() {
+            extensions.set("code", "graphql_validation");
+            extensions.set("status", 400);
+        }
+    }
+    Ok(Json(response).into_response())
+}
+
+async fn graphiql(State(shared): State<Shared>) -> Response {
+    if shared.state.config.dev {
+        Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish()).into_response()
+    } else {
+        ApiError::NotFound("route").into_response()
+    }
+}
+
+/// GraphQL over WebSocket (graphql-transport-ws and graphql-ws). The key comes from the
+/// upgrade request's `X-Api-Key`, or from `connection_init`'s payload `{"apiKey": ...}`.
+async fn graphql_ws(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let from_header = match presented_key(&headers) {
+        Some(_) => match authenticate(&shared.state, &headers).await {
+            Ok(principal) => Some(principal),
+            Err(e) => return e.into_response(),
+        },
+        None => None,
+    };
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| async move {
+            let state = shared.state.clone();
+            GraphQLWebSocket::new(socket, shared.schema, protocol)
+                .on_connection_init(move |payload: serde_json::Value| async move {
+                    let principal = match from_header {
+                        Some(principal) => principal,
+                        None => {
+                            let key = payload.get("apiKey").or_else(|| payload.get("X-Api-Key")).and_then(|k| k.as_str());
+                            state.keys.authenticate(key.unwrap_or_default()).await.map_err(async_graphql::Error::from)?
+                        }
+                    };
+                    let mut data = Data::default();
+                    data.insert(principal);
+                    Ok(data)
+                })
+                .serve()
+                .await
+        })
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    database: bool,
+    migrations: bool,
+    projector: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+/// Ready when PostgreSQL answers, the schema is current, and the read-model projector has
+/// a leader with a fresh heartbeat (in this process or another).
+async fn readyz(State(shared): State<Shared>) -> Response {
+    let state = &shared.state;
+    let mut ready = Readiness { ready: false, database: false, migrations: false, projector: false, detail: None };
+    let check = async {
+        let mut conn = state.service.pool().acquire().await?;
+        ready.database = true;
+        ready.migrations = amplog_migrations::is_current(&mut conn).await.map_err(amplog_commands::CommandError::from)?;
+        drop(conn);
+        let status = amplog_projections::status(state.service.pool(), amplog_projections::READ_MODELS).await?;
+        let fresh = status.heartbeat.is_some_and(|h| {
+            (Utc::now() - h).to_std().unwrap_or_default() < state.config.projector_stale_after
+        });
+        ready.projector = status.leader.is_some() && fresh;
+        if !ready.projector {
+            ready.detail = Some(format!("projector {}: leader {:?}, heartbeat {:?}", status.name, status.leader, status.heartbeat));
+        }
+        Ok::<(), ApiError>(())
+    };
+    if let Err(error) = check.await {
+        ready.detail = Some(error.public_message());
+    }
+    ready.ready = ready.database && ready.migrations && ready.projector;
+    let status = if ready.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(ready)).into_response()
+}
+
+async fn metrics(State(shared): State<Shared>) -> Result<Response, ApiError> {
+    let text = amplog_projections::metrics::render(shared.state.service.pool()).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+#[derive(Deserialize)]
+struct ExportParams {
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+}
+
+/// One line of the NDJSON export.
+#[derive(Serialize)]
+struct ExportedEvent {
+    event_id: Uuid,
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: serde_json::Value,
+    metadata: serde_json::Value,
+    position: i64,
+    transaction_id: String,
+    recorded_at: DateTime<Utc>,
+    hash: Option<String>,
+}
+
+const EXPORT_PAGE: i64 = 1000;
+
+/// `GET /v1/audit/installations/{id}/events`: the installation's timeline as NDJSON, in log
+/// order, streamed page by page (memory stays flat however long the history).
+async fn export_events(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    params: Result<Query<ExportParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let state = shared.state.clone();
+    let principal = authenticate(&state, &headers).await?;
+    principal.require(Scope::Read)?;
+    let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_input", e.body_text()))?;
+    let id = Uuid::try_parse(&id).map_err(|_| ApiError::NotFound("installation"))?;
+    let db = TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms);
+    graphql::query::require_installation(&db, id).await?;
+    db.release().await;
+    let pages = futures::stream::unfold(Some((db, LogCursor::default())), move |cursor| async move {
+        let (db, after) = cursor?;
+        let range = HistoryRange { after, from: params.from, to: params.to, limit: EXPORT_PAGE };
+        let page = match db.conn().await {
+            Ok(mut conn) => audit::installation_history_in(&mut conn, &id.to_string(), range).await.map_err(ApiError::from),
+            Err(e) => Err(e),
+        };
+        db.release().await;
+        match page {
+            Err(error) => {
+                tracing::error!(%error, installation = %id, "audit export failed mid-stream");
+                Some((Err(std::io::Error::other(error.public_message())), None))
+            }
+            Ok(events) if events.is_empty() => None,
+            Ok(events) => {
+                let next = (events.len() as i64 == EXPORT_PAGE).then(|| events.last().map(|e| e.cursor())).flatten();
+                let mut lines = Vec::with_capacity(events.len() * 512);
+                for e in events {
+                    let line = ExportedEvent {
+                        event_id: e.event_id,
+                        aggregate_type: e.aggregate_type,
+                        aggregate_id: e.aggregate_id,
+                        sequence: e.sequence,
+                        event_type: e.event_type,
+                        event_version: e.event_version,
+                        payload: e.payload,
+                        metadata: e.metadata,
+                        position: e.position,
+                        transaction_id: e.transaction_id.to_string(),
+                        recorded_at: e.recorded_at,
+                        hash: e.hash.map(hex::encode),
+                    };
+                    serde_json::to_writer(&mut lines, &line).expect("events serialise");
+                    lines.push(b'\n');
+                }
+                Some((Ok(Bytes::from(lines)), next.map(|n| (db, n))))
+            }
+        }
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(pages)).into_response())
+}

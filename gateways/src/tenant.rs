@@ -1,0 +1,52 @@
+//! Tenancy's second line: every read an API request makes runs in one transaction as the
+//! `amplog_app` role (no table ownership, SELECT only) with `amplog.project_id` set, so
+//! PostgreSQL's forced row-level security hides every other project's row even if a query
+//! forgot its own `project_id = $1`. The transaction begins at the first read.
+
+use crate::error::ApiError;
+use amplog_domain::ProjectId;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+
+/// The role API reads run as (created by migration 0003).
+pub const APP_ROLE: &str = "amplog_app";
+
+pub struct TenantDb {
+    pool: PgPool,
+    pub project: ProjectId,
+    statement_timeout_ms: u64,
+    tx: Mutex<Option<Transaction<'static, Postgres>>>,
+}
+
+impl TenantDb {
+    pub fn new(pool: PgPool, project: ProjectId, statement_timeout_ms: u64) -> Self {
+        Self { pool, project, statement_timeout_ms, tx: Mutex::new(None) }
+    }
+
+    /// The request's connection: a transaction as `amplog_app`, scoped to the project.
+    pub async fn conn(&self) -> Result<MappedMutexGuard<'_, PgConnection>, ApiError> {
+        let mut guard = self.tx.lock().await;
+        if guard.is_none() {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "SELECT set_config('role', $1, true), set_config('amplog.project_id', $2, true),
+                        set_config('statement_timeout', $3, true)",
+            )
+            .bind(APP_ROLE)
+            .bind(self.project.0.to_string())
+            .bind(self.statement_timeout_ms.to_string())
+            .execute(&mut *tx)
+            .await?;
+            *guard = Some(tx);
+        }
+        Ok(MutexGuard::map(guard, |tx| &mut **tx.as_mut().expect("begun above")))
+    }
+
+    /// Ends the transaction (reads only: nothing to keep), so a long-lived caller such as a
+    /// subscription does not hold a snapshot between polls.
+    pub async fn release(&self) {
+        if let Some(tx) = self.tx.lock().await.take() {
+            tx.rollback().await.ok();
+        }
+    }
+}
