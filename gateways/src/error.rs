@@ -21,6 +21,8 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
     #[error("the request did not finish within {0:?}")]
     Timeout(Duration),
     #[error(transparent)]
@@ -70,6 +72,7 @@ impl ApiError {
             ApiError::Forbidden { .. } => "forbidden".into(),
             ApiError::NotFound(_) => "not_found".into(),
             ApiError::BadRequest { code, .. } => (*code).into(),
+            ApiError::TooLarge(_) => "payload_too_large".into(),
             ApiError::Timeout(_) => "timeout".into(),
             ApiError::Command(e) if is_not_found(e) => "not_found".into(),
             ApiError::Command(e) => e.code(),
@@ -87,6 +90,7 @@ impl ApiError {
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Command(e) if is_not_found(e) => StatusCode::NOT_FOUND,
             ApiError::Command(e) => match &**e {

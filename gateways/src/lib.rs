@@ -8,6 +8,8 @@ pub mod graphql;
 pub mod manifest;
 pub mod server;
 pub mod tenant;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use auth::{Keys, Principal, Scope};
 pub use error::ApiError;

@@ -172,10 +172,7 @@ async fn graphql_http(
     let state = &shared.state;
     let principal = authenticate(state, &headers).await?;
     let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::bad_request(
-            "payload_too_large",
-            format!("the request body is larger than {} bytes", state.config.body_limit),
-        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(state.config.body_limit),
         _ => ApiError::bad_request("bad_request", rejection.body_text()),
     })?;
     let mut request: async_graphql::Request = serde_json::from_slice(&body)
@@ -208,6 +205,9 @@ async fn graphql_http(
     db.release().await;
     let mut response = executed.map_err(|_| ApiError::Timeout(state.config.request_timeout))?;
     // Errors the executor raised itself (syntax, validation, limits) get a code too.
+    if state.config.dev {
+        response.extensions.insert("sqlStatements".into(), async_graphql::Value::from(db.uses() as i32));
+    }
     for error in &mut response.errors {
         let extensions = error.extensions.get_or_insert_with(Default::default);
         if extensions.get("code").is_none() {

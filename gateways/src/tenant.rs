@@ -6,6 +6,7 @@
 use crate::error::ApiError;
 use amplog_domain::ProjectId;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 /// The role API reads run as (created by migration 0003).
@@ -16,15 +17,19 @@ pub struct TenantDb {
     pub project: ProjectId,
     statement_timeout_ms: u64,
     tx: Mutex<Option<Transaction<'static, Postgres>>>,
+    /// How many times the connection was handed out (≈ statements): dev mode reports it
+    /// in the response's extensions, which shows DataLoader batching at work.
+    uses: AtomicUsize,
 }
 
 impl TenantDb {
     pub fn new(pool: PgPool, project: ProjectId, statement_timeout_ms: u64) -> Self {
-        Self { pool, project, statement_timeout_ms, tx: Mutex::new(None) }
+        Self { pool, project, statement_timeout_ms, tx: Mutex::new(None), uses: AtomicUsize::new(0) }
     }
 
     /// The request's connection: a transaction as `amplog_app`, scoped to the project.
     pub async fn conn(&self) -> Result<MappedMutexGuard<'_, PgConnection>, ApiError> {
+        self.uses.fetch_add(1, Ordering::Relaxed);
         let mut guard = self.tx.lock().await;
         if guard.is_none() {
             let mut tx = self.pool.begin().await?;
@@ -40,6 +45,10 @@ impl TenantDb {
             *guard = Some(tx);
         }
         Ok(MutexGuard::map(guard, |tx| &mut **tx.as_mut().expect("begun above")))
+    }
+
+    pub fn uses(&self) -> usize {
+        self.uses.load(Ordering::Relaxed)
     }
 
     /// Ends the transaction (reads only: nothing to keep), so a long-lived caller such as a

@@ -1,0 +1,281 @@
+//! The builder's API end to end: a real server on a real PostgreSQL, driven over HTTP.
+
+use amplog_commands::testing::SEED_SECRET;
+use amplog_gateways::testing::{error_code, TestApp, TestProject};
+use serde_json::{json, Value};
+
+pub const MANIFEST: &str = r#"
+specVersion: 1.0.0
+integrations:
+  - name: hubspot-crm
+    provider: hubspot
+    read:
+      objects:
+        - objectName: contacts
+          schedule: "*/10 * * * *"
+          backfill:
+            defaultPeriod:
+              days: 30
+          requiredFields:
+            - fieldName: email
+        - objectName: companies
+          schedule: "@every 1h"
+"#;
+
+const SECRET_TOKEN: &str = "sk-live-very-secret-access-token-7731";
+
+/// Declares the manifest's integration, a connection and an installation through the API.
+async fn builder_setup(app: &TestApp, p: &TestProject, group: &str) -> (String, String, String) {
+    let data = app
+        .data(
+            &p.admin,
+            "mutation($m: String!) { declareIntegrations(manifest: $m) { id } }",
+            json!({"m": MANIFEST}),
+        )
+        .await;
+    let integration = data["declareIntegrations"][0]["id"].as_str().unwrap().to_string();
+    let data = app
+        .data(
+            &p.write,
+            "mutation($i: CreateConnectionInput!) { createConnection(input: $i) { id } }",
+            json!({"i": {"integrationId": integration, "groupRef": group,
+                         "credentials": {"access_token": SECRET_TOKEN, "refresh_token": "rt-1"}}}),
+        )
+        .await;
+    let connection = data["createConnection"]["id"].as_str().unwrap().to_string();
+    let data = app
+        .data(
+            &p.write,
+            "mutation($i: CreateInstallationInput!) {
+                 createInstallation(input: $i, waitForVisibility: true) { id visible installation { id health } } }",
+            json!({"i": {"integrationId": integration, "connectionId": connection, "groupRef": group,
+                         "consumerRef": format!("{group}-consumer")}}),
+        )
+        .await;
+    assert_eq!(data["createInstallation"]["visible"], true);
+    assert_eq!(data["createInstallation"]["installation"]["health"], "healthy");
+    let installation = data["createInstallation"]["id"].as_str().unwrap().to_string();
+    (integration, connection, installation)
+}
+
+const INSTALLATION: &str = "query($id: UUID!) { installation(id: $id) {
+    id groupRef consumerRef health paused revision connectionStatus
+    objects { name enabled schedule backfill backfillDays }
+    lastOperation { operationId status }
+    connection { id status provider credentialFingerprint }
+    integration { name provider latestRevision }
+    operations(first: 10) { nodes { id opType object status trigger } pageInfo { hasNextPage endCursor } }
+    readStates { object mode }
+    usage { day recordsRead }
+} }";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builder_declares_connects_installs_reads_and_sees_it_all() {
+    let app = TestApp::spawn().await;
+    let p = app.project("Acme").await;
+    let (integration, connection, installation) = builder_setup(&app, &p, "customer-1").await;
+
+    let data = app.data(&p.read, "{ integrations { id name provider latestRevision objects { name schedule backfill backfillDays fields } } }", json!({})).await;
+    assert_eq!(
+        data["integrations"],
+        json!([{"id": integration, "name": "hubspot-crm", "provider": "hubspot", "latestRevision": 1, "objects": [
+            {"name": "contacts", "schedule": "*/10 * * * *", "backfill": "days", "backfillDays": 30, "fields": ["email"]},
+            {"name": "companies", "schedule": "@every 1h", "backfill": "none", "backfillDays": null, "fields": []}]}])
+    );
+
+    // Trigger a read of both objects and wait until it is visible.
+    let data = app
+        .data(
+            &p.write,
+            "mutation($id: UUID!) { triggerRead(installationId: $id, waitForVisibility: true) {
+                 id visible events { aggregateType eventType } operation { status object } } }",
+            json!({"id": installation}),
+        )
+        .await;
+    let reads = data["triggerRead"].as_array().unwrap();
+    assert_eq!(reads.len(), 2);
+    for read in reads {
+        assert_eq!(read["visible"], true);
+        assert_eq!(read["operation"]["status"], "pending");
+        let types: Vec<&str> = read["events"].as_array().unwrap().iter().map(|e| e["eventType"].as_str().unwrap()).collect();
+        assert_eq!(types, vec!["OperationRequested", "Requested"]);
+    }
+
+    let data = app.data(&p.read, INSTALLATION, json!({"id": installation})).await;
+    let inst = &data["installation"];
+    assert_eq!(inst["groupRef"], "customer-1");
+    assert_eq!(inst["consumerRef"], "customer-1-consumer");
+    assert_eq!(inst["paused"], false);
+    assert_eq!(inst["revision"], 1);
+    assert_eq!(inst["connection"]["id"], connection.as_str());
+    assert_eq!(inst["connection"]["provider"], "hubspot");
+    assert_eq!(inst["integration"]["name"], "hubspot-crm");
+    assert_eq!(inst["objects"][0]["name"], "companies");
+    assert_eq!(inst["objects"][1]["backfillDays"], 30);
+    let ops = inst["operations"]["nodes"].as_array().unwrap();
+    assert_eq!(ops.len(), 2);
+    assert!(ops.iter().all(|o| o["status"] == "pending" && o["opType"] == "read" && o["trigger"] == "triggered"));
+    assert_eq!(inst["operations"]["pageInfo"]["hasNextPage"], false);
+    let mut states: Vec<&str> = inst["readStates"].as_array().unwrap().iter().map(|s| s["object"].as_str().unwrap()).collect();
+    states.sort();
+    assert_eq!(states, vec!["companies", "contacts"]);
+
+    // Cancel one; pause; a read on a paused installation is refused with a typed error.
+    let op = ops[0]["id"].as_str().unwrap();
+    let data = app
+        .data(&p.write, "mutation($id: UUID!) { cancelOperation(id: $id, waitForVisibility: true) { operation { status } } }", json!({"id": op}))
+        .await;
+    assert_eq!(data["cancelOperation"]["operation"]["status"], "cancelled");
+    let data = app
+        .data(&p.write, "mutation($id: UUID!) { pauseInstallation(id: $id, waitForVisibility: true) { installation { paused } } }", json!({"id": installation}))
+        .await;
+    assert_eq!(data["pauseInstallation"]["installation"]["paused"], true);
+    let (status, body) = app
+        .gql(&p.write, "mutation($id: UUID!) { triggerRead(installationId: $id, objects: [\"contacts\"]) { id } }", json!({"id": installation}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(error_code(&body), "installation.paused");
+    assert_eq!(body["errors"][0]["extensions"]["status"], 422);
+    assert_eq!(body["data"], Value::Null);
+
+    // Filters and Relay pagination over three installations.
+    builder_setup(&app, &p, "customer-2").await;
+    builder_setup(&app, &p, "customer-3").await;
+    let page = "query($after: String, $filter: InstallationFilter) { installations(first: 2, after: $after, filter: $filter) {
+        edges { cursor node { groupRef } } pageInfo { hasNextPage hasPreviousPage endCursor } } }";
+    let first = app.data(&p.read, page, json!({})).await;
+    let groups = |d: &Value| -> Vec<String> {
+        d["installations"]["edges"].as_array().unwrap().iter().map(|e| e["node"]["groupRef"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(groups(&first), vec!["customer-1", "customer-2"]);
+    assert_eq!(first["installations"]["pageInfo"]["hasNextPage"], true);
+    let after = first["installations"]["pageInfo"]["endCursor"].clone();
+    let second = app.data(&p.read, page, json!({"after": after})).await;
+    assert_eq!(groups(&second), vec!["customer-3"]);
+    assert_eq!(second["installations"]["pageInfo"]["hasNextPage"], false);
+    assert_eq!(second["installations"]["pageInfo"]["hasPreviousPage"], true);
+    let paused = app.data(&p.read, page, json!({"filter": {"paused": true}})).await;
+    assert_eq!(groups(&paused), vec!["customer-1"]);
+    let by_group = app.data(&p.read, page, json!({"filter": {"groupRef": "customer-3", "health": "HEALTHY"}})).await;
+    assert_eq!(groups(&by_group), vec!["customer-3"]);
+    let (_, body) = app.gql(&p.read, page, json!({"after": "not-a-cursor"})).await;
+    assert_eq!(error_code(&body), "invalid_cursor");
+
+    // Root operations list and billing.
+    let data = app.data(&p.read, "{ operations(filter: {status: \"cancelled\"}) { nodes { id } } billing { month activeInstallations operations { key count } } }", json!({})).await;
+    assert_eq!(data["operations"]["nodes"], json!([{"id": op}]));
+    assert_eq!(data["billing"][0]["activeInstallations"], 1);
+    assert_eq!(data["billing"][0]["operations"], json!([{"key": "read.cancelled", "count": 1}]));
+
+    // The access token went to the encrypted store only.
+    for table in ["events", "aggregate_snapshots", "installations", "connections", "idempotency_keys", "credentials"] {
+        let hits: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} t WHERE t::text LIKE '%' || $1 || '%'"))
+            .bind(SECRET_TOKEN)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(hits, 0, "the secret is in {table}");
+    }
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys t WHERE t::text LIKE '%' || $1 || '%'")
+        .bind(&p.admin[p.admin.len() - 20..])
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, 0, "an API key's secret is stored");
+    let actors: Vec<String> = sqlx::query_scalar("SELECT DISTINCT metadata->>'actor' FROM events WHERE project_id = $1")
+        .bind(p.ctx.project_id.0)
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(actors.iter().all(|a| a == "test" || a.starts_with("api_key:")), "{actors:?}");
+    assert!(actors.iter().all(|a| !p.admin.contains(&a[a.len().min(8)..]) || a == "test"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retried_mutations_with_an_idempotency_key_append_once() {
+    let app = TestApp::spawn().await;
+    let p = app.project("Acme").await;
+    let (_, _, installation) = builder_setup(&app, &p, "customer-1").await;
+    let trigger = "mutation($id: UUID!) { triggerRead(installationId: $id, objects: [\"contacts\"]) { id replayed } }";
+    let vars = json!({"id": installation});
+    let (_, first) = app.gql_with(&p.write, trigger, vars.clone(), &[("idempotency-key", "retry-1")]).await;
+    let (_, again) = app.gql_with(&p.write, trigger, vars.clone(), &[("idempotency-key", "retry-1")]).await;
+    assert_eq!(first["data"]["triggerRead"][0]["replayed"], false, "{first}");
+    assert_eq!(again["data"]["triggerRead"][0]["replayed"], true, "{again}");
+    assert_eq!(first["data"]["triggerRead"][0]["id"], again["data"]["triggerRead"][0]["id"]);
+    let requested: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'operation'")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(requested, 1);
+    // The same key for another request is refused, and appends nothing.
+    let (_, other) = app
+        .gql_with(&p.write, trigger.replace("contacts", "companies").as_str(), vars.clone(), &[("idempotency-key", "retry-1")])
+        .await;
+    assert_eq!(other["data"]["triggerRead"][0]["replayed"], false, "a different object is a different key part");
+    let changed = trigger.replace("[\"contacts\"]", "[\"contacts\"], since: \"2026-01-01T00:00:00Z\"");
+    let (_, reused) = app.gql_with(&p.write, &changed, vars.clone(), &[("idempotency-key", "retry-1")]).await;
+    assert_eq!(error_code(&reused), "idempotency_key_reused", "{reused}");
+    assert_eq!(reused["errors"][0]["extensions"]["status"], 422);
+    let requested: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'operation'")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(requested, 2, "contacts once, companies once, nothing for the refused retry");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_typed_client_error_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let p = app.project("Acme").await;
+    let (integration, _, installation) = builder_setup(&app, &p, "customer-1").await;
+    let events_before: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&app.db.pool).await.unwrap();
+
+    let cases: Vec<(&str, Value, &str, u16)> = vec![
+        ("query($id: UUID!) { installation(id: $id) { id } }", json!({"id": uuid::Uuid::now_v7()}), "not_found", 404),
+        ("query { installation(id: \"nope\") { id } }", json!({}), "graphql_validation", 400),
+        ("query { installation(id: ", json!({}), "graphql_validation", 400),
+        ("mutation($m: String!) { declareIntegrations(manifest: $m) { id } }", json!({"m": "specVersion: 1.0.0\nintegrations:\n  - name: x\n    provider: y\n    bogus: 1\n"}), "manifest.invalid", 400),
+        ("mutation($m: String!) { declareIntegrations(manifest: $m) { id } }", json!({"m": MANIFEST.replace("*/10 * * * *", "every tuesday")}), "integration.invalid_schedule", 422),
+        ("mutation($id: UUID!) { unpauseInstallation(id: $id) { id } }", json!({"id": installation}), "installation.not_paused", 422),
+        ("mutation($id: UUID!) { pauseInstallation(id: $id) { id } }", json!({"id": uuid::Uuid::now_v7()}), "not_found", 404),
+        ("mutation($id: UUID!) { cancelOperation(id: $id) { id } }", json!({"id": uuid::Uuid::now_v7()}), "not_found", 404),
+        ("mutation($i: CreateConnectionInput!) { createConnection(input: $i) { id } }", json!({"i": {"integrationId": integration, "groupRef": "g", "credentials": "not an object"}}), "invalid_input", 400),
+        ("mutation($i: CreateConnectionInput!) { createConnection(input: $i) { id } }", json!({"i": {"integrationId": uuid::Uuid::now_v7(), "groupRef": "g", "credentials": {"t": 1}}}), "not_found", 404),
+        ("mutation($id: UUID!) { triggerRead(installationId: $id, objects: [\"tickets\"]) { id } }", json!({"id": installation}), "installation.unknown_object", 422),
+        ("mutation($id: UUID!) { triggerRead(installationId: $id, objects: [\"contacts\"], since: \"2026-02-01T00:00:00Z\", until: \"2026-01-01T00:00:00Z\") { id } }", json!({"id": installation}), "operation.invalid_window", 422),
+        ("query($id: UUID!) { installationAsOf(id: $id) { events } }", json!({"id": installation}), "invalid_input", 400),
+        ("query { operations(first: 1000) { nodes { id } } }", json!({}), "invalid_input", 400),
+    ];
+    for (query, vars, code, status) in cases {
+        let (http, body) = app.gql(&p.admin, query, vars).await;
+        assert_eq!(http, 200, "{query}: {body}");
+        assert_eq!(error_code(&body), code, "{query}: {body}");
+        assert_eq!(body["errors"][0]["extensions"]["status"], status, "{query}: {body}");
+        assert!(!body["errors"][0]["message"].as_str().unwrap().is_empty());
+    }
+    let (_, body) = app.gql(&p.admin, "mutation($m: String!) { declareIntegrations(manifest: $m) { id } }", json!({"m": "specVersion: 1.0.0\nintegrations:\n  - name: x\n    provider: y\n    bogus: 1\n"})).await;
+    assert!(body["errors"][0]["message"].as_str().unwrap().contains("line"), "the manifest error says where: {body}");
+
+    // Not GraphQL at all.
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{}/graphql", app.base))
+        .header("x-api-key", &p.read)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(error_code(&body), "bad_request");
+    let response = client.get(format!("{}/nowhere", app.base)).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(error_code(&response.json::<Value>().await.unwrap()), "not_found");
+
+    let events_after: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(events_before, events_after, "a refused request appended something");
+    app.stop().await;
+}

@@ -1,0 +1,266 @@
+//! Tenancy (twice), scopes, key revocation and the request limits.
+
+use amplog_commands::testing::{seed, start_read};
+use amplog_gateways::server::ServerConfig;
+use amplog_gateways::tenant::TenantDb;
+use amplog_gateways::testing::{error_code, TestApp};
+use serde_json::{json, Value};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Every way project A's key can name one of project B's objects, answered exactly as for
+/// an id that exists nowhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_projects_objects_are_not_found_by_id_by_list_or_nested() {
+    let app = TestApp::spawn().await;
+    let a = app.project("A").await;
+    let b = seed(&app.service).await; // project B, through the command service
+    let (b_op, _) = start_read(&app.service, &b, "contacts").await;
+    app.projected().await;
+
+    let by_id: Vec<(&str, Uuid)> = vec![
+        ("query($id: UUID!) { integration(id: $id) { id name } }", b.integration.0),
+        ("query($id: UUID!) { installation(id: $id) { id } }", b.installation.0),
+        ("query($id: UUID!) { connection(id: $id) { id } }", b.connection.0),
+        ("query($id: UUID!) { operation(id: $id) { id } }", b_op.0),
+        ("query($id: UUID!) { installationHistory(id: $id) { events { eventId } } }", b.installation.0),
+        ("query($id: UUID!) { installationAsOf(id: $id, position: 1000000) { events } }", b.installation.0),
+        ("query($id: UUID!) { verifyInstallation(id: $id) { intact } }", b.installation.0),
+        ("mutation($id: UUID!) { pauseInstallation(id: $id) { id } }", b.installation.0),
+        ("mutation($id: UUID!) { deleteInstallation(id: $id) { id } }", b.installation.0),
+        ("mutation($id: UUID!) { triggerRead(installationId: $id) { id } }", b.installation.0),
+        ("mutation($id: UUID!) { triggerRead(installationId: $id, objects: [\"contacts\"]) { id } }", b.installation.0),
+        ("mutation($id: UUID!) { cancelOperation(id: $id) { id } }", b_op.0),
+        ("mutation($id: UUID!) { deployRevision(integrationId: $id, manifest: \"specVersion: 1.0.0\\nintegrations: [{name: x, provider: y, read: {objects: [{objectName: a}]}}]\") { id } }", b.integration.0),
+        (
+            "mutation($id: UUID!) { createConnection(input: {integrationId: $id, groupRef: \"g\", credentials: {t: 1}}) { id } }",
+            b.integration.0,
+        ),
+    ];
+    for (query, foreign) in by_id {
+        let (status, theirs) = app.gql(&a.admin, query, json!({"id": foreign})).await;
+        let (_, nowhere) = app.gql(&a.admin, query, json!({"id": Uuid::now_v7()})).await;
+        assert_eq!(status, 200);
+        assert_eq!(error_code(&theirs), "not_found", "{query}: {theirs}");
+        assert_eq!(theirs, nowhere, "{query}: another project's object answers differently from a missing one");
+    }
+    // A's installation on B's connection: the connection is not found either.
+    let data = app
+        .data(&a.admin, "mutation($m: String!) { declareIntegrations(manifest: $m, waitForVisibility: true) { id } }", json!({"m": "specVersion: 1.0.0\nintegrations: [{name: x, provider: hubspot, read: {objects: [{objectName: contacts}]}}]"}))
+        .await;
+    let a_integration = data["declareIntegrations"][0]["id"].as_str().unwrap();
+    let (_, body) = app
+        .gql(&a.write, "mutation($i: UUID!, $c: UUID!) { createInstallation(input: {integrationId: $i, connectionId: $c, groupRef: \"group-1\", consumerRef: \"c\"}) { id } }", json!({"i": a_integration, "c": b.connection.0}))
+        .await;
+    assert_eq!(error_code(&body), "not_found", "{body}");
+
+    // Lists and nested fields show only A's rows.
+    let data = app
+        .data(&a.read, "{ integrations { id } installations { edges { node { id connection { id } operations { nodes { id } } readStates { object } usage { day } } } }
+                 operations { nodes { id } } usage { day } billing { month } }", json!({}))
+        .await;
+    assert_eq!(data["integrations"].as_array().unwrap().len(), 1);
+    assert_eq!(data["integrations"][0]["id"], a_integration);
+    assert_eq!(data["installations"]["edges"], json!([]));
+    assert_eq!(data["operations"]["nodes"], json!([]));
+    assert_eq!(data["usage"], json!([]));
+    assert_eq!(data["billing"], json!([]));
+    // While B's own key sees its rows.
+    let (_, b_key) = app.keys.create(b.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let data = app.data(&b_key, "{ installations { edges { node { id operations { nodes { id } } } } } }", json!({})).await;
+    assert_eq!(data["installations"]["edges"][0]["node"]["id"], b.installation.0.to_string());
+    assert_eq!(data["installations"]["edges"][0]["node"]["operations"]["nodes"][0]["id"], b_op.0.to_string());
+
+    // The audit export and the subscription answer alike.
+    let client = reqwest::Client::new();
+    for id in [b.installation.0, Uuid::now_v7()] {
+        let response = client
+            .get(format!("{}/v1/audit/installations/{id}/events", app.base))
+            .header("x-api-key", &a.read)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404);
+        assert_eq!(error_code(&response.json::<Value>().await.unwrap()), "not_found");
+    }
+    app.stop().await;
+}
+
+/// The second line: with the application's own filters gone, PostgreSQL still shows a
+/// request only its project's rows, and nothing of credentials or keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn row_level_security_hides_other_projects_even_from_unscoped_sql() {
+    let app = TestApp::spawn().await;
+    let a = seed(&app.service).await;
+    let b = seed(&app.service).await;
+    start_read(&app.service, &a, "contacts").await;
+    start_read(&app.service, &b, "contacts").await;
+    app.projected().await;
+    let db = TenantDb::new(app.db.pool.clone(), a.ctx.project_id, 5_000);
+    for table in ["events", "integrations", "installations", "connections", "operations", "read_states", "installation_streams"] {
+        let (total, foreign): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*), count(*) FILTER (WHERE project_id <> $1) FROM {table}"
+        ))
+        .bind(a.ctx.project_id.0)
+        .fetch_one(&mut *db.conn().await.unwrap())
+        .await
+        .unwrap();
+        assert_eq!(foreign, 0, "{table}: another project's rows are visible");
+        let all: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE project_id = $1"))
+            .bind(a.ctx.project_id.0)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(total, all, "{table}: the project's own rows must all be visible");
+        assert!(all > 0, "{table} has rows to show");
+    }
+    for table in ["credentials", "api_keys", "idempotency_keys", "aggregate_snapshots", "reader_checkpoints"] {
+        db.release().await;
+        let denied = sqlx::query(&format!("SELECT 1 FROM {table} LIMIT 1")).execute(&mut *db.conn().await.unwrap()).await;
+        let code = denied.expect_err("amplog_app must not read it").as_database_error().unwrap().code().unwrap().to_string();
+        assert_eq!(code, "42501", "{table}: insufficient_privilege expected");
+    }
+    db.release().await;
+    let written = sqlx::query("DELETE FROM installations").execute(&mut *db.conn().await.unwrap()).await;
+    assert!(written.is_err(), "amplog_app must not write");
+    db.release().await;
+    // A transaction with no project set sees nothing at all.
+    let mut tx = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('role', 'amplog_app', true)").execute(&mut *tx).await.unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(seen, 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scopes_limit_what_a_key_does_and_a_revoked_key_is_refused_within_a_second() {
+    let app = TestApp::spawn().await;
+    let p = app.project("Acme").await;
+    let manifest = "specVersion: 1.0.0\nintegrations: [{name: x, provider: hubspot, read: {objects: [{objectName: contacts}]}}]";
+    let declare = "mutation($m: String!) { declareIntegrations(manifest: $m) { id } }";
+    for key in [&p.read, &p.write] {
+        let (status, body) = app.gql(key, declare, json!({"m": manifest})).await;
+        assert_eq!(status, 200);
+        assert_eq!(error_code(&body), "forbidden", "{body}");
+        assert_eq!(body["errors"][0]["extensions"]["status"], 403);
+    }
+    let data = app.data(&p.admin, declare, json!({"m": manifest})).await;
+    let integration = data["declareIntegrations"][0]["id"].as_str().unwrap().to_string();
+    let connect = "mutation($i: UUID!) { createConnection(input: {integrationId: $i, groupRef: \"g\", credentials: {t: 1}}) { id } }";
+    let (_, body) = app.gql(&p.read, connect, json!({"i": integration})).await;
+    assert_eq!(error_code(&body), "forbidden");
+    app.data(&p.write, connect, json!({"i": integration})).await;
+    let viewer = app.data(&p.read, "{ viewer { scope projectId } }", json!({})).await;
+    assert_eq!(viewer["viewer"], json!({"scope": "read", "projectId": p.ctx.project_id.0.to_string()}));
+
+    // Missing, malformed, unknown, and right id with the wrong secret: all 401.
+    let id_part = &p.read[..36]; // amp_<32 hex digits>_<secret>
+    for key in ["", "garbage", "amp_00000000000000000000000000000000_x", &format!("{id_part}_wrong-secret")] {
+        let (status, body) = app.gql(key, "{ viewer { scope } }", json!({})).await;
+        assert_eq!(status, 401, "{key}");
+        assert_eq!(error_code(&body), "unauthenticated");
+    }
+    // Revoked elsewhere (another replica, the CLI): this server refuses it within a second.
+    let key_id: Uuid = id_part.trim_start_matches("amp_").parse().unwrap();
+    app.data(&p.read, "{ viewer { scope } }", json!({})).await; // now cached as valid
+    let elsewhere = amplog_gateways::Keys::new(app.db.pool.clone());
+    assert!(elsewhere.revoke(key_id).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, body) = app.gql(&p.read, "{ viewer { scope } }", json!({})).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!elsewhere.revoke(key_id).await.unwrap(), "revoking twice reports it");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_and_production_mode_refuse_expensive_or_revealing_requests() {
+    let app = TestApp::spawn().await;
+    let p = app.project("Acme").await;
+    let deep = "{ installations { edges { node { connection { id } integration { objects { name } }
+        operations { nodes { id } pageInfo { endCursor } } } } } }";
+    app.data(&p.read, deep, json!({})).await;
+    // Depth: 12 nested levels.
+    let nested = (0..12).fold("id".to_string(), |inner, _| format!("installation(id: \"{}\") {{ {inner} }}", Uuid::nil()));
+    let (_, body) = app.gql(&p.read, &format!("{{ {nested} }}"), json!({})).await;
+    assert_eq!(error_code(&body), "graphql_validation", "{body}");
+    // Complexity: 100 installations × 100 operations each.
+    let (_, body) = app
+        .gql(&p.read, "{ installations(first: 100) { edges { node { operations(first: 100) { nodes { id status object records } } } } } }", json!({}))
+        .await;
+    assert_eq!(error_code(&body), "graphql_validation", "{body}");
+    assert!(body["errors"][0]["message"].as_str().unwrap().contains("complex"), "{body}");
+    // Aliases.
+    let aliases: String = (0..31).map(|i| format!("a{i}: viewer {{ scope }} ")).collect();
+    let (status, body) = app.gql(&p.read, &format!("{{ {aliases} }}"), json!({})).await;
+    assert_eq!((status, error_code(&body)), (400, "too_many_aliases"), "{body}");
+    // Body size.
+    let (status, body) = app.gql(&p.read, &format!("{{ viewer {{ scope }} }} #{}", "x".repeat(300_000)), json!({})).await;
+    assert_eq!((status, error_code(&body)), (413, "payload_too_large"), "{body}");
+    // Introspection and GraphiQL are off in production.
+    let (status, body) = app.gql(&p.read, "{ __schema { types { name } } }", json!({})).await;
+    assert_eq!((status, error_code(&body)), (400, "introspection_disabled"), "{body}");
+    assert!(!body.to_string().contains("Installation"), "{body}");
+    let (status, body) = app.gql(&p.read, "{ __type(name: \"Installation\") { fields { name } } }", json!({})).await;
+    assert_eq!((status, error_code(&body)), (400, "introspection_disabled"), "{body}");
+    let page = reqwest::get(format!("{}/graphql", app.base)).await.unwrap();
+    assert_eq!(page.status(), 404);
+    assert!(!page.text().await.unwrap().contains("graphiql"));
+    app.stop().await;
+
+    // Development mode: both on.
+    let dev = TestApp::spawn_with(ServerConfig { dev: true, ..ServerConfig::default() }, true).await;
+    let p = dev.project("Acme").await;
+    let data = dev.data(&p.read, "{ __type(name: \"Installation\") { fields { name } } }", json!({})).await;
+    assert!(data["__type"]["fields"].as_array().unwrap().iter().any(|f| f["name"] == "operations"));
+    let page = reqwest::get(format!("{}/graphql", dev.base)).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().to_lowercase().contains("graphiql"));
+    dev.stop().await;
+
+    // An execution timeout answers 503 with a code, not a hung request or a 500.
+    let slow = TestApp::spawn_with(
+        ServerConfig { request_timeout: Duration::from_nanos(1), ..ServerConfig::default() },
+        false,
+    )
+    .await;
+    let p = slow.project("Acme").await;
+    let (status, body) = slow.gql(&p.read, "{ installations { edges { node { id } } } }", json!({})).await;
+    assert_eq!((status, error_code(&body)), (503, "timeout"), "{body}");
+    slow.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nested_lists_are_batched_not_queried_per_item() {
+    let app = TestApp::spawn_with(ServerConfig { dev: true, ..ServerConfig::default() }, true).await;
+    let mut seeded = Vec::new();
+    let first = seed(&app.service).await;
+    for i in 0..15 {
+        let new = amplog_commands::service::NewInstallation {
+            integration_id: first.integration,
+            revision: None,
+            group_ref: "group-1".into(),
+            consumer_ref: format!("consumer-{i}"),
+            connection_id: first.connection,
+            objects: None,
+        };
+        let outcome = app.service.create_installation(&first.ctx, &new).await.unwrap();
+        let installation = amplog_domain::InstallationId(outcome.id_of("installation").unwrap());
+        let s = amplog_commands::testing::Seeded { installation, ctx: first.ctx.clone(), ..first };
+        start_read(&app.service, &s, "contacts").await;
+        seeded.push(s);
+    }
+    app.projected().await;
+    let (_, key) = app.keys.create(first.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let query = "{ installations(first: 20) { edges { node { id connection { status } integration { name }
+        operations(first: 5) { nodes { status } } readStates { object mode } usage { day } } } } }";
+    let (_, body) = app.gql(&key, query, json!({})).await;
+    assert!(body.get("errors").is_none(), "{body}");
+    let edges = body["data"]["installations"]["edges"].as_array().unwrap();
+    assert_eq!(edges.len(), 16);
+    assert!(edges.iter().skip(1).all(|e| e["node"]["operations"]["nodes"][0]["status"] == "running"));
+    // One statement for the page, one per nested kind (connection, integration,
+    // operations, read states, usage): not one per installation.
+    let statements = body["extensions"]["sqlStatements"].as_i64().unwrap();
+    assert!(statements <= 6, "{statements} statements for 16 installations");
+    app.stop().await;
+}
