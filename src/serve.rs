@@ -21,7 +21,8 @@ pub async fn run(app: &App, listen: SocketAddr, dev: bool, projectors: Projector
     let service = app.service()?;
     let keys = Keys::new(app.pool.clone());
     let config = ServerConfig { listen, dev, ..ServerConfig::default() };
-    let server = Server::start(config, service.clone(), keys).await.with_context(|| format!("listening on {listen}"))?;
+    let server =
+        Server::start(config, service.clone(), keys).await.with_context(|| format!("listening on {listen}"))?;
     // Tests and scripts read the bound address (listen on port 0 to pick a free one).
     println!("amplog serving on http://{}", server.addr);
     let (stop, stopped) = tokio::sync::watch::channel(false);

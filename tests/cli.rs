@@ -245,3 +245,95 @@ async fn projector_processes_killed_with_sigkill_hand_over_and_lose_nothing() {
     assert_eq!(projected(&db.pool).await, log_truth(&db.pool).await);
     assert_eq!(log_truth(&db.pool).await, (90, 90 * 7));
 }
+
+/// `amplog projects create`, `keys create|list|revoke` and `amplog serve` as an operator
+/// runs them: the API answers, readiness follows the in-process projector, SIGTERM stops it
+/// cleanly, and neither keys nor credentials reach the logs (at debug level).
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_with_projects_and_keys_from_the_cli() {
+    use std::io::{BufRead, BufReader};
+    let db = test_db().await;
+    let key = base64::engine::general_purpose::STANDARD.encode(TEST_KEY);
+    let env = [("DATABASE_URL", db.url.as_str()), ("AMPLOG_CREDENTIALS_KEY", key.as_str())];
+    let project = ok(amplog(&["projects", "create", "Acme"], &env)).trim().to_string();
+    let api_key = ok(amplog(&["keys", "create", "--project", &project, "--scope", "admin", "--label", "ci"], &env));
+    let api_key = api_key.trim().to_string();
+    assert!(api_key.starts_with("amp_"), "{api_key}");
+    let listed = ok(amplog(&["keys", "list", "--project", &project], &env));
+    assert!(listed.contains("\"scope\":\"admin\"") && listed.contains("\"label\":\"ci\""), "{listed}");
+    assert!(!listed.contains(&api_key[36..]), "a listing shows the secret");
+    let refused = amplog(&["keys", "create", "--project", &uuid::Uuid::now_v7().to_string()], &env);
+    assert!(!refused.status.success(), "a key for a project that does not exist");
+
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_amplog"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--projectors", "on"])
+        .env_remove("DATABASE_URL")
+        .envs(env)
+        .env("AMPLOG_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
+    let base = first_line.trim().strip_prefix("amplog serving on ").expect("the bound address").to_string();
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    let mut ready = serde_json::Value::Null;
+    for _ in 0..100 {
+        let response = client.get(format!("{base}/readyz")).send().await.unwrap();
+        ready = response.json().await.unwrap();
+        if ready["ready"] == true {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, serde_json::json!({"ready": true, "database": true, "migrations": true, "projector": true}));
+
+    let secret = "cli-test-secret-token-5521";
+    let manifest =
+        "specVersion: 1.0.0\nintegrations: [{name: crm, provider: hubspot, read: {objects: [{objectName: contacts}]}}]";
+    let gql = |query: &str, variables: serde_json::Value| {
+        client
+            .post(format!("{base}/graphql"))
+            .header("x-api-key", &api_key)
+            .json(&serde_json::json!({"query": query, "variables": variables}))
+            .send()
+    };
+    let body: serde_json::Value =
+        gql("mutation($m: String!) { declareIntegrations(manifest: $m) { id } }", serde_json::json!({"m": manifest}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let integration = body["data"]["declareIntegrations"][0]["id"].as_str().expect("declared").to_string();
+    let body: serde_json::Value = gql(
+        "mutation($i: UUID!, $s: String!) { createConnection(input: {integrationId: $i, groupRef: \"g\", credentials: {access_token: $s}}, waitForVisibility: true) { visible connection { status } } }",
+        serde_json::json!({"i": integration, "s": secret}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(body["data"]["createConnection"]["visible"], true, "{body}");
+    let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("amplog_connections{"), "{metrics}");
+
+    let key_id = &api_key[4..36];
+    let key_id = uuid::Uuid::parse_str(key_id).unwrap().to_string();
+    ok(amplog(&["keys", "revoke", &key_id], &env));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(gql("{ viewer { scope } }", serde_json::json!({})).await.unwrap().status(), 401);
+
+    // SIGTERM: a graceful stop, exit status 0.
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    let status = server.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let logged = std::fs::read_to_string(log.path()).unwrap();
+    assert!(logged.contains("shutting down"), "{logged}");
+    assert!(!logged.contains(&api_key[36..]), "the API key's secret is in the log");
+    assert!(!logged.contains(secret), "a credential is in the log");
+}

@@ -345,8 +345,12 @@ impl CommandService {
             Begun::Fresh(uow) => uow,
         };
         let loaded = self.load_in::<Integration>(&mut uow, Uuid::now_v7()).await?;
-        let mut commands =
-            vec![IntegrationCommand::Declare { project_id: ctx.project_id, name: name.into(), provider: provider.into(), at }];
+        let mut commands = vec![IntegrationCommand::Declare {
+            project_id: ctx.project_id,
+            name: name.into(),
+            provider: provider.into(),
+            at,
+        }];
         if let Some(manifest) = manifest {
             commands.push(IntegrationCommand::DeployRevision {
                 manifest: manifest.clone(),

@@ -108,8 +108,8 @@ impl Keys {
         label: Option<&str>,
     ) -> Result<(Uuid, String), ApiError> {
         let id = Uuid::now_v7();
-        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(amplog_commands::credentials::random_bytes::<32>());
+        let secret =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(amplog_commands::credentials::random_bytes::<32>());
         let key = format!("{PREFIX}{}_{secret}", id.simple());
         sqlx::query("INSERT INTO api_keys (id, project_id, scope, digest, label) VALUES ($1, $2, $3, $4, $5)")
             .bind(id)

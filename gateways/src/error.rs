@@ -99,7 +99,9 @@ impl ApiError {
                 e if e.is_client_error() => StatusCode::UNPROCESSABLE_ENTITY,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
-            ApiError::Projection(_) | ApiError::Database(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Projection(_) | ApiError::Database(_) | ApiError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -136,9 +138,9 @@ fn not_found_what(e: &CommandError) -> &'static str {
         CommandError::Domain(DomainError::Integration(_) | DomainError::Installation(I::IntegrationNotFound)) => {
             "integration"
         }
-        CommandError::Domain(DomainError::Connection(C::NotFound) | DomainError::Installation(I::ConnectionNotFound)) => {
-            "connection"
-        }
+        CommandError::Domain(
+            DomainError::Connection(C::NotFound) | DomainError::Installation(I::ConnectionNotFound),
+        ) => "connection",
         CommandError::Domain(DomainError::Operation(_)) => "operation",
         _ => "installation",
     }

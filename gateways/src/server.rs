@@ -11,8 +11,8 @@ use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
 use async_graphql::Data;
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::{Body, Bytes};
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -92,9 +92,7 @@ impl Server {
         let router = router(state);
         let mut until = shutdown;
         let task = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stopped(&mut until).await })
-                .await
+            axum::serve(listener, router).with_graceful_shutdown(async move { stopped(&mut until).await }).await
         });
         tracing::info!(%addr, "serving: POST /graphql, GET /graphql/ws, /healthz, /readyz, /metrics");
         Ok(Server { addr, stop, task })
@@ -195,11 +193,14 @@ async fn graphql_http(
                 .to_str()
                 .ok()
                 .filter(|k| !k.is_empty() && k.len() <= 200)
-                .ok_or_else(|| ApiError::bad_request("invalid_input", "Idempotency-Key must be 1 to 200 visible ASCII characters"))?
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_input", "Idempotency-Key must be 1 to 200 visible ASCII characters")
+                })?
                 .to_string(),
         ),
     };
-    let db = Arc::new(TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms));
+    let db =
+        Arc::new(TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms));
     let request = graphql::request_data(request, principal, db.clone(), idempotency_key);
     let executed = tokio::time::timeout(state.config.request_timeout, shared.schema.execute(request)).await;
     db.release().await;
@@ -241,26 +242,24 @@ async fn graphql_ws(
         },
         None => None,
     };
-    upgrade
-        .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |socket| async move {
-            let state = shared.state.clone();
-            GraphQLWebSocket::new(socket, shared.schema, protocol)
-                .on_connection_init(move |payload: serde_json::Value| async move {
-                    let principal = match from_header {
-                        Some(principal) => principal,
-                        None => {
-                            let key = payload.get("apiKey").or_else(|| payload.get("X-Api-Key")).and_then(|k| k.as_str());
-                            state.keys.authenticate(key.unwrap_or_default()).await.map_err(async_graphql::Error::from)?
-                        }
-                    };
-                    let mut data = Data::default();
-                    data.insert(principal);
-                    Ok(data)
-                })
-                .serve()
-                .await
-        })
+    upgrade.protocols(ALL_WEBSOCKET_PROTOCOLS).on_upgrade(move |socket| async move {
+        let state = shared.state.clone();
+        GraphQLWebSocket::new(socket, shared.schema, protocol)
+            .on_connection_init(move |payload: serde_json::Value| async move {
+                let principal = match from_header {
+                    Some(principal) => principal,
+                    None => {
+                        let key = payload.get("apiKey").or_else(|| payload.get("X-Api-Key")).and_then(|k| k.as_str());
+                        state.keys.authenticate(key.unwrap_or_default()).await.map_err(async_graphql::Error::from)?
+                    }
+                };
+                let mut data = Data::default();
+                data.insert(principal);
+                Ok(data)
+            })
+            .serve()
+            .await
+    })
 }
 
 #[derive(Serialize)]
@@ -281,15 +280,19 @@ async fn readyz(State(shared): State<Shared>) -> Response {
     let check = async {
         let mut conn = state.service.pool().acquire().await?;
         ready.database = true;
-        ready.migrations = amplog_migrations::is_current(&mut conn).await.map_err(amplog_commands::CommandError::from)?;
+        ready.migrations =
+            amplog_migrations::is_current(&mut conn).await.map_err(amplog_commands::CommandError::from)?;
         drop(conn);
         let status = amplog_projections::status(state.service.pool(), amplog_projections::READ_MODELS).await?;
-        let fresh = status.heartbeat.is_some_and(|h| {
-            (Utc::now() - h).to_std().unwrap_or_default() < state.config.projector_stale_after
-        });
+        let fresh = status
+            .heartbeat
+            .is_some_and(|h| (Utc::now() - h).to_std().unwrap_or_default() < state.config.projector_stale_after);
         ready.projector = status.leader.is_some() && fresh;
         if !ready.projector {
-            ready.detail = Some(format!("projector {}: leader {:?}, heartbeat {:?}", status.name, status.leader, status.heartbeat));
+            ready.detail = Some(format!(
+                "projector {}: leader {:?}, heartbeat {:?}",
+                status.name, status.leader, status.heartbeat
+            ));
         }
         Ok::<(), ApiError>(())
     };
@@ -351,7 +354,9 @@ async fn export_events(
         let (db, after) = cursor?;
         let range = HistoryRange { after, from: params.from, to: params.to, limit: EXPORT_PAGE };
         let page = match db.conn().await {
-            Ok(mut conn) => audit::installation_history_in(&mut conn, &id.to_string(), range).await.map_err(ApiError::from),
+            Ok(mut conn) => {
+                audit::installation_history_in(&mut conn, &id.to_string(), range).await.map_err(ApiError::from)
+            }
             Err(e) => Err(e),
         };
         db.release().await;

@@ -55,7 +55,12 @@ impl TestApp {
         let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "test");
         self.service.create_project(&ctx, name).await.expect("create the project");
         let key = |scope| async move { self.keys.create(ctx.project_id, scope, None).await.expect("a key").1 };
-        TestProject { admin: key(Scope::Admin).await, write: key(Scope::Write).await, read: key(Scope::Read).await, ctx }
+        TestProject {
+            admin: key(Scope::Admin).await,
+            write: key(Scope::Write).await,
+            read: key(Scope::Read).await,
+            ctx,
+        }
     }
 
     /// POSTs a GraphQL request; returns the HTTP status and the JSON body.

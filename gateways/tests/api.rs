@@ -1,6 +1,5 @@
 //! The builder's API end to end: a real server on a real PostgreSQL, driven over HTTP.
 
-use amplog_commands::testing::SEED_SECRET;
 use amplog_gateways::testing::{error_code, TestApp, TestProject};
 use serde_json::{json, Value};
 
@@ -27,11 +26,7 @@ const SECRET_TOKEN: &str = "sk-live-very-secret-access-token-7731";
 /// Declares the manifest's integration, a connection and an installation through the API.
 async fn builder_setup(app: &TestApp, p: &TestProject, group: &str) -> (String, String, String) {
     let data = app
-        .data(
-            &p.admin,
-            "mutation($m: String!) { declareIntegrations(manifest: $m) { id } }",
-            json!({"m": MANIFEST}),
-        )
+        .data(&p.admin, "mutation($m: String!) { declareIntegrations(manifest: $m) { id } }", json!({"m": MANIFEST}))
         .await;
     let integration = data["declareIntegrations"][0]["id"].as_str().unwrap().to_string();
     let data = app
@@ -97,7 +92,8 @@ async fn a_builder_declares_connects_installs_reads_and_sees_it_all() {
     for read in reads {
         assert_eq!(read["visible"], true);
         assert_eq!(read["operation"]["status"], "pending");
-        let types: Vec<&str> = read["events"].as_array().unwrap().iter().map(|e| e["eventType"].as_str().unwrap()).collect();
+        let types: Vec<&str> =
+            read["events"].as_array().unwrap().iter().map(|e| e["eventType"].as_str().unwrap()).collect();
         assert_eq!(types, vec!["OperationRequested", "Requested"]);
     }
 
@@ -116,22 +112,35 @@ async fn a_builder_declares_connects_installs_reads_and_sees_it_all() {
     assert_eq!(ops.len(), 2);
     assert!(ops.iter().all(|o| o["status"] == "pending" && o["opType"] == "read" && o["trigger"] == "triggered"));
     assert_eq!(inst["operations"]["pageInfo"]["hasNextPage"], false);
-    let mut states: Vec<&str> = inst["readStates"].as_array().unwrap().iter().map(|s| s["object"].as_str().unwrap()).collect();
+    let mut states: Vec<&str> =
+        inst["readStates"].as_array().unwrap().iter().map(|s| s["object"].as_str().unwrap()).collect();
     states.sort();
     assert_eq!(states, vec!["companies", "contacts"]);
 
     // Cancel one; pause; a read on a paused installation is refused with a typed error.
     let op = ops[0]["id"].as_str().unwrap();
     let data = app
-        .data(&p.write, "mutation($id: UUID!) { cancelOperation(id: $id, waitForVisibility: true) { operation { status } } }", json!({"id": op}))
+        .data(
+            &p.write,
+            "mutation($id: UUID!) { cancelOperation(id: $id, waitForVisibility: true) { operation { status } } }",
+            json!({"id": op}),
+        )
         .await;
     assert_eq!(data["cancelOperation"]["operation"]["status"], "cancelled");
     let data = app
-        .data(&p.write, "mutation($id: UUID!) { pauseInstallation(id: $id, waitForVisibility: true) { installation { paused } } }", json!({"id": installation}))
+        .data(
+            &p.write,
+            "mutation($id: UUID!) { pauseInstallation(id: $id, waitForVisibility: true) { installation { paused } } }",
+            json!({"id": installation}),
+        )
         .await;
     assert_eq!(data["pauseInstallation"]["installation"]["paused"], true);
     let (status, body) = app
-        .gql(&p.write, "mutation($id: UUID!) { triggerRead(installationId: $id, objects: [\"contacts\"]) { id } }", json!({"id": installation}))
+        .gql(
+            &p.write,
+            "mutation($id: UUID!) { triggerRead(installationId: $id, objects: [\"contacts\"]) { id } }",
+            json!({"id": installation}),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(error_code(&body), "installation.paused");
@@ -141,11 +150,17 @@ async fn a_builder_declares_connects_installs_reads_and_sees_it_all() {
     // Filters and Relay pagination over three installations.
     builder_setup(&app, &p, "customer-2").await;
     builder_setup(&app, &p, "customer-3").await;
-    let page = "query($after: String, $filter: InstallationFilter) { installations(first: 2, after: $after, filter: $filter) {
+    let page =
+        "query($after: String, $filter: InstallationFilter) { installations(first: 2, after: $after, filter: $filter) {
         edges { cursor node { groupRef } } pageInfo { hasNextPage hasPreviousPage endCursor } } }";
     let first = app.data(&p.read, page, json!({})).await;
     let groups = |d: &Value| -> Vec<String> {
-        d["installations"]["edges"].as_array().unwrap().iter().map(|e| e["node"]["groupRef"].as_str().unwrap().to_string()).collect()
+        d["installations"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["node"]["groupRef"].as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(groups(&first), vec!["customer-1", "customer-2"]);
     assert_eq!(first["installations"]["pageInfo"]["hasNextPage"], true);
@@ -169,11 +184,12 @@ async fn a_builder_declares_connects_installs_reads_and_sees_it_all() {
 
     // The access token went to the encrypted store only.
     for table in ["events", "aggregate_snapshots", "installations", "connections", "idempotency_keys", "credentials"] {
-        let hits: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} t WHERE t::text LIKE '%' || $1 || '%'"))
-            .bind(SECRET_TOKEN)
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
+        let hits: i64 =
+            sqlx::query_scalar(&format!("SELECT count(*) FROM {table} t WHERE t::text LIKE '%' || $1 || '%'"))
+                .bind(SECRET_TOKEN)
+                .fetch_one(&app.db.pool)
+                .await
+                .unwrap();
         assert_eq!(hits, 0, "the secret is in {table}");
     }
     let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys t WHERE t::text LIKE '%' || $1 || '%'")
@@ -182,11 +198,12 @@ async fn a_builder_declares_connects_installs_reads_and_sees_it_all() {
         .await
         .unwrap();
     assert_eq!(keys, 0, "an API key's secret is stored");
-    let actors: Vec<String> = sqlx::query_scalar("SELECT DISTINCT metadata->>'actor' FROM events WHERE project_id = $1")
-        .bind(p.ctx.project_id.0)
-        .fetch_all(&app.db.pool)
-        .await
-        .unwrap();
+    let actors: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT metadata->>'actor' FROM events WHERE project_id = $1")
+            .bind(p.ctx.project_id.0)
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
     assert!(actors.iter().all(|a| a == "test" || a.starts_with("api_key:")), "{actors:?}");
     assert!(actors.iter().all(|a| !p.admin.contains(&a[a.len().min(8)..]) || a == "test"));
     app.stop().await;
@@ -211,7 +228,12 @@ async fn retried_mutations_with_an_idempotency_key_append_once() {
     assert_eq!(requested, 1);
     // The same key for another request is refused, and appends nothing.
     let (_, other) = app
-        .gql_with(&p.write, trigger.replace("contacts", "companies").as_str(), vars.clone(), &[("idempotency-key", "retry-1")])
+        .gql_with(
+            &p.write,
+            trigger.replace("contacts", "companies").as_str(),
+            vars.clone(),
+            &[("idempotency-key", "retry-1")],
+        )
         .await;
     assert_eq!(other["data"]["triggerRead"][0]["replayed"], false, "a different object is a different key part");
     let changed = trigger.replace("[\"contacts\"]", "[\"contacts\"], since: \"2026-01-01T00:00:00Z\"");
@@ -256,7 +278,13 @@ async fn bad_input_gets_a_typed_client_error_and_changes_nothing() {
         assert_eq!(body["errors"][0]["extensions"]["status"], status, "{query}: {body}");
         assert!(!body["errors"][0]["message"].as_str().unwrap().is_empty());
     }
-    let (_, body) = app.gql(&p.admin, "mutation($m: String!) { declareIntegrations(manifest: $m) { id } }", json!({"m": "specVersion: 1.0.0\nintegrations:\n  - name: x\n    provider: y\n    bogus: 1\n"})).await;
+    let (_, body) = app
+        .gql(
+            &p.admin,
+            "mutation($m: String!) { declareIntegrations(manifest: $m) { id } }",
+            json!({"m": "specVersion: 1.0.0\nintegrations:\n  - name: x\n    provider: y\n    bogus: 1\n"}),
+        )
+        .await;
     assert!(body["errors"][0]["message"].as_str().unwrap().contains("line"), "the manifest error says where: {body}");
 
     // Not GraphQL at all.

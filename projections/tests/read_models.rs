@@ -509,7 +509,8 @@ async fn read_states_usage_and_health_follow_an_installation() {
         (usage["records_read"].as_u64(), usage["bytes"].as_u64(), usage["operations"]["read.succeeded"].as_u64()),
         (Some(100), Some(1000), Some(1))
     );
-    let months = amplog_projections::usage::monthly(&mut db.pool.acquire().await.unwrap(), s.ctx.project_id.0).await.unwrap();
+    let months =
+        amplog_projections::usage::monthly(&mut db.pool.acquire().await.unwrap(), s.ctx.project_id.0).await.unwrap();
     let month = chrono::Utc::now().format("%Y-%m").to_string();
     assert_eq!(months.len(), 1);
     assert_eq!(
@@ -518,7 +519,10 @@ async fn read_states_usage_and_health_follow_an_installation() {
     );
     assert_eq!(months[0].operations.get("read.succeeded"), Some(&1));
     assert!(
-        amplog_projections::usage::monthly(&mut db.pool.acquire().await.unwrap(), Uuid::now_v7()).await.unwrap().is_empty(),
+        amplog_projections::usage::monthly(&mut db.pool.acquire().await.unwrap(), Uuid::now_v7())
+            .await
+            .unwrap()
+            .is_empty(),
         "scoped by project"
     );
     let streams: i64 = sqlx::query_scalar("SELECT count(*) FROM installation_streams WHERE installation_id = $1")

@@ -17,8 +17,7 @@ use uuid::Uuid;
 
 pub fn decode<D: DeserializeOwned>(row: &PgRow) -> Result<D, ApiError> {
     let doc: String = row.get("doc");
-    serde_json::from_str(&doc)
-        .map_err(|e| ApiError::from(amplog_projections::ProjectionError::Corrupt(e.to_string())))
+    serde_json::from_str(&doc).map_err(|e| ApiError::from(amplog_projections::ProjectionError::Corrupt(e.to_string())))
 }
 
 /// Documents of `table` by key, for the request's project.
@@ -103,8 +102,7 @@ impl Loader<ReadStatesKey> for Loaders {
         .bind(self.db.project.0)
         .bind(&ids)
         .fetch_all(&mut *self.db.conn().await?)
-        .await
-        ?;
+        .await?;
         let mut out: HashMap<ReadStatesKey, Vec<ReadStateDoc>> = keys.iter().map(|k| (*k, Vec::new())).collect();
         for row in &rows {
             let doc: ReadStateDoc = decode(row)?;
@@ -121,7 +119,8 @@ impl Loader<OperationsKey> for Loaders {
 
     async fn load(&self, keys: &[OperationsKey]) -> Result<HashMap<OperationsKey, Self::Value>, Self::Error> {
         // One query per distinct (first, status, type); each key's page by a LATERAL join.
-        let mut groups: HashMap<(i64, Option<String>, Option<String>), Vec<&OperationsKey>> = HashMap::new();
+        type Filter = (i64, Option<String>, Option<String>);
+        let mut groups: HashMap<Filter, Vec<&OperationsKey>> = HashMap::new();
         for key in keys {
             groups.entry((key.first, key.status.clone(), key.op_type.clone())).or_default().push(key);
         }
@@ -146,8 +145,7 @@ impl Loader<OperationsKey> for Loaders {
             .bind(&op_type)
             .bind(first + 1)
             .fetch_all(&mut *self.db.conn().await?)
-            .await
-            ?;
+            .await?;
             let mut pages: HashMap<String, Vec<OperationDoc>> = HashMap::new();
             for row in &rows {
                 pages.entry(row.get("installation")).or_default().push(decode(row)?);
@@ -186,8 +184,7 @@ impl Loader<UsageKey> for Loaders {
             .bind(&from)
             .bind(&to)
             .fetch_all(&mut *self.db.conn().await?)
-            .await
-            ?;
+            .await?;
             let mut by_installation: HashMap<Uuid, Vec<UsageDoc>> = HashMap::new();
             for row in &rows {
                 let doc: UsageDoc = decode(row)?;

@@ -51,7 +51,8 @@ fn objects_of(inputs: Vec<ObjectConfigInput>) -> Result<BTreeMap<String, ObjectC
                 return Err(ApiError::bad_request("invalid_input", "give `backfillDays` or `fullBackfill`, not both"))
             }
         };
-        if objects.insert(o.name.clone(), ObjectConfig { enabled: o.enabled, schedule: o.schedule, backfill }).is_some() {
+        if objects.insert(o.name.clone(), ObjectConfig { enabled: o.enabled, schedule: o.schedule, backfill }).is_some()
+        {
             return Err(ApiError::bad_request("invalid_input", format!("object `{}` is given twice", o.name)));
         }
     }
@@ -192,7 +193,12 @@ impl Mutation {
             let command = command_ctx(ctx, Scope::Admin, Some(&integration.name))?;
             let outcome = app(ctx)
                 .service
-                .declare_integration_with(&command, &integration.name, &integration.provider, Some(&integration.manifest))
+                .declare_integration_with(
+                    &command,
+                    &integration.name,
+                    &integration.provider,
+                    Some(&integration.manifest),
+                )
                 .await?;
             let id = outcome.id_of("integration");
             out.push(finish(ctx, outcome, id, wait_for_visibility).await?);
@@ -211,12 +217,12 @@ impl Mutation {
         let command = command_ctx(ctx, Scope::Admin, None)?;
         let mut declared = manifest::parse(&manifest)?;
         if declared.len() != 1 {
-            return Err(ApiError::bad_request("manifest.invalid", "a revision's manifest must hold one integration")); 
+            return Err(ApiError::bad_request("manifest.invalid", "a revision's manifest must hold one integration"));
         }
         let declared = declared.remove(0);
         let outcome =
             app(ctx).service.deploy_revision(&command, IntegrationId(integration_id), &declared.manifest).await?;
-        Ok(finish(ctx, outcome, Some(integration_id), wait_for_visibility).await?)
+        finish(ctx, outcome, Some(integration_id), wait_for_visibility).await
     }
 
     /// Creates a connection; the credentials go to the encrypted store, never to the log.
@@ -227,8 +233,8 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
-        if !input.credentials.0.as_object().is_some_and(|o| !o.is_empty()) {
-            return Err(ApiError::bad_request("invalid_input", "`credentials` must be a non-empty object")); 
+        if input.credentials.0.as_object().is_none_or(|o| o.is_empty()) {
+            return Err(ApiError::bad_request("invalid_input", "`credentials` must be a non-empty object"));
         }
         let secret = Secret(input.credentials.0.to_string());
         let outcome = app(ctx)
@@ -236,7 +242,7 @@ impl Mutation {
             .create_connection(&command, IntegrationId(input.integration_id), &input.group_ref, &secret)
             .await?;
         let id = outcome.id_of("connection");
-        Ok(finish(ctx, outcome, id, wait_for_visibility).await?)
+        finish(ctx, outcome, id, wait_for_visibility).await
     }
 
     async fn create_installation(
@@ -256,7 +262,7 @@ impl Mutation {
         };
         let outcome = app(ctx).service.create_installation(&command, &new).await?;
         let id = outcome.id_of("installation");
-        Ok(finish(ctx, outcome, id, wait_for_visibility).await?)
+        finish(ctx, outcome, id, wait_for_visibility).await
     }
 
     /// Replaces the installation's per-object configuration (and, given, its revision).
@@ -273,17 +279,16 @@ impl Mutation {
         let revision = match revision {
             Some(r) => r,
             None => {
-                let loaded =
-                    service.load::<amplog_domain::installation::Installation>(&command, id).await?;
+                let loaded = service.load::<amplog_domain::installation::Installation>(&command, id).await?;
                 if !loaded.state.exists {
-                    return Err(ApiError::NotFound("installation")); 
+                    return Err(ApiError::NotFound("installation"));
                 }
                 loaded.state.revision
             }
         };
         let outcome =
             service.update_installation_config(&command, InstallationId(id), revision, &objects_of(objects)?).await?;
-        Ok(finish(ctx, outcome, Some(id), wait_for_visibility).await?)
+        finish(ctx, outcome, Some(id), wait_for_visibility).await
     }
 
     async fn pause_installation(
@@ -294,7 +299,7 @@ impl Mutation {
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
         let outcome = app(ctx).service.pause_installation(&command, InstallationId(id)).await?;
-        Ok(finish(ctx, outcome, Some(id), wait_for_visibility).await?)
+        finish(ctx, outcome, Some(id), wait_for_visibility).await
     }
 
     async fn unpause_installation(
@@ -305,7 +310,7 @@ impl Mutation {
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
         let outcome = app(ctx).service.unpause_installation(&command, InstallationId(id)).await?;
-        Ok(finish(ctx, outcome, Some(id), wait_for_visibility).await?)
+        finish(ctx, outcome, Some(id), wait_for_visibility).await
     }
 
     async fn delete_installation(
@@ -316,7 +321,7 @@ impl Mutation {
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
         let outcome = app(ctx).service.delete_installation(&command, InstallationId(id)).await?;
-        Ok(finish(ctx, outcome, Some(id), wait_for_visibility).await?)
+        finish(ctx, outcome, Some(id), wait_for_visibility).await
     }
 
     /// Requests a read of each object (all enabled objects when none are named), optionally
@@ -337,7 +342,7 @@ impl Mutation {
             _ => {
                 let loaded = service.load::<amplog_domain::installation::Installation>(&check, installation_id).await?;
                 if !loaded.state.exists {
-                    return Err(ApiError::NotFound("installation")); 
+                    return Err(ApiError::NotFound("installation"));
                 }
                 loaded.state.objects.iter().filter(|(_, c)| c.enabled).map(|(name, _)| name.clone()).collect()
             }
@@ -362,6 +367,6 @@ impl Mutation {
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
         let outcome = app(ctx).service.cancel_operation(&command, OperationId(id), &reason).await?;
-        Ok(finish(ctx, outcome, Some(id), wait_for_visibility).await?)
+        finish(ctx, outcome, Some(id), wait_for_visibility).await
     }
 }

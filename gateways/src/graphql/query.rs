@@ -50,7 +50,7 @@ impl Query {
             .bind(db.project.0)
             .fetch_all(&mut *db.conn().await?)
             .await?;
-        Ok(rows.iter().map(|r| decode::<IntegrationDoc>(r).map(Into::into)).collect::<Result<_, _>>()?)
+        rows.iter().map(|r| decode::<IntegrationDoc>(r).map(Into::into)).collect()
     }
 
     async fn integration(&self, ctx: &Context<'_>, id: Uuid) -> Result<Integration> {
@@ -108,8 +108,7 @@ impl Query {
             if backwards {
                 nodes.reverse();
             }
-            let (has_previous, has_next) =
-                if backwards { (more, before.is_some()) } else { (after.is_some(), more) };
+            let (has_previous, has_next) = if backwards { (more, before.is_some()) } else { (after.is_some(), more) };
             let mut page = Relay::new(has_previous, has_next);
             page.edges.extend(nodes.into_iter().map(|(key, doc)| Edge::new(key, Installation::from(doc))));
             Ok::<_, ApiError>(page)
@@ -177,7 +176,7 @@ impl Query {
         .bind(to.map(|d| d.to_string()))
         .fetch_all(&mut *db.conn().await?)
         .await?;
-        Ok(rows.iter().map(|r| decode::<UsageDoc>(r).map(Into::into)).collect::<Result<_, _>>()?)
+        rows.iter().map(|r| decode::<UsageDoc>(r).map(Into::into)).collect()
     }
 
     /// The monthly billing summary, oldest month first.

@@ -3,9 +3,9 @@
 //! covers a lost notification); each poll is a short tenant-scoped transaction.
 
 use super::loaders::decode;
+use super::principal;
 use super::query::require_installation;
 use super::types::Operation;
-use super::principal;
 use crate::server::AppState;
 use crate::tenant::TenantDb;
 use amplog_projections::docs::OperationDoc;
