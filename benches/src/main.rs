@@ -3,6 +3,8 @@
 //! table (ratios are amplog ÷ raw) on stdout and progress on stderr. `benches/run` starts a
 //! durable throwaway cluster and calls it; see BENCHMARKS.md.
 
+mod api;
+
 use amplog_commands::credentials::{CredentialKey, CredentialStore, Secret};
 use amplog_commands::service::{NewInstallation, NewOperation};
 use amplog_commands::{CommandContext, CommandService, EventStore, LogCursor, LogReader};
@@ -31,6 +33,17 @@ struct Args {
     /// Size of the log for the reader catch-up benchmark.
     #[arg(long, default_value_t = 1_000_000)]
     catchup_events: i64,
+    /// Which benchmarks: `write` (commands, reader, projections), `api`, or `all`.
+    #[arg(long, default_value = "all", value_parser = ["write", "api", "all"])]
+    suite: String,
+    /// The API benchmark's seed: installations and operations.
+    #[arg(long, default_value_t = 10_000)]
+    api_installations: usize,
+    #[arg(long, default_value_t = 1_000_000)]
+    api_operations: usize,
+    /// The `amplog` binary the API benchmark serves with.
+    #[arg(long, default_value = "target/release/amplog")]
+    amplog_bin: String,
 }
 
 struct Stats {
@@ -118,13 +131,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn fresh_database(url: &str) -> Result<PgPool> {
+async fn fresh_database(url: &str, name: &str) -> Result<PgPool> {
     let admin_options = PgConnectOptions::from_str(url)?;
     let mut admin = sqlx::PgConnection::connect_with(&admin_options).await?;
-    sqlx::raw_sql("DROP DATABASE IF EXISTS amplog_bench WITH (FORCE)").execute(&mut admin).await?;
-    sqlx::raw_sql("CREATE DATABASE amplog_bench").execute(&mut admin).await?;
+    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await?;
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
     admin.close().await?;
-    let options = admin_options.database("amplog_bench").disable_statement_logging();
+    let options = admin_options.database(name).disable_statement_logging();
     Ok(amplog_commands::connect_and_migrate(options, 48).await?)
 }
 
@@ -472,14 +485,30 @@ async fn projection_lag(pool: &PgPool, report: &mut Report, rate: u64, duration:
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let pool = fresh_database(&args.database_url).await?;
     let duration = Duration::from_secs(args.seconds);
     let mut report = Report { rows: Vec::new() };
-    single_event(&pool, &mut report, 1, duration).await?;
-    single_event(&pool, &mut report, 32, duration).await?;
-    hundred_event(&pool, &mut report, 8, duration).await?;
-    catch_up(&pool, &mut report, args.catchup_events).await?;
-    projection_lag(&pool, &mut report, 1000, Duration::from_secs(args.seconds.max(10))).await?;
+    if args.suite != "api" {
+        let pool = fresh_database(&args.database_url, "amplog_bench").await?;
+        single_event(&pool, &mut report, 1, duration).await?;
+        single_event(&pool, &mut report, 32, duration).await?;
+        hundred_event(&pool, &mut report, 8, duration).await?;
+        catch_up(&pool, &mut report, args.catchup_events).await?;
+        projection_lag(&pool, &mut report, 1000, Duration::from_secs(args.seconds.max(10))).await?;
+        pool.close().await;
+    }
+    if args.suite != "write" {
+        let pool = fresh_database(&args.database_url, "amplog_bench_api").await?;
+        // Seeding is setup, not the measurement: its commits need not wait for the disk.
+        let options = PgConnectOptions::from_str(&args.database_url)?
+            .database("amplog_bench_api")
+            .options([("synchronous_commit", "off")])
+            .disable_statement_logging();
+        let seed_pool = sqlx::postgres::PgPoolOptions::new().max_connections(40).connect_with(options).await?;
+        let seeded = api::seed(&pool, &seed_pool, args.api_installations, args.api_operations).await?;
+        seed_pool.close().await;
+        let url = PgConnectOptions::from_str(&args.database_url)?.database("amplog_bench_api").to_url_lossy().to_string();
+        api::run(&mut report, &pool, seeded, &args.amplog_bin, &url, args.seconds.max(10)).await?;
+    }
     println!("| benchmark | amplog | raw baseline | ratio |");
     println!("|---|---|---|---|");
     for row in report.rows {

@@ -202,12 +202,23 @@ async fn graphql_http(
     let db =
         Arc::new(TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms));
     let request = graphql::request_data(request, principal, db.clone(), idempotency_key);
-    let executed = tokio::time::timeout(state.config.request_timeout, shared.schema.execute(request)).await;
-    db.release().await;
-    let mut response = executed.map_err(|_| ApiError::Timeout(state.config.request_timeout))?;
+    // Executed on its own task: a timeout or a client hanging up stops waiting for it, but
+    // never cancels it halfway through a PostgreSQL exchange (a connection must not go back
+    // to the pool in the middle of a BEGIN). statement_timeout bounds what keeps running.
+    let schema = shared.schema.clone();
+    let execution = tokio::spawn(async move {
+        let response = schema.execute(request).await;
+        db.release().await;
+        (response, db.uses())
+    });
+    let (mut response, uses) = match tokio::time::timeout(state.config.request_timeout, execution).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(panic)) => return Err(ApiError::Internal(format!("the request's task failed: {panic}"))),
+        Err(_) => return Err(ApiError::Timeout(state.config.request_timeout)),
+    };
     // Errors the executor raised itself (syntax, validation, limits) get a code too.
     if state.config.dev {
-        response.extensions.insert("sqlStatements".into(), async_graphql::Value::from(db.uses() as i32));
+        response.extensions.insert("sqlStatements".into(), async_graphql::Value::from(uses as i32));
     }
     for error in &mut response.errors {
         let extensions = error.extensions.get_or_insert_with(Default::default);
