@@ -48,9 +48,12 @@ enum Cmd {
     /// Serve the API: GraphQL at /graphql (WebSocket subscriptions at /graphql/ws), the
     /// audit export, /healthz, /readyz and /metrics. Stops gracefully on Ctrl-C or SIGTERM.
     Serve {
-        /// Address to listen on.
-        #[arg(long, env = "AMPLOG_LISTEN", default_value = "127.0.0.1:8080")]
-        listen: std::net::SocketAddr,
+        /// Address to listen on [default: the config file's `listen`, else 127.0.0.1:8080].
+        #[arg(long, env = "AMPLOG_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+        /// A TOML file of server settings (listen, dev, limits); flags and variables win.
+        #[arg(long, env = "AMPLOG_CONFIG")]
+        config: Option<PathBuf>,
         /// Development mode: GraphiQL at GET /graphql and schema introspection.
         #[arg(long, env = "AMPLOG_DEV")]
         dev: bool,
@@ -163,7 +166,10 @@ async fn run(app: &mut config::App, command: Cmd) -> Result<i32> {
             Ok(0)
         }
         Cmd::Projections { command } => projections(app, command).await,
-        Cmd::Serve { listen, dev, projectors } => serve::run(app, listen, dev, projectors).await,
+        Cmd::Serve { listen, config, dev, projectors } => {
+            let config = serve::server_config(config.as_deref(), listen, dev)?;
+            serve::run(app, config, projectors).await
+        }
         Cmd::Projects { command: ProjectsCmd::Create { name } } => serve::create_project(app, &name).await,
         Cmd::Keys { command } => match command {
             KeysCmd::Create { project, scope, label } => {

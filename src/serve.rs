@@ -8,6 +8,8 @@ use amplog_gateways::{Keys, Scope, Server, ServerConfig};
 use amplog_projections::Runner;
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
 use uuid::Uuid;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -17,10 +19,45 @@ pub enum Projectors {
     Off,
 }
 
-pub async fn run(app: &App, listen: SocketAddr, dev: bool, projectors: Projectors) -> Result<i32> {
+/// `serve --config FILE`: every key optional, unknown keys refused (with their place).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    dev: Option<bool>,
+    body_limit_bytes: Option<usize>,
+    request_timeout_ms: Option<u64>,
+    statement_timeout_ms: Option<u64>,
+    max_depth: Option<usize>,
+    max_complexity: Option<usize>,
+    max_aliases: Option<usize>,
+}
+
+/// The server's settings: defaults, then the config file, then flags and variables.
+pub fn server_config(file: Option<&Path>, listen: Option<SocketAddr>, dev: bool) -> Result<ServerConfig> {
+    let from_file: FileConfig = match file {
+        None => FileConfig::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("{} is not a valid amplog config", path.display()))?
+        }
+    };
+    let mut config = ServerConfig::default();
+    config.listen = listen.or(from_file.listen).unwrap_or(config.listen);
+    config.dev = dev || from_file.dev.unwrap_or(false);
+    config.body_limit = from_file.body_limit_bytes.unwrap_or(config.body_limit);
+    config.request_timeout = from_file.request_timeout_ms.map(Duration::from_millis).unwrap_or(config.request_timeout);
+    config.statement_timeout_ms = from_file.statement_timeout_ms.unwrap_or(config.statement_timeout_ms);
+    config.limits.depth = from_file.max_depth.unwrap_or(config.limits.depth);
+    config.limits.complexity = from_file.max_complexity.unwrap_or(config.limits.complexity);
+    config.limits.aliases = from_file.max_aliases.unwrap_or(config.limits.aliases);
+    Ok(config)
+}
+
+pub async fn run(app: &App, config: ServerConfig, projectors: Projectors) -> Result<i32> {
     let service = app.service()?;
     let keys = Keys::new(app.pool.clone());
-    let config = ServerConfig { listen, dev, ..ServerConfig::default() };
+    let listen = config.listen;
     let server =
         Server::start(config, service.clone(), keys).await.with_context(|| format!("listening on {listen}"))?;
     // Tests and scripts read the bound address (listen on port 0 to pick a free one).
@@ -92,5 +129,28 @@ pub async fn revoke_key(app: &App, id: Uuid) -> Result<i32> {
         Ok(0)
     } else {
         bail!("no live key {id}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("amplog.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\nmax_aliases = 5\nrequest_timeout_ms = 2500\n").unwrap();
+        let config = server_config(Some(&path), None, false).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.limits.aliases, 5);
+        assert_eq!(config.request_timeout, Duration::from_millis(2500));
+        assert_eq!(config.limits.depth, ServerConfig::default().limits.depth);
+        let config = server_config(Some(&path), Some("127.0.0.1:1".parse().unwrap()), true).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:1".parse().unwrap());
+        assert!(config.dev);
+        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\nmax_alias = 5\n").unwrap();
+        let error = format!("{:#}", server_config(Some(&path), None, false).unwrap_err());
+        assert!(error.contains("max_alias"), "{error}");
     }
 }

@@ -37,8 +37,12 @@ pub async fn seed(pool: &PgPool, seed_pool: &PgPool, installations: usize, opera
     for p in 0..PROJECTS {
         let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "bench");
         svc.create_project(&ctx, &format!("bench-{p}")).await?;
-        let objects = ["contacts", "companies", "deals"]
-            .map(|name| ObjectDecl { name: name.into(), schedule: None, backfill: Backfill::Days(30), fields: vec![] });
+        let objects = ["contacts", "companies", "deals"].map(|name| ObjectDecl {
+            name: name.into(),
+            schedule: None,
+            backfill: Backfill::Days(30),
+            fields: vec![],
+        });
         let manifest = Manifest { objects: objects.to_vec() };
         let integration = IntegrationId(
             svc.declare_integration_with(&ctx, "crm", "hubspot", Some(&manifest))
@@ -85,10 +89,7 @@ pub async fn seed(pool: &PgPool, seed_pool: &PgPool, installations: usize, opera
     eprintln!("seeded {installations} installations in {:.0} s", started.elapsed().as_secs_f64());
     // Operations: each writer owns a slice of the installations, so no two write one stream.
     let all: Arc<Vec<(CommandContext, InstallationId)>> = Arc::new(
-        projects
-            .iter()
-            .flat_map(|(p, _, ids)| ids.iter().map(|i| (CommandContext::new(*p, "bench"), *i)))
-            .collect(),
+        projects.iter().flat_map(|(p, _, ids)| ids.iter().map(|i| (CommandContext::new(*p, "bench"), *i))).collect(),
     );
     let per_installation = operations / all.len().max(1);
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));

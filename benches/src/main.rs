@@ -506,7 +506,8 @@ async fn main() -> Result<()> {
         let seed_pool = sqlx::postgres::PgPoolOptions::new().max_connections(40).connect_with(options).await?;
         let seeded = api::seed(&pool, &seed_pool, args.api_installations, args.api_operations).await?;
         seed_pool.close().await;
-        let url = PgConnectOptions::from_str(&args.database_url)?.database("amplog_bench_api").to_url_lossy().to_string();
+        let url =
+            PgConnectOptions::from_str(&args.database_url)?.database("amplog_bench_api").to_url_lossy().to_string();
         api::run(&mut report, &pool, seeded, &args.amplog_bin, &url, args.seconds.max(10)).await?;
     }
     println!("| benchmark | amplog | raw baseline | ratio |");

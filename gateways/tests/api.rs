@@ -176,6 +176,47 @@ async fn a_builder_declares_connects_installs_reads_and_sees_it_all() {
     let (_, body) = app.gql(&p.read, page, json!({"after": "not-a-cursor"})).await;
     assert_eq!(error_code(&body), "invalid_cursor");
 
+    // Reconfigure, unpause, delete.
+    let data = app
+        .data(
+            &p.write,
+            "mutation($id: UUID!) { updateInstallation(id: $id, waitForVisibility: true, objects: [
+                 {name: \"contacts\", schedule: \"@every 5m\", fullBackfill: true},
+                 {name: \"companies\", enabled: false, schedule: \"@every 1h\"}]) {
+                 installation { objects { name enabled schedule backfill } } } }",
+            json!({"id": installation}),
+        )
+        .await;
+    assert_eq!(
+        data["updateInstallation"]["installation"]["objects"],
+        json!([{"name": "companies", "enabled": false, "schedule": "@every 1h", "backfill": "none"},
+               {"name": "contacts", "enabled": true, "schedule": "@every 5m", "backfill": "full"}])
+    );
+    let data = app
+        .data(&p.write, "mutation($id: UUID!) { unpauseInstallation(id: $id, waitForVisibility: true) { installation { paused } } }", json!({"id": installation}))
+        .await;
+    assert_eq!(data["unpauseInstallation"]["installation"]["paused"], false);
+    let data = app
+        .data(
+            &p.write,
+            "mutation($id: UUID!) { triggerRead(installationId: $id) { operation: id } }",
+            json!({"id": installation}),
+        )
+        .await;
+    assert_eq!(data["triggerRead"].as_array().unwrap().len(), 1, "only the enabled object is read: {data}");
+    let last = app.data(&p.read, page, json!({"filter": {"groupRef": "customer-3"}})).await;
+    let doomed = last["installations"]["edges"][0]["cursor"].as_str().unwrap().to_string();
+    app.data(
+        &p.write,
+        "mutation($id: UUID!) { deleteInstallation(id: $id, waitForVisibility: true) { id } }",
+        json!({"id": doomed}),
+    )
+    .await;
+    let remaining = app.data(&p.read, page, json!({"after": after})).await;
+    assert_eq!(groups(&remaining), Vec::<String>::new(), "a deleted installation leaves the list");
+    let with_deleted = app.data(&p.read, page, json!({"after": after, "filter": {"includeDeleted": true}})).await;
+    assert_eq!(groups(&with_deleted), vec!["customer-3"]);
+
     // Root operations list and billing.
     let data = app.data(&p.read, "{ operations(filter: {status: \"cancelled\"}) { nodes { id } } billing { month activeInstallations operations { key count } } }", json!({})).await;
     assert_eq!(data["operations"]["nodes"], json!([{"id": op}]));
