@@ -224,6 +224,9 @@ pub async fn open_loop(
     let total = rate * duration.as_secs();
     let results = Arc::new(std::sync::Mutex::new((Vec::with_capacity(total as usize), 0u64)));
     let mut tasks = Vec::with_capacity(total as usize);
+    // At most IN_FLIGHT requests on the wire (like wrk2's fixed connections): the rest wait
+    // their turn in the harness, their latency still counted from their scheduled time.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     let mut sent = 0u64;
     while sent < total {
@@ -231,10 +234,14 @@ pub async fn open_loop(
         let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
         while sent < due {
             let scheduled = start + Duration::from_secs_f64(sent as f64 / rate as f64);
-            let (request, results) = (request.clone(), results.clone());
+            let (request, results, in_flight) = (request.clone(), results.clone(), in_flight.clone());
             let i = sent;
             tasks.push(tokio::spawn(async move {
-                let ok = tokio::time::timeout(Duration::from_secs(10), request(i)).await;
+                let ok = tokio::time::timeout(Duration::from_secs(10), async {
+                    let _permit = in_flight.acquire().await.expect("never closed");
+                    request(i).await
+                })
+                .await;
                 let latency = scheduled.elapsed();
                 let mut r = results.lock().unwrap();
                 r.0.push(latency);
@@ -252,6 +259,9 @@ pub async fn open_loop(
     let (latencies, errors) = std::mem::take(&mut *results.lock().unwrap());
     Load { rate, sent, errors, latencies, elapsed }
 }
+
+/// Requests on the wire at once (connections the harness keeps open).
+const IN_FLIGHT: usize = 64;
 
 const QUERY: &str = "query($id: UUID!) { installation(id: $id) { id health paused groupRef
     connection { status } operations(first: 10) { nodes { id status object requestedAt } } } }";

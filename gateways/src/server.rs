@@ -8,6 +8,7 @@ use crate::tenant::TenantDb;
 use amplog_commands::audit::{self, HistoryRange};
 use amplog_commands::{CommandService, LogCursor};
 use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql::parser::types::ExecutableDocument;
 use async_graphql::Data;
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::{Body, Bytes};
@@ -65,7 +66,12 @@ pub struct AppState {
     pub projected: broadcast::Sender<()>,
     /// Becomes true on shutdown: long-lived subscriptions end.
     pub shutdown: watch::Receiver<bool>,
+    /// Parsed GraphQL documents by query text.
+    pub parsed: moka::sync::Cache<String, ExecutableDocument>,
 }
+
+/// Longer queries are parsed every time rather than cached.
+const MAX_CACHED_QUERY: usize = 16 * 1024;
 
 #[derive(Clone)]
 struct Shared {
@@ -88,7 +94,8 @@ impl Server {
         let (stop, shutdown) = watch::channel(false);
         let (projected, _) = broadcast::channel(16);
         tokio::spawn(relay_projected(service.pool().clone(), projected.clone(), shutdown.clone()));
-        let state = Arc::new(AppState { service, keys, config, projected, shutdown: shutdown.clone() });
+        let parsed = moka::sync::Cache::new(1_000);
+        let state = Arc::new(AppState { service, keys, config, projected, shutdown: shutdown.clone(), parsed });
         let router = router(state);
         let mut until = shutdown;
         let task = tokio::spawn(async move {
@@ -175,7 +182,16 @@ async fn graphql_http(
     })?;
     let mut request: async_graphql::Request = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("bad_request", format!("the body is not a GraphQL request: {e}")))?;
-    // A syntax error is left to the executor, which reports it as GraphQL clients expect.
+    // Parsed documents are cached by query text (clients repeat a few queries). A syntax
+    // error is left to the executor, which reports it as GraphQL clients expect.
+    if let Some(doc) = state.parsed.get(&request.query) {
+        request.set_parsed_query(doc);
+    } else if request.query.len() <= MAX_CACHED_QUERY {
+        let text = request.query.clone();
+        if let Ok(doc) = request.parsed_query() {
+            state.parsed.insert(text, doc.clone());
+        }
+    }
     let shape = request.parsed_query().map(graphql::shape).unwrap_or_default();
     if shape.aliases > state.config.limits.aliases {
         return Err(ApiError::bad_request(
@@ -205,15 +221,17 @@ async fn graphql_http(
     // Executed on its own task: a timeout or a client hanging up stops waiting for it, but
     // never cancels it halfway through a PostgreSQL exchange (a connection must not go back
     // to the pool in the middle of a BEGIN). statement_timeout bounds what keeps running.
+    // The response goes back before the read-only transaction is rolled back.
     let schema = shared.schema.clone();
-    let execution = tokio::spawn(async move {
+    let (done, answer) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
         let response = schema.execute(request).await;
+        let _ = done.send((response, db.uses()));
         db.release().await;
-        (response, db.uses())
     });
-    let (mut response, uses) = match tokio::time::timeout(state.config.request_timeout, execution).await {
+    let (mut response, uses) = match tokio::time::timeout(state.config.request_timeout, answer).await {
         Ok(Ok(done)) => done,
-        Ok(Err(panic)) => return Err(ApiError::Internal(format!("the request's task failed: {panic}"))),
+        Ok(Err(_)) => return Err(ApiError::Internal("the request's task ended without an answer".into())),
         Err(_) => return Err(ApiError::Timeout(state.config.request_timeout)),
     };
     // Errors the executor raised itself (syntax, validation, limits) get a code too.

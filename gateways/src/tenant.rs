@@ -32,17 +32,14 @@ impl TenantDb {
         self.uses.fetch_add(1, Ordering::Relaxed);
         let mut guard = self.tx.lock().await;
         if guard.is_none() {
-            let mut tx = self.pool.begin().await?;
-            sqlx::query(
-                "SELECT set_config('role', $1, true), set_config('amplog.project_id', $2, true),
-                        set_config('statement_timeout', $3, true)",
-            )
-            .bind(APP_ROLE)
-            .bind(self.project.0.to_string())
-            .bind(self.statement_timeout_ms.to_string())
-            .execute(&mut *tx)
-            .await?;
-            *guard = Some(tx);
+            // One round trip: BEGIN and the settings as one simple query. Both values are
+            // rendered from typed values (a UUID, an integer), so nothing can be injected.
+            let begin = format!(
+                "BEGIN; SELECT set_config('role', '{APP_ROLE}', true), \
+                 set_config('amplog.project_id', '{}', true), set_config('statement_timeout', '{}', true)",
+                self.project.0, self.statement_timeout_ms
+            );
+            *guard = Some(self.pool.begin_with(begin).await?);
         }
         Ok(MutexGuard::map(guard, |tx| &mut **tx.as_mut().expect("begun above")))
     }
