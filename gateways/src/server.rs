@@ -21,6 +21,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,23 +121,23 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// Turns the projectors' NOTIFYs into ticks for subscriptions.
 async fn relay_projected(pool: sqlx::PgPool, ticks: broadcast::Sender<()>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let listen = async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-            listener.listen(amplog_projections::PROJECTED_CHANNEL).await?;
-            loop {
-                listener.recv().await?;
-                ticks.send(()).ok();
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), sqlx::Error>(())
-        };
         tokio::select! {
             _ = stopped(&mut shutdown) => return,
-            result = listen => if let Err(error) = result {
+            Err(error) = listen_projected(&pool, &ticks) => {
                 tracing::warn!(%error, "listening for projector batches failed; subscriptions poll meanwhile");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-            },
+            }
         }
+    }
+}
+
+/// Ticks `ticks` for each projector NOTIFY until the listening connection fails.
+async fn listen_projected(pool: &sqlx::PgPool, ticks: &broadcast::Sender<()>) -> Result<Infallible, sqlx::Error> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    listener.listen(amplog_projections::PROJECTED_CHANNEL).await?;
+    loop {
+        listener.recv().await?;
+        ticks.send(()).ok();
     }
 }
 
