@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "event_log", sql: include_str!("../sql/0001_event_log.sql") },
     Migration { version: 2, name: "read_models", sql: include_str!("../sql/0002_read_models.sql") },
     Migration { version: 3, name: "api", sql: include_str!("../sql/0003_api.sql") },
+    Migration {
+        version: 4,
+        name: "operations_by_installation",
+        sql: include_str!("../sql/0004_operations_by_installation.sql"),
+    },
 ];
 
 #[derive(Debug, thiserror::Error)]
