@@ -6,6 +6,7 @@ mod demo;
 mod embedded;
 mod output;
 mod serve;
+mod streams;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ struct Cli {
     /// Where the embedded PostgreSQL and the generated credential key live.
     #[arg(long, env = "AMPLOG_DATA_DIR", global = true, default_value = ".amplog")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    kafka: streams::KafkaArgs,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -76,6 +79,28 @@ enum Cmd {
     Projections {
         #[command(subcommand)]
         command: ProjectionsCmd,
+    },
+    /// Relay the log to Kafka (AMPLOG_KAFKA_BROKERS): every event to its aggregate's topic,
+    /// every dispatched job to the jobs topic; one leader at a time. Stops on Ctrl-C/SIGTERM.
+    Relay,
+    /// Where the relay stands: checkpoint, lag, leader.
+    RelayStatus,
+    /// Print a Kafka topic's messages, one JSON object per line.
+    Tail {
+        /// The topic, e.g. amplog.installation.v1.
+        #[arg(long)]
+        topic: String,
+        /// Start at the oldest retained message instead of new ones.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many messages.
+        #[arg(long)]
+        max: Option<u64>,
+    },
+    /// Write the JSON Schemas of every published event type into a folder.
+    Schemas {
+        #[arg(long, default_value = "streams/schemas")]
+        out: PathBuf,
     },
 }
 
@@ -136,8 +161,21 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Commands that need no database.
+    let done = match &cli.command {
+        Cmd::Schemas { out } => Some(streams::schemas(out)),
+        Cmd::Tail { topic, from_beginning, max } => {
+            let options =
+                amplog_streams::tail::TailOptions { topic: topic.clone(), from_beginning: *from_beginning, max: *max };
+            Some(streams::tail(&cli.kafka, options).await)
+        }
+        _ => None,
+    };
+    if let Some(result) = done {
+        std::process::exit(result?);
+    }
     let mut app = config::App::open(cli.database_url.as_deref(), &cli.data_dir).await?;
-    let result = run(&mut app, cli.command).await;
+    let result = run(&mut app, cli.command, &cli.kafka).await;
     app.close().await;
     match result {
         Ok(code) => std::process::exit(code),
@@ -145,8 +183,15 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn run(app: &mut config::App, command: Cmd) -> Result<i32> {
+async fn run(app: &mut config::App, command: Cmd, kafka: &streams::KafkaArgs) -> Result<i32> {
     match command {
+        Cmd::Relay => streams::relay(app, kafka).await,
+        Cmd::RelayStatus => {
+            let st = amplog_projections::status(&app.pool, amplog_streams::RELAY).await?;
+            println!("{}", serde_json::to_string_pretty(&st)?);
+            Ok(0)
+        }
+        Cmd::Schemas { .. } | Cmd::Tail { .. } => unreachable!("handled before connecting"),
         Cmd::Migrate => {
             println!("migrations applied; schema is current");
             Ok(0)

@@ -88,7 +88,7 @@ pub async fn run(app: &App, config: ServerConfig, projectors: Projectors) -> Res
     Ok(0)
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod credentials;
 pub mod error;
 pub mod hash;
+pub mod leader;
 pub mod reader;
 pub mod service;
 pub mod store;

@@ -6,9 +6,10 @@ use crate::aggregate::{Aggregate, DomainEvent};
 use crate::ids::{CredentialId, IntegrationId, ProjectId};
 use crate::project::valid_name;
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectionStatus {
     #[default]
@@ -30,13 +31,13 @@ impl ConnectionStatus {
 }
 
 /// Where the encrypted secret is, and a keyed fingerprint of it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct CredentialRef {
     pub id: CredentialId,
     pub fingerprint: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub enum ConnectionCommand {
     Create {
         project_id: ProjectId,
@@ -64,7 +65,7 @@ pub enum ConnectionCommand {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum ConnectionEvent {
     Created {
@@ -119,7 +120,7 @@ pub enum ConnectionError {
     InvalidCredential,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Connection {
     pub exists: bool,
     pub project_id: ProjectId,

@@ -9,11 +9,12 @@ use crate::integration::{valid_schedule, Backfill, Integration};
 use crate::operation::{OperationType, Trigger};
 use crate::project::valid_name;
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Per-object settings of one installation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ObjectConfig {
     pub enabled: bool,
     pub schedule: String,
@@ -22,20 +23,20 @@ pub struct ObjectConfig {
 
 /// What an installation needs to know of its integration: taken from the loaded
 /// Integration aggregate by the command layer.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct IntegrationFacts {
     pub id: IntegrationId,
     pub state: Integration,
 }
 
 /// What an installation needs to know of its connection.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct ConnectionFacts {
     pub id: ConnectionId,
     pub state: Connection,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub enum InstallationCommand {
     Create {
         project_id: ProjectId,
@@ -72,7 +73,7 @@ pub enum InstallationCommand {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum InstallationEvent {
     Created {
@@ -152,7 +153,7 @@ pub enum InstallationError {
     NoObjects,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Installation {
     pub exists: bool,
     pub deleted: bool,

@@ -4,11 +4,12 @@ use crate::aggregate::{Aggregate, DomainEvent};
 use crate::ids::ProjectId;
 use crate::project::valid_name;
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// How much history the first read of an object fetches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, JsonSchema)]
 #[serde(rename_all = "snake_case", tag = "mode", content = "days")]
 pub enum Backfill {
     #[default]
@@ -18,7 +19,7 @@ pub enum Backfill {
 }
 
 /// One object a revision can read or write.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ObjectDecl {
     pub name: String,
     /// Default schedule: `@every 15m`-style or a five-field cron expression.
@@ -30,18 +31,18 @@ pub struct ObjectDecl {
 }
 
 /// The parsed manifest of one deploy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Manifest {
     pub objects: Vec<ObjectDecl>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub enum IntegrationCommand {
     Declare { project_id: ProjectId, name: String, provider: String, at: DateTime<Utc> },
     DeployRevision { manifest: Manifest, manifest_digest: String, at: DateTime<Utc> },
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum IntegrationEvent {
     Declared { project_id: ProjectId, name: String, provider: String, at: DateTime<Utc> },
@@ -75,13 +76,13 @@ pub enum IntegrationError {
 }
 
 /// A deployed revision with its objects by name.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Revision {
     pub number: u32,
     pub objects: BTreeMap<String, ObjectDecl>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Integration {
     pub exists: bool,
     pub project_id: ProjectId,

@@ -6,9 +6,10 @@
 use crate::aggregate::{Aggregate, DomainEvent};
 use crate::ids::{ConnectionId, InstallationId, LeaseId, ProjectId};
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationType {
     Read,
@@ -16,7 +17,7 @@ pub enum OperationType {
     Proxy,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
     Scheduled,
@@ -24,7 +25,7 @@ pub enum Trigger {
     Backfill,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationStatus {
     #[default]
@@ -42,7 +43,7 @@ impl OperationStatus {
 }
 
 /// Why an operation failed; decides the retry policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
     RateLimited,
@@ -55,21 +56,21 @@ pub enum ErrorClass {
 }
 
 /// Where a read resumes: a watermark (last modified time seen) and a provider page token.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Cursor {
     pub watermark: Option<DateTime<Utc>>,
     pub page_token: Option<String>,
 }
 
 /// One page of a read or write, as a worker reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PageRecord {
     pub records: u64,
     pub bytes: u64,
     pub cursor: Cursor,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub enum OperationCommand {
     Request {
         project_id: ProjectId,
@@ -120,7 +121,7 @@ pub enum OperationCommand {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum OperationEvent {
     Requested {
@@ -206,13 +207,13 @@ pub enum OperationError {
     NoPages,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Lease {
     pub id: LeaseId,
     pub until: DateTime<Utc>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Operation {
     pub exists: bool,
     pub project_id: ProjectId,

@@ -2,15 +2,16 @@
 
 use crate::aggregate::{Aggregate, DomainEvent};
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub enum ProjectCommand {
     Create { name: String, at: DateTime<Utc> },
     Rename { name: String, at: DateTime<Utc> },
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum ProjectEvent {
     Created { name: String, at: DateTime<Utc> },
@@ -33,7 +34,7 @@ pub enum ProjectError {
     InvalidName,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Project {
     pub exists: bool,
     pub name: String,

@@ -27,6 +27,7 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "operations_by_installation",
         sql: include_str!("../sql/0004_operations_by_installation.sql"),
     },
+    Migration { version: 5, name: "dead_letters", sql: include_str!("../sql/0005_dead_letters.sql") },
 ];
 
 #[derive(Debug, thiserror::Error)]

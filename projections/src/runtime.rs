@@ -1,14 +1,15 @@
-//! The projector runtime: one leader per projector (a PostgreSQL advisory lock held on its
-//! own connection, plus a fencing token every batch re-checks), batches read through the
+//! The projector runtime: one leader per projector (`amplog_commands::leader`: an advisory
+//! lock on its own session, plus a fencing token every batch re-checks), batches read through the
 //! shared log reader and applied with their checkpoint in one transaction, rebuilds into
 //! shadow tables swapped in atomically.
 
 use crate::fold::{Fold, Tables, TABLES};
 use crate::ProjectionError;
+use amplog_commands::leader::{lock_key, Leadership};
 use amplog_commands::{EventStore, LogCursor, LogReader};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use std::time::{Duration, Instant};
 
 /// The projector that maintains every read-model table.
@@ -17,16 +18,6 @@ pub const READ_MODELS: &str = "read_models";
 /// The NOTIFY channel a projector signals on when a batch commits (payload: its name), so
 /// API subscriptions re-read the read models at once instead of polling.
 pub const PROJECTED_CHANNEL: &str = "amplog_projected";
-
-fn lock_key(name: &str) -> i64 {
-    // A stable 63-bit key per projector name (FNV-1a).
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in format!("amplog.projector.{name}").bytes() {
-        hash ^= byte as u64;
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    (hash >> 1) as i64
-}
 
 /// Runs one projector in this process whenever it can lead.
 pub struct Runner {
@@ -37,45 +28,13 @@ pub struct Runner {
     pub batch_size: i64,
 }
 
-/// Held while this process leads a projector: the session that owns the advisory lock.
-struct Leadership {
-    session: PgConnection,
-    token: i64,
-}
-
 impl Runner {
     pub fn new(pool: PgPool, store: EventStore, holder: impl Into<String>) -> Self {
         Self { pool, store, name: READ_MODELS.into(), holder: holder.into(), batch_size: 1000 }
     }
 
-    /// Tries to become the leader: the advisory lock, then a new fencing token.
     async fn lead(&self) -> Result<Option<Leadership>, ProjectionError> {
-        let mut session = self.pool.acquire().await?.detach();
-        // The session names itself, so `status` reports whoever holds the lock right now.
-        sqlx::query("SELECT set_config('application_name', $1, false)")
-            .bind(self.holder.chars().take(63).collect::<String>())
-            .execute(&mut session)
-            .await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(lock_key(&self.name))
-            .fetch_one(&mut session)
-            .await?;
-        if !locked {
-            session.close().await.ok();
-            return Ok(None);
-        }
-        let token: i64 = sqlx::query_scalar(
-            "INSERT INTO projector_leases (name, token, holder, acquired_at, heartbeat) VALUES ($1, 1, $2, now(), now())
-             ON CONFLICT (name) DO UPDATE SET token = projector_leases.token + 1, holder = EXCLUDED.holder,
-                 acquired_at = now(), heartbeat = now()
-             RETURNING token",
-        )
-        .bind(&self.name)
-        .bind(&self.holder)
-        .fetch_one(&mut session)
-        .await?;
-        tracing::info!(projector = %self.name, token, holder = %self.holder, "leading");
-        Ok(Some(Leadership { session, token }))
+        Ok(Leadership::try_acquire(&self.pool, &self.name, &self.holder).await?)
     }
 
     /// Runs until `stop` resolves: waits for leadership, then projects batch after batch.
@@ -116,9 +75,9 @@ impl Runner {
         loop {
             let batch = subscription.next_batch_within(Duration::from_secs(2)).await?;
             // The leadership session must still be alive: it holds the advisory lock.
-            sqlx::query("SELECT 1").execute(&mut leadership.session).await?;
+            leadership.alive().await?;
             let mut tx = self.pool.begin().await?;
-            fence(&mut tx, &self.name, leadership.token).await?;
+            fence(&mut tx, &leadership).await?;
             if let Some(last) = batch.last() {
                 let started = Instant::now();
                 Fold::apply_batch(&mut tx, &Tables::live(), &self.store, &batch).await?;
@@ -163,29 +122,23 @@ impl Runner {
                 continue;
             };
             let mut tx = self.pool.begin().await?;
-            fence(&mut tx, &self.name, leadership.token).await?;
+            fence(&mut tx, &leadership).await?;
             Fold::apply_batch(&mut tx, &Tables::live(), &self.store, &batch).await?;
             LogReader::save_checkpoint(&mut tx, &self.name, last.cursor()).await?;
             tx.commit().await?;
             cursor = last.cursor();
         }
-        leadership.session.close().await?;
+        leadership.release().await;
         Ok(true)
     }
 }
 
-/// Checks, in the batch's transaction, that `token` is still the projector's: a newer
-/// leader (or a rebuild) bumps it, and the row lock orders the two.
-async fn fence(tx: &mut PgConnection, name: &str, token: i64) -> Result<(), ProjectionError> {
-    let held = sqlx::query("UPDATE projector_leases SET heartbeat = now() WHERE name = $1 AND token = $2")
-        .bind(name)
-        .bind(token)
-        .execute(tx)
-        .await?;
-    if held.rows_affected() == 1 {
+/// The batch's transaction must still belong to this leader.
+async fn fence(tx: &mut PgConnection, leadership: &Leadership) -> Result<(), ProjectionError> {
+    if leadership.fence(tx).await? {
         Ok(())
     } else {
-        Err(ProjectionError::Fenced(name.to_string()))
+        Err(ProjectionError::Fenced(leadership.name.clone()))
     }
 }
 

@@ -1,2 +1,57 @@
-//! Kafka: the relay from the log to topics, the CloudEvents envelope, consumers and sync-job
-//! dispatch with its in-process fallback. Not built yet: issue 6.
+//! Kafka for amplog, and the only crate that knows it: the relay that publishes the log (the
+//! outbox) to CloudEvents topics and sync jobs to the jobs topic, the job dispatch (Kafka
+//! consumer groups, or in-process from the log when no broker is configured), the worker
+//! loop with its retry and dead-letter policy, `tail`, and the event JSON Schemas.
+
+pub mod config;
+pub mod envelope;
+pub mod jobs;
+pub mod relay;
+pub mod schema;
+pub mod tail;
+pub mod topics;
+
+pub use config::KafkaConfig;
+pub use envelope::CloudEvent;
+pub use relay::{Relay, RELAY};
+
+use rdkafka::error::KafkaError;
+
+/// The one error of the streams boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamsError {
+    #[error(transparent)]
+    Log(#[from] amplog_commands::CommandError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// A producer or consumer setting that could reorder or drop messages.
+    #[error("refusing Kafka setting {key}={value}: {why}")]
+    UnsafeSetting { key: String, value: String, why: &'static str },
+    #[error("invalid Kafka configuration: {0}")]
+    Config(String),
+    /// A message that is not a well-formed amplog envelope.
+    #[error("malformed envelope: {0}")]
+    Envelope(String),
+    #[error("{0} lost its leadership (fenced)")]
+    Fenced(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl StreamsError {
+    /// A stable, machine-readable code (CLI exit messages, dead-letter records).
+    pub fn code(&self) -> String {
+        match self {
+            StreamsError::Log(e) => e.code(),
+            StreamsError::Database(_) => "database".into(),
+            StreamsError::Kafka(_) => "kafka".into(),
+            StreamsError::UnsafeSetting { .. } => "unsafe_kafka_setting".into(),
+            StreamsError::Config(_) => "invalid_config".into(),
+            StreamsError::Envelope(_) => "malformed_envelope".into(),
+            StreamsError::Fenced(_) => "fenced".into(),
+            StreamsError::Io(_) => "io".into(),
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Leader election for singletons (each projector, the Kafka relay, the job dispatcher): a
+//! PostgreSQL advisory lock held on a session of its own, plus a fencing token in
+//! `projector_leases` that every unit of work re-checks inside its own transaction, so a
+//! leader that lost its session can never commit after its successor.
+
+use crate::error::CommandError;
+use sqlx::{Connection, PgConnection, PgPool};
+
+/// A stable 63-bit advisory-lock key per singleton name (FNV-1a).
+pub fn lock_key(name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in format!("amplog.projector.{name}").bytes() {
+        hash ^= byte as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash >> 1) as i64
+}
+
+/// Held while this process leads singleton `name`: the session that owns the advisory lock
+/// and the fencing token it was granted.
+pub struct Leadership {
+    session: PgConnection,
+    pub name: String,
+    pub token: i64,
+}
+
+impl Leadership {
+    /// Tries to lead `name`: the advisory lock, then a new fencing token. `None` when
+    /// another session holds the lock.
+    pub async fn try_acquire(pool: &PgPool, name: &str, holder: &str) -> Result<Option<Self>, CommandError> {
+        let mut session = pool.acquire().await?.detach();
+        // The session names itself, so status queries report whoever holds the lock now.
+        sqlx::query("SELECT set_config('application_name', $1, false)")
+            .bind(holder.chars().take(63).collect::<String>())
+            .execute(&mut session)
+            .await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(lock_key(name)).fetch_one(&mut session).await?;
+        if !locked {
+            session.close().await.ok();
+            return Ok(None);
+        }
+        let token: i64 = sqlx::query_scalar(
+            "INSERT INTO projector_leases (name, token, holder, acquired_at, heartbeat) VALUES ($1, 1, $2, now(), now())
+             ON CONFLICT (name) DO UPDATE SET token = projector_leases.token + 1, holder = EXCLUDED.holder,
+                 acquired_at = now(), heartbeat = now()
+             RETURNING token",
+        )
+        .bind(name)
+        .bind(holder)
+        .fetch_one(&mut session)
+        .await?;
+        tracing::info!(singleton = %name, token, %holder, "leading");
+        Ok(Some(Self { session, name: name.to_string(), token }))
+    }
+
+    /// Fails when the session holding the advisory lock is gone.
+    pub async fn alive(&mut self) -> Result<(), CommandError> {
+        sqlx::query("SELECT 1").execute(&mut self.session).await?;
+        Ok(())
+    }
+
+    /// Checks, in the caller's transaction, that this token is still current (and beats the
+    /// heartbeat). A newer leader or a rebuild bumps the token; the row lock orders the two.
+    pub async fn fence(&self, tx: &mut PgConnection) -> Result<bool, CommandError> {
+        fence(tx, &self.name, self.token).await
+    }
+
+    /// Gives the lock up.
+    pub async fn release(self) {
+        self.session.close().await.ok();
+    }
+}
+
+/// `Leadership::fence` for a name and token kept apart from their session.
+pub async fn fence(tx: &mut PgConnection, name: &str, token: i64) -> Result<bool, CommandError> {
+    let held = sqlx::query("UPDATE projector_leases SET heartbeat = now() WHERE name = $1 AND token = $2")
+        .bind(name)
+        .bind(token)
+        .execute(tx)
+        .await?;
+    Ok(held.rows_affected() == 1)
+}

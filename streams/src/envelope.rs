@@ -1,0 +1,103 @@
+//! The CloudEvents 1.0 structured-mode JSON envelope every amplog message travels in. The
+//! tenant travels in the envelope (`projectid`), never only in `data`: consumers take their
+//! project context from here.
+
+use amplog_commands::{EventStore, RecordedEvent};
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// The content type of a structured-mode CloudEvent, sent as the `content-type` header.
+pub const CONTENT_TYPE: &str = "application/cloudevents+json; charset=UTF-8";
+
+/// A CloudEvent as amplog publishes it. Extension attributes: `projectid`, `sequence`,
+/// `position`, `hash` and `actor` (event topics); `projectid` and `attempt` (jobs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CloudEvent {
+    /// Always "1.0".
+    pub specversion: String,
+    /// Unique per event: the log's event id (consumers dedupe by it).
+    pub id: String,
+    /// `/amplog/projects/{project}` (or `/amplog` for events outside a project).
+    pub source: String,
+    /// `amplog.{aggregate}.{Event}.v{version}`, e.g. `amplog.installation.Created.v1.0`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The aggregate id (the Kafka key).
+    pub subject: String,
+    /// When the event was recorded.
+    pub time: DateTime<Utc>,
+    pub datacontenttype: String,
+    /// The event's payload, upcast to the version named in `type`.
+    pub data: Value,
+    /// The project the event belongs to: the only tenant a consumer may trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projectid: Option<Uuid>,
+    /// The event's sequence in its aggregate's stream (1, 2, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<i64>,
+    /// The event's position in the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<i64>,
+    /// The hex SHA-256 of the stream's hash chain at this event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// Who sent the command that recorded the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Any other extension attribute (dead letters carry `errorcode`).
+    #[serde(flatten, default)]
+    pub extensions: BTreeMap<String, Value>,
+}
+
+impl CloudEvent {
+    /// The envelope of one logged event, its payload upcast to the current version.
+    pub fn from_recorded(event: &RecordedEvent, store: &EventStore) -> Self {
+        let (version, data) =
+            store.upcast(&event.aggregate_type, &event.event_type, &event.event_version, event.payload.clone());
+        Self {
+            specversion: "1.0".into(),
+            id: event.event_id.to_string(),
+            source: source(event.project_id),
+            event_type: event_type(&event.aggregate_type, &event.event_type, &version),
+            subject: event.aggregate_id.clone(),
+            time: event.recorded_at,
+            datacontenttype: "application/json".into(),
+            data,
+            projectid: event.project_id,
+            sequence: Some(event.sequence),
+            position: Some(event.position),
+            hash: event.hash.as_deref().map(hex::encode),
+            actor: event.metadata.get("actor").and_then(Value::as_str).map(str::to_string),
+            extensions: BTreeMap::new(),
+        }
+    }
+
+    /// Parses a message value, refusing anything that is not a CloudEvents 1.0 envelope.
+    pub fn parse(bytes: &[u8]) -> Result<Self, crate::StreamsError> {
+        let event: Self = serde_json::from_slice(bytes).map_err(|e| crate::StreamsError::Envelope(e.to_string()))?;
+        if event.specversion != "1.0" {
+            return Err(crate::StreamsError::Envelope(format!("specversion {}", event.specversion)));
+        }
+        Ok(event)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serialises")
+    }
+}
+
+pub fn source(project: Option<Uuid>) -> String {
+    match project {
+        Some(project) => format!("/amplog/projects/{project}"),
+        None => "/amplog".into(),
+    }
+}
+
+/// `amplog.{aggregate}.{Event}.v{version}`.
+pub fn event_type(aggregate_type: &str, event_type: &str, version: &str) -> String {
+    format!("amplog.{aggregate_type}.{event_type}.v{version}")
+}

@@ -1,0 +1,495 @@
+//! Sync jobs. An operation that is requested (or retried) is a job, keyed by installation.
+//! The job's transport is either Kafka (the relay publishes it to the jobs topic; workers
+//! form a consumer group and commit an offset only after the job's outcome is recorded) or
+//! in-process (a dispatcher reads the log and runs the job; its checkpoint moves only after
+//! the outcome is recorded). Both share `JobMessage`, `Worker::process` and its policy:
+//! lease the operation (fencing), run the handler, retry transient failures with backoff
+//! and jitter, record the outcome with one command, dead-letter a job that keeps failing.
+
+use crate::envelope::{source, CloudEvent};
+use crate::{KafkaConfig, StreamsError};
+use amplog_commands::leader::Leadership;
+use amplog_commands::{CommandContext, CommandError, CommandService, EventStore, LogReader, RecordedEvent};
+use amplog_domain::operation::{ErrorClass, Operation, OperationError, OperationEvent, OperationType, Trigger};
+use amplog_domain::{ConnectionId, DomainError, InstallationId, LeaseId, OperationId, ProjectId};
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgConnection;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// The in-process dispatcher's singleton and checkpoint name.
+pub const JOB_DISPATCH: &str = "job_dispatch";
+
+/// What a worker needs to run an operation (the `data` of a job envelope). The project is
+/// not here: it travels in the envelope.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Job {
+    pub operation_id: OperationId,
+    pub installation_id: InstallationId,
+    pub connection_id: ConnectionId,
+    pub op_type: OperationType,
+    pub object: String,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub trigger: Trigger,
+}
+
+/// A job with its tenant and identity: the log event that dispatched it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobMessage {
+    pub project: ProjectId,
+    pub job: Job,
+    /// The `Requested` or `Retried` event's id: the CloudEvents id, for deduplication.
+    pub event_id: Uuid,
+    pub time: DateTime<Utc>,
+}
+
+impl JobMessage {
+    pub fn to_cloud_event(&self) -> CloudEvent {
+        let op = serde_json::to_value(self.job.op_type).expect("serialises");
+        CloudEvent {
+            specversion: "1.0".into(),
+            id: self.event_id.to_string(),
+            source: source(Some(self.project.0)),
+            event_type: format!("amplog.job.{}.v1", op.as_str().unwrap_or("job")),
+            subject: self.job.operation_id.to_string(),
+            time: self.time,
+            datacontenttype: "application/json".into(),
+            data: serde_json::to_value(&self.job).expect("jobs serialise"),
+            projectid: Some(self.project.0),
+            sequence: None,
+            position: None,
+            hash: None,
+            actor: None,
+            extensions: BTreeMap::new(),
+        }
+    }
+
+    /// Reads a job from its envelope. The tenant comes from the envelope's `projectid`,
+    /// whatever `data` says.
+    pub fn from_cloud_event(event: &CloudEvent) -> Result<Self, StreamsError> {
+        let project = event.projectid.ok_or_else(|| StreamsError::Envelope("a job without projectid".into()))?;
+        let job: Job =
+            serde_json::from_value(event.data.clone()).map_err(|e| StreamsError::Envelope(format!("job data: {e}")))?;
+        let event_id = event.id.parse().map_err(|e| StreamsError::Envelope(format!("job id: {e}")))?;
+        Ok(Self { project: ProjectId(project), job, event_id, time: event.time })
+    }
+
+    /// The Kafka key: the installation, so one installation's jobs stay in order.
+    pub fn key(&self) -> String {
+        self.job.installation_id.to_string()
+    }
+}
+
+/// Whether a logged event dispatches a job.
+pub fn dispatches(event: &RecordedEvent) -> bool {
+    event.aggregate_type == "operation" && matches!(event.event_type.as_str(), "Requested" | "Retried")
+}
+
+/// The job a logged event dispatches, if any. A retry re-dispatches the operation as its
+/// `Requested` event described it.
+pub async fn job_for(
+    conn: &mut PgConnection,
+    store: &EventStore,
+    event: &RecordedEvent,
+) -> Result<Option<JobMessage>, StreamsError> {
+    if !dispatches(event) {
+        return Ok(None);
+    }
+    let Some(project) = event.project_id else { return Ok(None) };
+    let (version, payload) = if event.event_type == "Requested" {
+        (event.event_version.clone(), event.payload.clone())
+    } else {
+        let row: (String, sqlx::types::Json<Value>) = sqlx::query_as(
+            "SELECT event_version, payload FROM events
+             WHERE aggregate_type = 'operation' AND aggregate_id = $1 AND sequence = 1",
+        )
+        .bind(&event.aggregate_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        (row.0, row.1 .0)
+    };
+    let OperationEvent::Requested { installation_id, connection_id, op_type, object, since, until, trigger, .. } =
+        store.decode::<Operation>("Requested", &version, payload)?
+    else {
+        return Ok(None);
+    };
+    let operation_id = OperationId(
+        event
+            .aggregate_id
+            .parse()
+            .map_err(|_| StreamsError::Envelope(format!("operation id {}", event.aggregate_id)))?,
+    );
+    Ok(Some(JobMessage {
+        project: ProjectId(project),
+        job: Job { operation_id, installation_id, connection_id, op_type, object, since, until, trigger },
+        event_id: event.event_id,
+        time: event.recorded_at,
+    }))
+}
+
+/// Why a handler could not do a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobFailure {
+    pub class: ErrorClass,
+    pub message: String,
+    /// Transient: worth another attempt.
+    pub retryable: bool,
+}
+
+/// What a handler gets: the job, its tenant, the lease it runs under (to record pages with
+/// `CommandService::record_pages`) and the attempt number (1, 2, ...).
+pub struct JobContext<'a> {
+    pub message: &'a JobMessage,
+    pub lease: LeaseId,
+    pub attempt: u32,
+    pub service: &'a CommandService,
+    pub command: &'a CommandContext,
+}
+
+/// Does the work of a job (reads from a provider, writes to it, ...). The worker records the
+/// outcome; the handler records pages as it goes.
+pub trait JobHandler: Send + Sync + 'static {
+    fn run(&self, job: JobContext<'_>) -> impl Future<Output = Result<(), JobFailure>> + Send;
+}
+
+/// How a worker leases and retries.
+#[derive(Clone, Debug)]
+pub struct WorkerPolicy {
+    /// How long a lease holds the operation; a crashed worker's job is taken over after it.
+    pub lease_for: Duration,
+    /// Attempts before a job that keeps failing is dead-lettered.
+    pub max_attempts: u32,
+    /// The first retry's delay; doubled each attempt, with jitter, up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for WorkerPolicy {
+    fn default() -> Self {
+        Self {
+            lease_for: Duration::from_secs(60),
+            max_attempts: 5,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+impl WorkerPolicy {
+    fn delay(&self, attempt: u32, seed: u64) -> Duration {
+        let exp = self.backoff.saturating_mul(1 << attempt.saturating_sub(1).min(16));
+        let capped = exp.min(self.max_backoff);
+        // Full jitter in [capped/2, capped], from a cheap hash of the job and attempt.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (seed, attempt).hash(&mut hasher);
+        let fraction = (hasher.finish() % 1000) as f64 / 1000.0;
+        capped.mul_f64(0.5 + fraction / 2.0)
+    }
+}
+
+/// What became of a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    Succeeded,
+    /// Failed permanently; the operation records the class.
+    Failed(ErrorClass),
+    /// Already finished (a redelivery, or a cancelled operation): nothing was run.
+    AlreadyFinished,
+    /// Another worker took the operation over (this one's lease had expired).
+    Superseded,
+    /// Kept failing (the operation is recorded failed), or cannot be run at all: goes to the
+    /// dead-letter topic (or table) with its error.
+    DeadLetter {
+        code: String,
+        message: String,
+    },
+}
+
+/// Runs jobs with a handler under a policy; shared by both transports.
+pub struct Worker<H> {
+    service: CommandService,
+    handler: Arc<H>,
+    pub policy: WorkerPolicy,
+    pub name: String,
+}
+
+impl<H: JobHandler> Worker<H> {
+    pub fn new(service: CommandService, handler: Arc<H>, name: impl Into<String>) -> Self {
+        Self { service, handler, policy: WorkerPolicy::default(), name: name.into() }
+    }
+
+    pub fn service(&self) -> &CommandService {
+        &self.service
+    }
+
+    /// Leases the job's operation, runs it, records its outcome. Infrastructure errors
+    /// (database unreachable) come back as `Err`: the caller retries the same job later and
+    /// must not acknowledge it.
+    pub async fn process(&self, message: &JobMessage) -> Result<Disposition, StreamsError> {
+        let command = CommandContext::new(message.project, format!("worker:{}", self.name));
+        let id = message.job.operation_id;
+        let lease = LeaseId(Uuid::now_v7());
+        let lease_for = chrono::TimeDelta::from_std(self.policy.lease_for)
+            .map_err(|_| StreamsError::Config("lease_for is too long".into()))?;
+        loop {
+            // Scoped to the envelope's project: another tenant's operation does not exist.
+            let operation = self.service.load::<Operation>(&command, id.0).await?;
+            let state = &operation.state;
+            if !state.exists || state.installation_id != message.job.installation_id {
+                return Ok(Disposition::DeadLetter {
+                    code: "operation.not_found".into(),
+                    message: format!(
+                        "no operation {id} of installation {} in this project",
+                        message.job.installation_id
+                    ),
+                });
+            }
+            if state.status.is_terminal() {
+                return Ok(Disposition::AlreadyFinished);
+            }
+            match self.service.start_operation(&command, id, lease, lease_for).await {
+                Ok(_) => break,
+                Err(CommandError::Domain(DomainError::Operation(OperationError::LeaseHeld))) => {
+                    // A crashed worker's lease: take the operation over when it expires.
+                    let until = state.lease.as_ref().map(|l| l.until).unwrap_or_else(Utc::now);
+                    let wait = (until - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50);
+                    tracing::info!(operation = %id, wait_ms = wait.as_millis() as u64, "operation leased elsewhere; waiting for the lease to expire");
+                    tokio::time::sleep(wait.min(self.policy.lease_for)).await;
+                }
+                Err(CommandError::Conflict { .. }) => {}
+                Err(CommandError::Domain(DomainError::Operation(OperationError::AlreadyFinished(_)))) => {
+                    return Ok(Disposition::AlreadyFinished)
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let seed = id.0.as_u128() as u64;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let context = JobContext { message, lease, attempt, service: &self.service, command: &command };
+            let failure = match self.handler.run(context).await {
+                Ok(()) => {
+                    return self
+                        .record(self.service.succeed_operation(&command, id, lease).await, Disposition::Succeeded)
+                }
+                Err(failure) => failure,
+            };
+            tracing::warn!(operation = %id, attempt, class = ?failure.class, message = %failure.message, "job failed");
+            if !failure.retryable {
+                let outcome =
+                    self.service.fail_operation(&command, id, lease, failure.class, &failure.message, false).await;
+                return self.record(outcome, Disposition::Failed(failure.class));
+            }
+            if attempt >= self.policy.max_attempts {
+                let message = format!("{} attempts: {}", attempt, failure.message);
+                let outcome = self.service.fail_operation(&command, id, lease, failure.class, &message, true).await;
+                let code = serde_json::to_value(failure.class).expect("serialises");
+                let code = code.as_str().unwrap_or("internal").to_string();
+                return self.record(outcome, Disposition::DeadLetter { code, message });
+            }
+            tokio::time::sleep(self.policy.delay(attempt, seed)).await;
+        }
+    }
+
+    /// The outcome command's result: a lease lost meanwhile means another worker owns the
+    /// operation now.
+    fn record(
+        &self,
+        outcome: Result<amplog_commands::CommandOutcome, CommandError>,
+        disposition: Disposition,
+    ) -> Result<Disposition, StreamsError> {
+        match outcome {
+            Ok(_) => Ok(disposition),
+            Err(CommandError::Domain(DomainError::Operation(
+                OperationError::StaleLease | OperationError::AlreadyFinished(_) | OperationError::NotRunning,
+            ))) => Ok(Disposition::Superseded),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// The envelope of a dead-lettered job: the job's own envelope with the error added.
+pub fn dead_letter(original: &CloudEvent, code: &str, message: &str, worker: &str) -> CloudEvent {
+    let mut letter = original.clone();
+    letter.extensions.insert("errorcode".into(), Value::String(code.into()));
+    letter.extensions.insert("errormessage".into(), Value::String(message.into()));
+    letter.extensions.insert("worker".into(), Value::String(worker.into()));
+    letter
+}
+
+fn headers() -> OwnedHeaders {
+    OwnedHeaders::new().insert(Header { key: "content-type", value: Some(crate::envelope::CONTENT_TYPE) })
+}
+
+/// A sync worker in consumer group `group`: takes jobs from the jobs topic one at a time (in
+/// order per partition), and commits a job's offset only after its outcome is recorded (or
+/// it was dead-lettered and the dead letter delivered). Returns when `stop` resolves.
+pub async fn run_kafka_worker<H: JobHandler>(
+    worker: &Worker<H>,
+    config: &KafkaConfig,
+    group: &str,
+    stop: impl Future<Output = ()>,
+) -> Result<(), StreamsError> {
+    let consumer: StreamConsumer = config.consumer(group).create()?;
+    consumer.subscribe(&[&config.jobs_topic()])?;
+    let producer: FutureProducer = config.producer()?.create()?;
+    let dead_letters = config.dead_letter_topic();
+    tokio::pin!(stop);
+    loop {
+        let message = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            message = consumer.recv() => message?,
+        };
+        let envelope = CloudEvent::parse(message.payload().unwrap_or_default());
+        let job = envelope
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|e| JobMessage::from_cloud_event(e).map_err(|e| e.to_string()));
+        let disposition = match &job {
+            Ok(job) => loop {
+                match worker.process(job).await {
+                    Ok(disposition) => break disposition,
+                    Err(error) => {
+                        // Not acknowledged: the same job again once the database is back.
+                        tracing::warn!(%error, operation = %job.job.operation_id, "job not recorded; retrying");
+                        tokio::select! {
+                            _ = &mut stop => return Ok(()),
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+            },
+            Err(error) => Disposition::DeadLetter { code: "malformed_envelope".into(), message: error.clone() },
+        };
+        tracing::info!(?disposition, partition = message.partition(), offset = message.offset(), "job done");
+        if let Disposition::DeadLetter { code, message: error } = &disposition {
+            let letter = match &envelope {
+                Ok(envelope) => dead_letter(envelope, code, error, &worker.name).to_bytes(),
+                Err(_) => message.payload().unwrap_or_default().to_vec(),
+            };
+            let key = message.key().unwrap_or_default().to_vec();
+            let record = FutureRecord::to(&dead_letters).key(&key).payload(&letter).headers(headers());
+            producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+        }
+        consumer.commit_message(&message, CommitMode::Sync)?;
+    }
+}
+
+/// Job dispatch without Kafka: reads the log from its checkpoint as the `job_dispatch`
+/// leader, runs each batch's jobs (one lane per installation hash, so an installation's jobs
+/// stay in order), and moves the checkpoint only when all of them are recorded. Jobs that
+/// must be dead-lettered go to the `dead_letters` table.
+pub struct InProcessDispatch<H> {
+    worker: Arc<Worker<H>>,
+    store: EventStore,
+    holder: String,
+    pub lanes: usize,
+    pub batch_size: i64,
+}
+
+impl<H: JobHandler> InProcessDispatch<H> {
+    pub fn new(worker: Arc<Worker<H>>, store: EventStore, holder: impl Into<String>) -> Self {
+        Self { worker, store, holder: holder.into(), lanes: 4, batch_size: 500 }
+    }
+
+    /// Runs until `stop` resolves, leading whenever it can.
+    pub async fn run(&self, stop: impl Future<Output = ()>) -> Result<(), StreamsError> {
+        tokio::pin!(stop);
+        loop {
+            let step = async {
+                let pool = self.worker.service.pool();
+                match Leadership::try_acquire(pool, JOB_DISPATCH, &self.holder).await? {
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        Ok(())
+                    }
+                    Some(leadership) => self.dispatch_while_leading(leadership).await,
+                }
+            };
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                result = step => if let Err(error) = result {
+                    tracing::warn!(%error, "in-process job dispatch failed; resuming from its checkpoint");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                },
+            }
+        }
+    }
+
+    async fn dispatch_while_leading(&self, mut leadership: Leadership) -> Result<(), StreamsError> {
+        let pool = self.worker.service.pool().clone();
+        let start = LogReader::checkpoint(&mut *pool.acquire().await?, JOB_DISPATCH).await?;
+        let mut subscription = LogReader::new(pool.clone()).subscribe(start).await?;
+        subscription.batch_size = self.batch_size;
+        loop {
+            let batch = subscription.next_batch_within(Duration::from_secs(2)).await?;
+            leadership.alive().await?;
+            let mut jobs = Vec::new();
+            if !batch.is_empty() {
+                let mut conn = pool.acquire().await?;
+                for event in &batch {
+                    if let Some(job) = job_for(&mut conn, &self.store, event).await? {
+                        jobs.push(job);
+                    }
+                }
+            }
+            let mut lanes: Vec<Vec<JobMessage>> = vec![Vec::new(); self.lanes.max(1)];
+            for job in jobs {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                job.job.installation_id.hash(&mut hasher);
+                let lane = (hasher.finish() % lanes.len() as u64) as usize;
+                lanes[lane].push(job);
+            }
+            let results = futures::future::join_all(lanes.iter().map(|lane| async move {
+                let mut dead = Vec::new();
+                for job in lane {
+                    if let Disposition::DeadLetter { code, message } = self.worker.process(job).await? {
+                        dead.push((job, code, message));
+                    }
+                }
+                Ok::<_, StreamsError>(dead)
+            }))
+            .await;
+            let mut tx = pool.begin().await?;
+            if !leadership.fence(&mut tx).await? {
+                return Err(StreamsError::Fenced(JOB_DISPATCH.into()));
+            }
+            for lane in results {
+                for (job, code, message) in lane? {
+                    sqlx::query(
+                        "INSERT INTO dead_letters (event_id, project_id, operation_id, installation_id, error_code,
+                                                   error_message, worker, envelope)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING",
+                    )
+                    .bind(job.event_id)
+                    .bind(job.project.0)
+                    .bind(job.job.operation_id.0)
+                    .bind(job.job.installation_id.0)
+                    .bind(&code)
+                    .bind(&message)
+                    .bind(&self.worker.name)
+                    .bind(sqlx::types::Json(job.to_cloud_event()))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            if let Some(last) = batch.last() {
+                LogReader::save_checkpoint(&mut tx, JOB_DISPATCH, last.cursor()).await?;
+            }
+            tx.commit().await?;
+        }
+    }
+}
