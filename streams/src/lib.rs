@@ -9,6 +9,8 @@ pub mod jobs;
 pub mod relay;
 pub mod schema;
 pub mod tail;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod topics;
 
 pub use config::KafkaConfig;

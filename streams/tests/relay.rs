@@ -1,0 +1,253 @@
+//! The relay against the real broker and PostgreSQL: envelopes, keys, completeness, jobs,
+//! a held-open append, leadership, refused settings, and a broker restart.
+
+use amplog_commands::service::CommitGate;
+use amplog_commands::testing::{read_of, seed, test_db};
+use amplog_commands::{CommandService, EventStore, LogReader};
+use amplog_streams::testing::{config_on, kafka_config, order_report, Collector};
+use amplog_streams::{KafkaConfig, Relay, StreamsError, RELAY};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn relay(service: &CommandService, config: &KafkaConfig) -> Relay {
+    Relay::new(service.pool().clone(), EventStore::default(), config.clone(), "test-relay").expect("a safe config")
+}
+
+fn aggregate_topics(config: &KafkaConfig) -> Vec<String> {
+    amplog_streams::config::AGGREGATE_TYPES.iter().map(|t| config.aggregate_topic(t)).collect()
+}
+
+async fn log_count(service: &CommandService) -> usize {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events").fetch_one(service.pool()).await.unwrap() as usize
+}
+
+#[tokio::test]
+async fn every_event_is_published_as_a_cloudevent_keyed_by_its_aggregate() {
+    let db = test_db().await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let requested = service.request_operation(&s.ctx, s.installation, &read_of("contacts")).await.unwrap();
+    let operation = requested.id_of("operation").unwrap();
+    let config = kafka_config();
+    assert_eq!(relay(&service, &config).catch_up().await.unwrap().map(|n| n as usize), Some(log_count(&service).await));
+
+    let mut collector = Collector::new(&config, &aggregate_topics(&config)).await;
+    let total = log_count(&service).await;
+    assert!(collector.until(Duration::from_secs(30), |r| r.len() >= total).await, "{} of {total}", collector.received.len());
+    let report = order_report(&collector.received);
+    assert_eq!((report.distinct, report.duplicates), (total, 0));
+    assert!(report.out_of_order.is_empty());
+
+    // The operation's Requested event, field by field against the log.
+    let row: (uuid::Uuid, i64, i64, Vec<u8>, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+        "SELECT event_id, sequence, position, hash, recorded_at FROM events
+         WHERE aggregate_type = 'operation' AND aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(operation.to_string())
+    .fetch_one(service.pool())
+    .await
+    .unwrap();
+    let message = collector.received.iter().find(|r| r.event.id == row.0.to_string()).expect("published");
+    assert_eq!(message.topic, config.aggregate_topic("operation"));
+    assert_eq!(message.key, operation.to_string());
+    assert_eq!(message.content_type.as_deref(), Some(amplog_streams::envelope::CONTENT_TYPE));
+    let event = &message.event;
+    assert_eq!(event.specversion, "1.0");
+    assert_eq!(event.event_type, "amplog.operation.Requested.v1.0");
+    assert_eq!(event.subject, operation.to_string());
+    assert_eq!(event.source, format!("/amplog/projects/{}", s.ctx.project_id));
+    assert_eq!(event.projectid, Some(s.ctx.project_id.0));
+    assert_eq!((event.sequence, event.position), (Some(row.1), Some(row.2)));
+    assert_eq!(event.hash.as_deref(), Some(hex::encode(&row.3).as_str()));
+    assert_eq!(event.time, row.4);
+    assert_eq!(event.data["object"], "contacts");
+    assert_eq!(event.actor.as_deref(), Some("test"));
+    // Every aggregate's events went to its own topic.
+    for r in &collector.received {
+        let aggregate = r.event.event_type.split('.').nth(1).unwrap();
+        assert_eq!(r.topic, config.aggregate_topic(aggregate));
+        assert_eq!(r.key, r.event.subject);
+    }
+
+    // The requested operation is a job on the jobs topic, keyed by installation.
+    let mut jobs = Collector::new(&config, &[config.jobs_topic()]).await;
+    assert!(jobs.until(Duration::from_secs(30), |r| !r.is_empty()).await);
+    let job = &jobs.received[0];
+    assert_eq!(job.key, s.installation.to_string());
+    assert_eq!(job.event.id, row.0.to_string(), "a job's id is its Requested event's");
+    assert_eq!(job.event.event_type, "amplog.job.read.v1");
+    assert_eq!(job.event.projectid, Some(s.ctx.project_id.0));
+    assert_eq!(job.event.data["operation_id"], operation.to_string());
+    assert!(job.event.data.get("project_id").is_none(), "the tenant travels in the envelope only");
+
+    // The checkpoint stands at the log's end; a second catch-up publishes nothing.
+    let checkpoint = LogReader::checkpoint(&mut *service.pool().acquire().await.unwrap(), RELAY).await.unwrap();
+    assert_eq!(checkpoint.position, LogReader::new(service.pool().clone()).end().await.unwrap());
+    assert_eq!(relay(&service, &config).catch_up().await.unwrap(), Some(0));
+}
+
+#[tokio::test]
+async fn an_append_held_open_while_later_events_are_relayed_is_still_published() {
+    let db = test_db().await;
+    let service = db.service();
+    let s = seed(&service).await;
+    // Later appends go to other streams (the same stream would wait on the held row).
+    let other = seed(&service).await;
+    let config = kafka_config();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let running = {
+        let (relay, stop) = (relay(&service, &config), stop.clone());
+        tokio::spawn(async move { relay.run(stop.notified()).await })
+    };
+    // An append that takes a position, then waits before COMMIT.
+    let gate = Arc::new(CommitGate::default());
+    let gated = service.clone().with_commit_gate(gate.clone());
+    let held = {
+        let (ctx, installation) = (s.ctx.clone().with_idempotency_key("held"), s.installation);
+        tokio::spawn(async move { gated.request_operation(&ctx, installation, &read_of("deals")).await })
+    };
+    gate.reached.notified().await;
+    // Later appends commit and are relayed meanwhile.
+    for object in ["contacts", "companies"] {
+        service.request_operation(&other.ctx, other.installation, &read_of(object)).await.unwrap();
+    }
+    let mut collector = Collector::new(&config, &[config.aggregate_topic("operation")]).await;
+    collector.drain(Duration::from_secs(2)).await;
+    let held_published = |r: &[amplog_streams::testing::Received]| r.iter().any(|m| m.event.data["object"] == "deals");
+    assert!(!held_published(&collector.received), "not committed yet");
+    gate.release.add_permits(1);
+    let outcome = held.await.unwrap().unwrap();
+    let held_id = outcome.id_of("operation").unwrap().to_string();
+    let all_three = |r: &[amplog_streams::testing::Received]| held_published(r) && r.len() >= 3;
+    assert!(collector.until(Duration::from_secs(30), all_three).await, "the held event was published");
+    let objects: Vec<_> = collector.received.iter().map(|m| m.event.data["object"].as_str().unwrap().to_string()).collect();
+    assert_eq!(objects.iter().filter(|o| *o == "deals").count(), 1);
+    assert!(objects.contains(&"contacts".into()) && objects.contains(&"companies".into()));
+    // The held event has the lowest position of the three: readers did not pass it.
+    let positions: Vec<(String, i64)> = collector.received.iter().map(|m| (m.event.subject.clone(), m.event.position.unwrap())).collect();
+    let held_position = positions.iter().find(|(s, _)| *s == held_id).unwrap().1;
+    assert!(positions.iter().all(|(_, p)| *p >= held_position), "{positions:?}");
+    stop.notify_one();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn one_relay_leads_at_a_time_and_unsafe_settings_are_refused() {
+    let db = test_db().await;
+    let service = db.service();
+    seed(&service).await;
+    let config = kafka_config();
+    let leader = amplog_commands::leader::Leadership::try_acquire(service.pool(), RELAY, "other").await.unwrap().unwrap();
+    assert_eq!(relay(&service, &config).catch_up().await.unwrap(), None, "another process leads");
+    leader.release().await;
+    assert!(relay(&service, &config).catch_up().await.unwrap().is_some());
+
+    for bad in ["acks=1", "enable.idempotence=false", "max.in.flight.requests.per.connection=10"] {
+        let error = config.clone().with_properties(&[bad.into()]).unwrap_err();
+        assert!(matches!(error, StreamsError::UnsafeSetting { .. }), "{bad}: {error}");
+    }
+    let mut unsafe_config = config.clone();
+    unsafe_config.properties.insert("acks".into(), "0".into());
+    let refused = Relay::new(service.pool().clone(), EventStore::default(), unsafe_config, "x").err().unwrap();
+    assert_eq!(refused.code(), "unsafe_kafka_setting");
+}
+
+/// A broker of this test's own, on sqlite storage, so its data survives a restart.
+struct OwnBroker {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnBroker {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut broker = Self { dir: tempfile::tempdir().unwrap(), port, child: None };
+        broker.restart();
+        broker
+    }
+
+    fn restart(&mut self) {
+        let tansu = std::env::var("AMPLOG_TEST_TANSU").unwrap_or_else(|_| "tansu".into());
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        // The sqlite path is relative to the broker's working folder.
+        let storage = "sqlite://tansu.db";
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("tansu.log")).unwrap();
+        let child = std::process::Command::new(tansu)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
+            .current_dir(self.dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu (AMPLOG_TEST_TANSU)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("tansu did not start on {}", self.port);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn the_relay_recovers_from_a_broker_restart_without_losing_an_event() {
+    let db = test_db().await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let mut broker = OwnBroker::start();
+    let config = config_on(&format!("127.0.0.1:{}", broker.port));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let running = {
+        let (relay, stop) = (relay(&service, &config), stop.clone());
+        tokio::spawn(async move { relay.run(stop.notified()).await })
+    };
+    let request = |n: usize| {
+        let (service, ctx, installation) = (service.clone(), s.ctx.clone(), s.installation);
+        async move {
+            for _ in 0..n {
+                service.request_operation(&ctx, installation, &read_of("contacts")).await.unwrap();
+            }
+        }
+    };
+    request(50).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.kill();
+    // Appends go on while the broker is down, and after it is back.
+    request(50).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.restart();
+    request(50).await;
+
+    let total = log_count(&service).await;
+    let mut collector = Collector::new(&config, &aggregate_topics(&config)).await;
+    let arrived = collector
+        .until(Duration::from_secs(120), |r| {
+            let mut ids: Vec<&str> = r.iter().map(|m| m.event.id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.len() >= total
+        })
+        .await;
+    let report = order_report(&collector.received);
+    eprintln!("broker restart: {} distinct of {total}, {} duplicates", report.distinct, report.duplicates);
+    assert!(arrived, "{} distinct events of {total} arrived", report.distinct);
+    assert_eq!(report.distinct, total);
+    assert!(report.out_of_order.is_empty(), "{:?}", report.out_of_order);
+    stop.notify_one();
+    running.await.unwrap().unwrap();
+}

@@ -1,0 +1,121 @@
+//! The relay process end to end: `amplog relay` SIGKILLed again and again while 100k events
+//! across 1,000 aggregates are appended, restarted each time; every `(aggregate, sequence)`
+//! arrives on the broker, first arrivals in order per aggregate, duplicates counted.
+
+use amplog_commands::testing::{read_of, seed, test_db};
+use amplog_commands::LogReader;
+use amplog_domain::operation::{Cursor, PageRecord};
+use amplog_domain::{LeaseId, OperationId};
+use amplog_streams::testing::{kafka_config, order_report, Collector};
+use amplog_streams::{KafkaConfig, RELAY};
+use std::collections::HashSet;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+fn spawn_relay(url: &str, config: &KafkaConfig) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_amplog"))
+        .arg("relay")
+        .env("DATABASE_URL", url)
+        .env("AMPLOG_KAFKA_BROKERS", &config.brokers)
+        .env("AMPLOG_KAFKA_TOPIC_PREFIX", &config.topic_prefix)
+        .env("AMPLOG_KAFKA_PARTITIONS", config.partitions.to_string())
+        .env("AMPLOG_LOG", "warn")
+        .spawn()
+        .expect("start amplog relay")
+}
+
+/// A pseudo-random pause between `min` and `min + spread` milliseconds.
+fn jitter(min: u64, spread: u64) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+    Duration::from_millis(min + nanos % spread)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_processes_killed_with_sigkill_lose_and_reorder_nothing() {
+    let db = test_db().await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let config = kafka_config();
+    // 1,000 operations (their Requested events, and the installation's stream of requests).
+    let mut operations = Vec::new();
+    for _ in 0..1000 {
+        let outcome = service.request_operation(&s.ctx, s.installation, &read_of("contacts")).await.unwrap();
+        operations.push(OperationId(outcome.id_of("operation").unwrap()));
+    }
+    // Four writers: each operation gets Started and 98 pages in 7 commands: 100 events each.
+    let writers: Vec<_> = operations
+        .chunks(250)
+        .map(|chunk| {
+            let (service, ctx, chunk) = (service.clone(), s.ctx.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                for round in 0..8 {
+                    for op in &chunk {
+                        let lease = LeaseId(uuid::Uuid::from_u128(op.0.as_u128() ^ 1));
+                        if round == 0 {
+                            service.start_operation(&ctx, *op, lease, chrono::Duration::hours(1)).await.unwrap();
+                        } else {
+                            let page = PageRecord { records: 10, bytes: 1000, cursor: Cursor::default() };
+                            service.record_pages(&ctx, *op, lease, &vec![page; 14]).await.unwrap();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let mut kills = 0;
+    while kills < 5 || writers.iter().any(|w| !w.is_finished()) {
+        let mut relay = spawn_relay(&db.url, &config);
+        tokio::time::sleep(jitter(700, 1500)).await;
+        relay.kill().unwrap(); // SIGKILL
+        relay.wait().unwrap();
+        kills += 1;
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    // A last relay runs until its checkpoint reaches the log's end, then stops on SIGTERM.
+    let mut relay = spawn_relay(&db.url, &config);
+    let end = LogReader::new(service.pool().clone()).end().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let checkpoint = LogReader::checkpoint(&mut *service.pool().acquire().await.unwrap(), RELAY).await.unwrap();
+        if checkpoint.position >= end {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay did not reach the log's end");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Command::new("kill").args(["-TERM", &relay.id().to_string()]).status().unwrap();
+    assert!(relay.wait().unwrap().success(), "the relay stops cleanly on SIGTERM");
+
+    let expected: Vec<(String, i64)> = sqlx::query_as("SELECT aggregate_id, sequence FROM events")
+        .fetch_all(service.pool())
+        .await
+        .unwrap();
+    let operation_events = expected.iter().filter(|(id, _)| operations.iter().any(|o| o.to_string() == *id)).count();
+    assert!(operation_events >= 100_000, "{operation_events} events of 1,000 operations");
+    let topics: Vec<String> = amplog_streams::config::AGGREGATE_TYPES.iter().map(|t| config.aggregate_topic(t)).collect();
+    let mut collector = Collector::new(&config, &topics).await;
+    let total = expected.len();
+    let arrived = collector
+        .until(Duration::from_secs(300), |r| {
+            r.len() >= total && r.iter().map(|m| (&m.event.subject, m.event.sequence)).collect::<HashSet<_>>().len() >= total
+        })
+        .await;
+    collector.drain(Duration::from_secs(2)).await;
+    let report = order_report(&collector.received);
+    eprintln!(
+        "relay SIGKILLed {kills} times: {} distinct events of {total} arrived, {} duplicates, {} out of order",
+        report.distinct,
+        report.duplicates,
+        report.out_of_order.len()
+    );
+    assert!(arrived, "only {} distinct of {total}", report.distinct);
+    let seen: HashSet<(String, i64)> =
+        collector.received.iter().map(|m| (m.event.subject.clone(), m.event.sequence.unwrap())).collect();
+    let missing: Vec<_> = expected.iter().filter(|e| !seen.contains(*e)).take(10).collect();
+    assert!(missing.is_empty(), "missing {missing:?}");
+    assert_eq!(report.distinct, total);
+    assert!(report.out_of_order.is_empty(), "{:?}", &report.out_of_order[..report.out_of_order.len().min(10)]);
+}
