@@ -2,9 +2,10 @@
 # broker and starts a throwaway one on a free loopback port, stopped on exit.
 #   start_broker   sets KAFKA_BROKERS (host:port), TANSU_BIN, KAFKA_WORK
 # tansu 0.6.0 from crates.io; the cold build takes ~13 minutes on 2 cores, so it is built
-# only when `tansu` is not on PATH. `dynostore` gives the in-memory storage the shared test
-# broker uses; `libsql` gives sqlite storage, which survives a broker restart (the relay's
-# broker-restart test starts its own broker on it).
+# only when `tansu` is not on PATH. Storage is sqlite (feature `libsql`): it survives a
+# broker restart, and unlike tansu's in-memory storage (`dynostore`) it serves a fetch that
+# starts inside a record batch, which a consumer group resuming from a committed offset
+# needs (measured: memory storage returned nothing for offset 1 of a two-record batch).
 
 TANSU_VERSION=0.6.0
 TANSU_FEATURES=dynostore,libsql
@@ -41,8 +42,9 @@ start_broker() {
   port="$(free_port)"
   log "starting a throwaway tansu broker on 127.0.0.1:$port"
   # Advertise 127.0.0.1, not localhost: librdkafka may resolve localhost to ::1.
-  "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine memory://tansu/ >"$KAFKA_WORK/tansu.log" 2>&1 &
+  # The sqlite path is relative to the broker's working folder.
+  (cd "$KAFKA_WORK" && exec "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine sqlite://tansu.db >tansu.log 2>&1) &
   KAFKA_PID=$!
   wait_port "$port"
   KAFKA_BROKERS="127.0.0.1:$port"

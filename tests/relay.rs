@@ -6,11 +6,15 @@ use amplog_commands::testing::{read_of, seed, test_db};
 use amplog_commands::LogReader;
 use amplog_domain::operation::{Cursor, PageRecord};
 use amplog_domain::{LeaseId, OperationId};
-use amplog_streams::testing::{kafka_config, order_report, Collector};
+use amplog_streams::testing::{config_on, order_report, Collector, OwnBroker};
 use amplog_streams::{KafkaConfig, RELAY};
 use std::collections::HashSet;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+
+/// 1,000 operations × (Requested + Started + 7 × 14 pages) = 100,000 operation events.
+const OPERATIONS: usize = 1000;
+const ROUNDS: usize = 8;
 
 fn spawn_relay(url: &str, config: &KafkaConfig) -> Child {
     Command::new(env!("CARGO_BIN_EXE_amplog"))
@@ -35,20 +39,25 @@ async fn relay_processes_killed_with_sigkill_lose_and_reorder_nothing() {
     let db = test_db().await;
     let service = db.service();
     let s = seed(&service).await;
-    let config = kafka_config();
+    // A broker of its own: this load would slow the shared broker for the other tests. In
+    // memory: the collector reads every partition from its start, which that storage serves
+    // far faster than sqlite.
+    let broker = OwnBroker::in_memory();
+    let config = config_on(&broker.address());
+    let started = Instant::now();
     // 1,000 operations (their Requested events, and the installation's stream of requests).
     let mut operations = Vec::new();
-    for _ in 0..1000 {
+    for _ in 0..OPERATIONS {
         let outcome = service.request_operation(&s.ctx, s.installation, &read_of("contacts")).await.unwrap();
         operations.push(OperationId(outcome.id_of("operation").unwrap()));
     }
     // Four writers: each operation gets Started and 98 pages in 7 commands: 100 events each.
     let writers: Vec<_> = operations
-        .chunks(250)
+        .chunks(OPERATIONS / 4)
         .map(|chunk| {
             let (service, ctx, chunk) = (service.clone(), s.ctx.clone(), chunk.to_vec());
             tokio::spawn(async move {
-                for round in 0..8 {
+                for round in 0..ROUNDS {
                     for op in &chunk {
                         let lease = LeaseId(uuid::Uuid::from_u128(op.0.as_u128() ^ 1));
                         if round == 0 {
@@ -63,6 +72,7 @@ async fn relay_processes_killed_with_sigkill_lose_and_reorder_nothing() {
         })
         .collect();
 
+    eprintln!("[{:.0} s] operations requested; writers and relay kills start", started.elapsed().as_secs_f64());
     let mut kills = 0;
     while kills < 5 || writers.iter().any(|w| !w.is_finished()) {
         let mut relay = spawn_relay(&db.url, &config);
@@ -74,13 +84,20 @@ async fn relay_processes_killed_with_sigkill_lose_and_reorder_nothing() {
     for writer in writers {
         writer.await.unwrap();
     }
+    eprintln!("[{:.0} s] writers done after {kills} kills", started.elapsed().as_secs_f64());
     // A last relay runs until its checkpoint reaches the log's end, then stops on SIGTERM.
     let mut relay = spawn_relay(&db.url, &config);
     let end = LogReader::new(service.pool().clone()).end().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let checkpoint = LogReader::checkpoint(&mut *service.pool().acquire().await.unwrap(), RELAY).await.unwrap();
-        if checkpoint.position >= end {
+        let checkpoint = LogReader::checkpoint(&mut service.pool().acquire().await.unwrap(), RELAY).await.unwrap();
+        // This relay leads (so its signal handler is installed) and the log is relayed.
+        let holder: Option<String> = sqlx::query_scalar("SELECT holder FROM projector_leases WHERE name = $1")
+            .bind(RELAY)
+            .fetch_optional(service.pool())
+            .await
+            .unwrap();
+        if checkpoint.position >= end && holder.is_some_and(|h| h.ends_with(&format!(":{}", relay.id()))) {
             break;
         }
         assert!(Instant::now() < deadline, "the relay did not reach the log's end");
@@ -89,24 +106,25 @@ async fn relay_processes_killed_with_sigkill_lose_and_reorder_nothing() {
     Command::new("kill").args(["-TERM", &relay.id().to_string()]).status().unwrap();
     assert!(relay.wait().unwrap().success(), "the relay stops cleanly on SIGTERM");
 
-    let expected: Vec<(String, i64)> = sqlx::query_as("SELECT aggregate_id, sequence FROM events")
-        .fetch_all(service.pool())
-        .await
-        .unwrap();
+    eprintln!("[{:.0} s] relayed to the log's end", started.elapsed().as_secs_f64());
+    let expected: Vec<(String, i64)> =
+        sqlx::query_as("SELECT aggregate_id, sequence FROM events").fetch_all(service.pool()).await.unwrap();
     let operation_events = expected.iter().filter(|(id, _)| operations.iter().any(|o| o.to_string() == *id)).count();
-    assert!(operation_events >= 100_000, "{operation_events} events of 1,000 operations");
-    let topics: Vec<String> = amplog_streams::config::AGGREGATE_TYPES.iter().map(|t| config.aggregate_topic(t)).collect();
+    assert!(
+        operation_events >= OPERATIONS * (1 + (ROUNDS - 1) * 14 + 1),
+        "{operation_events} events of 1,000 operations"
+    );
+    let topics: Vec<String> =
+        amplog_streams::config::AGGREGATE_TYPES.iter().map(|t| config.aggregate_topic(t)).collect();
     let mut collector = Collector::new(&config, &topics).await;
     let total = expected.len();
-    let arrived = collector
-        .until(Duration::from_secs(300), |r| {
-            r.len() >= total && r.iter().map(|m| (&m.event.subject, m.event.sequence)).collect::<HashSet<_>>().len() >= total
-        })
-        .await;
+    let arrived = collector.until_distinct(total, Duration::from_secs(240)).await;
+    eprintln!("[{:.0} s] collected", started.elapsed().as_secs_f64());
     collector.drain(Duration::from_secs(2)).await;
     let report = order_report(&collector.received);
     eprintln!(
-        "relay SIGKILLed {kills} times: {} distinct events of {total} arrived, {} duplicates, {} out of order",
+        "relay SIGKILLed {kills} times in {:.0} s: {} distinct events of {total} arrived, {} duplicates, {} out of order",
+        started.elapsed().as_secs_f64(),
         report.distinct,
         report.duplicates,
         report.out_of_order.len()
@@ -118,4 +136,5 @@ async fn relay_processes_killed_with_sigkill_lose_and_reorder_nothing() {
     assert!(missing.is_empty(), "missing {missing:?}");
     assert_eq!(report.distinct, total);
     assert!(report.out_of_order.is_empty(), "{:?}", &report.out_of_order[..report.out_of_order.len().min(10)]);
+    drop(broker);
 }

@@ -4,6 +4,7 @@
 //! durable throwaway cluster and calls it; see BENCHMARKS.md.
 
 mod api;
+mod relay;
 
 use amplog_commands::credentials::{CredentialKey, CredentialStore, Secret};
 use amplog_commands::service::{NewInstallation, NewOperation};
@@ -33,9 +34,15 @@ struct Args {
     /// Size of the log for the reader catch-up benchmark.
     #[arg(long, default_value_t = 1_000_000)]
     catchup_events: i64,
-    /// Which benchmarks: `write` (commands, reader, projections), `api`, or `all`.
-    #[arg(long, default_value = "all", value_parser = ["write", "api", "all"])]
+    /// Which benchmarks: `write` (commands, reader, projections), `api`, `relay` (Kafka), or `all`.
+    #[arg(long, default_value = "all", value_parser = ["write", "api", "relay", "all"])]
     suite: String,
+    /// The Kafka-protocol broker of the relay benchmark (benches/run starts one).
+    #[arg(long, env = "AMPLOG_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Events in the log the relay catches up on.
+    #[arg(long, default_value_t = 200_000)]
+    relay_events: usize,
     /// The API benchmark's seed: installations and operations.
     #[arg(long, default_value_t = 10_000)]
     api_installations: usize,
@@ -487,7 +494,8 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let duration = Duration::from_secs(args.seconds);
     let mut report = Report { rows: Vec::new() };
-    if args.suite != "api" {
+    let wants = |suite: &str| args.suite == suite || args.suite == "all";
+    if wants("write") {
         let pool = fresh_database(&args.database_url, "amplog_bench").await?;
         single_event(&pool, &mut report, 1, duration).await?;
         single_event(&pool, &mut report, 32, duration).await?;
@@ -496,7 +504,11 @@ async fn main() -> Result<()> {
         projection_lag(&pool, &mut report, 1000, Duration::from_secs(args.seconds.max(10))).await?;
         pool.close().await;
     }
-    if args.suite != "write" {
+    if wants("relay") {
+        let brokers = args.kafka_brokers.as_deref().context("the relay benchmark needs AMPLOG_KAFKA_BROKERS")?;
+        relay::run(&mut report, &args.database_url, brokers, args.relay_events, 1000, args.seconds.max(10)).await?;
+    }
+    if wants("api") {
         let pool = fresh_database(&args.database_url, "amplog_bench_api").await?;
         // Seeding is setup, not the measurement: its commits need not wait for the disk.
         let options = PgConnectOptions::from_str(&args.database_url)?

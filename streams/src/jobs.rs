@@ -10,7 +10,9 @@ use crate::envelope::{source, CloudEvent};
 use crate::{KafkaConfig, StreamsError};
 use amplog_commands::leader::Leadership;
 use amplog_commands::{CommandContext, CommandError, CommandService, EventStore, LogReader, RecordedEvent};
-use amplog_domain::operation::{ErrorClass, Operation, OperationError, OperationEvent, OperationType, Trigger};
+use amplog_domain::operation::{
+    ErrorClass, Operation, OperationError, OperationEvent, OperationStatus, OperationType, Trigger,
+};
 use amplog_domain::{ConnectionId, DomainError, InstallationId, LeaseId, OperationId, ProjectId};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -256,6 +258,20 @@ impl<H: JobHandler> Worker<H> {
                     ),
                 });
             }
+            if state.status == OperationStatus::Failed && state.retryable {
+                // Recorded failed after its attempts, but the dead letter may not have been
+                // sent (a crash in between): send it again; dead letters dedupe by id.
+                let message: Option<String> = sqlx::query_scalar(
+                    "SELECT payload->>'message' FROM events WHERE aggregate_type = 'operation'
+                       AND aggregate_id = $1 AND event_type = 'Failed' ORDER BY sequence DESC LIMIT 1",
+                )
+                .bind(id.to_string())
+                .fetch_optional(self.service.pool())
+                .await?
+                .flatten();
+                let class = state.error_class.unwrap_or(ErrorClass::Internal);
+                return Ok(Disposition::DeadLetter { code: class_code(class), message: message.unwrap_or_default() });
+            }
             if state.status.is_terminal() {
                 return Ok(Disposition::AlreadyFinished);
             }
@@ -296,9 +312,7 @@ impl<H: JobHandler> Worker<H> {
             if attempt >= self.policy.max_attempts {
                 let message = format!("{} attempts: {}", attempt, failure.message);
                 let outcome = self.service.fail_operation(&command, id, lease, failure.class, &message, true).await;
-                let code = serde_json::to_value(failure.class).expect("serialises");
-                let code = code.as_str().unwrap_or("internal").to_string();
-                return self.record(outcome, Disposition::DeadLetter { code, message });
+                return self.record(outcome, Disposition::DeadLetter { code: class_code(failure.class), message });
             }
             tokio::time::sleep(self.policy.delay(attempt, seed)).await;
         }
@@ -319,6 +333,11 @@ impl<H: JobHandler> Worker<H> {
             Err(error) => Err(error.into()),
         }
     }
+}
+
+/// The error class as its code (`provider5xx`, `rate_limited`, ...).
+fn class_code(class: ErrorClass) -> String {
+    serde_json::to_value(class).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| "internal".into())
 }
 
 /// The envelope of a dead-lettered job: the job's own envelope with the error added.
@@ -343,6 +362,7 @@ pub async fn run_kafka_worker<H: JobHandler>(
     group: &str,
     stop: impl Future<Output = ()>,
 ) -> Result<(), StreamsError> {
+    crate::topics::ensure_topics(config, &[config.jobs_topic(), config.dead_letter_topic()]).await?;
     let consumer: StreamConsumer = config.consumer(group).create()?;
     consumer.subscribe(&[&config.jobs_topic()])?;
     let producer: FutureProducer = config.producer()?.create()?;
@@ -351,7 +371,15 @@ pub async fn run_kafka_worker<H: JobHandler>(
     loop {
         let message = tokio::select! {
             _ = &mut stop => return Ok(()),
-            message = consumer.recv() => message?,
+            message = consumer.recv() => match message {
+                Ok(message) => message,
+                Err(error) => {
+                    // Broker or metadata trouble: the consumer reconnects by itself.
+                    tracing::warn!(%error, "consuming jobs failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
         };
         let envelope = CloudEvent::parse(message.payload().unwrap_or_default());
         let job = envelope
@@ -429,6 +457,27 @@ impl<H: JobHandler> InProcessDispatch<H> {
         }
     }
 
+    /// Records a dead letter at once (a job redone after a crash records it again: the
+    /// event id dedupes).
+    async fn dead_letter(&self, job: &JobMessage, code: &str, message: &str) -> Result<(), StreamsError> {
+        sqlx::query(
+            "INSERT INTO dead_letters (event_id, project_id, operation_id, installation_id, error_code,
+                                       error_message, worker, envelope)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(job.event_id)
+        .bind(job.project.0)
+        .bind(job.job.operation_id.0)
+        .bind(job.job.installation_id.0)
+        .bind(code)
+        .bind(message)
+        .bind(&self.worker.name)
+        .bind(sqlx::types::Json(job.to_cloud_event()))
+        .execute(self.worker.service.pool())
+        .await?;
+        Ok(())
+    }
+
     async fn dispatch_while_leading(&self, mut leadership: Leadership) -> Result<(), StreamsError> {
         let pool = self.worker.service.pool().clone();
         let start = LogReader::checkpoint(&mut *pool.acquire().await?, JOB_DISPATCH).await?;
@@ -454,37 +503,18 @@ impl<H: JobHandler> InProcessDispatch<H> {
                 lanes[lane].push(job);
             }
             let results = futures::future::join_all(lanes.iter().map(|lane| async move {
-                let mut dead = Vec::new();
                 for job in lane {
                     if let Disposition::DeadLetter { code, message } = self.worker.process(job).await? {
-                        dead.push((job, code, message));
+                        self.dead_letter(job, &code, &message).await?;
                     }
                 }
-                Ok::<_, StreamsError>(dead)
+                Ok::<_, StreamsError>(())
             }))
             .await;
+            results.into_iter().collect::<Result<Vec<()>, _>>()?;
             let mut tx = pool.begin().await?;
             if !leadership.fence(&mut tx).await? {
                 return Err(StreamsError::Fenced(JOB_DISPATCH.into()));
-            }
-            for lane in results {
-                for (job, code, message) in lane? {
-                    sqlx::query(
-                        "INSERT INTO dead_letters (event_id, project_id, operation_id, installation_id, error_code,
-                                                   error_message, worker, envelope)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING",
-                    )
-                    .bind(job.event_id)
-                    .bind(job.project.0)
-                    .bind(job.job.operation_id.0)
-                    .bind(job.job.installation_id.0)
-                    .bind(&code)
-                    .bind(&message)
-                    .bind(&self.worker.name)
-                    .bind(sqlx::types::Json(job.to_cloud_event()))
-                    .execute(&mut *tx)
-                    .await?;
-                }
             }
             if let Some(last) = batch.last() {
                 LogReader::save_checkpoint(&mut tx, JOB_DISPATCH, last.cursor()).await?;

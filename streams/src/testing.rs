@@ -41,12 +41,17 @@ pub struct Received {
 pub struct Collector {
     consumer: StreamConsumer,
     pub received: Vec<Received>,
+    /// Distinct CloudEvents ids received.
+    ids: HashSet<String>,
 }
 
 impl Collector {
     pub async fn new(config: &KafkaConfig, topics: &[String]) -> Self {
         crate::topics::ensure_topics(config, topics).await.expect("create topics");
-        let consumer: StreamConsumer = config.consumer("amplog-test-collector").create().expect("consumer");
+        let mut client = config.consumer("amplog-test-collector");
+        // tansu answers a fetch with one record batch: ask again at once.
+        client.set("fetch.wait.max.ms", "10");
+        let consumer: StreamConsumer = client.create().expect("consumer");
         let mut assignment = TopicPartitionList::new();
         for topic in topics {
             for partition in 0..config.partitions {
@@ -54,7 +59,7 @@ impl Collector {
             }
         }
         consumer.assign(&assignment).expect("assign");
-        Self { consumer, received: Vec::new() }
+        Self { consumer, received: Vec::new(), ids: HashSet::new() }
     }
 
     /// Reads until `done` holds for what was received, or `timeout`. Returns whether it held.
@@ -72,18 +77,34 @@ impl Collector {
             let message = message.expect("consume");
             use rdkafka::message::Headers;
             let content_type = message.headers().and_then(|h| {
-                h.iter().find(|h| h.key == "content-type").and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into())
+                h.iter()
+                    .find(|h| h.key == "content-type")
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into())
             });
+            let event = CloudEvent::parse(message.payload().unwrap_or_default()).expect("a CloudEvent");
+            self.ids.insert(event.id.clone());
             self.received.push(Received {
                 topic: message.topic().to_string(),
                 key: String::from_utf8_lossy(message.key().unwrap_or_default()).into(),
                 partition: message.partition(),
                 offset: message.offset(),
                 content_type,
-                event: CloudEvent::parse(message.payload().unwrap_or_default()).expect("a CloudEvent"),
+                event,
             });
         }
         true
+    }
+
+    /// Reads until `distinct` different events arrived, or `timeout`.
+    pub async fn until_distinct(&mut self, distinct: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.ids.len() < distinct && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let before = self.received.len();
+            self.until(left.min(Duration::from_secs(1)), |r| r.len() > before).await;
+        }
+        self.ids.len() >= distinct
     }
 
     /// Reads for `quiet` more, to catch anything still arriving (duplicates).
@@ -120,4 +141,73 @@ pub fn order_report(received: &[Received]) -> OrderReport {
         *top = (*top).max(sequence);
     }
     report
+}
+
+/// A broker of a test's own (`AMPLOG_TEST_TANSU`), on sqlite storage so its data survives a
+/// restart, for tests that restart it or load it heavily.
+pub struct OwnBroker {
+    dir: tempfile::TempDir,
+    port: u16,
+    storage: &'static str,
+    child: Option<std::process::Child>,
+}
+
+impl OwnBroker {
+    pub fn start() -> Self {
+        Self::with_storage("sqlite://tansu.db")
+    }
+
+    /// On tansu's in-memory storage: faster to read back, lost on restart, and unable to
+    /// serve a fetch that starts inside a record batch (fine for readers from the start).
+    pub fn in_memory() -> Self {
+        Self::with_storage("memory://tansu/")
+    }
+
+    fn with_storage(storage: &'static str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut broker = Self { dir: tempfile::tempdir().unwrap(), port, storage, child: None };
+        broker.restart();
+        broker
+    }
+
+    pub fn restart(&mut self) {
+        let tansu = std::env::var("AMPLOG_TEST_TANSU").unwrap_or_else(|_| "tansu".into());
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        // A sqlite path is relative to the broker's working folder.
+        let storage = self.storage;
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("tansu.log")).unwrap();
+        let child = std::process::Command::new(tansu)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
+            .current_dir(self.dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu (AMPLOG_TEST_TANSU)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("tansu did not start on {}", self.port);
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -47,7 +47,11 @@ impl JobHandler for TestHandler {
             }
             _ => {
                 self.deals.fetch_add(1, Ordering::SeqCst);
-                Err(JobFailure { class: ErrorClass::Provider5xx, message: "502 from the provider".into(), retryable: true })
+                Err(JobFailure {
+                    class: ErrorClass::Provider5xx,
+                    message: "502 from the provider".into(),
+                    retryable: true,
+                })
             }
         }
     }
@@ -63,6 +67,8 @@ fn policy() -> WorkerPolicy {
 }
 
 fn worker(service: &CommandService, handler: &Arc<TestHandler>, name: &str) -> Arc<Worker<TestHandler>> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AMPLOG_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init().ok();
     let mut worker = Worker::new(service.clone(), handler.clone(), name);
     worker.policy = policy();
     Arc::new(worker)
@@ -123,7 +129,7 @@ async fn a_worker_killed_between_doing_and_recording_a_job_is_redone_and_recorde
     let config = kafka_config();
     let handler = Arc::new(TestHandler::default());
     let relay = spawn_relay(&service, &config);
-    let group = "sync-workers";
+    let group = &format!("{}workers", config.topic_prefix);
 
     let first = spawn_worker(worker(&service, &handler, "first"), &config, group);
     let ok = request(&service, &s, "contacts").await;
@@ -159,7 +165,7 @@ async fn a_job_that_keeps_failing_is_a_failed_operation_and_a_dead_letter() {
     let config = kafka_config();
     let handler = Arc::new(TestHandler::default());
     let relay = spawn_relay(&service, &config);
-    let worker = spawn_worker(worker(&service, &handler, "w"), &config, "sync");
+    let worker = spawn_worker(worker(&service, &handler, "w"), &config, &format!("{}workers", config.topic_prefix));
     let id = request(&service, &s, "deals").await;
     let after = request(&service, &s, "contacts").await;
 
@@ -202,7 +208,8 @@ async fn a_worker_takes_the_tenant_from_the_envelope_never_from_the_data() {
         until: None,
         trigger: amplog_domain::operation::Trigger::Triggered,
     };
-    let message = |project| JobMessage { project, job: job.clone(), event_id: uuid::Uuid::now_v7(), time: chrono::Utc::now() };
+    let message =
+        |project| JobMessage { project, job: job.clone(), event_id: uuid::Uuid::now_v7(), time: chrono::Utc::now() };
     // 1. Project B's envelope naming project A's operation.
     let forged = message(b.ctx.project_id).to_cloud_event();
     // 2. No tenant in the envelope at all.
@@ -219,7 +226,7 @@ async fn a_worker_takes_the_tenant_from_the_envelope_never_from_the_data() {
         let record = FutureRecord::to(&topic).key(&key).payload(&bytes);
         producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
     }
-    let worker = spawn_worker(worker(&service, &handler, "w"), &config, "sync");
+    let worker = spawn_worker(worker(&service, &handler, "w"), &config, &format!("{}workers", config.topic_prefix));
     let state = finished(&service, &a.ctx, victim, Duration::from_secs(60)).await;
     assert_eq!(state.status, OperationStatus::Succeeded);
     // Only the third message ran the job: the forged one found no such operation in B.

@@ -4,7 +4,7 @@
 use amplog_commands::service::CommitGate;
 use amplog_commands::testing::{read_of, seed, test_db};
 use amplog_commands::{CommandService, EventStore, LogReader};
-use amplog_streams::testing::{config_on, kafka_config, order_report, Collector};
+use amplog_streams::testing::{config_on, kafka_config, order_report, Collector, OwnBroker};
 use amplog_streams::{KafkaConfig, Relay, StreamsError, RELAY};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +33,11 @@ async fn every_event_is_published_as_a_cloudevent_keyed_by_its_aggregate() {
 
     let mut collector = Collector::new(&config, &aggregate_topics(&config)).await;
     let total = log_count(&service).await;
-    assert!(collector.until(Duration::from_secs(30), |r| r.len() >= total).await, "{} of {total}", collector.received.len());
+    assert!(
+        collector.until(Duration::from_secs(30), |r| r.len() >= total).await,
+        "{} of {total}",
+        collector.received.len()
+    );
     let report = order_report(&collector.received);
     assert_eq!((report.distinct, report.duplicates), (total, 0));
     assert!(report.out_of_order.is_empty());
@@ -81,7 +85,7 @@ async fn every_event_is_published_as_a_cloudevent_keyed_by_its_aggregate() {
     assert!(job.event.data.get("project_id").is_none(), "the tenant travels in the envelope only");
 
     // The checkpoint stands at the log's end; a second catch-up publishes nothing.
-    let checkpoint = LogReader::checkpoint(&mut *service.pool().acquire().await.unwrap(), RELAY).await.unwrap();
+    let checkpoint = LogReader::checkpoint(&mut service.pool().acquire().await.unwrap(), RELAY).await.unwrap();
     assert_eq!(checkpoint.position, LogReader::new(service.pool().clone()).end().await.unwrap());
     assert_eq!(relay(&service, &config).catch_up().await.unwrap(), Some(0));
 }
@@ -120,11 +124,13 @@ async fn an_append_held_open_while_later_events_are_relayed_is_still_published()
     let held_id = outcome.id_of("operation").unwrap().to_string();
     let all_three = |r: &[amplog_streams::testing::Received]| held_published(r) && r.len() >= 3;
     assert!(collector.until(Duration::from_secs(30), all_three).await, "the held event was published");
-    let objects: Vec<_> = collector.received.iter().map(|m| m.event.data["object"].as_str().unwrap().to_string()).collect();
+    let objects: Vec<_> =
+        collector.received.iter().map(|m| m.event.data["object"].as_str().unwrap().to_string()).collect();
     assert_eq!(objects.iter().filter(|o| *o == "deals").count(), 1);
     assert!(objects.contains(&"contacts".into()) && objects.contains(&"companies".into()));
     // The held event has the lowest position of the three: readers did not pass it.
-    let positions: Vec<(String, i64)> = collector.received.iter().map(|m| (m.event.subject.clone(), m.event.position.unwrap())).collect();
+    let positions: Vec<(String, i64)> =
+        collector.received.iter().map(|m| (m.event.subject.clone(), m.event.position.unwrap())).collect();
     let held_position = positions.iter().find(|(s, _)| *s == held_id).unwrap().1;
     assert!(positions.iter().all(|(_, p)| *p >= held_position), "{positions:?}");
     stop.notify_one();
@@ -137,7 +143,8 @@ async fn one_relay_leads_at_a_time_and_unsafe_settings_are_refused() {
     let service = db.service();
     seed(&service).await;
     let config = kafka_config();
-    let leader = amplog_commands::leader::Leadership::try_acquire(service.pool(), RELAY, "other").await.unwrap().unwrap();
+    let leader =
+        amplog_commands::leader::Leadership::try_acquire(service.pool(), RELAY, "other").await.unwrap().unwrap();
     assert_eq!(relay(&service, &config).catch_up().await.unwrap(), None, "another process leads");
     leader.release().await;
     assert!(relay(&service, &config).catch_up().await.unwrap().is_some());
@@ -152,65 +159,13 @@ async fn one_relay_leads_at_a_time_and_unsafe_settings_are_refused() {
     assert_eq!(refused.code(), "unsafe_kafka_setting");
 }
 
-/// A broker of this test's own, on sqlite storage, so its data survives a restart.
-struct OwnBroker {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl OwnBroker {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut broker = Self { dir: tempfile::tempdir().unwrap(), port, child: None };
-        broker.restart();
-        broker
-    }
-
-    fn restart(&mut self) {
-        let tansu = std::env::var("AMPLOG_TEST_TANSU").unwrap_or_else(|_| "tansu".into());
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        // The sqlite path is relative to the broker's working folder.
-        let storage = "sqlite://tansu.db";
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("tansu.log")).unwrap();
-        let child = std::process::Command::new(tansu)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
-            .current_dir(self.dir.path())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start tansu (AMPLOG_TEST_TANSU)");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("tansu did not start on {}", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().ok();
-            child.wait().ok();
-        }
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn the_relay_recovers_from_a_broker_restart_without_losing_an_event() {
     let db = test_db().await;
     let service = db.service();
     let s = seed(&service).await;
     let mut broker = OwnBroker::start();
-    let config = config_on(&format!("127.0.0.1:{}", broker.port));
+    let config = config_on(&broker.address());
     let stop = Arc::new(tokio::sync::Notify::new());
     let running = {
         let (relay, stop) = (relay(&service, &config), stop.clone());
@@ -235,14 +190,7 @@ async fn the_relay_recovers_from_a_broker_restart_without_losing_an_event() {
 
     let total = log_count(&service).await;
     let mut collector = Collector::new(&config, &aggregate_topics(&config)).await;
-    let arrived = collector
-        .until(Duration::from_secs(120), |r| {
-            let mut ids: Vec<&str> = r.iter().map(|m| m.event.id.as_str()).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            ids.len() >= total
-        })
-        .await;
+    let arrived = collector.until_distinct(total, Duration::from_secs(120)).await;
     let report = order_report(&collector.received);
     eprintln!("broker restart: {} distinct of {total}, {} duplicates", report.distinct, report.duplicates);
     assert!(arrived, "{} distinct events of {total} arrived", report.distinct);
