@@ -156,7 +156,10 @@ async fn e2e_latency(
 ) -> Result<()> {
     let relay = Relay::new(pool.clone(), EventStore::default(), config.clone(), "bench-e2e")?;
     let relaying = tokio::spawn(async move { relay.run(std::future::pending()).await });
-    let consumer: StreamConsumer = config.consumer("amplog-bench-e2e").create()?;
+    let mut client = config.consumer("amplog-bench-e2e");
+    // tansu holds a fetch for its full wait even when data arrives: ask every 10 ms.
+    client.set("fetch.wait.max.ms", "10");
+    let consumer: StreamConsumer = client.create()?;
     let mut assignment = TopicPartitionList::new();
     for partition in 0..config.partitions {
         assignment.add_partition_offset(&config.aggregate_topic("operation"), partition, Offset::End)?;

@@ -47,7 +47,7 @@ impl Relay {
         holder: impl Into<String>,
     ) -> Result<Self, StreamsError> {
         config.producer()?;
-        Ok(Self { pool, store, config, holder: holder.into(), batch_size: 1000, batches_in_flight: 4 })
+        Ok(Self { pool, store, config, holder: holder.into(), batch_size: 2000, batches_in_flight: 4 })
     }
 
     /// Relays until `stop` resolves, leading whenever it can; recovers from broker and
@@ -91,37 +91,21 @@ impl Relay {
         let start = LogReader::checkpoint(&mut *self.pool.acquire().await?, RELAY).await?;
         let mut subscription = reader.subscribe(start).await?;
         subscription.batch_size = self.batch_size;
-        let jobs_topic = self.config.jobs_topic();
         let (queue, mut acknowledged) = tokio::sync::mpsc::channel::<Pending>(self.batches_in_flight.max(1));
         tracing::info!(checkpoint = ?start, brokers = %self.config.brokers, "relaying");
 
-        let send = async move {
-            let mut conn = self.pool.acquire().await?;
-            loop {
-                let batch = subscription.next_batch_within(Duration::from_secs(1)).await?;
-                let Some(last) = batch.last() else {
-                    if let Some(end) = end {
-                        if reader.committed_after(subscription.cursor(), end).await? == 0 {
-                            return Ok::<_, StreamsError>(());
-                        }
-                    }
-                    queue.send(Pending::Idle).await.map_err(|_| closed())?;
-                    continue;
-                };
-                let mut deliveries = Vec::with_capacity(batch.len());
-                for event in &batch {
-                    let topic = self.config.aggregate_topic(&event.aggregate_type);
-                    let envelope = CloudEvent::from_recorded(event, &self.store).to_bytes();
-                    deliveries.push(send_one(&producer, &topic, &event.aggregate_id, &envelope).await?);
-                    if let Some(job) = job_for(&mut conn, &self.store, event).await? {
-                        let envelope = job.to_cloud_event().to_bytes();
-                        deliveries.push(send_one(&producer, &jobs_topic, &job.key(), &envelope).await?);
-                    }
-                }
-                let pending = Pending::Batch { cursor: last.cursor(), events: batch.len(), deliveries };
-                queue.send(pending).await.map_err(|_| closed())?;
-            }
+        // Reading and sending run on a task of their own, beside the acknowledging side.
+        let sender = Sender {
+            pool: self.pool.clone(),
+            store: self.store.clone(),
+            config: self.config.clone(),
+            producer,
+            reader,
+            queue,
         };
+        let mut sending = tokio::spawn(sender.run(subscription, end));
+        let send =
+            async { (&mut sending).await.map_err(|e| StreamsError::Config(format!("the relay's sender: {e}")))? };
         let commit = async {
             let (mut relayed, mut reported, started) = (0u64, Instant::now(), Instant::now());
             while let Some(pending) = acknowledged.recv().await {
@@ -156,9 +140,53 @@ impl Relay {
             }
             Ok(relayed)
         };
-        let ((), relayed) = tokio::try_join!(send, commit)?;
+        let outcome = tokio::try_join!(send, commit);
+        // On any error the sender stops too (its queue closes, or it is aborted here).
+        sending.abort();
+        let ((), relayed) = outcome?;
         leadership.release().await;
         Ok(relayed)
+    }
+}
+
+/// The sending side: reads batches, publishes them, queues their deliveries.
+struct Sender {
+    pool: PgPool,
+    store: EventStore,
+    config: KafkaConfig,
+    producer: FutureProducer,
+    reader: LogReader,
+    queue: tokio::sync::mpsc::Sender<Pending>,
+}
+
+impl Sender {
+    async fn run(self, mut subscription: amplog_commands::Subscription, end: Option<i64>) -> Result<(), StreamsError> {
+        let jobs_topic = self.config.jobs_topic();
+        let mut conn = self.pool.acquire().await?;
+        loop {
+            let batch = subscription.next_batch_within(Duration::from_secs(1)).await?;
+            let Some(last) = batch.last() else {
+                if let Some(end) = end {
+                    if self.reader.committed_after(subscription.cursor(), end).await? == 0 {
+                        return Ok(());
+                    }
+                }
+                self.queue.send(Pending::Idle).await.map_err(|_| closed())?;
+                continue;
+            };
+            let mut deliveries = Vec::with_capacity(batch.len());
+            for event in &batch {
+                let topic = self.config.aggregate_topic(&event.aggregate_type);
+                let envelope = CloudEvent::from_recorded(event, &self.store).to_bytes();
+                deliveries.push(send_one(&self.producer, &topic, &event.aggregate_id, &envelope).await?);
+                if let Some(job) = job_for(&mut conn, &self.store, event).await? {
+                    let envelope = job.to_cloud_event().to_bytes();
+                    deliveries.push(send_one(&self.producer, &jobs_topic, &job.key(), &envelope).await?);
+                }
+            }
+            let pending = Pending::Batch { cursor: last.cursor(), events: batch.len(), deliveries };
+            self.queue.send(pending).await.map_err(|_| closed())?;
+        }
     }
 }
 
