@@ -138,3 +138,41 @@ async fn relay_processes_killed_with_sigkill_lose_and_reorder_nothing() {
     assert!(report.out_of_order.is_empty(), "{:?}", &report.out_of_order[..report.out_of_order.len().min(10)]);
     drop(broker);
 }
+
+#[tokio::test]
+async fn tail_prints_a_topics_messages_and_the_relay_refuses_unsafe_settings() {
+    let db = test_db().await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let config = amplog_streams::testing::kafka_config();
+    let relay =
+        amplog_streams::Relay::new(service.pool().clone(), amplog_commands::EventStore::default(), config.clone(), "t")
+            .unwrap();
+    relay.catch_up().await.unwrap();
+    let topic = config.aggregate_topic("installation");
+    let output = Command::new(env!("CARGO_BIN_EXE_amplog"))
+        .args(["tail", "--topic", &topic, "--from-beginning", "--max", "1"])
+        .env("AMPLOG_KAFKA_BROKERS", &config.brokers)
+        .env("AMPLOG_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["topic"], topic.as_str());
+    assert_eq!(lines[0]["key"], s.installation.to_string());
+    assert_eq!(lines[0]["value"]["type"], "amplog.installation.Created.v1.0");
+    assert_eq!(lines[0]["value"]["projectid"], s.ctx.project_id.to_string());
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_amplog"))
+        .arg("relay")
+        .env("DATABASE_URL", &db.url)
+        .env("AMPLOG_KAFKA_BROKERS", &config.brokers)
+        .env("AMPLOG_KAFKA_PROPERTIES", "compression.type=lz4,acks=1")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("refusing Kafka setting acks=1"), "{stderr}");
+}
