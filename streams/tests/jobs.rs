@@ -283,3 +283,31 @@ async fn without_kafka_the_same_jobs_run_in_process_from_the_log() {
     assert_eq!(row.2["projectid"], serde_json::json!(s.ctx.project_id));
     second.abort();
 }
+
+#[tokio::test]
+async fn a_retried_operation_dispatches_its_job_again_as_requested() {
+    let db = test_db().await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let (op, lease) = amplog_commands::testing::start_read(&service, &s, "deals").await;
+    service.fail_operation(&s.ctx, op, lease, ErrorClass::RateLimited, "429", true).await.unwrap();
+    service.retry_operation(&s.ctx, op).await.unwrap();
+    let events = amplog_commands::LogReader::new(service.pool().clone())
+        .read_batch(amplog_commands::LogCursor::default(), 1000)
+        .await
+        .unwrap();
+    let mut conn = service.pool().acquire().await.unwrap();
+    let mut jobs = Vec::new();
+    for event in events.iter().filter(|e| e.aggregate_id == op.to_string()) {
+        if let Some(job) = amplog_streams::jobs::job_for(&mut conn, &EventStore::default(), event).await.unwrap() {
+            jobs.push((event.event_type.clone(), event.event_id, job));
+        }
+    }
+    assert_eq!(jobs.iter().map(|(t, ..)| t.as_str()).collect::<Vec<_>>(), ["Requested", "Retried"]);
+    let (requested, retried) = (&jobs[0].2, &jobs[1].2);
+    assert_eq!(retried.job, requested.job, "the retry runs what was requested");
+    assert_eq!(retried.event_id, jobs[1].1, "a new job id: the Retried event's");
+    assert_ne!(retried.event_id, requested.event_id);
+    assert_eq!(retried.project, s.ctx.project_id);
+    assert_eq!(retried.job.object, "deals");
+}
