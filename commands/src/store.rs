@@ -134,6 +134,9 @@ impl EventStore {
         let Some(list) = self.upcasters.get(aggregate_type) else {
             return (event_version.to_string(), payload);
         };
+        if !list.iter().any(|u| u.can_upcast(event_type, event_version)) {
+            return (event_version.to_string(), payload);
+        }
         let mut event = SerializedEvent::new(
             String::new(),
             0,

@@ -56,14 +56,19 @@ pub struct CloudEvent {
 impl CloudEvent {
     /// The envelope of one logged event, its payload upcast to the current version.
     pub fn from_recorded(event: &RecordedEvent, store: &EventStore) -> Self {
+        Self::from_event(event.clone(), store)
+    }
+
+    /// `from_recorded`, consuming the event (no copy of its payload).
+    pub fn from_event(event: RecordedEvent, store: &EventStore) -> Self {
         let (version, data) =
-            store.upcast(&event.aggregate_type, &event.event_type, &event.event_version, event.payload.clone());
+            store.upcast(&event.aggregate_type, &event.event_type, &event.event_version, event.payload);
         Self {
             specversion: "1.0".into(),
             id: event.event_id.to_string(),
             source: source(event.project_id),
             event_type: event_type(&event.aggregate_type, &event.event_type, &version),
-            subject: event.aggregate_id.clone(),
+            subject: event.aggregate_id,
             time: event.recorded_at,
             datacontenttype: "application/json".into(),
             data,
@@ -71,7 +76,13 @@ impl CloudEvent {
             sequence: Some(event.sequence),
             position: Some(event.position),
             hash: event.hash.as_deref().map(hex::encode),
-            actor: event.metadata.get("actor").and_then(Value::as_str).map(str::to_string),
+            actor: match event.metadata {
+                Value::Object(mut map) => match map.remove("actor") {
+                    Some(Value::String(actor)) => Some(actor),
+                    _ => None,
+                },
+                _ => None,
+            },
             extensions: BTreeMap::new(),
         }
     }

@@ -174,17 +174,20 @@ impl Sender {
                 self.queue.send(Pending::Idle).await.map_err(|_| closed())?;
                 continue;
             };
-            let mut deliveries = Vec::with_capacity(batch.len());
-            for event in &batch {
+            let (cursor, events) = (last.cursor(), batch.len());
+            let mut deliveries = Vec::with_capacity(events);
+            for event in batch {
+                let job = job_for(&mut conn, &self.store, &event).await?;
                 let topic = self.config.aggregate_topic(&event.aggregate_type);
-                let envelope = CloudEvent::from_recorded(event, &self.store).to_bytes();
-                deliveries.push(send_one(&self.producer, &topic, &event.aggregate_id, &envelope).await?);
-                if let Some(job) = job_for(&mut conn, &self.store, event).await? {
+                let key = event.aggregate_id.clone();
+                let envelope = CloudEvent::from_event(event, &self.store).to_bytes();
+                deliveries.push(send_one(&self.producer, &topic, &key, &envelope).await?);
+                if let Some(job) = job {
                     let envelope = job.to_cloud_event().to_bytes();
                     deliveries.push(send_one(&self.producer, &jobs_topic, &job.key(), &envelope).await?);
                 }
             }
-            let pending = Pending::Batch { cursor: last.cursor(), events: batch.len(), deliveries };
+            let pending = Pending::Batch { cursor, events, deliveries };
             self.queue.send(pending).await.map_err(|_| closed())?;
         }
     }
