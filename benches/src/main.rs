@@ -115,6 +115,18 @@ struct Report {
 }
 
 impl Report {
+    /// A row of latency percentiles (no raw baseline), also printed as progress.
+    fn latency_row(&mut self, name: &str, stats: &Stats, target: &str) {
+        let row = format!(
+            "| {name} | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | — | {target} |",
+            ms(stats.percentile(0.5)),
+            ms(stats.percentile(0.99)),
+            ms(stats.percentile(1.0))
+        );
+        eprintln!("{row}");
+        self.rows.push(row);
+    }
+
     fn pair(&mut self, name: &str, unit: &str, ours: &Stats, raw: &Stats, per_event: bool) {
         let (a, b) = if per_event {
             (ours.events_per_sec(), raw.events_per_sec())
@@ -476,16 +488,15 @@ async fn projection_lag(pool: &PgPool, report: &mut Report, rate: u64, duration:
     let lags = tokio::time::timeout(Duration::from_secs(60), probe).await???;
     projector.abort();
     let stats = Stats { ops: lags.len() as u64, events: lags.len() as u64, elapsed, latencies: lags };
-    let row = format!(
-        "| projection lag at a steady {rate} events/s (achieved {:.0}/s, {} events) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | — | target p99 < 500 ms |",
-        stats.events_per_sec(),
-        stats.ops,
-        ms(stats.percentile(0.5)),
-        ms(stats.percentile(0.99)),
-        ms(stats.percentile(1.0))
+    report.latency_row(
+        &format!(
+            "projection lag at a steady {rate} events/s (achieved {:.0}/s, {} events)",
+            stats.events_per_sec(),
+            stats.ops
+        ),
+        &stats,
+        "target p99 < 500 ms",
     );
-    eprintln!("{row}");
-    report.rows.push(row);
     Ok(())
 }
 

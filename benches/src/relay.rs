@@ -3,7 +3,7 @@
 //! end-to-end latency from a command's commit to the event consumed from its topic at a
 //! steady rate.
 
-use crate::{ms, Report, Stats};
+use crate::{Report, Stats};
 use amplog_commands::{CommandContext, CommandService, EventStore, LogCursor, LogReader};
 use amplog_domain::operation::{Cursor, OperationType, PageRecord, Trigger};
 use amplog_domain::{InstallationId, LeaseId, OperationId};
@@ -229,14 +229,10 @@ async fn e2e_latency(
         committed.iter().filter_map(|(id, t)| arrived.get(id).map(|a| a.saturating_duration_since(*t))).collect();
     let lost = sent - latencies.len();
     let stats = Stats { ops: sent as u64, events: sent as u64, elapsed, latencies };
-    let row = format!(
-        "| end-to-end latency, command commit → consumed from Kafka, steady {rate} events/s (achieved {:.0}/s, {sent} events, {lost} not arrived) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | — | target p99 < 250 ms |",
-        stats.events_per_sec(),
-        ms(stats.percentile(0.5)),
-        ms(stats.percentile(0.99)),
-        ms(stats.percentile(1.0))
+    let name = format!(
+        "end-to-end latency, command commit → consumed from Kafka, steady {rate} events/s (achieved {:.0}/s, {sent} events, {lost} not arrived)",
+        stats.events_per_sec()
     );
-    eprintln!("{row}");
-    report.rows.push(row);
+    report.latency_row(&name, &stats, "target p99 < 250 ms");
     Ok(())
 }
