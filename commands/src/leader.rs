@@ -5,6 +5,8 @@
 
 use crate::error::CommandError;
 use sqlx::{Connection, PgConnection, PgPool};
+use std::future::Future;
+use std::time::Duration;
 
 /// A stable 63-bit advisory-lock key per singleton name (FNV-1a).
 pub fn lock_key(name: &str) -> i64 {
@@ -80,4 +82,40 @@ pub async fn fence(tx: &mut PgConnection, name: &str, token: i64) -> Result<bool
         .execute(tx)
         .await?;
     Ok(held.rows_affected() == 1)
+}
+
+/// Runs `work` as the leader of `name` whenever this process can lead, until `stop`
+/// resolves: polls for the lock while another session holds it; when `work` fails (or is
+/// fenced), logs why and leads again after `pause(&error)`, from the work's checkpoint.
+pub async fn run_as_leader<E, W, F>(
+    pool: &PgPool,
+    name: &str,
+    holder: &str,
+    stop: impl Future<Output = ()>,
+    pause: impl Fn(&E) -> Duration,
+    mut work: W,
+) where
+    E: std::fmt::Display + From<CommandError>,
+    W: FnMut(Leadership) -> F,
+    F: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(stop);
+    loop {
+        let step = async {
+            match Leadership::try_acquire(pool, name, holder).await? {
+                None => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok(())
+                }
+                Some(leadership) => work(leadership).await,
+            }
+        };
+        tokio::select! {
+            _ = &mut stop => return,
+            result = step => if let Err(error) = result {
+                tracing::warn!(%error, singleton = %name, "stopped leading; trying again");
+                tokio::time::sleep(pause(&error)).await;
+            },
+        }
+    }
 }

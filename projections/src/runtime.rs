@@ -5,7 +5,7 @@
 
 use crate::fold::{Fold, Tables, TABLES};
 use crate::ProjectionError;
-use amplog_commands::leader::{lock_key, Leadership};
+use amplog_commands::leader::{lock_key, run_as_leader, Leadership};
 use amplog_commands::{EventStore, LogCursor, LogReader};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -38,30 +38,14 @@ impl Runner {
     }
 
     /// Runs until `stop` resolves: waits for leadership, then projects batch after batch.
+    /// A fenced leader (a rebuild swapped the tables) leads again at once.
     pub async fn run(&self, stop: impl std::future::Future<Output = ()>) -> Result<(), ProjectionError> {
-        tokio::pin!(stop);
-        loop {
-            let step = async {
-                match self.lead().await? {
-                    None => {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        Ok(())
-                    }
-                    Some(leadership) => self.project_while_leading(leadership).await,
-                }
-            };
-            tokio::select! {
-                _ = &mut stop => return Ok(()),
-                result = step => match result {
-                    Ok(()) => {}
-                    Err(ProjectionError::Fenced(name)) => tracing::warn!(projector = %name, "fenced: taking leadership again"),
-                    Err(error) => {
-                        tracing::warn!(%error, projector = %self.name, "projector failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                },
-            }
-        }
+        let pause = |error: &ProjectionError| match error {
+            ProjectionError::Fenced(_) => Duration::ZERO,
+            _ => Duration::from_secs(1),
+        };
+        run_as_leader(&self.pool, &self.name, &self.holder, stop, pause, |l| self.project_while_leading(l)).await;
+        Ok(())
     }
 
     async fn project_while_leading(&self, mut leadership: Leadership) -> Result<(), ProjectionError> {

@@ -8,7 +8,7 @@
 
 use crate::envelope::{source, CloudEvent};
 use crate::{KafkaConfig, StreamsError};
-use amplog_commands::leader::Leadership;
+use amplog_commands::leader::{run_as_leader, Leadership};
 use amplog_commands::{CommandContext, CommandError, CommandService, EventStore, LogReader, RecordedEvent};
 use amplog_domain::operation::{
     ErrorClass, Operation, OperationError, OperationEvent, OperationStatus, OperationType, Trigger,
@@ -437,28 +437,13 @@ impl<H: JobHandler> InProcessDispatch<H> {
         Self { worker, store, holder: holder.into(), lanes: 4, batch_size: 500 }
     }
 
-    /// Runs until `stop` resolves, leading whenever it can.
+    /// Runs until `stop` resolves, leading whenever it can; after a failure it resumes
+    /// from its checkpoint (jobs already recorded are not run again).
     pub async fn run(&self, stop: impl Future<Output = ()>) -> Result<(), StreamsError> {
-        tokio::pin!(stop);
-        loop {
-            let step = async {
-                let pool = self.worker.service.pool();
-                match Leadership::try_acquire(pool, JOB_DISPATCH, &self.holder).await? {
-                    None => {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        Ok(())
-                    }
-                    Some(leadership) => self.dispatch_while_leading(leadership).await,
-                }
-            };
-            tokio::select! {
-                _ = &mut stop => return Ok(()),
-                result = step => if let Err(error) = result {
-                    tracing::warn!(%error, "in-process job dispatch failed; resuming from its checkpoint");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                },
-            }
-        }
+        let pool = self.worker.service.pool();
+        let pause = |_: &StreamsError| Duration::from_secs(1);
+        run_as_leader(pool, JOB_DISPATCH, &self.holder, stop, pause, |l| self.dispatch_while_leading(l)).await;
+        Ok(())
     }
 
     /// Records a dead letter at once (a job redone after a crash records it again: the

@@ -9,7 +9,7 @@
 use crate::envelope::{CloudEvent, CONTENT_TYPE};
 use crate::jobs::job_for;
 use crate::{KafkaConfig, StreamsError};
-use amplog_commands::leader::Leadership;
+use amplog_commands::leader::{run_as_leader, Leadership};
 use amplog_commands::{EventStore, LogCursor, LogReader};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -53,25 +53,10 @@ impl Relay {
     /// Relays until `stop` resolves, leading whenever it can; recovers from broker and
     /// database outages by itself.
     pub async fn run(&self, stop: impl Future<Output = ()>) -> Result<(), StreamsError> {
-        tokio::pin!(stop);
-        loop {
-            let step = async {
-                match Leadership::try_acquire(&self.pool, RELAY, &self.holder).await? {
-                    None => {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        Ok(())
-                    }
-                    Some(leadership) => self.relay(leadership, None).await.map(drop),
-                }
-            };
-            tokio::select! {
-                _ = &mut stop => return Ok(()),
-                result = step => if let Err(error) = result {
-                    tracing::warn!(%error, "relay failed; resuming from its checkpoint");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                },
-            }
-        }
+        let pause = |_: &StreamsError| Duration::from_secs(1);
+        run_as_leader(&self.pool, RELAY, &self.holder, stop, pause, |l| async { self.relay(l, None).await.map(drop) })
+            .await;
+        Ok(())
     }
 
     /// Relays everything committed now, as leader, then returns the number of events
