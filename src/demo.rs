@@ -31,6 +31,7 @@ fn object(name: &str, schedule: &str, backfill: Backfill, fields: &[&str]) -> Ob
         schedule: Some(schedule.into()),
         backfill,
         fields: fields.iter().map(|f| f.to_string()).collect(),
+        destination: None,
     }
 }
 

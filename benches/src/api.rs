@@ -42,6 +42,7 @@ pub async fn seed(pool: &PgPool, seed_pool: &PgPool, installations: usize, opera
             schedule: None,
             backfill: Backfill::Days(30),
             fields: vec![],
+            destination: None,
         });
         let manifest = Manifest { objects: objects.to_vec() };
         let integration = IntegrationId(

@@ -183,7 +183,13 @@ async fn setup_writers(service: &CommandService, writers: usize) -> Result<Vec<W
         let integration = IntegrationId(
             service.declare_integration(&ctx, "crm", "hubspot").await?.id_of("integration").context("id")?,
         );
-        let decl = ObjectDecl { name: "contacts".into(), schedule: None, backfill: Backfill::None, fields: vec![] };
+        let decl = ObjectDecl {
+            name: "contacts".into(),
+            schedule: None,
+            backfill: Backfill::None,
+            fields: vec![],
+            destination: None,
+        };
         service.deploy_revision(&ctx, integration, &Manifest { objects: vec![decl] }).await?;
         let connection = ConnectionId(
             service

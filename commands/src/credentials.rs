@@ -158,6 +158,43 @@ impl CredentialStore {
     }
 }
 
+/// A secret encrypted for a row of some other table (a destination's signing secret).
+#[derive(Clone, Debug)]
+pub struct Sealed {
+    pub key_id: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+impl CredentialStore {
+    /// Encrypts `secret`, bound to `aad` (the row's identity): a ciphertext moved to another
+    /// row does not decrypt.
+    pub fn seal(&self, aad: &[u8], secret: &Secret) -> Result<Sealed, CommandError> {
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let ciphertext = self
+            .key
+            .cipher
+            .encrypt(&nonce, Payload { msg: secret.0.as_bytes(), aad })
+            .map_err(|_| CommandError::Credentials("encryption failed".into()))?;
+        Ok(Sealed { key_id: self.key.key_id.clone(), nonce: nonce.to_vec(), ciphertext })
+    }
+
+    pub fn open(&self, aad: &[u8], sealed: &Sealed) -> Result<Secret, CommandError> {
+        if sealed.key_id != self.key.key_id || sealed.nonce.len() != 12 {
+            return Err(CommandError::Credentials(format!(
+                "a secret is encrypted under key {}, not the configured one",
+                sealed.key_id
+            )));
+        }
+        let plain = self
+            .key
+            .cipher
+            .decrypt(Nonce::from_slice(&sealed.nonce), Payload { msg: &sealed.ciphertext, aad })
+            .map_err(|_| CommandError::Credentials("a secret does not decrypt: wrong key or altered row".into()))?;
+        String::from_utf8(plain).map(Secret).map_err(|_| CommandError::Credentials("a secret is not UTF-8".into()))
+    }
+}
+
 fn associated_data(id: CredentialId, project_id: ProjectId) -> Vec<u8> {
     let mut aad = Vec::with_capacity(32);
     aad.extend_from_slice(Uuid::as_bytes(&id.0));

@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod credentials;
+pub mod destinations;
 pub mod error;
 pub mod hash;
 pub mod leader;

@@ -9,7 +9,9 @@ use crate::store::{CommandOutcome, EventStore, Loaded, PendingStream};
 use amplog_domain::connection::{Connection, ConnectionCommand};
 use amplog_domain::installation::{ConnectionFacts, Installation, InstallationCommand, IntegrationFacts, ObjectConfig};
 use amplog_domain::integration::{Integration, IntegrationCommand, Manifest};
-use amplog_domain::operation::{Cursor, ErrorClass, Operation, OperationCommand, OperationType, PageRecord, Trigger};
+use amplog_domain::operation::{
+    Cursor, DeliveryAttempt, ErrorClass, Operation, OperationCommand, OperationType, PageRecord, Trigger,
+};
 use amplog_domain::project::{Project, ProjectCommand};
 use amplog_domain::*;
 use chrono::{DateTime, Duration, Utc};
@@ -614,8 +616,47 @@ impl CommandService {
         installation_id: InstallationId,
         new: &NewOperation,
     ) -> Result<CommandOutcome, CommandError> {
+        self.request_operation_with(ctx, installation_id, new, None).await
+    }
+
+    /// Requests a write of `records` (objects of fields, `id` to update one) to the
+    /// provider. The records are kept beside the log (customer data), in the same
+    /// transaction as the request.
+    pub async fn request_write(
+        &self,
+        ctx: &CommandContext,
+        installation_id: InstallationId,
+        object: &str,
+        records: &[serde_json::Value],
+    ) -> Result<CommandOutcome, CommandError> {
+        if records.is_empty() || records.len() > 10_000 || records.iter().any(|r| !r.is_object()) {
+            return Err(CommandError::Invalid("a write takes 1 to 10,000 records, each an object of fields".into()));
+        }
+        let new = NewOperation {
+            op_type: OperationType::Write,
+            object: object.into(),
+            since: None,
+            until: None,
+            trigger: Trigger::Triggered,
+        };
+        self.request_operation_with(ctx, installation_id, &new, Some(records)).await
+    }
+
+    async fn request_operation_with(
+        &self,
+        ctx: &CommandContext,
+        installation_id: InstallationId,
+        new: &NewOperation,
+        records: Option<&[serde_json::Value]>,
+    ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        let mut uow = match self.begin(ctx, "operation.request", &(installation_id, new)).await? {
+        // Without records, the digest an idempotency key was stored with before writes existed.
+        let request = match records {
+            None => serde_json::to_value((installation_id, new)),
+            Some(records) => serde_json::to_value((installation_id, new, records)),
+        }
+        .map_err(|e| CommandError::Invalid(e.to_string()))?;
+        let mut uow = match self.begin(ctx, "operation.request", &request).await? {
             Begun::Replayed(outcome) => return Ok(outcome),
             Begun::Fresh(uow) => uow,
         };
@@ -650,6 +691,14 @@ impl CommandService {
             },
         )?;
         self.decide(&mut uow, &operation, &request)?;
+        if let Some(records) = records {
+            sqlx::query("INSERT INTO write_batches (operation_id, project_id, records) VALUES ($1, $2, $3)")
+                .bind(operation_id.0)
+                .bind(ctx.project_id.0)
+                .bind(sqlx::types::Json(records))
+                .execute(self.in_tx(&mut uow).await?)
+                .await?;
+        }
         self.commit(uow).await
     }
 
@@ -697,6 +746,37 @@ impl CommandService {
         let at = Utc::now();
         self.single::<Operation>(ctx, "operation.record_pages", id.0, &(id, lease_id, pages), |_| {
             OperationCommand::RecordPages { lease_id, pages: pages.to_vec(), at }
+        })
+        .await
+    }
+
+    /// Records a failed delivery attempt of the operation's next page.
+    pub async fn record_delivery_failure(
+        &self,
+        ctx: &CommandContext,
+        id: OperationId,
+        lease_id: LeaseId,
+        delivery: &DeliveryAttempt,
+    ) -> Result<CommandOutcome, CommandError> {
+        let at = Utc::now();
+        self.single::<Operation>(ctx, "operation.record_delivery_failure", id.0, &(id, lease_id, delivery), |_| {
+            OperationCommand::RecordDeliveryFailure { lease_id, delivery: delivery.clone(), at }
+        })
+        .await
+    }
+
+    /// Records a page delivered to its destination, with its new cursor, in one append.
+    pub async fn record_delivered_page(
+        &self,
+        ctx: &CommandContext,
+        id: OperationId,
+        lease_id: LeaseId,
+        delivery: &DeliveryAttempt,
+        page: &PageRecord,
+    ) -> Result<CommandOutcome, CommandError> {
+        let at = Utc::now();
+        self.single::<Operation>(ctx, "operation.record_delivered_page", id.0, &(id, lease_id, delivery, page), |_| {
+            OperationCommand::RecordDeliveredPage { lease_id, delivery: delivery.clone(), page: page.clone(), at }
         })
         .await
     }

@@ -110,6 +110,7 @@ pub async fn seed(service: &CommandService) -> Seeded {
         schedule: Some("@every 15m".into()),
         backfill: Backfill::Days(7),
         fields: vec![],
+        destination: None,
     };
     let manifest = Manifest { objects: vec![object("contacts"), object("companies"), object("deals")] };
     service.deploy_revision(&ctx, integration, &manifest).await.expect("deploy");

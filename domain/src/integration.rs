@@ -28,6 +28,10 @@ pub struct ObjectDecl {
     pub backfill: Backfill,
     #[serde(default)]
     pub fields: Vec<String>,
+    /// The project destination (webhook) that receives this object's reads; `default` when
+    /// unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
 }
 
 /// The parsed manifest of one deploy.
@@ -99,13 +103,7 @@ impl Integration {
 
 /// Accepts `@every <n>m|h|d` (n ≥ 1) or a five-field cron expression of `0-9 * / , -`.
 pub fn valid_schedule(schedule: &str) -> bool {
-    if let Some(rest) = schedule.strip_prefix("@every ") {
-        let (digits, unit) = rest.split_at(rest.len().saturating_sub(1));
-        return matches!(unit, "m" | "h" | "d") && digits.parse::<u32>().is_ok_and(|n| n >= 1);
-    }
-    let fields: Vec<&str> = schedule.split_whitespace().collect();
-    fields.len() == 5
-        && fields.iter().all(|f| f.chars().all(|c| c.is_ascii_digit() || matches!(c, '*' | '/' | ',' | '-')))
+    crate::schedule::Schedule::parse(schedule).is_some()
 }
 
 pub(crate) fn valid_object_name(name: &str) -> bool {

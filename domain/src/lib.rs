@@ -10,6 +10,7 @@ pub mod installation;
 pub mod integration;
 pub mod operation;
 pub mod project;
+pub mod schedule;
 pub mod upcast;
 
 pub use aggregate::{Aggregate, DomainEvent, EventParts};

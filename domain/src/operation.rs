@@ -52,6 +52,8 @@ pub enum ErrorClass {
     CursorGone,
     BadRequest,
     Timeout,
+    /// The destination (webhook endpoint) kept refusing a page.
+    DestinationUnavailable,
     Internal,
 }
 
@@ -60,6 +62,25 @@ pub enum ErrorClass {
 pub struct Cursor {
     pub watermark: Option<DateTime<Utc>>,
     pub page_token: Option<String>,
+}
+
+/// One attempt to deliver a page to a destination (a webhook endpoint), as recorded in the
+/// operation's stream: every attempt, failed or not, is an event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeliveryAttempt {
+    /// The Standard Webhooks `webhook-id`: the same for every attempt of one page.
+    pub webhook_id: String,
+    /// The destination's name.
+    pub destination: String,
+    /// The page's number in the operation (1, 2, ...).
+    pub page: u64,
+    /// 1, 2, ... for this page.
+    pub attempt: u32,
+    /// The endpoint's HTTP status, if it answered.
+    pub status: Option<u16>,
+    /// Why the attempt failed (`None` when delivered).
+    pub error: Option<String>,
+    pub delivered: bool,
 }
 
 /// One page of a read or write, as a worker reports it.
@@ -99,6 +120,20 @@ pub enum OperationCommand {
     RecordPages {
         lease_id: LeaseId,
         pages: Vec<PageRecord>,
+        at: DateTime<Utc>,
+    },
+    /// A delivery attempt that failed (the page is not recorded yet).
+    RecordDeliveryFailure {
+        lease_id: LeaseId,
+        delivery: DeliveryAttempt,
+        at: DateTime<Utc>,
+    },
+    /// A page delivered: its last (successful) delivery attempt and the page with its new
+    /// cursor, in one append, so a worker that dies before it resumes from the page before.
+    RecordDeliveredPage {
+        lease_id: LeaseId,
+        delivery: DeliveryAttempt,
+        page: PageRecord,
         at: DateTime<Utc>,
     },
     Succeed {
@@ -148,6 +183,11 @@ pub enum OperationEvent {
         records: u64,
         bytes: u64,
         cursor: Cursor,
+        at: DateTime<Utc>,
+    },
+    DeliveryAttempted {
+        lease_id: LeaseId,
+        delivery: DeliveryAttempt,
         at: DateTime<Utc>,
     },
     Succeeded {
@@ -205,6 +245,10 @@ pub enum OperationError {
     InvalidLease,
     #[error("a batch of pages must not be empty")]
     NoPages,
+    #[error("a delivery attempt must name page {expected}, the operation's next page")]
+    WrongPage { expected: u64 },
+    #[error("a recorded page's delivery must be a successful one, and a failure a failed one")]
+    DeliveryMismatch,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -255,6 +299,20 @@ impl Operation {
             Some(lease) if lease.id == lease_id => Ok(()),
             _ => Err(OperationError::StaleLease),
         }
+    }
+}
+
+impl Operation {
+    /// A delivery attempt must be for the next page, and say whether it delivered as the
+    /// command does.
+    fn next_page(&self, delivery: &DeliveryAttempt, delivered: bool) -> Result<(), OperationError> {
+        if delivery.page != self.pages + 1 {
+            return Err(OperationError::WrongPage { expected: self.pages + 1 });
+        }
+        if delivery.delivered != delivered || delivered != delivery.error.is_none() {
+            return Err(OperationError::DeliveryMismatch);
+        }
+        Ok(())
     }
 }
 
@@ -340,6 +398,25 @@ impl Aggregate for Operation {
                     })
                     .collect())
             }
+            C::RecordDeliveryFailure { lease_id, delivery, at } => {
+                self.holder(*lease_id)?;
+                self.next_page(delivery, false)?;
+                Ok(vec![E::DeliveryAttempted { lease_id: *lease_id, delivery: delivery.clone(), at: *at }])
+            }
+            C::RecordDeliveredPage { lease_id, delivery, page, at } => {
+                self.holder(*lease_id)?;
+                self.next_page(delivery, true)?;
+                Ok(vec![
+                    E::DeliveryAttempted { lease_id: *lease_id, delivery: delivery.clone(), at: *at },
+                    E::PageRecorded {
+                        lease_id: *lease_id,
+                        records: page.records,
+                        bytes: page.bytes,
+                        cursor: page.cursor.clone(),
+                        at: *at,
+                    },
+                ])
+            }
             C::Succeed { lease_id, at } => {
                 self.holder(*lease_id)?;
                 Ok(vec![E::Succeeded { records: self.records, pages: self.pages, at: *at }])
@@ -397,6 +474,7 @@ impl Aggregate for Operation {
                 self.bytes += bytes;
                 self.cursor = cursor.clone();
             }
+            E::DeliveryAttempted { .. } => {}
             E::Succeeded { at, .. } => {
                 self.status = OperationStatus::Succeeded;
                 self.lease = None;

@@ -14,8 +14,20 @@ fn integration() -> IntegrationFacts {
         IntegrationEvent::RevisionDeployed {
             revision: 1,
             objects: vec![
-                ObjectDecl { name: "contacts".into(), schedule: None, backfill: Backfill::Full, fields: vec![] },
-                ObjectDecl { name: "deals".into(), schedule: None, backfill: Backfill::None, fields: vec![] },
+                ObjectDecl {
+                    name: "contacts".into(),
+                    schedule: None,
+                    backfill: Backfill::Full,
+                    fields: vec![],
+                    destination: None,
+                },
+                ObjectDecl {
+                    name: "deals".into(),
+                    schedule: None,
+                    backfill: Backfill::None,
+                    fields: vec![],
+                    destination: None,
+                },
             ],
             manifest_digest: "d".into(),
             at: t(0),

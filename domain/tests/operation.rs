@@ -222,3 +222,60 @@ fn page_recorded_v1_upcasts_to_v2() {
         }
     );
 }
+
+#[test]
+fn deliveries_are_recorded_for_the_next_page_only() {
+    let attempt = |page, attempt, delivered: bool| DeliveryAttempt {
+        webhook_id: format!("msg_{page}"),
+        destination: "sink".into(),
+        page,
+        attempt,
+        status: Some(if delivered { 200 } else { 503 }),
+        error: (!delivered).then(|| "503".into()),
+        delivered,
+    };
+    let running = vec![requested(), started(LEASE, 30), page(10)];
+    let next = PageRecord { records: 7, bytes: 70, cursor: Cursor::default() };
+    given::<Operation>(&running)
+        .when(OperationCommand::RecordDeliveryFailure { lease_id: id(LEASE), delivery: attempt(2, 1, false), at: t(4) })
+        .then(&[OperationEvent::DeliveryAttempted { lease_id: id(LEASE), delivery: attempt(2, 1, false), at: t(4) }]);
+    given::<Operation>(&running)
+        .when(OperationCommand::RecordDeliveredPage {
+            lease_id: id(LEASE),
+            delivery: attempt(2, 2, true),
+            page: next.clone(),
+            at: t(5),
+        })
+        .then(&[
+            OperationEvent::DeliveryAttempted { lease_id: id(LEASE), delivery: attempt(2, 2, true), at: t(5) },
+            OperationEvent::PageRecorded {
+                lease_id: id(LEASE),
+                records: 7,
+                bytes: 70,
+                cursor: Cursor::default(),
+                at: t(5),
+            },
+        ]);
+    // Page 1 is already recorded; page 3 would skip page 2.
+    for page in [1, 3] {
+        given::<Operation>(&running)
+            .when(OperationCommand::RecordDeliveredPage {
+                lease_id: id(LEASE),
+                delivery: attempt(page, 1, true),
+                page: next.clone(),
+                at: t(5),
+            })
+            .then_err(OperationError::WrongPage { expected: 2 });
+    }
+    given::<Operation>(&running)
+        .when(OperationCommand::RecordDeliveredPage {
+            lease_id: id(LEASE),
+            delivery: attempt(2, 1, false),
+            page: next.clone(),
+            at: t(5),
+        })
+        .then_err(OperationError::DeliveryMismatch);
+    given::<Operation>(&running)
+        .when(OperationCommand::RecordDeliveryFailure { lease_id: id(99), delivery: attempt(2, 1, false), at: t(4) })
+        .then_err(OperationError::StaleLease);
+}

@@ -30,6 +30,7 @@ fn decl(name: &str, schedule: Option<&str>) -> ObjectDecl {
         schedule: schedule.map(Into::into),
         backfill: Backfill::Days(30),
         fields: vec!["email".into()],
+        destination: None,
     }
 }
 

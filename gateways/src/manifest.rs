@@ -37,9 +37,8 @@ struct ReadSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ObjectSpec {
     object_name: String,
-    /// Accepted for amp.yaml compatibility; destinations are configured elsewhere.
+    /// The project destination (`amplog destinations create`) that receives the reads.
     #[serde(default)]
-    #[allow(dead_code)]
     destination: Option<String>,
     #[serde(default)]
     schedule: Option<String>,
@@ -121,6 +120,7 @@ pub fn parse(yaml: &str) -> Result<Vec<DeclaredIntegration>, ApiError> {
                         schedule: o.schedule,
                         backfill,
                         fields: o.required_fields.into_iter().chain(o.optional_fields).map(|f| f.field_name).collect(),
+                        destination: o.destination,
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;

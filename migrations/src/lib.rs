@@ -28,6 +28,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/0004_operations_by_installation.sql"),
     },
     Migration { version: 5, name: "dead_letters", sql: include_str!("../sql/0005_dead_letters.sql") },
+    Migration { version: 6, name: "destinations", sql: include_str!("../sql/0006_destinations.sql") },
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -101,6 +101,11 @@ pub struct OperationDoc {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub duration_ms: Option<i64>,
+    /// Deliveries of pages to the destination: every attempt, and the failed ones.
+    #[serde(default)]
+    pub delivery_attempts: u64,
+    #[serde(default)]
+    pub delivery_failures: u64,
     /// The operation stream's sequence this document reflects (subscriptions compare it).
     pub version: i64,
 }

@@ -166,6 +166,7 @@ fn at_of(event: &OperationEvent) -> DateTime<Utc> {
         E::Requested { at, .. }
         | E::Started { at, .. }
         | E::PageRecorded { at, .. }
+        | E::DeliveryAttempted { at, .. }
         | E::Succeeded { at, .. }
         | E::Failed { at, .. }
         | E::Retried { at, .. }
@@ -502,6 +503,12 @@ impl Fold {
                 op.pages += 1;
                 op.records += records;
                 op.bytes += bytes;
+            }
+            E::DeliveryAttempted { delivery, .. } => {
+                op.delivery_attempts += 1;
+                if !delivery.delivered {
+                    op.delivery_failures += 1;
+                }
             }
             E::Succeeded { .. } => finished = Some("succeeded"),
             E::Failed { error_class, message, .. } => {

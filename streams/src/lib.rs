@@ -1,12 +1,14 @@
 //! Kafka for amplog, and the only crate that knows it: the relay that publishes the log (the
 //! outbox) to CloudEvents topics and sync jobs to the jobs topic, the job dispatch (Kafka
 //! consumer groups, or in-process from the log when no broker is configured), the worker
-//! loop with its retry and dead-letter policy, `tail`, and the event JSON Schemas.
+//! loop with its retry and dead-letter policy, the read scheduler, `tail`, and the event
+//! JSON Schemas.
 
 pub mod config;
 pub mod envelope;
 pub mod jobs;
 pub mod relay;
+pub mod scheduler;
 pub mod schema;
 pub mod tail;
 #[cfg(feature = "testing")]

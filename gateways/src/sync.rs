@@ -1,0 +1,388 @@
+//! The sync worker's job handler: runs read and write operations against providers.
+//!
+//! A read resumes where the operation stands (its last recorded page token) or, for a new
+//! operation, from its `since` or the installation object's read-state watermark minus an
+//! overlap window. Page by page it reads from the provider, delivers the page to the
+//! object's destination (a signed webhook, retried with backoff, every attempt recorded),
+//! and records the delivered page with its new cursor in one command: a worker killed at
+//! any point resumes from the last recorded page, and a page delivered but not recorded is
+//! delivered again under the same `webhook-id`. Provider failures are classified: a 429
+//! parks the read until Retry-After (no attempt is spent), a 401 refreshes the token once,
+//! 5xx and timeouts retry with backoff and jitter, a lost cursor restarts from the
+//! watermark, anything else fails the operation with its class.
+
+use crate::connector::{Connector, Connectors, ProviderError, ProviderPage};
+use crate::tokens::Tokens;
+use crate::webhook::{deliver, DeliveryPolicy};
+use amplog_commands::destinations::{self, Destination, DEFAULT_DESTINATION};
+use amplog_commands::{CommandError, CommandService};
+use amplog_domain::installation::Installation;
+use amplog_domain::integration::Integration;
+use amplog_domain::operation::{Cursor, DeliveryAttempt, ErrorClass, Operation, OperationType, PageRecord};
+use amplog_domain::{DomainError, LeaseId, OperationId};
+use amplog_streams::jobs::{JobContext, JobFailure, JobHandler};
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How reads behave.
+#[derive(Clone, Debug)]
+pub struct SyncPolicy {
+    /// Incremental reads start this long before the watermark (clock skew, late commits at
+    /// the provider).
+    pub overlap: chrono::TimeDelta,
+    /// Retries of one provider call on 5xx / timeouts before the attempt fails.
+    pub provider_retries: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// A 429 parks the read for Retry-After, at most this long at a time.
+    pub max_park: Duration,
+    pub delivery: DeliveryPolicy,
+}
+
+impl Default for SyncPolicy {
+    fn default() -> Self {
+        Self {
+            overlap: chrono::TimeDelta::minutes(5),
+            provider_retries: 4,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+            max_park: Duration::from_secs(120),
+            delivery: DeliveryPolicy::default(),
+        }
+    }
+}
+
+/// Reads and writes for sync workers (both transports: Kafka or in-process).
+pub struct SyncHandler {
+    connectors: Connectors,
+    tokens: Tokens,
+    http: reqwest::Client,
+    pub policy: SyncPolicy,
+}
+
+fn failure(class: ErrorClass, message: impl Into<String>, retryable: bool) -> JobFailure {
+    JobFailure { class, message: message.into(), retryable }
+}
+
+fn internal(error: impl std::fmt::Display) -> JobFailure {
+    failure(ErrorClass::Internal, error.to_string(), true)
+}
+
+/// A command refused because this worker no longer holds the lease (or the operation was
+/// cancelled) stops the job: the worker records nothing more.
+fn recorded(result: Result<amplog_commands::CommandOutcome, CommandError>) -> Result<(), JobFailure> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(CommandError::Domain(DomainError::Operation(e))) => {
+            Err(failure(ErrorClass::Internal, format!("the operation moved on: {e}"), false))
+        }
+        Err(e) => Err(internal(e)),
+    }
+}
+
+/// Full jitter in [d/2, d] from a cheap hash.
+fn jittered(delay: Duration, seed: u64) -> Duration {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (seed, delay.as_nanos()).hash(&mut hasher);
+    delay.mul_f64(0.5 + (hasher.finish() % 1000) as f64 / 2000.0)
+}
+
+fn backoff(policy: &SyncPolicy, try_no: u32, seed: u64) -> Duration {
+    let exp = policy.backoff.saturating_mul(1 << try_no.min(16));
+    jittered(exp.min(policy.max_backoff), seed ^ u64::from(try_no))
+}
+
+/// What a read needs, loaded once per attempt.
+struct ReadPlan {
+    connector: Arc<Connector>,
+    destination: Destination,
+    group_ref: String,
+}
+
+impl SyncHandler {
+    pub fn new(service: CommandService, connectors: Connectors) -> SyncHandler {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client without TLS settings builds");
+        SyncHandler { connectors, tokens: Tokens::new(service), http, policy: SyncPolicy::default() }
+    }
+
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    async fn plan(&self, job: &JobContext<'_>) -> Result<ReadPlan, JobFailure> {
+        let (service, ctx) = (job.service, job.command);
+        let installation =
+            service.load::<Installation>(ctx, job.message.job.installation_id.0).await.map_err(internal)?.state;
+        if !installation.exists || installation.deleted {
+            return Err(failure(ErrorClass::BadRequest, "the installation is deleted", false));
+        }
+        let integration =
+            service.load::<Integration>(ctx, installation.integration_id.0).await.map_err(internal)?.state;
+        let object = &job.message.job.object;
+        let decl = integration.revision(installation.revision).and_then(|r| r.objects.get(object));
+        let destination_name = decl.and_then(|d| d.destination.clone()).unwrap_or_else(|| DEFAULT_DESTINATION.into());
+        let connector = self.connectors.get(&integration.provider).ok_or_else(|| {
+            failure(
+                ErrorClass::BadRequest,
+                format!("no connector for provider `{}` in the catalog", integration.provider),
+                false,
+            )
+        })?;
+        let destination = destinations::get(service.pool(), service.credentials(), ctx.project_id, &destination_name)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| {
+                failure(ErrorClass::BadRequest, format!("the project has no destination `{destination_name}`"), false)
+            })?;
+        Ok(ReadPlan { connector, destination, group_ref: installation.group_ref })
+    }
+
+    /// One provider page, through token refresh, rate limits and transient failures.
+    async fn fetch(
+        &self,
+        job: &JobContext<'_>,
+        connector: &Connector,
+        since: Option<DateTime<Utc>>,
+        page_token: Option<&str>,
+    ) -> Result<ProviderPage, ProviderError> {
+        let connection = job.message.job.connection_id;
+        let object = &job.message.job.object;
+        let seed = job.message.job.operation_id.0.as_u128() as u64;
+        let mut rejected: Option<String> = None;
+        let mut tries = 0;
+        loop {
+            let token = self.tokens.access_token(job.command, connection, connector, rejected.as_deref()).await?;
+            let error = match connector.read_page(&token, object, since, page_token).await {
+                Ok(page) => return Ok(page),
+                Err(error) => error,
+            };
+            match error.class {
+                ErrorClass::RateLimited => {
+                    let wait = error.retry_after.unwrap_or(Duration::from_secs(1)).min(self.policy.max_park);
+                    tracing::debug!(wait_ms = wait.as_millis() as u64, "rate limited: parked until Retry-After");
+                    tokio::time::sleep(wait).await;
+                }
+                ErrorClass::AuthInvalidated if rejected.as_deref() != Some(token.as_str()) => {
+                    // Expired or revoked access token: refresh once, then try again.
+                    tracing::debug!("access token refused: refreshing");
+                    rejected = Some(token);
+                }
+                ErrorClass::Provider5xx | ErrorClass::Timeout if tries < self.policy.provider_retries => {
+                    tries += 1;
+                    tokio::time::sleep(backoff(&self.policy, tries, seed)).await;
+                }
+                _ => return Err(error),
+            }
+        }
+    }
+
+    async fn read(&self, job: JobContext<'_>) -> Result<(), JobFailure> {
+        let (service, ctx, lease) = (job.service, job.command, job.lease);
+        let operation_id = job.message.job.operation_id;
+        let plan = self.plan(&job).await?;
+        let operation = service.load::<Operation>(ctx, operation_id.0).await.map_err(internal)?.state;
+        let mut pages = operation.pages;
+        let mut watermark = operation.cursor.watermark;
+        let mut page_token = operation.cursor.page_token.clone();
+        let state_watermark = match job.message.job.since {
+            Some(_) => None,
+            None => self.read_state_watermark(&job).await?,
+        };
+        let since = job.message.job.since.or(state_watermark.map(|w| w - self.policy.overlap));
+        // A resumed read goes on from its page token (or its watermark, if the provider lost
+        // the token); a fresh one starts from `since`, and its watermark never goes back.
+        let mut start = if pages > 0 { watermark.map(|w| w - self.policy.overlap).or(since) } else { since };
+        if pages == 0 {
+            watermark = state_watermark.or(since);
+        }
+        loop {
+            let page = match self.fetch(&job, &plan.connector, start, page_token.as_deref()).await {
+                Ok(page) => page,
+                Err(error) if error.class == ErrorClass::CursorGone && page_token.is_some() => {
+                    tracing::warn!(operation = %operation_id, "the provider lost the cursor: restarting from the watermark");
+                    page_token = None;
+                    start = watermark.map(|w| w - self.policy.overlap).or(start);
+                    continue;
+                }
+                Err(error) => {
+                    let retryable = matches!(
+                        error.class,
+                        ErrorClass::Provider5xx | ErrorClass::Timeout | ErrorClass::RateLimited | ErrorClass::Internal
+                    );
+                    return Err(failure(error.class, error.message, retryable));
+                }
+            };
+            if page.records.is_empty() && page.next.is_none() {
+                return Ok(());
+            }
+            if let Some(max) = page.records.iter().map(|r| r.updated).max() {
+                watermark = Some(watermark.map_or(max, |w| w.max(max)));
+            }
+            pages += 1;
+            let record = PageRecord {
+                records: page.records.len() as u64,
+                bytes: page.bytes,
+                cursor: Cursor { watermark, page_token: page.next.clone() },
+            };
+            self.deliver_page(&job, &plan, operation_id, lease, pages, &page, record).await?;
+            match page.next {
+                Some(next) => page_token = Some(next),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    async fn read_state_watermark(&self, job: &JobContext<'_>) -> Result<Option<DateTime<Utc>>, JobFailure> {
+        let key = format!("{}/{}", job.message.job.installation_id, job.message.job.object);
+        let watermark: Option<Option<String>> =
+            sqlx::query_scalar("SELECT doc->>'watermark' FROM read_states WHERE key = $1 AND project_id = $2")
+                .bind(&key)
+                .bind(job.command.project_id.0)
+                .fetch_optional(job.service.pool())
+                .await
+                .map_err(internal)?;
+        Ok(watermark.flatten().and_then(|w| DateTime::parse_from_rfc3339(&w).ok()).map(|w| w.to_utc()))
+    }
+
+    /// Delivers page `page` until the destination takes it, recording every attempt; the
+    /// successful one is recorded with the page and its cursor.
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver_page(
+        &self,
+        job: &JobContext<'_>,
+        plan: &ReadPlan,
+        operation_id: OperationId,
+        lease: LeaseId,
+        page: u64,
+        read: &ProviderPage,
+        record: PageRecord,
+    ) -> Result<(), JobFailure> {
+        let webhook_id = format!("msg_{}_{page}", operation_id.0.simple());
+        let body = serde_json::to_vec(&json!({
+            "type": "read.page",
+            "installationId": job.message.job.installation_id,
+            "groupRef": plan.group_ref,
+            "object": job.message.job.object,
+            "operationId": operation_id,
+            "page": page,
+            "records": read.records,
+        }))
+        .map_err(internal)?;
+        let policy = &self.policy.delivery;
+        let seed = operation_id.0.as_u128() as u64 ^ page;
+        for attempt in 1..=policy.max_attempts {
+            let outcome =
+                deliver(&self.http, &plan.destination.url, &plan.destination.secret.0, &webhook_id, &body).await;
+            let delivery = DeliveryAttempt {
+                webhook_id: webhook_id.clone(),
+                destination: plan.destination.name.clone(),
+                page,
+                attempt,
+                status: outcome.status,
+                error: outcome.error.clone(),
+                delivered: outcome.delivered(),
+            };
+            if outcome.delivered() {
+                return recorded(
+                    job.service.record_delivered_page(job.command, operation_id, lease, &delivery, &record).await,
+                );
+            }
+            recorded(job.service.record_delivery_failure(job.command, operation_id, lease, &delivery).await)?;
+            if attempt < policy.max_attempts {
+                let exp = policy.backoff.saturating_mul(1 << (attempt - 1).min(16)).min(policy.max_backoff);
+                tokio::time::sleep(jittered(exp, seed ^ u64::from(attempt))).await;
+            }
+        }
+        Err(failure(
+            ErrorClass::DestinationUnavailable,
+            format!("destination `{}` refused page {page} {} times", plan.destination.name, policy.max_attempts),
+            true,
+        ))
+    }
+
+    /// A write: the records the mutation stored are written to the provider; each record's
+    /// result is kept beside them, the counts go to the log.
+    async fn write(&self, job: JobContext<'_>) -> Result<(), JobFailure> {
+        let (service, ctx) = (job.service, job.command);
+        let operation_id = job.message.job.operation_id;
+        let operation = service.load::<Operation>(ctx, operation_id.0).await.map_err(internal)?.state;
+        if operation.pages > 0 {
+            // Written and recorded by an earlier attempt.
+            return Ok(());
+        }
+        let row: Option<(sqlx::types::Json<Vec<Value>>,)> =
+            sqlx::query_as("SELECT records FROM write_batches WHERE operation_id = $1 AND project_id = $2")
+                .bind(operation_id.0)
+                .bind(ctx.project_id.0)
+                .fetch_optional(service.pool())
+                .await
+                .map_err(internal)?;
+        let Some((records,)) = row else {
+            return Err(failure(ErrorClass::BadRequest, "the write operation has no records", false));
+        };
+        let plan = self.plan(&job).await?;
+        let connection = job.message.job.connection_id;
+        let mut rejected: Option<String> = None;
+        let mut tries = 0;
+        let results = loop {
+            let token = self
+                .tokens
+                .access_token(ctx, connection, &plan.connector, rejected.as_deref())
+                .await
+                .map_err(|e| failure(e.class, e.message, false))?;
+            match plan.connector.write(&token, &job.message.job.object, &records.0).await {
+                Ok(results) => break results,
+                Err(e) if e.class == ErrorClass::RateLimited => {
+                    tokio::time::sleep(e.retry_after.unwrap_or(Duration::from_secs(1)).min(self.policy.max_park)).await
+                }
+                Err(e) if e.class == ErrorClass::AuthInvalidated && rejected.as_deref() != Some(token.as_str()) => {
+                    rejected = Some(token)
+                }
+                Err(e)
+                    if matches!(e.class, ErrorClass::Provider5xx | ErrorClass::Timeout)
+                        && tries < self.policy.provider_retries =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(backoff(&self.policy, tries, operation_id.0.as_u128() as u64)).await;
+                }
+                Err(e) => {
+                    let retryable = matches!(e.class, ErrorClass::Provider5xx | ErrorClass::Timeout);
+                    return Err(failure(e.class, e.message, retryable));
+                }
+            }
+        };
+        sqlx::query("UPDATE write_batches SET results = $2 WHERE operation_id = $1")
+            .bind(operation_id.0)
+            .bind(sqlx::types::Json(&results))
+            .execute(service.pool())
+            .await
+            .map_err(internal)?;
+        let written = results.iter().filter(|r| r.ok).count() as u64;
+        let bytes = serde_json::to_vec(&records.0).map(|b| b.len() as u64).unwrap_or_default();
+        recorded(service.record_page(ctx, operation_id, job.lease, written, bytes, &Cursor::default()).await)?;
+        let failed = results.len() as u64 - written;
+        if failed > 0 && written == 0 {
+            return Err(failure(ErrorClass::BadRequest, format!("all {failed} records were refused"), false));
+        }
+        Ok(())
+    }
+}
+
+impl JobHandler for SyncHandler {
+    async fn run(&self, job: JobContext<'_>) -> Result<(), JobFailure> {
+        match job.message.job.op_type {
+            OperationType::Read => self.read(job).await,
+            OperationType::Write => self.write(job).await,
+            OperationType::Proxy => {
+                Err(failure(ErrorClass::BadRequest, "proxy operations are not run by sync workers", false))
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Access tokens of connections: cached per connection (moka), refreshed one at a time per
+//! connection, the refreshed token set stored encrypted through the command service (which
+//! records `TokenRefreshed`). A refresh refused with `invalid_grant` records the failure:
+//! the connection turns `bad_credentials` and its installations need re-auth.
+
+use crate::connector::{Connector, ProviderError, TokenSet};
+use amplog_commands::credentials::Secret;
+use amplog_commands::{CommandContext, CommandService};
+use amplog_domain::connection::{Connection, ConnectionStatus};
+use amplog_domain::operation::ErrorClass;
+use amplog_domain::ConnectionId;
+use chrono::Utc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A token is refreshed this long before it expires.
+const EARLY: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+
+#[derive(Clone)]
+pub struct Tokens {
+    service: CommandService,
+    cache: moka::sync::Cache<ConnectionId, Arc<TokenSet>>,
+    locks: moka::sync::Cache<ConnectionId, Arc<tokio::sync::Mutex<()>>>,
+}
+
+fn internal(message: impl std::fmt::Display) -> ProviderError {
+    ProviderError::new(ErrorClass::Internal, message.to_string())
+}
+
+impl Tokens {
+    pub fn new(service: CommandService) -> Tokens {
+        Tokens {
+            service,
+            cache: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(3600)).build(),
+            locks: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
+        }
+    }
+
+    fn usable(set: &TokenSet) -> bool {
+        set.expires_at.is_none_or(|t| t - EARLY > Utc::now())
+    }
+
+    /// A usable access token of `connection`. `rejected`: a token the provider just refused
+    /// (401): it is not handed out again, a refresh is forced unless another task already
+    /// refreshed it.
+    pub async fn access_token(
+        &self,
+        ctx: &CommandContext,
+        connection: ConnectionId,
+        connector: &Connector,
+        rejected: Option<&str>,
+    ) -> Result<String, ProviderError> {
+        let fresh = |set: &TokenSet| Self::usable(set) && Some(set.access_token.as_str()) != rejected;
+        if let Some(set) = self.cache.get(&connection).filter(|s| fresh(s)) {
+            return Ok(set.access_token.clone());
+        }
+        let lock = self.locks.get_with(connection, || Arc::new(tokio::sync::Mutex::new(())));
+        let _one_refresh = lock.lock().await;
+        if let Some(set) = self.cache.get(&connection).filter(|s| fresh(s)) {
+            return Ok(set.access_token.clone());
+        }
+        let loaded = self.service.load::<Connection>(ctx, connection.0).await.map_err(internal)?;
+        let state = loaded.state;
+        match state.status {
+            ConnectionStatus::BadCredentials | ConnectionStatus::Revoked => {
+                self.cache.invalidate(&connection);
+                return Err(ProviderError::new(
+                    ErrorClass::AuthInvalidated,
+                    format!("the connection is {}: it needs re-authentication", state.status.as_str()),
+                ));
+            }
+            ConnectionStatus::Created | ConnectionStatus::Working => {}
+        }
+        let credential = state.credential.ok_or_else(|| internal("a connection without a credential"))?;
+        let mut conn = self.service.pool().acquire().await.map_err(internal)?;
+        let secret = self
+            .service
+            .credentials()
+            .get(&mut conn, ctx.project_id, credential.id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| internal(format!("credential {} is missing", credential.id)))?;
+        drop(conn);
+        let stored: TokenSet = serde_json::from_str(&secret.0).map_err(|_| {
+            ProviderError::new(ErrorClass::AuthInvalidated, "the stored credential is not an OAuth2 token set")
+        })?;
+        if fresh(&stored) {
+            let token = stored.access_token.clone();
+            self.cache.insert(connection, Arc::new(stored));
+            return Ok(token);
+        }
+        let Some(refresh_token) = stored.refresh_token.as_deref() else {
+            return Err(ProviderError::new(
+                ErrorClass::AuthInvalidated,
+                "the access token expired and there is no refresh token",
+            ));
+        };
+        match connector.refresh(refresh_token).await {
+            Ok(set) => {
+                let secret = Secret(serde_json::to_string(&set).expect("token sets serialise"));
+                self.service.refresh_token(ctx, connection, &secret, set.expires_at).await.map_err(internal)?;
+                tracing::info!(connection = %connection, "access token refreshed");
+                let token = set.access_token.clone();
+                self.cache.insert(connection, Arc::new(set));
+                Ok(token)
+            }
+            Err(error) if error.is_invalid_grant() => {
+                self.cache.invalidate(&connection);
+                tracing::warn!(connection = %connection, "refresh refused (invalid_grant): the connection needs re-auth");
+                self.service.record_refresh_failure(ctx, connection, "invalid_grant").await.map_err(internal)?;
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
+    }
+}

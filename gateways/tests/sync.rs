@@ -1,0 +1,350 @@
+//! Sync workers end to end: real HTTP to the provider simulator, real webhook deliveries to
+//! a verifying sink, real PostgreSQL, the in-process job dispatch.
+
+use amplog_domain::connection::{Connection, ConnectionStatus};
+use amplog_domain::operation::{ErrorClass, OperationStatus};
+use amplog_gateways::sim::{Faults, SimConfig};
+use amplog_gateways::testing::SyncWorld;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+fn config(records: usize) -> SimConfig {
+    SimConfig { records, ..SimConfig::default() }
+}
+
+fn types(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(t, _)| t.as_str()).collect()
+}
+
+fn count(events: &[(String, Value)], kind: &str) -> usize {
+    events.iter().filter(|(t, _)| t == kind).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_records_arrive_through_rate_limits_token_expiry_and_5xx() {
+    let faults = Faults { rate_limited: 0.10, retry_after_secs: 1, server_error: 0.05, ..Faults::default() };
+    let world = SyncWorld::start(SimConfig { faults, ..config(10_000) }).await;
+    let op = world.request_read("contacts").await;
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
+    // Expire every access token once a third of the pages are delivered.
+    while world.sink.report().deliveries < 33 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    world.sim_control("/_sim/expire-tokens", None).await;
+    let state = world.finished(op, Duration::from_secs(240)).await;
+    dispatch.abort();
+    assert_eq!(state.status, OperationStatus::Succeeded);
+
+    // Every record reached the sink, signed; duplicates are counted, not hidden.
+    let report = world.sink.report();
+    println!("sink: {report:?}");
+    assert_eq!(report.distinct_records, 10_000);
+    assert_eq!(report.rejected_signatures, 0);
+    assert_eq!(report.deliveries, 100, "one delivery per page of 100");
+    assert_eq!(report.duplicate_deliveries, 0);
+    let stats = world.sim_stats().await;
+    println!("simulator: {stats:?}");
+    assert!(stats.by_status.get(&429).copied().unwrap_or(0) >= 5, "429s were injected: {stats:?}");
+    assert!(stats.by_status.get(&503).copied().unwrap_or(0) >= 1, "5xx were injected: {stats:?}");
+    assert!(stats.by_status.get(&401).copied().unwrap_or(0) >= 1, "the expired token was refused: {stats:?}");
+    assert_eq!(stats.token_refreshes, 1, "one refresh after the expiry");
+
+    // The operation's events: started once, 100 delivered pages, succeeded with the counts.
+    let events = world.events_of("operation", op.0).await;
+    assert_eq!(count(&events, "Started"), 1);
+    assert_eq!(count(&events, "PageRecorded"), 100);
+    assert_eq!(count(&events, "DeliveryAttempted"), 100);
+    let (last, payload) = events.last().expect("events");
+    assert_eq!(last, "Succeeded");
+    assert_eq!(payload["records"], 10_000);
+    assert_eq!(payload["pages"], 100);
+    let pages: Vec<u64> = events
+        .iter()
+        .filter(|(t, _)| t == "DeliveryAttempted")
+        .map(|(_, p)| p["delivery"]["page"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pages, (1..=100).collect::<Vec<_>>());
+    // The refreshed token set went to the encrypted store, recorded on the connection.
+    let connection = world.events_of("connection", world.connection.0).await;
+    assert_eq!(types(&connection), ["Created", "TokenRefreshed"]);
+    assert!(!connection[1].1.to_string().contains("access_token"), "no secret in the log");
+
+    // The read state ends at the newest record delivered; usage counts what was delivered.
+    world.project().await;
+    let newest = world.sink.received().iter().filter_map(|r| r.max_updated).max().expect("records");
+    let (watermark, mode, records_read): (Option<String>, String, i64) = sqlx::query_as(
+        "SELECT doc->>'watermark', doc->>'mode', (doc->>'records_read')::bigint FROM read_states WHERE key = $1",
+    )
+    .bind(format!("{}/contacts", world.installation))
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("the read state");
+    let watermark = chrono::DateTime::parse_from_rfc3339(&watermark.expect("a watermark")).expect("a time");
+    assert_eq!(watermark, newest);
+    assert_eq!((mode.as_str(), records_read), ("incremental", 10_000));
+    let usage: i64 = sqlx::query_scalar(
+        "SELECT sum((doc->>'records_read')::bigint)::bigint FROM usage_daily WHERE installation_id = $1",
+    )
+    .bind(world.installation.to_string())
+    .fetch_one(&world.db.pool)
+    .await
+    .expect("usage");
+    assert_eq!(usage as usize, report.records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_read_delivers_only_what_changed_since_the_watermark() {
+    let world = SyncWorld::start(config(500)).await;
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
+    let first = world.request_read("companies").await;
+    assert_eq!(world.finished(first, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
+    assert_eq!(world.sink.report().distinct_records, 500);
+    world.project().await;
+    // 7 records change at the provider; the next read brings them (and whatever else lies
+    // in the overlap window), not the whole object again.
+    let touched = world.sim_control("/_sim/touch/companies/7", None).await;
+    let touched: Vec<String> = serde_json::from_value(touched["touched"].clone()).unwrap();
+    assert_eq!(touched.len(), 7);
+    let before = world.sink.report().records;
+    let second = world.request_read("companies").await;
+    assert_eq!(world.finished(second, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
+    dispatch.abort();
+    let second_ids: Vec<String> = world
+        .sink
+        .received()
+        .iter()
+        .filter(|r| r.operation_id == second.to_string())
+        .flat_map(|r| r.record_ids.clone())
+        .collect();
+    assert_eq!(world.sink.report().records - before, second_ids.len());
+    assert!(second_ids.len() >= 7 && second_ids.len() < 50, "{} records re-read", second_ids.len());
+    let read: HashSet<&String> = second_ids.iter().collect();
+    assert!(touched.iter().all(|id| read.contains(id)), "{touched:?} not all in {second_ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_read_is_resumed_from_the_recorded_cursor() {
+    let faults = Faults { slow: 1.0, slow_ms: 40, ..Faults::default() };
+    let world = SyncWorld::start(SimConfig { faults, ..config(3_000) }).await;
+    let op = world.request_read("deals").await;
+    let first = world.spawn_dispatch("worker-a", Duration::from_secs(2));
+    loop {
+        let state = world.service.load::<amplog_domain::operation::Operation>(&world.ctx, op.0).await.unwrap().state;
+        if state.pages >= 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.abort();
+    let _ = first.await;
+    let at_kill = world.service.load::<amplog_domain::operation::Operation>(&world.ctx, op.0).await.unwrap().state;
+    let served_at_kill = world.sim_stats().await.records_served;
+    let second = world.spawn_dispatch("worker-b", Duration::from_secs(2));
+    let state = world.finished(op, Duration::from_secs(120)).await;
+    second.abort();
+    assert_eq!(state.status, OperationStatus::Succeeded);
+    assert_eq!(state.records, 3_000, "every record recorded once");
+
+    let events = world.events_of("operation", op.0).await;
+    assert_eq!(count(&events, "Started"), 2, "taken over after the lease expired");
+    assert_eq!(count(&events, "PageRecorded"), 30);
+    // The second worker went on from the recorded page token: the provider served the rest
+    // (and at most the page in flight at the kill), not the object from its start.
+    let served = world.sim_stats().await.records_served;
+    let resumed = served - served_at_kill;
+    println!("killed after {} pages; the second worker read {resumed} records", at_kill.pages);
+    assert!(resumed <= 3_000 - at_kill.records + 100, "{resumed} records read after the kill");
+    let report = world.sink.report();
+    assert_eq!(report.distinct_records, 3_000, "nothing skipped");
+    // A page delivered but not recorded at the kill is delivered again under its webhook-id.
+    assert!(report.duplicate_deliveries <= 1, "{report:?}");
+    let pages = &world.sink.pages_by_stream()[&(world.installation.to_string(), "deals".to_string())];
+    let mut distinct: Vec<u64> = pages.iter().map(|(_, p)| *p).collect();
+    distinct.dedup();
+    assert_eq!(distinct, (1..=30).collect::<Vec<_>>(), "pages in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_refresh_token_turns_the_connection_bad_credentials_and_stops_reads() {
+    let world = SyncWorld::start(config(300)).await;
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
+    let first = world.request_read("contacts").await;
+    assert_eq!(world.finished(first, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
+    // The customer revokes amplog at the provider: the access token stops working and the
+    // refresh token is refused.
+    world.sim_control(&format!("/_sim/revoke/{}", world.customer), None).await;
+    let op = world.request_read("contacts").await;
+    let state = world.finished(op, Duration::from_secs(60)).await;
+    assert_eq!(state.status, OperationStatus::Failed);
+    assert_eq!(state.error_class, Some(ErrorClass::AuthInvalidated));
+    assert!(!state.retryable, "re-auth is needed, not a retry");
+    let connection = world.service.load::<Connection>(&world.ctx, world.connection.0).await.unwrap().state;
+    assert_eq!(connection.status, ConnectionStatus::BadCredentials);
+    let stats = world.sim_stats().await;
+    assert_eq!(stats.invalid_grants, 1);
+    assert_eq!(stats.requests_after_revoke.get(&world.customer), Some(&1), "one call found the token revoked");
+
+    // No further reads: a new request is refused, the scheduler requests none, and the
+    // provider sees no call with the connection.
+    let refused = world
+        .service
+        .request_operation(&world.ctx, world.installation, &amplog_commands::testing::read_of("deals"))
+        .await;
+    assert_eq!(refused.unwrap_err().code(), "installation.needs_reauth");
+    world.project().await;
+    let scheduler = amplog_streams::scheduler::Scheduler::new(world.service.clone(), "test");
+    let tick = scheduler.tick_once(chrono::Utc::now() + chrono::Duration::hours(2)).await.unwrap();
+    assert_eq!((tick.scheduled, tick.backfills), (0, 0));
+    let health: String = sqlx::query_scalar("SELECT health FROM installations WHERE key = $1")
+        .bind(world.installation.to_string())
+        .fetch_one(&world.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(health, "needs_reauth");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dispatch.abort();
+    assert_eq!(world.sim_stats().await.requests_after_revoke.get(&world.customer), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_webhook_endpoint_recovers_and_pages_arrive_in_order() {
+    let world = SyncWorld::start(config(450)).await;
+    world.sink.fail_next(6);
+    let contacts = world.request_read("contacts").await;
+    let companies = world.request_read("companies").await;
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
+    for op in [contacts, companies] {
+        assert_eq!(world.finished(op, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
+    }
+    dispatch.abort();
+    let report = world.sink.report();
+    assert_eq!(report.refused, 6);
+    assert_eq!(report.distinct_records, 900);
+    // Per installation object, pages arrive in order, each once.
+    for (stream, pages) in world.sink.pages_by_stream() {
+        let numbers: Vec<u64> = pages.iter().map(|(_, p)| *p).collect();
+        assert_eq!(numbers, (1..=5).collect::<Vec<_>>(), "{stream:?}");
+    }
+    // Every attempt is an event: 6 refused, then delivered, with status and attempt number.
+    let mut failed = 0;
+    for op in [contacts, companies] {
+        for (kind, payload) in world.events_of("operation", op.0).await {
+            if kind == "DeliveryAttempted" && payload["delivery"]["delivered"] == json!(false) {
+                assert_eq!(payload["delivery"]["status"], 503);
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 6);
+    let first = world.events_of("operation", contacts.0).await;
+    let attempts: Vec<(u64, u64)> = first
+        .iter()
+        .filter(|(t, _)| t == "DeliveryAttempted")
+        .map(|(_, p)| (p["delivery"]["page"].as_u64().unwrap(), p["delivery"]["attempt"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(&attempts[..8], &[(1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (2, 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_salesforce_shaped_connector_pages_by_next_records_url() {
+    let world = SyncWorld::start(config(450)).await;
+    let connector = world.connectors.get("simulator-salesforce").unwrap();
+    let token = amplog_gateways::sim::connect_customer(&connector, "globex").await.unwrap().access_token;
+    let mut ids = Vec::new();
+    let mut next: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = connector.read_page(&token, "contacts", None, next.as_deref()).await.unwrap();
+        pages += 1;
+        ids.extend(page.records.iter().map(|r| r.id.clone()));
+        match page.next {
+            Some(n) => {
+                assert!(n.starts_with("/services/data/v59.0/query/"), "{n}");
+                next = Some(n);
+            }
+            None => break,
+        }
+    }
+    assert_eq!((pages, ids.len()), (3, 450));
+    let archived = connector.read_page(&token, "contacts", None, None).await.unwrap();
+    assert!(archived.records.iter().any(|r| r.archived), "IsDeleted records are read too");
+    // An updated-since filter through SOQL.
+    let since = archived.records[150].updated;
+    let page = connector.read_page(&token, "contacts", Some(since), None).await.unwrap();
+    assert_eq!(page.records[0].id, archived.records[150].id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_reports_a_result_per_record() {
+    let world = SyncWorld::start(config(10)).await;
+    let records = vec![
+        json!({"email": "new@example.com", "firstname": "New"}),
+        json!({"id": "3", "email": "three@example.com"}),
+        json!({"firstname": "no email"}),
+    ];
+    let outcome = world.service.request_write(&world.ctx, world.installation, "contacts", &records).await.unwrap();
+    let op = amplog_domain::OperationId(outcome.id_of("operation").unwrap());
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
+    let state = world.finished(op, Duration::from_secs(60)).await;
+    dispatch.abort();
+    assert_eq!(state.status, OperationStatus::Succeeded);
+    assert_eq!(state.records, 2);
+    let results: Value = sqlx::query_scalar("SELECT results FROM write_batches WHERE operation_id = $1")
+        .bind(op.0)
+        .fetch_one(&world.db.pool)
+        .await
+        .unwrap();
+    let ok: Vec<bool> = results.as_array().unwrap().iter().map(|r| r["ok"].as_bool().unwrap()).collect();
+    assert_eq!(ok, [true, true, false]);
+    assert_eq!(results[1]["id"], "3");
+    assert_eq!(world.sim_stats().await.records_written, 2);
+    let bad = world.service.request_write(&world.ctx, world.installation, "contacts", &[]).await.unwrap_err();
+    assert_eq!(bad.code(), "invalid_input");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_backfills_new_objects_then_requests_each_slot_once() {
+    let world = SyncWorld::start(config(10)).await;
+    world.project().await;
+    let now = chrono::Utc::now();
+    let a = amplog_streams::scheduler::Scheduler::new(world.service.clone(), "a");
+    let tick = a.tick_once(now).await.unwrap();
+    assert_eq!((tick.backfills, tick.scheduled), (0, 3), "no backfill window: first reads since the installation");
+    // Open reads are not requested again.
+    world.project().await;
+    assert_eq!(a.tick_once(now).await.unwrap().busy, 3);
+    let ops: Vec<(uuid::Uuid, Value)> = sqlx::query_as::<_, (uuid::Uuid, sqlx::types::Json<Value>)>(
+        "SELECT (doc->>'operation_id')::uuid, doc FROM operations",
+    )
+    .fetch_all(&world.db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(id, d)| (id, d.0))
+    .collect();
+    assert!(ops.iter().all(|(_, d)| d["trigger"] == "scheduled" && d["since"].is_string()), "{ops:?}");
+    for (id, _) in &ops {
+        world.service.cancel_operation(&world.ctx, amplog_domain::OperationId(*id), "test").await.unwrap();
+    }
+    world.project().await;
+    // A slot later: one read per object, however many schedulers tick.
+    let later = now + chrono::Duration::minutes(15);
+    let b = amplog_streams::scheduler::Scheduler::new(world.service.clone(), "b");
+    let (ta, tb) = (a.tick_once(later).await.unwrap(), b.tick_once(later).await.unwrap());
+    assert_eq!(ta.scheduled + tb.scheduled, 3);
+    let per_object: BTreeMap<String, i64> = sqlx::query_as(
+        "SELECT payload->>'object', count(*) FROM events WHERE aggregate_type = 'operation' AND event_type = 'Requested' GROUP BY 1",
+    )
+    .fetch_all(&world.db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(per_object.values().copied().collect::<Vec<_>>(), [2, 2, 2]);
+    // A paused installation gets nothing.
+    world.service.pause_installation(&world.ctx, world.installation).await.unwrap();
+    world.project().await;
+    let tick = a.tick_once(later + chrono::Duration::hours(1)).await.unwrap();
+    assert_eq!(tick, amplog_streams::scheduler::Tick::default());
+}
