@@ -7,6 +7,7 @@ mod embedded;
 mod output;
 mod serve;
 mod streams;
+mod sync;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -64,6 +65,32 @@ enum Cmd {
         /// PostgreSQL; with DATABASE_URL run `amplog projections run` beside the API).
         #[arg(long, value_enum, default_value_t = serve::Projectors::Auto)]
         projectors: serve::Projectors,
+        /// Run the sync workers and the scheduler in this process (default: only on the
+        /// embedded PostgreSQL; otherwise run `amplog worker`).
+        #[arg(long, value_enum, default_value_t = serve::Projectors::Auto)]
+        workers: serve::Projectors,
+        /// Also run the provider simulator and a webhook sink, with a demo project of three
+        /// customers syncing from it (implies in-process workers).
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Serve the provider simulator: a CRM-like API (OAuth2, paged objects, writes) with
+    /// fault injection, for tests and demos.
+    ProviderSim(sync::SimArgs),
+    /// Run sync workers (a Kafka consumer group when AMPLOG_KAFKA_BROKERS is set, else the
+    /// in-process dispatch from the log) and the read scheduler, until Ctrl-C or SIGTERM.
+    Worker {
+        /// Jobs run at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Do not run the scheduler here.
+        #[arg(long)]
+        no_scheduler: bool,
+    },
+    /// Destinations: a project's webhook endpoints that receive read results.
+    Destinations {
+        #[command(subcommand)]
+        command: DestinationsCmd,
     },
     /// Projects (tenants).
     Projects {
@@ -101,6 +128,24 @@ enum Cmd {
     Schemas {
         #[arg(long, default_value = "streams/schemas")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DestinationsCmd {
+    /// Create (or re-point) a destination; prints its signing secret once.
+    Create {
+        #[arg(long)]
+        project: uuid::Uuid,
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[arg(long)]
+        url: String,
+    },
+    /// A project's destinations (names and URLs, never secrets).
+    List {
+        #[arg(long)]
+        project: uuid::Uuid,
     },
 }
 
@@ -164,6 +209,7 @@ async fn main() -> Result<()> {
     // Commands that need no database.
     let done = match &cli.command {
         Cmd::Schemas { out } => Some(streams::schemas(out)),
+        Cmd::ProviderSim(args) => Some(sync::provider_sim(args).await),
         Cmd::Tail { topic, from_beginning, max } => {
             let options =
                 amplog_streams::tail::TailOptions { topic: topic.clone(), from_beginning: *from_beginning, max: *max };
@@ -191,7 +237,12 @@ async fn run(app: &mut config::App, command: Cmd, kafka: &streams::KafkaArgs) ->
             println!("{}", serde_json::to_string_pretty(&st)?);
             Ok(0)
         }
-        Cmd::Schemas { .. } | Cmd::Tail { .. } => unreachable!("handled before connecting"),
+        Cmd::Schemas { .. } | Cmd::Tail { .. } | Cmd::ProviderSim(_) => unreachable!("handled before connecting"),
+        Cmd::Worker { concurrency, no_scheduler } => sync::worker(app, kafka, concurrency, !no_scheduler).await,
+        Cmd::Destinations { command } => match command {
+            DestinationsCmd::Create { project, name, url } => sync::create_destination(app, project, &name, &url).await,
+            DestinationsCmd::List { project } => sync::list_destinations(app, project).await,
+        },
         Cmd::Migrate => {
             println!("migrations applied; schema is current");
             Ok(0)
@@ -211,9 +262,9 @@ async fn run(app: &mut config::App, command: Cmd, kafka: &streams::KafkaArgs) ->
             Ok(0)
         }
         Cmd::Projections { command } => projections(app, command).await,
-        Cmd::Serve { listen, config, dev, projectors } => {
+        Cmd::Serve { listen, config, dev, projectors, workers, demo } => {
             let config = serve::server_config(config.as_deref(), listen, dev)?;
-            serve::run(app, config, projectors).await
+            serve::run(app, config, serve::InProcess { projectors, workers, demo }, kafka).await
         }
         Cmd::Projects { command: ProjectsCmd::Create { name } } => serve::create_project(app, &name).await,
         Cmd::Keys { command } => match command {

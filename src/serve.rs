@@ -19,6 +19,20 @@ pub enum Projectors {
     Off,
 }
 
+impl Projectors {
+    fn enabled(self, embedded: bool) -> bool {
+        matches!((self, embedded), (Projectors::On, _) | (Projectors::Auto, true))
+    }
+}
+
+/// What `serve` runs beside the API.
+#[derive(Clone, Copy, Debug)]
+pub struct InProcess {
+    pub projectors: Projectors,
+    pub workers: Projectors,
+    pub demo: bool,
+}
+
 /// `serve --config FILE`: every key optional, unknown keys refused (with their place).
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,36 +68,67 @@ pub fn server_config(file: Option<&Path>, listen: Option<SocketAddr>, dev: bool)
     Ok(config)
 }
 
-pub async fn run(app: &App, config: ServerConfig, projectors: Projectors) -> Result<i32> {
+pub async fn run(app: &App, config: ServerConfig, run: InProcess, kafka: &crate::streams::KafkaArgs) -> Result<i32> {
     let service = app.service()?;
     let keys = Keys::new(app.pool.clone());
     let listen = config.listen;
+    let demo = if run.demo { Some(crate::sync::start_demo(app).await?) } else { None };
     let server =
-        Server::start(config, service.clone(), keys).await.with_context(|| format!("listening on {listen}"))?;
+        Server::start(config, service.clone(), keys.clone()).await.with_context(|| format!("listening on {listen}"))?;
     // Tests and scripts read the bound address (listen on port 0 to pick a free one).
     println!("amplog serving on http://{}", server.addr);
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let projector = match (projectors, app.is_embedded()) {
-        (Projectors::On, _) | (Projectors::Auto, true) => {
-            let holder = format!("{}:{}:serve", crate::hostname(), std::process::id());
-            let runner = Runner::new(app.pool.clone(), service.store().clone(), holder);
-            let mut stopped = stopped.clone();
-            Some(tokio::spawn(async move {
-                runner
-                    .run(async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                    })
-                    .await
-            }))
+    let wait = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
         }
-        _ => None,
     };
+    let mut tasks: Vec<tokio::task::JoinHandle<Result<()>>> = Vec::new();
+    if run.projectors.enabled(app.is_embedded()) {
+        let holder = format!("{}:{}:serve", crate::hostname(), std::process::id());
+        let runner = Runner::new(app.pool.clone(), service.store().clone(), holder);
+        let until = wait();
+        tasks.push(tokio::spawn(async move { Ok(runner.run(until).await?) }));
+    }
+    if run.demo || run.workers.enabled(app.is_embedded()) {
+        let connectors = match &demo {
+            Some(demo) => demo.connectors.clone(),
+            None => amplog_gateways::connector::Connectors::from_env(),
+        };
+        let kafka = kafka.brokers.as_ref().map(|_| kafka.config()).transpose()?;
+        let (workers, until) = (service.clone(), wait());
+        tasks.push(tokio::spawn(async move { crate::sync::run_workers(&workers, connectors, kafka, 4, until).await }));
+        let (scheduler, until) = (service.clone(), wait());
+        tasks.push(tokio::spawn(async move {
+            crate::sync::run_scheduler(&scheduler, until).await;
+            Ok(())
+        }));
+    }
+    if let Some(demo) = &demo {
+        let project = amplog_domain::ProjectId(crate::sync::DEMO_PROJECT);
+        let (_, key) = keys.create(project, Scope::Read, Some("demo")).await?;
+        println!("demo: a read key for the demo project: {key}");
+        println!(
+            "demo: curl -s http://{}/graphql -H 'x-api-key: {key}' -H 'content-type: application/json' \\
+               -d '{{\"query\":\"{{ installations(first: 5) {{ nodes {{ groupRef health readStates {{ object watermark recordsRead }} }} }} }}\"}}'",
+            server.addr
+        );
+        let (sink, until) = (demo.sink.clone(), wait());
+        tasks.push(tokio::spawn(async move {
+            crate::sync::report_demo(sink, until).await;
+            Ok(())
+        }));
+    }
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight requests");
     server.stop().await?;
     stop.send(true).ok();
-    if let Some(projector) = projector {
-        projector.await??;
+    for task in tasks {
+        task.await??;
+    }
+    if let Some(demo) = demo {
+        demo.stop().await;
     }
     Ok(0)
 }

@@ -220,6 +220,12 @@ impl SyncHandler {
                 }
             };
             if page.records.is_empty() && page.next.is_none() {
+                if pages == 0 && watermark.is_some() && watermark != state_watermark {
+                    // Nothing changed since `since`: that is where the next read starts, so
+                    // record it (a page of no records, nothing to deliver).
+                    let cursor = Cursor { watermark, page_token: None };
+                    recorded(service.record_page(ctx, operation_id, lease, 0, 0, &cursor).await)?;
+                }
                 return Ok(());
             }
             if let Some(max) = page.records.iter().map(|r| r.updated).max() {

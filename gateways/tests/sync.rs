@@ -324,9 +324,22 @@ async fn the_scheduler_backfills_new_objects_then_requests_each_slot_once() {
     .map(|(id, d)| (id, d.0))
     .collect();
     assert!(ops.iter().all(|(_, d)| d["trigger"] == "scheduled" && d["since"].is_string()), "{ops:?}");
+    // Nothing changed at the provider since the installation was created: the first reads
+    // deliver nothing, but their start becomes the watermark the next reads go on from.
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
     for (id, _) in &ops {
-        world.service.cancel_operation(&world.ctx, amplog_domain::OperationId(*id), "test").await.unwrap();
+        let state = world.finished(amplog_domain::OperationId(*id), Duration::from_secs(30)).await;
+        assert_eq!((state.status, state.records), (OperationStatus::Succeeded, 0));
     }
+    world.project().await;
+    let watermarks: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT doc->>'watermark' FROM read_states").fetch_all(&world.db.pool).await.unwrap();
+    assert_eq!(watermarks.len(), 3);
+    assert!(watermarks.iter().all(|w| w.is_some()), "{watermarks:?}");
+    world.sim_control("/_sim/touch/deals/2", None).await;
+    let deals = world.request_read("deals").await;
+    assert_eq!(world.finished(deals, Duration::from_secs(30)).await.records, 2, "only the two changed deals");
+    dispatch.abort();
     world.project().await;
     // A slot later: one read per object, however many schedulers tick.
     let later = now + chrono::Duration::minutes(15);
@@ -341,7 +354,8 @@ async fn the_scheduler_backfills_new_objects_then_requests_each_slot_once() {
     .unwrap()
     .into_iter()
     .collect();
-    assert_eq!(per_object.values().copied().collect::<Vec<_>>(), [2, 2, 2]);
+    // companies, contacts, deals: the first read and the slot's; deals also the one above.
+    assert_eq!(per_object.values().copied().collect::<Vec<_>>(), [2, 2, 3]);
     // A paused installation gets nothing.
     world.service.pause_installation(&world.ctx, world.installation).await.unwrap();
     world.project().await;
