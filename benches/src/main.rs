@@ -5,6 +5,7 @@
 
 mod api;
 mod relay;
+mod sync;
 
 use amplog_commands::credentials::{CredentialKey, CredentialStore, Secret};
 use amplog_commands::service::{NewInstallation, NewOperation};
@@ -34,9 +35,15 @@ struct Args {
     /// Size of the log for the reader catch-up benchmark.
     #[arg(long, default_value_t = 1_000_000)]
     catchup_events: i64,
-    /// Which benchmarks: `write` (commands, reader, projections), `api`, `relay` (Kafka), or `all`.
-    #[arg(long, default_value = "all", value_parser = ["write", "api", "relay", "all"])]
+    /// Which benchmarks: `write` (commands, reader, projections), `api`, `relay` (Kafka),
+    /// `sync` (workers, simulator → webhook sink), or `all`.
+    #[arg(long, default_value = "all", value_parser = ["write", "api", "relay", "sync", "all"])]
     suite: String,
+    /// The sync benchmark: installations read per round, and contacts each reads.
+    #[arg(long, default_value_t = 16)]
+    sync_installations: usize,
+    #[arg(long, default_value_t = 3_000)]
+    sync_records: usize,
     /// The Kafka-protocol broker of the relay benchmark (benches/run starts one).
     #[arg(long, env = "AMPLOG_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
@@ -123,6 +130,13 @@ impl Report {
             ms(stats.percentile(0.99)),
             ms(stats.percentile(1.0))
         );
+        eprintln!("{row}");
+        self.rows.push(row);
+    }
+
+    /// A row of two rates measured without per-operation latencies.
+    fn rate_pair(&mut self, name: &str, unit: &str, ours: f64, raw: f64) {
+        let row = format!("| {name} | {ours:.0} {unit} | {raw:.0} {unit} | **{:.2}** |", ours / raw);
         eprintln!("{row}");
         self.rows.push(row);
     }
@@ -524,6 +538,12 @@ async fn main() -> Result<()> {
     if wants("relay") {
         let brokers = args.kafka_brokers.as_deref().context("the relay benchmark needs AMPLOG_KAFKA_BROKERS")?;
         relay::run(&mut report, &args.database_url, brokers, args.relay_events, 1000, args.seconds.max(10)).await?;
+    }
+    if wants("sync") {
+        let pool = fresh_database(&args.database_url, "amplog_bench_sync").await?;
+        let setup = sync::Setup { installations: args.sync_installations, records: args.sync_records };
+        sync::run(&mut report, &pool, setup).await?;
+        pool.close().await;
     }
     if wants("api") {
         let pool = fresh_database(&args.database_url, "amplog_bench_api").await?;
