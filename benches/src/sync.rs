@@ -33,7 +33,8 @@ async fn raw_client(sim: &str, connectors: &Connectors, customer: &str) -> Resul
     let http = reqwest::Client::new();
     let (mut records, mut after) = (0u64, None::<String>);
     loop {
-        let mut request = http.get(format!("{sim}/crm/v3/objects/contacts")).bearer_auth(&token).query(&[("limit", "100")]);
+        let mut request =
+            http.get(format!("{sim}/crm/v3/objects/contacts")).bearer_auth(&token).query(&[("limit", "100")]);
         if let Some(after) = &after {
             request = request.query(&[("after", after)]);
         }
@@ -74,9 +75,15 @@ async fn provision(
 ) -> Result<(CommandContext, Vec<amplog_domain::InstallationId>)> {
     let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "bench");
     service.create_project(&ctx, "sync-bench").await?;
-    let decl =
-        ObjectDecl { name: "contacts".into(), schedule: None, backfill: Backfill::Full, fields: vec![], destination: None };
-    let outcome = service.declare_integration_with(&ctx, "crm", "simulator", Some(&Manifest { objects: vec![decl] })).await?;
+    let decl = ObjectDecl {
+        name: "contacts".into(),
+        schedule: None,
+        backfill: Backfill::Full,
+        fields: vec![],
+        destination: None,
+    };
+    let outcome =
+        service.declare_integration_with(&ctx, "crm", "simulator", Some(&Manifest { objects: vec![decl] })).await?;
     let integration = IntegrationId(outcome.id_of("integration").context("integration")?);
     let secret = amplog_commands::credentials::Secret(secret.into());
     destinations::put(pool, service.credentials(), ctx.project_id, "default", sink_url, Some(secret)).await?;
@@ -84,7 +91,8 @@ async fn provision(
     let mut installations = Vec::new();
     for i in 0..n {
         let (_, installation) =
-            amplog_gateways::sim::install_customer(service, &ctx, integration, &connector, &format!("customer-{i}")).await?;
+            amplog_gateways::sim::install_customer(service, &ctx, integration, &connector, &format!("customer-{i}"))
+                .await?;
         installations.push(installation);
     }
     Ok((ctx, installations))
@@ -125,7 +133,9 @@ async fn sync_rate(
             until: None,
             trigger: amplog_domain::operation::Trigger::Triggered,
         };
-        ops.push(OperationId(service.request_operation(&ctx, *installation, &read).await?.id_of("operation").context("op")?));
+        ops.push(OperationId(
+            service.request_operation(&ctx, *installation, &read).await?.id_of("operation").context("op")?,
+        ));
     }
     let mut records = 0;
     let mut last_report = Instant::now();
@@ -159,8 +169,9 @@ pub async fn run(report: &mut Report, pool: &PgPool, setup: Setup) -> Result<()>
     let sink = Sink::new(&secret.0);
     let (sink_addr, sink_task) = sink.serve("127.0.0.1:0".parse()?).await?;
     let sink_url = format!("http://{sink_addr}/hooks/default");
-    let settings =
-        [("simulator".to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() })].into_iter().collect();
+    let settings = [("simulator".to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() })]
+        .into_iter()
+        .collect();
     let connectors = Connectors::new(&Catalog::builtin(), &settings);
     let url = sim.url();
     for workers in [1usize, 4] {

@@ -750,6 +750,21 @@ impl CommandService {
         .await
     }
 
+    /// Extends the holder's lease to `lease_for` from now.
+    pub async fn renew_lease(
+        &self,
+        ctx: &CommandContext,
+        id: OperationId,
+        lease_id: LeaseId,
+        lease_for: Duration,
+    ) -> Result<CommandOutcome, CommandError> {
+        let at = Utc::now();
+        self.single::<Operation>(ctx, "operation.renew_lease", id.0, &(id, lease_id, at), |_| {
+            OperationCommand::RenewLease { lease_id, lease_until: at + lease_for, at }
+        })
+        .await
+    }
+
     /// Records a failed delivery attempt of the operation's next page.
     pub async fn record_delivery_failure(
         &self,

@@ -122,6 +122,12 @@ pub enum OperationCommand {
         pages: Vec<PageRecord>,
         at: DateTime<Utc>,
     },
+    /// The holder extends its lease (a long read), so no other worker takes it over.
+    RenewLease {
+        lease_id: LeaseId,
+        lease_until: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
     /// A delivery attempt that failed (the page is not recorded yet).
     RecordDeliveryFailure {
         lease_id: LeaseId,
@@ -188,6 +194,11 @@ pub enum OperationEvent {
     DeliveryAttempted {
         lease_id: LeaseId,
         delivery: DeliveryAttempt,
+        at: DateTime<Utc>,
+    },
+    LeaseRenewed {
+        lease_id: LeaseId,
+        lease_until: DateTime<Utc>,
         at: DateTime<Utc>,
     },
     Succeeded {
@@ -398,6 +409,13 @@ impl Aggregate for Operation {
                     })
                     .collect())
             }
+            C::RenewLease { lease_id, lease_until, at } => {
+                self.holder(*lease_id)?;
+                if lease_until <= at {
+                    return Err(OperationError::InvalidLease);
+                }
+                Ok(vec![E::LeaseRenewed { lease_id: *lease_id, lease_until: *lease_until, at: *at }])
+            }
             C::RecordDeliveryFailure { lease_id, delivery, at } => {
                 self.holder(*lease_id)?;
                 self.next_page(delivery, false)?;
@@ -475,6 +493,9 @@ impl Aggregate for Operation {
                 self.cursor = cursor.clone();
             }
             E::DeliveryAttempted { .. } => {}
+            E::LeaseRenewed { lease_id, lease_until, .. } => {
+                self.lease = Some(Lease { id: *lease_id, until: *lease_until });
+            }
             E::Succeeded { at, .. } => {
                 self.status = OperationStatus::Succeeded;
                 self.lease = None;

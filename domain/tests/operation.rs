@@ -279,3 +279,23 @@ fn deliveries_are_recorded_for_the_next_page_only() {
         .when(OperationCommand::RecordDeliveryFailure { lease_id: id(99), delivery: attempt(2, 1, false), at: t(4) })
         .then_err(OperationError::StaleLease);
 }
+
+#[test]
+fn the_holder_renews_its_lease_and_a_renewed_lease_is_not_taken_over() {
+    let running = vec![requested(), started(LEASE, 30)];
+    given::<Operation>(&running)
+        .when(OperationCommand::RenewLease { lease_id: id(LEASE), lease_until: t(90), at: t(20) })
+        .then(&[OperationEvent::LeaseRenewed { lease_id: id(LEASE), lease_until: t(90), at: t(20) }]);
+    given::<Operation>(&running)
+        .when(OperationCommand::RenewLease { lease_id: id(99), lease_until: t(90), at: t(20) })
+        .then_err(OperationError::StaleLease);
+    given::<Operation>(&running)
+        .when(OperationCommand::RenewLease { lease_id: id(LEASE), lease_until: t(20), at: t(20) })
+        .then_err(OperationError::InvalidLease);
+    let mut renewed = running.clone();
+    renewed.push(OperationEvent::LeaseRenewed { lease_id: id(LEASE), lease_until: t(90), at: t(20) });
+    // Past the first lease's end, but not the renewed one's.
+    given::<Operation>(&renewed)
+        .when(OperationCommand::Start { lease_id: id(71), lease_until: t(100), at: t(40) })
+        .then_err(OperationError::LeaseHeld);
+}

@@ -67,6 +67,15 @@ fn failure(class: ErrorClass, message: impl Into<String>, retryable: bool) -> Jo
     JobFailure { class, message: message.into(), retryable }
 }
 
+/// A provider's failure as the job's: transient classes are worth another attempt.
+fn classified(error: ProviderError) -> JobFailure {
+    let retryable = matches!(
+        error.class,
+        ErrorClass::Provider5xx | ErrorClass::Timeout | ErrorClass::RateLimited | ErrorClass::Internal
+    );
+    failure(error.class, error.message, retryable)
+}
+
 fn internal(error: impl std::fmt::Display) -> JobFailure {
     failure(ErrorClass::Internal, error.to_string(), true)
 }
@@ -93,6 +102,28 @@ fn jittered(delay: Duration, seed: u64) -> Duration {
 fn backoff(policy: &SyncPolicy, try_no: u32, seed: u64) -> Duration {
     let exp = policy.backoff.saturating_mul(1 << try_no.min(16));
     jittered(exp.min(policy.max_backoff), seed ^ u64::from(try_no))
+}
+
+/// Renews the job's lease once a third of it has passed, so a long read is not taken over
+/// while its worker lives.
+struct LeaseKeeper {
+    renewed: std::time::Instant,
+}
+
+impl LeaseKeeper {
+    fn new() -> Self {
+        Self { renewed: std::time::Instant::now() }
+    }
+
+    async fn keep(&mut self, job: &JobContext<'_>) -> Result<(), JobFailure> {
+        if self.renewed.elapsed() < job.lease_for / 3 {
+            return Ok(());
+        }
+        let lease_for = chrono::TimeDelta::from_std(job.lease_for).map_err(internal)?;
+        recorded(job.service.renew_lease(job.command, job.message.job.operation_id, job.lease, lease_for).await)?;
+        self.renewed = std::time::Instant::now();
+        Ok(())
+    }
 }
 
 /// What a read needs, loaded once per attempt.
@@ -151,14 +182,19 @@ impl SyncHandler {
         connector: &Connector,
         since: Option<DateTime<Utc>>,
         page_token: Option<&str>,
-    ) -> Result<ProviderPage, ProviderError> {
+        lease: &mut LeaseKeeper,
+    ) -> Result<ProviderPage, JobFailure> {
         let connection = job.message.job.connection_id;
         let object = &job.message.job.object;
         let seed = job.message.job.operation_id.0.as_u128() as u64;
         let mut rejected: Option<String> = None;
         let mut tries = 0;
         loop {
-            let token = self.tokens.access_token(job.command, connection, connector, rejected.as_deref()).await?;
+            let token = self
+                .tokens
+                .access_token(job.command, connection, connector, rejected.as_deref())
+                .await
+                .map_err(classified)?;
             let error = match connector.read_page(&token, object, since, page_token).await {
                 Ok(page) => return Ok(page),
                 Err(error) => error,
@@ -168,6 +204,7 @@ impl SyncHandler {
                     let wait = error.retry_after.unwrap_or(Duration::from_secs(1)).min(self.policy.max_park);
                     tracing::debug!(wait_ms = wait.as_millis() as u64, "rate limited: parked until Retry-After");
                     tokio::time::sleep(wait).await;
+                    lease.keep(job).await?;
                 }
                 ErrorClass::AuthInvalidated if rejected.as_deref() != Some(token.as_str()) => {
                     // Expired or revoked access token: refresh once, then try again.
@@ -178,7 +215,8 @@ impl SyncHandler {
                     tries += 1;
                     tokio::time::sleep(backoff(&self.policy, tries, seed)).await;
                 }
-                _ => return Err(error),
+                ErrorClass::CursorGone => return Err(failure(ErrorClass::CursorGone, error.message, true)),
+                _ => return Err(classified(error)),
             }
         }
     }
@@ -187,6 +225,7 @@ impl SyncHandler {
         let (service, ctx, lease) = (job.service, job.command, job.lease);
         let operation_id = job.message.job.operation_id;
         let plan = self.plan(&job).await?;
+        let mut lease_keeper = LeaseKeeper::new();
         let operation = service.load::<Operation>(ctx, operation_id.0).await.map_err(internal)?.state;
         let mut pages = operation.pages;
         let mut watermark = operation.cursor.watermark;
@@ -203,7 +242,7 @@ impl SyncHandler {
             watermark = state_watermark.or(since);
         }
         loop {
-            let page = match self.fetch(&job, &plan.connector, start, page_token.as_deref()).await {
+            let page = match self.fetch(&job, &plan.connector, start, page_token.as_deref(), &mut lease_keeper).await {
                 Ok(page) => page,
                 Err(error) if error.class == ErrorClass::CursorGone && page_token.is_some() => {
                     tracing::warn!(operation = %operation_id, "the provider lost the cursor: restarting from the watermark");
@@ -211,13 +250,7 @@ impl SyncHandler {
                     start = watermark.map(|w| w - self.policy.overlap).or(start);
                     continue;
                 }
-                Err(error) => {
-                    let retryable = matches!(
-                        error.class,
-                        ErrorClass::Provider5xx | ErrorClass::Timeout | ErrorClass::RateLimited | ErrorClass::Internal
-                    );
-                    return Err(failure(error.class, error.message, retryable));
-                }
+                Err(error) => return Err(error),
             };
             if page.records.is_empty() && page.next.is_none() {
                 if pages == 0 && watermark.is_some() && watermark != state_watermark {
@@ -238,6 +271,7 @@ impl SyncHandler {
                 cursor: Cursor { watermark, page_token: page.next.clone() },
             };
             self.deliver_page(&job, &plan, operation_id, lease, pages, &page, record).await?;
+            lease_keeper.keep(&job).await?;
             match page.next {
                 Some(next) => page_token = Some(next),
                 None => return Ok(()),
@@ -342,7 +376,7 @@ impl SyncHandler {
                 .tokens
                 .access_token(ctx, connection, &plan.connector, rejected.as_deref())
                 .await
-                .map_err(|e| failure(e.class, e.message, false))?;
+                .map_err(classified)?;
             match plan.connector.write(&token, &job.message.job.object, &records.0).await {
                 Ok(results) => break results,
                 Err(e) if e.class == ErrorClass::RateLimited => {
@@ -358,10 +392,7 @@ impl SyncHandler {
                     tries += 1;
                     tokio::time::sleep(backoff(&self.policy, tries, operation_id.0.as_u128() as u64)).await;
                 }
-                Err(e) => {
-                    let retryable = matches!(e.class, ErrorClass::Provider5xx | ErrorClass::Timeout);
-                    return Err(failure(e.class, e.message, retryable));
-                }
+                Err(e) => return Err(classified(e)),
             }
         };
         sqlx::query("UPDATE write_batches SET results = $2 WHERE operation_id = $1")

@@ -148,6 +148,7 @@ async fn a_worker_killed_mid_read_is_resumed_from_the_recorded_cursor() {
 
     let events = world.events_of("operation", op.0).await;
     assert_eq!(count(&events, "Started"), 2, "taken over after the lease expired");
+    assert!(count(&events, "LeaseRenewed") >= 1, "the live worker renewed its 2 s lease");
     assert_eq!(count(&events, "PageRecorded"), 30);
     // The second worker went on from the recorded page token: the provider served the rest
     // (and at most the page in flight at the kill), not the object from its start.

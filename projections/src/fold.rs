@@ -167,6 +167,7 @@ fn at_of(event: &OperationEvent) -> DateTime<Utc> {
         | E::Started { at, .. }
         | E::PageRecorded { at, .. }
         | E::DeliveryAttempted { at, .. }
+        | E::LeaseRenewed { at, .. }
         | E::Succeeded { at, .. }
         | E::Failed { at, .. }
         | E::Retried { at, .. }
@@ -510,6 +511,7 @@ impl Fold {
                     op.delivery_failures += 1;
                 }
             }
+            E::LeaseRenewed { .. } => {}
             E::Succeeded { .. } => finished = Some("succeeded"),
             E::Failed { error_class, message, .. } => {
                 op.error_class = Some(name_of(error_class));

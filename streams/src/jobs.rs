@@ -155,6 +155,8 @@ pub struct JobFailure {
 pub struct JobContext<'a> {
     pub message: &'a JobMessage,
     pub lease: LeaseId,
+    /// How long the lease holds; a long job renews it (`CommandService::renew_lease`).
+    pub lease_for: Duration,
     pub attempt: u32,
     pub service: &'a CommandService,
     pub command: &'a CommandContext,
@@ -275,6 +277,11 @@ impl<H: JobHandler> Worker<H> {
             if state.status.is_terminal() {
                 return Ok(Disposition::AlreadyFinished);
             }
+            if !self.is_latest_dispatch(message).await? {
+                // An older job of an operation since retried (redelivered because its offset
+                // was never committed): the retry's own job runs it.
+                return Ok(Disposition::Superseded);
+            }
             match self.service.start_operation(&command, id, lease, lease_for).await {
                 Ok(_) => break,
                 Err(CommandError::Domain(DomainError::Operation(OperationError::LeaseHeld))) => {
@@ -295,7 +302,14 @@ impl<H: JobHandler> Worker<H> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let context = JobContext { message, lease, attempt, service: &self.service, command: &command };
+            let context = JobContext {
+                message,
+                lease,
+                lease_for: self.policy.lease_for,
+                attempt,
+                service: &self.service,
+                command: &command,
+            };
             let failure = match self.handler.run(context).await {
                 Ok(()) => {
                     return self
@@ -316,6 +330,19 @@ impl<H: JobHandler> Worker<H> {
             }
             tokio::time::sleep(self.policy.delay(attempt, seed)).await;
         }
+    }
+
+    /// Whether the job is its operation's latest dispatch (its `Requested` event, or the
+    /// last `Retried`).
+    async fn is_latest_dispatch(&self, message: &JobMessage) -> Result<bool, StreamsError> {
+        let latest: Option<Uuid> = sqlx::query_scalar(
+            "SELECT event_id FROM events WHERE aggregate_type = 'operation' AND aggregate_id = $1
+               AND event_type IN ('Requested', 'Retried') ORDER BY sequence DESC LIMIT 1",
+        )
+        .bind(message.job.operation_id.to_string())
+        .fetch_optional(self.service.pool())
+        .await?;
+        Ok(latest.is_none_or(|id| id == message.event_id))
     }
 
     /// The outcome command's result: a lease lost meanwhile means another worker owns the

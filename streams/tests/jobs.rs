@@ -208,8 +208,14 @@ async fn a_worker_takes_the_tenant_from_the_envelope_never_from_the_data() {
         until: None,
         trigger: amplog_domain::operation::Trigger::Triggered,
     };
-    let message =
-        |project| JobMessage { project, job: job.clone(), event_id: uuid::Uuid::now_v7(), time: chrono::Utc::now() };
+    // The job's identity is its `Requested` event, as the relay publishes it.
+    let requested: uuid::Uuid =
+        sqlx::query_scalar("SELECT event_id FROM events WHERE aggregate_id = $1 AND event_type = 'Requested'")
+            .bind(victim.to_string())
+            .fetch_one(service.pool())
+            .await
+            .unwrap();
+    let message = |project| JobMessage { project, job: job.clone(), event_id: requested, time: chrono::Utc::now() };
     // 1. Project B's envelope naming project A's operation.
     let forged = message(b.ctx.project_id).to_cloud_event();
     // 2. No tenant in the envelope at all.
@@ -310,4 +316,12 @@ async fn a_retried_operation_dispatches_its_job_again_as_requested() {
     assert_ne!(retried.event_id, requested.event_id);
     assert_eq!(retried.project, s.ctx.project_id);
     assert_eq!(retried.job.object, "deals");
+
+    // The first job, redelivered after the retry dispatched the second (its offset was never
+    // committed), runs nothing: only the latest dispatch of an operation runs it.
+    let handler = Arc::new(TestHandler::default());
+    let worker = worker(&service, &handler, "late");
+    assert_eq!(worker.process(requested).await.unwrap(), amplog_streams::jobs::Disposition::Superseded);
+    assert_eq!(handler.deals.load(Ordering::SeqCst), 0);
+    assert_eq!(events_of(&service, op).await.last().map(String::as_str), Some("Retried"));
 }
