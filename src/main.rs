@@ -86,6 +86,10 @@ enum Cmd {
         /// Do not run the scheduler here.
         #[arg(long)]
         no_scheduler: bool,
+        /// How long a worker's lease on an operation holds (renewed while it works); a
+        /// dead worker's operation is taken over after it.
+        #[arg(long, default_value_t = 60)]
+        lease_secs: u64,
     },
     /// Destinations: a project's webhook endpoints that receive read results.
     Destinations {
@@ -238,7 +242,10 @@ async fn run(app: &mut config::App, command: Cmd, kafka: &streams::KafkaArgs) ->
             Ok(0)
         }
         Cmd::Schemas { .. } | Cmd::Tail { .. } | Cmd::ProviderSim(_) => unreachable!("handled before connecting"),
-        Cmd::Worker { concurrency, no_scheduler } => sync::worker(app, kafka, concurrency, !no_scheduler).await,
+        Cmd::Worker { concurrency, no_scheduler, lease_secs } => {
+            let lease = std::time::Duration::from_secs(lease_secs.max(1));
+            sync::worker(app, kafka, sync::WorkerOptions { concurrency, lease }, !no_scheduler).await
+        }
         Cmd::Destinations { command } => match command {
             DestinationsCmd::Create { project, name, url } => sync::create_destination(app, project, &name, &url).await,
             DestinationsCmd::List { project } => sync::list_destinations(app, project).await,

@@ -98,7 +98,9 @@ pub async fn run(app: &App, config: ServerConfig, run: InProcess, kafka: &crate:
         };
         let kafka = kafka.brokers.as_ref().map(|_| kafka.config()).transpose()?;
         let (workers, until) = (service.clone(), wait());
-        tasks.push(tokio::spawn(async move { crate::sync::run_workers(&workers, connectors, kafka, 4, until).await }));
+        tasks.push(tokio::spawn(async move {
+            crate::sync::run_workers(&workers, connectors, kafka, Default::default(), until).await
+        }));
         let (scheduler, until) = (service.clone(), wait());
         tasks.push(tokio::spawn(async move {
             crate::sync::run_scheduler(&scheduler, until).await;

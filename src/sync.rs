@@ -78,16 +78,36 @@ fn holder(role: &str) -> String {
     format!("{role}:{}:{}", crate::hostname(), std::process::id())
 }
 
-/// Runs sync workers until `stop`: a Kafka consumer group (`concurrency` members) when Kafka
-/// is configured, else the in-process dispatch from the log (`concurrency` lanes).
+/// How many jobs run at once, and how long their leases hold.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerOptions {
+    pub concurrency: usize,
+    pub lease: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self { concurrency: 4, lease: Duration::from_secs(60) }
+    }
+}
+
+/// Runs sync workers until `stop`: a Kafka consumer group (`concurrency` members, group
+/// `{topic prefix}sync-workers`) when Kafka is configured, else the in-process dispatch from
+/// the log (`concurrency` lanes).
 pub async fn run_workers(
     service: &CommandService,
     connectors: Connectors,
     kafka: Option<amplog_streams::KafkaConfig>,
-    concurrency: usize,
+    options: WorkerOptions,
     stop: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    let concurrency = options.concurrency;
     let handler = Arc::new(SyncHandler::new(service.clone(), connectors));
+    let new_worker = |name: String| {
+        let mut worker = Worker::new(service.clone(), handler.clone(), name);
+        worker.policy.lease_for = options.lease;
+        worker
+    };
     let (tx, rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -96,11 +116,11 @@ pub async fn run_workers(
         match kafka {
             Some(config) => {
                 let runs = (0..concurrency.max(1)).map(|i| {
-                    let worker = Worker::new(service.clone(), handler.clone(), format!("{}-{i}", holder("worker")));
+                    let worker = new_worker(format!("{}-{i}", holder("worker")));
                     let (config, rx) = (config.clone(), rx.clone());
                     async move {
-                        amplog_streams::jobs::run_kafka_worker(&worker, &config, "amplog-sync-workers", stopped(rx))
-                            .await
+                        let group = format!("{}sync-workers", config.topic_prefix);
+                        amplog_streams::jobs::run_kafka_worker(&worker, &config, &group, stopped(rx)).await
                     }
                 });
                 for result in futures::future::join_all(runs).await {
@@ -108,7 +128,7 @@ pub async fn run_workers(
                 }
             }
             None => {
-                let worker = Arc::new(Worker::new(service.clone(), handler.clone(), holder("worker")));
+                let worker = Arc::new(new_worker(holder("worker")));
                 let mut dispatch = InProcessDispatch::new(worker, EventStore::default(), holder("dispatch"));
                 dispatch.lanes = concurrency.max(1);
                 dispatch.run(stopped(rx.clone())).await?;
@@ -130,7 +150,12 @@ pub async fn run_scheduler(service: &CommandService, stop: impl Future<Output = 
 }
 
 /// `amplog worker`: sync workers and the scheduler until Ctrl-C or SIGTERM.
-pub async fn worker(app: &App, kafka: &crate::streams::KafkaArgs, concurrency: usize, scheduler: bool) -> Result<i32> {
+pub async fn worker(
+    app: &App,
+    kafka: &crate::streams::KafkaArgs,
+    options: WorkerOptions,
+    scheduler: bool,
+) -> Result<i32> {
     let service = app.service()?;
     let config = kafka.brokers.as_ref().map(|_| kafka.config()).transpose()?;
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -142,7 +167,7 @@ pub async fn worker(app: &App, kafka: &crate::streams::KafkaArgs, concurrency: u
             run_scheduler(&service, wait(rx.clone())).await;
         }
     };
-    let workers = run_workers(&service, Connectors::from_env(), config, concurrency, wait(rx.clone()));
+    let workers = run_workers(&service, Connectors::from_env(), config, options, wait(rx.clone()));
     let signal = async {
         crate::serve::shutdown_signal().await;
         tracing::info!("stopping: finishing the jobs in hand");

@@ -1,0 +1,86 @@
+//! `amplog worker` processes SIGKILLed in the middle of a read, in both transports: the
+//! in-process dispatch from the log (the embedded default's) and a Kafka consumer group fed
+//! by the relay. The next worker process takes the operation over when the dead one's lease
+//! expires and goes on from the last recorded page: nothing is skipped, no page is recorded
+//! twice, the provider is not read from the start again.
+
+use amplog_domain::operation::{Operation, OperationStatus};
+use amplog_gateways::sim::{Faults, SimConfig};
+use amplog_gateways::testing::SyncWorld;
+use amplog_streams::Relay;
+use base64::Engine;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+const RECORDS: usize = 3_000;
+
+fn spawn_worker(world: &SyncWorld, kafka: Option<&amplog_streams::KafkaConfig>) -> Child {
+    let key = base64::engine::general_purpose::STANDARD.encode(amplog_commands::testing::TEST_KEY);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_amplog"));
+    command
+        .args(["worker", "--concurrency", "1", "--no-scheduler", "--lease-secs", "2"])
+        .env("DATABASE_URL", &world.db.url)
+        .env("AMPLOG_CREDENTIALS_KEY", key)
+        .env("AMPLOG_PROVIDER_SIMULATOR_URL", world.sim.url())
+        .env("AMPLOG_LOG", std::env::var("AMPLOG_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()));
+    if let Some(config) = kafka {
+        command
+            .env("AMPLOG_KAFKA_BROKERS", &config.brokers)
+            .env("AMPLOG_KAFKA_TOPIC_PREFIX", &config.topic_prefix)
+            .env("AMPLOG_KAFKA_PARTITIONS", config.partitions.to_string())
+            // A dead member's partitions move after the session timeout (45 s by default).
+            .env("AMPLOG_KAFKA_PROPERTIES", "session.timeout.ms=6000,heartbeat.interval.ms=1000");
+    }
+    command.spawn().expect("start amplog worker")
+}
+
+async fn killed_mid_read_and_resumed(kafka: Option<amplog_streams::KafkaConfig>) {
+    let faults = Faults { slow: 1.0, slow_ms: 40, ..Faults::default() };
+    let world = SyncWorld::start(SimConfig { records: RECORDS, faults, ..SimConfig::default() }).await;
+    let relay = kafka.as_ref().map(|config| {
+        let relay = Relay::new(world.db.pool.clone(), Default::default(), config.clone(), "test-relay").unwrap();
+        tokio::spawn(async move { relay.run(std::future::pending()).await })
+    });
+    let op = world.request_read("contacts").await;
+    let mut first = spawn_worker(&world, kafka.as_ref());
+    let load = || async { world.service.load::<Operation>(&world.ctx, op.0).await.unwrap().state };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while load().await.pages < 8 {
+        assert!(std::time::Instant::now() < deadline, "the first worker made no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill().expect("SIGKILL the worker");
+    first.wait().unwrap();
+    let at_kill = load().await;
+    let served_at_kill = world.sim_stats().await.records_served;
+    let mut second = spawn_worker(&world, kafka.as_ref());
+    let state = world.finished(op, Duration::from_secs(180)).await;
+    second.kill().ok();
+    second.wait().ok();
+    if let Some(relay) = relay {
+        relay.abort();
+    }
+    assert_eq!(state.status, OperationStatus::Succeeded);
+    assert_eq!(state.records, RECORDS as u64, "every record recorded once");
+    let events = world.events_of("operation", op.0).await;
+    let count = |kind: &str| events.iter().filter(|(t, _)| t == kind).count();
+    assert_eq!(count("Started"), 2, "the second worker took the operation over");
+    assert_eq!(count("PageRecorded"), RECORDS / 100);
+    assert_eq!(count("Succeeded"), 1);
+    let resumed = world.sim_stats().await.records_served - served_at_kill;
+    println!("killed after {} recorded pages; the next worker read {resumed} records", at_kill.pages);
+    assert!(resumed <= RECORDS as u64 - at_kill.records + 100, "{resumed} records read after the kill");
+    let report = world.sink.report();
+    assert_eq!(report.distinct_records, RECORDS, "nothing skipped");
+    assert!(report.duplicate_deliveries <= 1, "at most the page in flight again: {report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_killed_mid_read_in_process_dispatch() {
+    killed_mid_read_and_resumed(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_killed_mid_read_kafka_consumer_group() {
+    killed_mid_read_and_resumed(Some(amplog_streams::testing::kafka_config())).await;
+}
