@@ -277,31 +277,60 @@ async fn the_salesforce_shaped_connector_pages_by_next_records_url() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_reports_a_result_per_record() {
+async fn a_write_from_a_mutation_reports_a_result_per_record() {
+    use amplog_gateways::{Keys, Scope, Server, ServerConfig};
     let world = SyncWorld::start(config(10)).await;
-    let records = vec![
-        json!({"email": "new@example.com", "firstname": "New"}),
-        json!({"id": "3", "email": "three@example.com"}),
-        json!({"firstname": "no email"}),
-    ];
-    let outcome = world.service.request_write(&world.ctx, world.installation, "contacts", &records).await.unwrap();
-    let op = amplog_domain::OperationId(outcome.id_of("operation").unwrap());
+    let keys = Keys::new(world.db.pool.clone());
+    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
+    let server = Server::start(config, world.service.clone(), keys.clone()).await.unwrap();
+    let (_, key) = keys.create(world.ctx.project_id, Scope::Write, None).await.unwrap();
+    let gql = |query: &'static str, variables: Value| {
+        let (url, key) = (format!("http://{}/graphql", server.addr), key.clone());
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .header("x-api-key", key)
+                .json(&json!({"query": query, "variables": variables}))
+                .send()
+                .await
+                .unwrap();
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let write = "mutation($id: UUID!, $records: [JSON!]!) {
+        writeRecords(installationId: $id, object: \"contacts\", records: $records) { id } }";
+    let records = json!([
+        {"email": "new@example.com", "firstname": "New"},
+        {"id": "3", "email": "three@example.com"},
+        {"firstname": "no email"},
+    ]);
+    let body = gql(write, json!({"id": world.installation, "records": records})).await;
+    let op: uuid::Uuid = serde_json::from_value(body["data"]["writeRecords"]["id"].clone()).expect("an operation id");
     let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
-    let state = world.finished(op, Duration::from_secs(60)).await;
+    let state = world.finished(amplog_domain::OperationId(op), Duration::from_secs(60)).await;
     dispatch.abort();
-    assert_eq!(state.status, OperationStatus::Succeeded);
-    assert_eq!(state.records, 2);
-    let results: Value = sqlx::query_scalar("SELECT results FROM write_batches WHERE operation_id = $1")
-        .bind(op.0)
-        .fetch_one(&world.db.pool)
-        .await
-        .unwrap();
-    let ok: Vec<bool> = results.as_array().unwrap().iter().map(|r| r["ok"].as_bool().unwrap()).collect();
+    assert_eq!((state.status, state.records), (OperationStatus::Succeeded, 2));
+    assert_eq!(world.sim_stats().await.records_written, 2);
+    world.project().await;
+    let read = "query($op: UUID!) { operation(id: $op) { opType status records writeResults { index ok id error } } }";
+    let body = gql(read, json!({"op": op})).await;
+    let operation = &body["data"]["operation"];
+    assert_eq!(
+        (operation["opType"].as_str(), operation["status"].as_str()),
+        (Some("write"), Some("succeeded")),
+        "{body}"
+    );
+    let results = operation["writeResults"].as_array().expect("results");
+    let ok: Vec<bool> = results.iter().map(|r| r["ok"].as_bool().unwrap()).collect();
     assert_eq!(ok, [true, true, false]);
     assert_eq!(results[1]["id"], "3");
-    assert_eq!(world.sim_stats().await.records_written, 2);
-    let bad = world.service.request_write(&world.ctx, world.installation, "contacts", &[]).await.unwrap_err();
-    assert_eq!(bad.code(), "invalid_input");
+    assert!(results[2]["error"].as_str().unwrap().contains("required property"), "{body}");
+    // Bad input: a clear 4xx-class error with a code, and nothing appended.
+    let body = gql(write, json!({"id": world.installation, "records": []})).await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "invalid_input", "{body}");
+    let body = gql(write, json!({"id": world.installation, "records": [1, 2]})).await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "invalid_input", "{body}");
+    server.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,3 +24,6 @@ CREATE TABLE write_batches (
     results      jsonb,
     created_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- A project's keys read their own writes' results (the records are theirs).
+SELECT amplog_secure('write_batches');

@@ -358,6 +358,25 @@ impl Mutation {
         Ok(out)
     }
 
+    /// Writes records to the provider: a write operation whose records a worker upserts,
+    /// with a result per record (`operation { writeResults }`). Each record is an object of
+    /// fields; `id` updates that record.
+    async fn write_records(
+        &self,
+        ctx: &Context<'_>,
+        installation_id: Uuid,
+        object: String,
+        records: Vec<Json<serde_json::Value>>,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        let records: Vec<serde_json::Value> = records.into_iter().map(|r| r.0).collect();
+        let outcome =
+            app(ctx).service.request_write(&command, InstallationId(installation_id), &object, &records).await?;
+        let id = outcome.id_of("operation");
+        finish(ctx, outcome, id, wait_for_visibility).await
+    }
+
     async fn cancel_operation(
         &self,
         ctx: &Context<'_>,

@@ -321,6 +321,22 @@ pub async fn require_installation(db: &crate::tenant::TenantDb, id: Uuid) -> Res
 }
 
 #[ComplexObject]
+impl Operation {
+    /// A write's result per record, once a worker wrote them (null for reads).
+    async fn write_results(&self, ctx: &Context<'_>) -> Result<Option<Vec<WriteResult>>> {
+        if self.op_type != "write" {
+            return Ok(None);
+        }
+        let results: Option<Option<sqlx::types::Json<Vec<WriteResult>>>> =
+            sqlx::query_scalar("SELECT results FROM write_batches WHERE operation_id = $1")
+                .bind(self.id)
+                .fetch_optional(&mut *db(ctx).conn().await?)
+                .await?;
+        Ok(results.flatten().map(|r| r.0))
+    }
+}
+
+#[ComplexObject]
 impl Installation {
     async fn connection(&self, ctx: &Context<'_>) -> Result<Option<Connection>> {
         Ok(loader(ctx).load_one(ConnectionKey(self.connection_id)).await?.map(Into::into))

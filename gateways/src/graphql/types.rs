@@ -190,6 +190,7 @@ impl From<ConnectionDoc> for Connection {
 }
 
 #[derive(SimpleObject, Clone, Debug)]
+#[graphql(complex)]
 pub struct Operation {
     pub id: Uuid,
     pub installation_id: Uuid,
@@ -211,8 +212,22 @@ pub struct Operation {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub duration_ms: Option<i64>,
+    /// Page deliveries to the destination: every attempt, and the failed ones.
+    pub delivery_attempts: u64,
+    pub delivery_failures: u64,
     /// The operation stream's sequence this state reflects.
     pub version: i64,
+}
+
+/// One record's outcome in a write operation.
+#[derive(SimpleObject, Clone, Debug, serde::Deserialize)]
+pub struct WriteResult {
+    /// The record's place in the mutation's list.
+    pub index: u32,
+    pub ok: bool,
+    /// The provider's id of the record written.
+    pub id: Option<String>,
+    pub error: Option<String>,
 }
 
 impl From<OperationDoc> for Operation {
@@ -236,6 +251,8 @@ impl From<OperationDoc> for Operation {
             started_at: d.started_at,
             finished_at: d.finished_at,
             duration_ms: d.duration_ms,
+            delivery_attempts: d.delivery_attempts,
+            delivery_failures: d.delivery_failures,
             version: d.version,
         }
     }
