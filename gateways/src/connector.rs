@@ -192,6 +192,14 @@ pub struct Connectors {
     by_name: BTreeMap<String, Arc<Connector>>,
 }
 
+/// An outbound HTTP client builder: TLS through rustls (ring, the platform's roots), the
+/// timeouts every provider and destination call gets.
+pub fn http_client() -> reqwest::ClientBuilder {
+    // Once per process; later calls find it installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(5))
+}
+
 impl Catalog {
     pub fn builtin() -> Catalog {
         serde_yaml_ng::from_str(CATALOG).expect("the shipped catalog parses (a test checks it)")
@@ -219,12 +227,7 @@ impl ProviderSettings {
 impl Connectors {
     /// The catalog's connectors; `settings` (by provider) override URLs and clients.
     pub fn new(catalog: &Catalog, settings: &BTreeMap<String, ProviderSettings>) -> Connectors {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(32)
-            .build()
-            .expect("an HTTP client without TLS settings builds");
+        let http = http_client().pool_max_idle_per_host(32).build().expect("the HTTP client builds");
         let by_name = catalog
             .providers
             .iter()
@@ -508,5 +511,15 @@ mod tests {
             assert_eq!(entry.auth.style, AuthStyle::Oauth2);
         }
         assert!(catalog.providers["salesforce"].write.is_none());
+    }
+
+    #[test]
+    fn connectors_reach_https_providers() {
+        // Builds with TLS (a missing crypto provider would panic here).
+        let connectors = Connectors::new(&Catalog::builtin(), &BTreeMap::new());
+        let hubspot = connectors.get("hubspot").unwrap();
+        assert!(hubspot.base_url.starts_with("https://"));
+        let url = hubspot.authorize_url("https://app.example/cb", "s");
+        assert!(url.starts_with("https://app.hubspot.com/oauth/authorize?client_id="), "{url}");
     }
 }

@@ -736,7 +736,7 @@ pub async fn connect_customer(
     use amplog_domain::operation::ErrorClass;
     let redirect = "http://127.0.0.1/oauth/callback";
     let url = format!("{}&customer={customer}", connector.authorize_url(redirect, "amplog"));
-    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("a client");
+    let client = crate::connector::http_client().redirect(reqwest::redirect::Policy::none()).build().expect("a client");
     let response = client.get(url).send().await.map_err(|e| ProviderError::new(ErrorClass::Timeout, e.to_string()))?;
     let location = response.headers().get("location").and_then(|l| l.to_str().ok()).unwrap_or_default().to_string();
     let code = reqwest::Url::parse(&location)

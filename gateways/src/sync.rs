@@ -135,11 +135,7 @@ struct ReadPlan {
 
 impl SyncHandler {
     pub fn new(service: CommandService, connectors: Connectors) -> SyncHandler {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .expect("an HTTP client without TLS settings builds");
+        let http = crate::connector::http_client().build().expect("the HTTP client builds");
         SyncHandler { connectors, tokens: Tokens::new(service), http, policy: SyncPolicy::default() }
     }
 
