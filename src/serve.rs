@@ -85,7 +85,8 @@ pub async fn run(app: &App, config: ServerConfig, run: InProcess, kafka: &crate:
         }
     };
     let mut tasks: Vec<tokio::task::JoinHandle<Result<()>>> = Vec::new();
-    if run.projectors.enabled(app.is_embedded()) {
+    // The demo's scheduler reads the read models: it needs the projector too.
+    if run.demo || run.projectors.enabled(app.is_embedded()) {
         let holder = format!("{}:{}:serve", crate::hostname(), std::process::id());
         let runner = Runner::new(app.pool.clone(), service.store().clone(), holder);
         let until = wait();

@@ -278,7 +278,7 @@ async fn serve_with_projects_and_keys_from_the_cli() {
     let mut first_line = String::new();
     BufReader::new(server.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
     let base = first_line.trim().strip_prefix("amplog serving on ").expect("the bound address").to_string();
-    let client = reqwest::Client::new();
+    let client = amplog_gateways::connector::http_client().build().unwrap();
     assert_eq!(client.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
     let mut ready = serde_json::Value::Null;
     for _ in 0..100 {
@@ -336,4 +336,73 @@ async fn serve_with_projects_and_keys_from_the_cli() {
     assert!(logged.contains("shutting down"), "{logged}");
     assert!(!logged.contains(&api_key[36..]), "the API key's secret is in the log");
     assert!(!logged.contains(secret), "a credential is in the log");
+}
+
+#[tokio::test]
+async fn serve_demo_syncs_three_customers_from_the_simulator_to_the_sink() {
+    use std::io::{BufRead, BufReader};
+    let db = test_db().await;
+    let key = base64::engine::general_purpose::STANDARD.encode(TEST_KEY);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_amplog"))
+        .args(["serve", "--demo", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &db.url)
+        .env("AMPLOG_CREDENTIALS_KEY", &key)
+        .env("AMPLOG_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let (mut base, mut api_key) = (None, None);
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    while base.is_none() || api_key.is_none() {
+        let line = lines.next().expect("the demo prints its address and a key").unwrap();
+        if let Some(rest) = line.strip_prefix("amplog serving on ") {
+            base = Some(rest.to_string());
+        }
+        if let Some(rest) = line.strip_prefix("demo: a read key for the demo project: ") {
+            api_key = Some(rest.to_string());
+        }
+    }
+    let (base, api_key) = (base.unwrap(), api_key.unwrap());
+    let query = "{ installations(first: 5) { nodes { groupRef health readStates { object watermark recordsRead } } } }";
+    let started = std::time::Instant::now();
+    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let mut body = serde_json::Value::Null;
+    // Contacts have a full backfill (2,000 records each), companies 30 days, deals none.
+    let synced = |body: &serde_json::Value| {
+        let nodes = body["data"]["installations"]["nodes"].as_array().cloned().unwrap_or_default();
+        nodes.len() == 3
+            && nodes.iter().all(|n| {
+                n["readStates"].as_array().is_some_and(|states| {
+                    states.iter().any(|s| s["object"] == "contacts" && s["recordsRead"].as_u64() >= Some(2_000))
+                })
+            })
+    };
+    while !synced(&body) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(180), "not synced: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        body = client
+            .post(format!("{base}/graphql"))
+            .header("x-api-key", &api_key)
+            .json(&serde_json::json!({"query": query}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    }
+    println!("three customers synced after {:.1} s: {body}", started.elapsed().as_secs_f64());
+    let nodes = body["data"]["installations"]["nodes"].as_array().unwrap();
+    let mut customers: Vec<&str> = nodes.iter().map(|n| n["groupRef"].as_str().unwrap()).collect();
+    customers.sort();
+    assert_eq!(customers, ["acme", "globex", "initech"]);
+    assert!(nodes.iter().all(|n| n["health"] == "healthy"), "{body}");
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    let status = server.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let logged = std::fs::read_to_string(log.path()).unwrap();
+    assert!(logged.contains("reads requested"), "{logged}");
+    assert!(!logged.contains("whsec_") && !logged.contains(&api_key[36..]), "a secret is in the log");
 }

@@ -30,7 +30,7 @@ pub struct Setup {
 async fn raw_client(sim: &str, connectors: &Connectors, customer: &str) -> Result<u64> {
     let connector = connectors.get("simulator").context("connector")?;
     let token = amplog_gateways::sim::connect_customer(&connector, customer).await?.access_token;
-    let http = reqwest::Client::new();
+    let http = amplog_gateways::connector::http_client().build().unwrap();
     let (mut records, mut after) = (0u64, None::<String>);
     loop {
         let mut request =

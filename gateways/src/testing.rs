@@ -69,7 +69,9 @@ impl TestApp {
     }
 
     pub async fn gql_with(&self, key: &str, query: &str, variables: Value, headers: &[(&str, &str)]) -> (u16, Value) {
-        let mut request = reqwest::Client::new()
+        let mut request = crate::connector::http_client()
+            .build()
+            .expect("an HTTP client")
             .post(format!("{}/graphql", self.base))
             .header("x-api-key", key)
             .json(&json!({"query": query, "variables": variables}));
@@ -205,7 +207,7 @@ impl SyncWorld {
             connection,
             installation,
             customer,
-            http: reqwest::Client::new(),
+            http: crate::connector::http_client().build().expect("an HTTP client"),
         }
     }
 

@@ -329,7 +329,7 @@ async fn bad_input_gets_a_typed_client_error_and_changes_nothing() {
     assert!(body["errors"][0]["message"].as_str().unwrap().contains("line"), "the manifest error says where: {body}");
 
     // Not GraphQL at all.
-    let client = reqwest::Client::new();
+    let client = amplog_gateways::connector::http_client().build().unwrap();
     let response = client
         .post(format!("{}/graphql", app.base))
         .header("x-api-key", &p.read)

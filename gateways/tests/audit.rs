@@ -93,7 +93,9 @@ async fn an_auditor_reads_the_timeline_replays_the_past_verifies_and_exports() {
     assert_eq!(error_code(&body), "not_found", "nothing existed then: {body}");
 
     // The export streams the same events as NDJSON (more than one page of them).
-    let response = reqwest::Client::new()
+    let response = amplog_gateways::connector::http_client()
+        .build()
+        .unwrap()
         .get(format!("{}/v1/audit/installations/{id}/events", app.base))
         .header("x-api-key", &key)
         .send()
@@ -106,7 +108,9 @@ async fn an_auditor_reads_the_timeline_replays_the_past_verifies_and_exports() {
     let exported: Vec<&str> = lines.iter().map(|l| l["event_id"].as_str().unwrap()).collect();
     assert_eq!(exported, expected);
     assert_eq!(lines[0]["hash"], events[0]["hash"]);
-    let response = reqwest::Client::new()
+    let response = amplog_gateways::connector::http_client()
+        .build()
+        .unwrap()
         .get(format!("{}/v1/audit/installations/{id}/events?from=not-a-time", app.base))
         .header("x-api-key", &key)
         .send()

@@ -73,7 +73,7 @@ async fn another_projects_objects_are_not_found_by_id_by_list_or_nested() {
     assert_eq!(data["installations"]["edges"][0]["node"]["operations"]["nodes"][0]["id"], b_op.0.to_string());
 
     // The audit export and the subscription answer alike.
-    let client = reqwest::Client::new();
+    let client = amplog_gateways::connector::http_client().build().unwrap();
     for id in [b.installation.0, Uuid::now_v7()] {
         let response = client
             .get(format!("{}/v1/audit/installations/{id}/events", app.base))

@@ -287,7 +287,9 @@ async fn a_write_from_a_mutation_reports_a_result_per_record() {
     let gql = |query: &'static str, variables: Value| {
         let (url, key) = (format!("http://{}/graphql", server.addr), key.clone());
         async move {
-            let response = reqwest::Client::new()
+            let response = amplog_gateways::connector::http_client()
+                .build()
+                .unwrap()
                 .post(url)
                 .header("x-api-key", key)
                 .json(&json!({"query": query, "variables": variables}))
