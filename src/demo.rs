@@ -175,6 +175,8 @@ pub async fn run(service: &CommandService) -> Result<()> {
     let again = step("same request again (retry)", service.request_operation(&keyed, inst_b, &deals).await?);
     anyhow::ensure!(first.events == again.events, "an idempotent retry must return the first result");
 
+    let synced = real_read(service, &ctx).await?;
+
     // Project the log into the read models and show what builders will query.
     let runner = amplog_projections::Runner::new(service.pool().clone(), service.store().clone(), "demo");
     if runner.catch_up().await? {
@@ -193,8 +195,81 @@ pub async fn run(service: &CommandService) -> Result<()> {
     }
 
     println!();
-    println!("installations: {inst_a} (customer-42), {inst_b} (customer-77)");
+    println!("installations: {inst_a} (customer-42), {inst_b} (customer-77), {synced} (customer-99, synced)");
     println!("next: amplog history --installation {inst_a}");
     println!("      amplog verify --installation {inst_a}");
+    println!("      amplog serve --demo    (three customers syncing continuously, with the API)");
     Ok(())
+}
+
+/// A real read: the provider simulator and a webhook sink on loopback, a customer connected
+/// through OAuth, one read job run by a sync worker (pages fetched, delivered signed,
+/// recorded with their cursors).
+async fn real_read(service: &CommandService, ctx: &CommandContext) -> Result<InstallationId> {
+    use amplog_gateways::connector::{Catalog, Connectors, ProviderSettings};
+    use amplog_streams::jobs::{Job, JobMessage, Worker};
+    println!();
+    println!("a real read, from the provider simulator to a webhook sink:");
+    let sim = amplog_gateways::sim::Simulator::start("127.0.0.1:0".parse()?, Default::default()).await?;
+    let secret = amplog_commands::destinations::new_secret();
+    let sink = amplog_gateways::webhook::Sink::new(&secret.0);
+    let (sink_addr, sink_task) = sink.serve("127.0.0.1:0".parse()?).await?;
+    let url = format!("http://{sink_addr}/hooks/default");
+    amplog_commands::destinations::put(
+        service.pool(),
+        service.credentials(),
+        ctx.project_id,
+        "default",
+        &url,
+        Some(secret),
+    )
+    .await?;
+    let settings = [("simulator".to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() })]
+        .into_iter()
+        .collect();
+    let connectors = Connectors::new(&Catalog::builtin(), &settings);
+    let manifest = Manifest { objects: vec![object("contacts", "@every 15m", Backfill::Full, &["email"])] };
+    let integration = IntegrationId(id_of::<Integration>(&step(
+        "declare integration (provider: simulator)",
+        service.declare_integration_with(ctx, "crm-live", "simulator", Some(&manifest)).await?,
+    ))?);
+    let connector = connectors.get("simulator").context("the simulator connector")?;
+    let (connection, installation) =
+        amplog_gateways::sim::install_customer(service, ctx, integration, &connector, "customer-99").await?;
+    println!("connect customer-99 through OAuth (code exchanged; tokens stored encrypted) and install");
+    let new = NewOperation {
+        op_type: OperationType::Read,
+        object: "contacts".into(),
+        since: None,
+        until: None,
+        trigger: Trigger::Backfill,
+    };
+    let outcome = step("request read of contacts", service.request_operation(ctx, installation, &new).await?);
+    let requested = outcome.events.iter().find(|e| e.event_type == "Requested").context("no Requested event")?;
+    let message = JobMessage {
+        project: ctx.project_id,
+        job: Job {
+            operation_id: OperationId(requested.aggregate_id.parse()?),
+            installation_id: installation,
+            connection_id: connection,
+            op_type: OperationType::Read,
+            object: "contacts".into(),
+            since: None,
+            until: None,
+            trigger: Trigger::Backfill,
+        },
+        event_id: requested.event_id,
+        time: Utc::now(),
+    };
+    let handler = std::sync::Arc::new(amplog_gateways::sync::SyncHandler::new(service.clone(), connectors));
+    let disposition = Worker::new(service.clone(), handler, "demo-worker").process(&message).await?;
+    let state = service.load::<Operation>(ctx, message.job.operation_id.0).await?.state;
+    let report = sink.report();
+    println!(
+        "worker: {disposition:?}; {} records in {} pages; the sink verified {} signed deliveries of {} records",
+        state.records, state.pages, report.deliveries, report.distinct_records
+    );
+    sink_task.abort();
+    sim.stop().await;
+    Ok(installation)
 }
