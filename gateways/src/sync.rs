@@ -6,7 +6,8 @@
 //! object's destination (a signed webhook, retried with backoff, every attempt recorded),
 //! and records the delivered page with its new cursor in one command: a worker killed at
 //! any point resumes from the last recorded page, and a page delivered but not recorded is
-//! delivered again under the same `webhook-id`. Provider failures are classified: a 429
+//! delivered again under the same `webhook-id`. The next page is fetched while the current
+//! one is delivered. Provider failures are classified: a 429
 //! parks the read until Retry-After (no attempt is spent), a 401 refreshes the token once,
 //! 5xx and timeouts retry with backoff and jitter, a lost cursor restarts from the
 //! watermark, anything else fails the operation with its class.
@@ -222,6 +223,7 @@ impl SyncHandler {
         let operation_id = job.message.job.operation_id;
         let plan = self.plan(&job).await?;
         let mut lease_keeper = LeaseKeeper::new();
+        let mut prefetched = None;
         let operation = service.load::<Operation>(ctx, operation_id.0).await.map_err(internal)?.state;
         let mut pages = operation.pages;
         let mut watermark = operation.cursor.watermark;
@@ -238,7 +240,11 @@ impl SyncHandler {
             watermark = state_watermark.or(since);
         }
         loop {
-            let page = match self.fetch(&job, &plan.connector, start, page_token.as_deref(), &mut lease_keeper).await {
+            let fetched = match prefetched.take() {
+                Some(fetched) => fetched,
+                None => self.fetch(&job, &plan.connector, start, page_token.as_deref(), &mut lease_keeper).await,
+            };
+            let page = match fetched {
                 Ok(page) => page,
                 Err(error) if error.class == ErrorClass::CursorGone && page_token.is_some() => {
                     tracing::warn!(operation = %operation_id, "the provider lost the cursor: restarting from the watermark");
@@ -266,12 +272,20 @@ impl SyncHandler {
                 bytes: page.bytes,
                 cursor: Cursor { watermark, page_token: page.next.clone() },
             };
-            self.deliver_page(&job, &plan, operation_id, lease, pages, &page, record).await?;
+            let Some(next) = page.next.clone() else {
+                self.deliver_page(&job, &plan, operation_id, lease, pages, &page, record).await?;
+                return Ok(());
+            };
+            // The next page is fetched while this one is delivered; it is used only after
+            // this one is recorded, so a worker that dies still resumes from here.
+            let (delivered, next_page) = tokio::join!(
+                self.deliver_page(&job, &plan, operation_id, lease, pages, &page, record),
+                self.fetch(&job, &plan.connector, start, Some(&next), &mut lease_keeper),
+            );
+            delivered?;
             lease_keeper.keep(&job).await?;
-            match page.next {
-                Some(next) => page_token = Some(next),
-                None => return Ok(()),
-            }
+            page_token = Some(next);
+            prefetched = Some(next_page);
         }
     }
 
