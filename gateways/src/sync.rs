@@ -12,7 +12,7 @@
 //! 5xx and timeouts retry with backoff and jitter, a lost cursor restarts from the
 //! watermark, anything else fails the operation with its class.
 
-use crate::connector::{Connector, Connectors, ProviderError, ProviderPage};
+use crate::connector::{Connector, Connectors, ProviderError, ProviderPage, WriteResult};
 use crate::tokens::Tokens;
 use crate::webhook::{deliver, DeliveryPolicy};
 use amplog_commands::destinations::{self, Destination, DEFAULT_DESTINATION};
@@ -367,16 +367,21 @@ impl SyncHandler {
             // Written and recorded by an earlier attempt.
             return Ok(());
         }
-        let row: Option<(sqlx::types::Json<Vec<Value>>,)> =
-            sqlx::query_as("SELECT records FROM write_batches WHERE operation_id = $1 AND project_id = $2")
+        type Batch = (sqlx::types::Json<Vec<Value>>, Option<sqlx::types::Json<Vec<WriteResult>>>);
+        let row: Option<Batch> =
+            sqlx::query_as("SELECT records, results FROM write_batches WHERE operation_id = $1 AND project_id = $2")
                 .bind(operation_id.0)
                 .bind(ctx.project_id.0)
                 .fetch_optional(service.pool())
                 .await
                 .map_err(internal)?;
-        let Some((records,)) = row else {
+        let Some((records, stored)) = row else {
             return Err(failure(ErrorClass::BadRequest, "the write operation has no records", false));
         };
+        if let Some(results) = stored {
+            // Written by an attempt that died before recording: record, do not write again.
+            return self.record_write(&job, &records.0, &results.0).await;
+        }
         let plan = self.plan(&job).await?;
         let connection = job.message.job.connection_id;
         let mut rejected: Option<String> = None;
@@ -411,9 +416,22 @@ impl SyncHandler {
             .execute(service.pool())
             .await
             .map_err(internal)?;
+        self.record_write(&job, &records.0, &results).await
+    }
+
+    /// Records a write's counts (the per-record results are in `write_batches`).
+    async fn record_write(
+        &self,
+        job: &JobContext<'_>,
+        records: &[Value],
+        results: &[WriteResult],
+    ) -> Result<(), JobFailure> {
         let written = results.iter().filter(|r| r.ok).count() as u64;
-        let bytes = serde_json::to_vec(&records.0).map(|b| b.len() as u64).unwrap_or_default();
-        recorded(service.record_page(ctx, operation_id, job.lease, written, bytes, &Cursor::default()).await)?;
+        let bytes = serde_json::to_vec(records).map(|b| b.len() as u64).unwrap_or_default();
+        let operation_id = job.message.job.operation_id;
+        recorded(
+            job.service.record_page(job.command, operation_id, job.lease, written, bytes, &Cursor::default()).await,
+        )?;
         let failed = results.len() as u64 - written;
         if failed > 0 && written == 0 {
             return Err(failure(ErrorClass::BadRequest, format!("all {failed} records were refused"), false));

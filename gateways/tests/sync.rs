@@ -394,3 +394,24 @@ async fn the_scheduler_backfills_new_objects_then_requests_each_slot_once() {
     let tick = a.tick_once(later + chrono::Duration::hours(1)).await.unwrap();
     assert_eq!(tick, amplog_streams::scheduler::Tick::default());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_already_done_by_a_dead_attempt_is_recorded_not_written_again() {
+    let world = SyncWorld::start(config(10)).await;
+    let records = vec![json!({"email": "a@example.com"}), json!({"email": "b@example.com"})];
+    let outcome = world.service.request_write(&world.ctx, world.installation, "contacts", &records).await.unwrap();
+    let op = amplog_domain::OperationId(outcome.id_of("operation").unwrap());
+    // An earlier attempt wrote them and kept the results, then died before recording.
+    let results = json!([{"index": 0, "ok": true, "id": "11", "error": null}, {"index": 1, "ok": true, "id": "12", "error": null}]);
+    sqlx::query("UPDATE write_batches SET results = $2 WHERE operation_id = $1")
+        .bind(op.0)
+        .bind(&results)
+        .execute(&world.db.pool)
+        .await
+        .unwrap();
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
+    let state = world.finished(op, Duration::from_secs(60)).await;
+    dispatch.abort();
+    assert_eq!((state.status, state.records), (OperationStatus::Succeeded, 2));
+    assert_eq!(world.sim_stats().await.records_written, 0, "not written twice");
+}
