@@ -348,3 +348,35 @@ async fn bad_input_gets_a_typed_client_error_and_changes_nothing() {
     assert_eq!(events_before, events_after, "a refused request appended something");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_creates_destinations_whose_secret_is_shown_once_and_stored_encrypted() {
+    let app = TestApp::spawn().await;
+    let p = app.project("hooks").await;
+    let other = app.project("other").await;
+    let create =
+        "mutation($n: String!, $u: String!) { createDestination(name: $n, url: $u) { name url signingSecret } }";
+    let vars = json!({"n": "default", "u": "https://hooks.example/amplog"});
+    let created = app.data(&p.admin, create, vars.clone()).await;
+    let secret = created["createDestination"]["signingSecret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{created}");
+    // Listed without its secret, to its own project only; not in the database as text.
+    let listed = app.data(&p.read, "{ destinations { name url } }", json!({})).await;
+    assert_eq!(listed, json!({"destinations": [{"name": "default", "url": "https://hooks.example/amplog"}]}));
+    assert_eq!(app.data(&other.read, "{ destinations { name } }", json!({})).await, json!({"destinations": []}));
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT ciphertext FROM destinations").fetch_one(&app.db.pool).await.unwrap();
+    assert!(!String::from_utf8_lossy(&stored).contains(&secret[6..]));
+    let kept = amplog_commands::destinations::get(&app.db.pool, app.service.credentials(), p.ctx.project_id, "default")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.secret.0, secret);
+    // Only an admin key; bad names and URLs are refused with a code.
+    let (_, body) = app.gql(&p.write, create, vars).await;
+    assert_eq!(error_code(&body), "forbidden", "{body}");
+    let (_, body) = app.gql(&p.admin, create, json!({"n": "no spaces", "u": "https://x.example"})).await;
+    assert_eq!(error_code(&body), "invalid_input", "{body}");
+    let (_, body) = app.gql(&p.admin, create, json!({"n": "ok", "u": "ftp://x.example"})).await;
+    assert_eq!(error_code(&body), "invalid_input", "{body}");
+}

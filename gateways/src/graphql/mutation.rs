@@ -174,6 +174,14 @@ async fn finish(
     })
 }
 
+/// A destination just created, with its signing secret (shown once).
+#[derive(SimpleObject)]
+pub struct DestinationCreated {
+    pub name: String,
+    pub url: String,
+    pub signing_secret: String,
+}
+
 pub struct Mutation;
 
 #[Object]
@@ -356,6 +364,25 @@ impl Mutation {
             out.push(finish(ctx, outcome, id, wait_for_visibility).await?);
         }
         Ok(out)
+    }
+
+    /// Creates (or re-points) one of the project's destinations, the webhook endpoints reads
+    /// are delivered to; a new signing secret comes back this once (Standard Webhooks
+    /// `whsec_…`) and is stored encrypted. An object's manifest `destination` names one; the
+    /// others go to `default`.
+    async fn create_destination(&self, ctx: &Context<'_>, name: String, url: String) -> Result<DestinationCreated> {
+        let command = command_ctx(ctx, Scope::Admin, None)?;
+        let service = &app(ctx).service;
+        let secret = amplog_commands::destinations::put(
+            service.pool(),
+            service.credentials(),
+            command.project_id,
+            &name,
+            &url,
+            None,
+        )
+        .await?;
+        Ok(DestinationCreated { name, url, signing_secret: secret.0 })
     }
 
     /// Writes records to the provider: a write operation whose records a worker upserts,

@@ -274,11 +274,24 @@ impl Query {
         })
     }
 
+    /// The project's destinations (names and URLs; secrets are never shown again).
+    async fn destinations(&self, ctx: &Context<'_>) -> Result<Vec<Destination>> {
+        let project = principal(ctx).project_id;
+        let listed = amplog_commands::destinations::list(app(ctx).service.pool(), project).await?;
+        Ok(listed.into_iter().map(|(name, url)| Destination { name, url }).collect())
+    }
+
     /// Who is asking: the key's project and scope.
     async fn viewer(&self, ctx: &Context<'_>) -> Viewer {
         let p = principal(ctx);
         Viewer { project_id: p.project_id.0, key_id: p.key_id, scope: p.scope.as_str().into() }
     }
+}
+
+#[derive(SimpleObject)]
+pub struct Destination {
+    pub name: String,
+    pub url: String,
 }
 
 #[derive(SimpleObject)]
