@@ -39,6 +39,10 @@ pub struct AuthSpec {
     pub style: AuthStyle,
     pub authorize_url: String,
     pub token_url: String,
+    /// Data calls go to the token response's `instance_url` (Salesforce: one host per org),
+    /// not to the base URL.
+    #[serde(default)]
+    pub instance_url: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -140,6 +144,9 @@ pub struct TokenSet {
     pub access_token: String,
     pub refresh_token: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// Where this customer's data lives, when the provider says (Salesforce).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_url: Option<String>,
 }
 
 /// One record read from a provider.
@@ -271,10 +278,22 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 
 impl Connector {
     fn url(&self, path: &str) -> String {
+        self.url_on(&self.base_url, path)
+    }
+
+    fn url_on(&self, base: &str, path: &str) -> String {
         if path.starts_with("http://") || path.starts_with("https://") {
             path.to_string()
         } else {
-            format!("{}{path}", self.base_url)
+            format!("{}{path}", base.trim_end_matches('/'))
+        }
+    }
+
+    /// A data call's URL: on the customer's instance when the provider has one.
+    fn data_url(&self, tokens: &TokenSet, path: &str) -> String {
+        match (&tokens.instance_url, self.entry.auth.instance_url) {
+            (Some(instance), true) => self.url_on(instance, path),
+            _ => self.url(path),
         }
     }
 
@@ -325,7 +344,7 @@ impl Connector {
     /// all) or the one `page_token` names.
     pub async fn read_page(
         &self,
-        access_token: &str,
+        tokens: &TokenSet,
         object: &str,
         since: Option<DateTime<Utc>>,
         page_token: Option<&str>,
@@ -334,7 +353,7 @@ impl Connector {
         let path = read.path.replace("{object}", object);
         let mut query: Vec<(String, String)> = Vec::new();
         let url = match (&read.pagination, page_token) {
-            (Pagination::NextUrl { .. }, Some(next)) => self.url(next),
+            (Pagination::NextUrl { .. }, Some(next)) => self.data_url(tokens, next),
             (pagination, token) => {
                 if let Pagination::CursorParam { param, limit_param, page_size, .. } = pagination {
                     query.push((limit_param.clone(), page_size.to_string()));
@@ -356,10 +375,10 @@ impl Connector {
                         query.push((param.clone(), soql.replace("{object}", object)));
                     }
                 }
-                self.url(&path)
+                self.data_url(tokens, &path)
             }
         };
-        let request = self.http.get(url).bearer_auth(access_token).query(&query);
+        let request = self.http.get(url).bearer_auth(&tokens.access_token).query(&query);
         let (body, bytes) = self.send(request, page_token.is_some()).await?;
         let malformed = |what: &str| ProviderError::new(ErrorClass::Provider5xx, format!("a page without {what}"));
         let items = body.pointer(&read.records).and_then(Value::as_array).ok_or_else(|| malformed("records"))?;
@@ -396,7 +415,7 @@ impl Connector {
     /// Writes `records` (`{id?, ...fields}`) in batches; one result per record, in order.
     pub async fn write(
         &self,
-        access_token: &str,
+        tokens: &TokenSet,
         object: &str,
         records: &[Value],
     ) -> Result<Vec<WriteResult>, ProviderError> {
@@ -418,8 +437,8 @@ impl Connector {
                 .collect();
             let request = self
                 .http
-                .post(self.url(&write.path.replace("{object}", object)))
-                .bearer_auth(access_token)
+                .post(self.data_url(tokens, &write.path.replace("{object}", object)))
+                .bearer_auth(&tokens.access_token)
                 .json(&serde_json::json!({"inputs": inputs}));
             let (body, _) = self.send(request, false).await?;
             let offset = chunk_no * write.max_batch.max(1);
@@ -480,6 +499,7 @@ impl Connector {
             access_token: access_token.into(),
             refresh_token: body.get("refresh_token").and_then(Value::as_str).map(str::to_string),
             expires_at: body.get("expires_in").and_then(Value::as_i64).map(|s| now + chrono::Duration::seconds(s)),
+            instance_url: body.get("instance_url").and_then(Value::as_str).map(str::to_string),
         })
     }
 
@@ -491,9 +511,13 @@ impl Connector {
 
     /// A fresh access token from a refresh token; the refresh token is kept unless the
     /// provider rotates it.
-    pub async fn refresh(&self, refresh_token: &str) -> Result<TokenSet, ProviderError> {
+    pub async fn refresh(&self, previous: &TokenSet) -> Result<TokenSet, ProviderError> {
+        let refresh_token = previous.refresh_token.as_deref().unwrap_or_default();
         let mut set = self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)]).await?;
         set.refresh_token.get_or_insert_with(|| refresh_token.to_string());
+        if set.instance_url.is_none() {
+            set.instance_url.clone_from(&previous.instance_url);
+        }
         Ok(set)
     }
 }

@@ -415,7 +415,7 @@ struct TokenForm {
     client_secret: String,
 }
 
-async fn token(State(sim): State<Arc<Sim>>, Form(form): Form<TokenForm>) -> Response {
+async fn token(State(sim): State<Arc<Sim>>, headers: HeaderMap, Form(form): Form<TokenForm>) -> Response {
     if form.client_id != sim.config.client_id || form.client_secret != sim.config.client_secret {
         return error(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"}));
     }
@@ -460,6 +460,8 @@ async fn token(State(sim): State<Arc<Sim>>, Form(form): Form<TokenForm>) -> Resp
         "refresh_token": refresh,
         "expires_in": sim.config.token_ttl.as_secs(),
         "token_type": "bearer",
+        // Salesforce-style: where this customer's data lives (here: where it asked).
+        "instance_url": format!("http://{}", headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1")),
     }))
     .into_response()
 }

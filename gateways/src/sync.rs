@@ -187,12 +187,12 @@ impl SyncHandler {
         let mut rejected: Option<String> = None;
         let mut tries = 0;
         loop {
-            let token = self
+            let tokens = self
                 .tokens
                 .access_token(job.command, connection, connector, rejected.as_deref())
                 .await
                 .map_err(classified)?;
-            let error = match connector.read_page(&token, object, since, page_token).await {
+            let error = match connector.read_page(&tokens, object, since, page_token).await {
                 Ok(page) => return Ok(page),
                 Err(error) => error,
             };
@@ -203,10 +203,10 @@ impl SyncHandler {
                     tokio::time::sleep(wait).await;
                     lease.keep(job).await?;
                 }
-                ErrorClass::AuthInvalidated if rejected.as_deref() != Some(token.as_str()) => {
+                ErrorClass::AuthInvalidated if rejected.as_deref() != Some(tokens.access_token.as_str()) => {
                     // Expired or revoked access token: refresh once, then try again.
                     tracing::debug!("access token refused: refreshing");
-                    rejected = Some(token);
+                    rejected = Some(tokens.access_token.clone());
                 }
                 ErrorClass::Provider5xx | ErrorClass::Timeout if tries < self.policy.provider_retries => {
                     tries += 1;
@@ -387,18 +387,21 @@ impl SyncHandler {
         let mut rejected: Option<String> = None;
         let mut tries = 0;
         let results = loop {
-            let token = self
+            let tokens = self
                 .tokens
                 .access_token(ctx, connection, &plan.connector, rejected.as_deref())
                 .await
                 .map_err(classified)?;
-            match plan.connector.write(&token, &job.message.job.object, &records.0).await {
+            match plan.connector.write(&tokens, &job.message.job.object, &records.0).await {
                 Ok(results) => break results,
                 Err(e) if e.class == ErrorClass::RateLimited => {
                     tokio::time::sleep(e.retry_after.unwrap_or(Duration::from_secs(1)).min(self.policy.max_park)).await
                 }
-                Err(e) if e.class == ErrorClass::AuthInvalidated && rejected.as_deref() != Some(token.as_str()) => {
-                    rejected = Some(token)
+                Err(e)
+                    if e.class == ErrorClass::AuthInvalidated
+                        && rejected.as_deref() != Some(tokens.access_token.as_str()) =>
+                {
+                    rejected = Some(tokens.access_token.clone())
                 }
                 Err(e)
                     if matches!(e.class, ErrorClass::Provider5xx | ErrorClass::Timeout)

@@ -40,7 +40,7 @@ impl Tokens {
         set.expires_at.is_none_or(|t| t - EARLY > Utc::now())
     }
 
-    /// A usable access token of `connection`. `rejected`: a token the provider just refused
+    /// A usable token set of `connection` (its access token, and where its data lives). `rejected`: a token the provider just refused
     /// (401): it is not handed out again, a refresh is forced unless another task already
     /// refreshed it.
     pub async fn access_token(
@@ -49,15 +49,15 @@ impl Tokens {
         connection: ConnectionId,
         connector: &Connector,
         rejected: Option<&str>,
-    ) -> Result<String, ProviderError> {
+    ) -> Result<Arc<TokenSet>, ProviderError> {
         let fresh = |set: &TokenSet| Self::usable(set) && Some(set.access_token.as_str()) != rejected;
         if let Some(set) = self.cache.get(&connection).filter(|s| fresh(s)) {
-            return Ok(set.access_token.clone());
+            return Ok(set);
         }
         let lock = self.locks.get_with(connection, || Arc::new(tokio::sync::Mutex::new(())));
         let _one_refresh = lock.lock().await;
         if let Some(set) = self.cache.get(&connection).filter(|s| fresh(s)) {
-            return Ok(set.access_token.clone());
+            return Ok(set);
         }
         let loaded = self.service.load::<Connection>(ctx, connection.0).await.map_err(internal)?;
         let state = loaded.state;
@@ -85,24 +85,24 @@ impl Tokens {
             ProviderError::new(ErrorClass::AuthInvalidated, "the stored credential is not an OAuth2 token set")
         })?;
         if fresh(&stored) {
-            let token = stored.access_token.clone();
-            self.cache.insert(connection, Arc::new(stored));
-            return Ok(token);
+            let stored = Arc::new(stored);
+            self.cache.insert(connection, stored.clone());
+            return Ok(stored);
         }
-        let Some(refresh_token) = stored.refresh_token.as_deref() else {
+        if stored.refresh_token.is_none() {
             return Err(ProviderError::new(
                 ErrorClass::AuthInvalidated,
                 "the access token expired and there is no refresh token",
             ));
-        };
-        match connector.refresh(refresh_token).await {
+        }
+        match connector.refresh(&stored).await {
             Ok(set) => {
                 let secret = Secret(serde_json::to_string(&set).expect("token sets serialise"));
                 self.service.refresh_token(ctx, connection, &secret, set.expires_at).await.map_err(internal)?;
                 tracing::info!(connection = %connection, "access token refreshed");
-                let token = set.access_token.clone();
-                self.cache.insert(connection, Arc::new(set));
-                Ok(token)
+                let set = Arc::new(set);
+                self.cache.insert(connection, set.clone());
+                Ok(set)
             }
             Err(error) if error.is_invalid_grant() => {
                 self.cache.invalidate(&connection);

@@ -251,7 +251,8 @@ async fn a_failing_webhook_endpoint_recovers_and_pages_arrive_in_order() {
 async fn the_salesforce_shaped_connector_pages_by_next_records_url() {
     let world = SyncWorld::start(config(450)).await;
     let connector = world.connectors.get("simulator-salesforce").unwrap();
-    let token = amplog_gateways::sim::connect_customer(&connector, "globex").await.unwrap().access_token;
+    let token = amplog_gateways::sim::connect_customer(&connector, "globex").await.unwrap();
+    assert_eq!(token.instance_url.as_deref(), Some(world.sim.url().as_str()));
     let mut ids = Vec::new();
     let mut next: Option<String> = None;
     let mut pages = 0;
@@ -274,6 +275,21 @@ async fn the_salesforce_shaped_connector_pages_by_next_records_url() {
     let since = archived.records[150].updated;
     let page = connector.read_page(&token, "contacts", Some(since), None).await.unwrap();
     assert_eq!(page.records[0].id, archived.records[150].id);
+    // Data calls go to the org's instance_url, not the login host: a connector whose base
+    // URL answers nothing still reads.
+    let settings = [(
+        "simulator-salesforce".to_string(),
+        amplog_gateways::connector::ProviderSettings {
+            base_url: Some("http://127.0.0.1:9".into()),
+            ..Default::default()
+        },
+    )]
+    .into_iter()
+    .collect();
+    let elsewhere =
+        amplog_gateways::connector::Connectors::new(&amplog_gateways::connector::Catalog::builtin(), &settings);
+    let page = elsewhere.get("simulator-salesforce").unwrap().read_page(&token, "contacts", None, None).await.unwrap();
+    assert_eq!(page.records.len(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
