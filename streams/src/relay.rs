@@ -144,53 +144,18 @@ struct Sender {
     queue: tokio::sync::mpsc::Sender<Pending>,
 }
 
-/// Reads batches ahead of the sender (two at most), so reading the next batch overlaps
-/// publishing the current one. An empty batch means "nothing new for a while"; the channel
-/// closes when a catch-up has read everything up to `end`.
-async fn read_ahead(
-    mut subscription: amplog_commands::Subscription,
-    reader: LogReader,
-    end: Option<i64>,
-    batches: tokio::sync::mpsc::Sender<Result<Vec<amplog_commands::RecordedEvent>, StreamsError>>,
-) {
-    loop {
-        let batch = match subscription.next_batch_within(Duration::from_secs(1)).await {
-            Ok(batch) => batch,
-            Err(error) => {
-                let _ = batches.send(Err(error.into())).await;
-                return;
-            }
-        };
-        if batch.is_empty() {
-            if let Some(end) = end {
-                match reader.committed_after(subscription.cursor(), end).await {
-                    Ok(0) => return,
-                    Ok(_) => {}
-                    Err(error) => {
-                        let _ = batches.send(Err(error.into())).await;
-                        return;
-                    }
-                }
-            }
-        }
-        if batches.send(Ok(batch)).await.is_err() {
-            return;
-        }
-    }
-}
-
 impl Sender {
-    async fn run(self, subscription: amplog_commands::Subscription, end: Option<i64>) -> Result<(), StreamsError> {
+    async fn run(self, mut subscription: amplog_commands::Subscription, end: Option<i64>) -> Result<(), StreamsError> {
         let jobs_topic = self.config.jobs_topic();
         let mut conn = self.pool.acquire().await?;
-        let (ahead, mut batches) = tokio::sync::mpsc::channel(2);
-        let reading = tokio::spawn(read_ahead(subscription, self.reader.clone(), end, ahead));
-        // The reader stops when this side stops (its channel closes) or is aborted with it.
-        let _stop_reading = AbortOnDrop(reading);
         loop {
-            let Some(batch) = batches.recv().await else { return Ok(()) };
-            let batch = batch?;
+            let batch = subscription.next_batch_within(Duration::from_secs(1)).await?;
             let Some(last) = batch.last() else {
+                if let Some(end) = end {
+                    if self.reader.committed_after(subscription.cursor(), end).await? == 0 {
+                        return Ok(());
+                    }
+                }
                 self.queue.send(Pending::Idle).await.map_err(|_| closed())?;
                 continue;
             };
@@ -210,14 +175,6 @@ impl Sender {
             let pending = Pending::Batch { cursor, events, deliveries };
             self.queue.send(pending).await.map_err(|_| closed())?;
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
