@@ -238,6 +238,9 @@ impl SyncHandler {
         let mut start = if pages > 0 { watermark.map(|w| w - self.policy.overlap).or(since) } else { since };
         if pages == 0 {
             watermark = state_watermark.or(since);
+        } else if page_token.is_none() {
+            // The last page is recorded (a worker died before recording the success).
+            return Ok(());
         }
         loop {
             let fetched = match prefetched.take() {

@@ -431,3 +431,21 @@ async fn a_write_already_done_by_a_dead_attempt_is_recorded_not_written_again() 
     assert_eq!((state.status, state.records), (OperationStatus::Succeeded, 2));
     assert_eq!(world.sim_stats().await.records_written, 0, "not written twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_last_page_is_recorded_is_finished_without_reading_again() {
+    use amplog_domain::operation::Cursor;
+    let world = SyncWorld::start(config(10)).await;
+    let op = world.request_read("contacts").await;
+    // A worker recorded the last page (no next page token), then died before `Succeeded`.
+    let lease = amplog_domain::LeaseId(uuid::Uuid::now_v7());
+    world.service.start_operation(&world.ctx, op, lease, chrono::Duration::seconds(1)).await.unwrap();
+    let cursor = Cursor { watermark: Some(chrono::Utc::now()), page_token: None };
+    world.service.record_page(&world.ctx, op, lease, 10, 1_000, &cursor).await.unwrap();
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
+    let state = world.finished(op, Duration::from_secs(30)).await;
+    dispatch.abort();
+    assert_eq!((state.status, state.records, state.pages), (OperationStatus::Succeeded, 10, 1));
+    assert_eq!(world.sim_stats().await.data_requests, 0, "nothing read again");
+    assert_eq!(world.sink.report().deliveries, 0, "nothing delivered again");
+}
