@@ -353,8 +353,11 @@ async fn serve_demo_syncs_three_customers_from_the_simulator_to_the_sink() {
         .stderr(log.reopen().unwrap())
         .spawn()
         .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    // Killed however the test ends: a failed assertion must not leave a server behind.
+    let mut server = KillOnDrop(server);
     let (mut base, mut api_key) = (None, None);
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(stdout).lines();
     while base.is_none() || api_key.is_none() {
         let line = lines.next().expect("the demo prints its address and a key").unwrap();
         if let Some(rest) = line.strip_prefix("amplog serving on ") {
@@ -399,10 +402,20 @@ async fn serve_demo_syncs_three_customers_from_the_simulator_to_the_sink() {
     customers.sort();
     assert_eq!(customers, ["acme", "globex", "initech"]);
     assert!(nodes.iter().all(|n| n["health"] == "healthy"), "{body}");
-    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
-    let status = server.wait().unwrap();
+    Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status().unwrap();
+    let status = server.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let logged = std::fs::read_to_string(log.path()).unwrap();
     assert!(logged.contains("reads requested"), "{logged}");
     assert!(!logged.contains("whsec_") && !logged.contains(&api_key[36..]), "a secret is in the log");
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -14,7 +14,17 @@ use std::time::Duration;
 
 const RECORDS: usize = 3_000;
 
-fn spawn_worker(world: &SyncWorld, kafka: Option<&amplog_streams::KafkaConfig>) -> Child {
+/// A worker process, SIGKILLed when dropped (also when an assertion fails first).
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_worker(world: &SyncWorld, kafka: Option<&amplog_streams::KafkaConfig>) -> Worker {
     let key = base64::engine::general_purpose::STANDARD.encode(amplog_commands::testing::TEST_KEY);
     let mut command = Command::new(env!("CARGO_BIN_EXE_amplog"));
     command
@@ -31,7 +41,7 @@ fn spawn_worker(world: &SyncWorld, kafka: Option<&amplog_streams::KafkaConfig>) 
             // A dead member's partitions move after the session timeout (45 s by default).
             .env("AMPLOG_KAFKA_PROPERTIES", "session.timeout.ms=6000,heartbeat.interval.ms=1000");
     }
-    command.spawn().expect("start amplog worker")
+    Worker(command.spawn().expect("start amplog worker"))
 }
 
 async fn killed_mid_read_and_resumed(kafka: Option<amplog_streams::KafkaConfig>) {
@@ -42,21 +52,19 @@ async fn killed_mid_read_and_resumed(kafka: Option<amplog_streams::KafkaConfig>)
         tokio::spawn(async move { relay.run(std::future::pending()).await })
     });
     let op = world.request_read("contacts").await;
-    let mut first = spawn_worker(&world, kafka.as_ref());
+    let first = spawn_worker(&world, kafka.as_ref());
     let load = || async { world.service.load::<Operation>(&world.ctx, op.0).await.unwrap().state };
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while load().await.pages < 8 {
         assert!(std::time::Instant::now() < deadline, "the first worker made no progress");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    first.kill().expect("SIGKILL the worker");
-    first.wait().unwrap();
+    drop(first); // SIGKILL
     let at_kill = load().await;
     let served_at_kill = world.sim_stats().await.records_served;
-    let mut second = spawn_worker(&world, kafka.as_ref());
+    let second = spawn_worker(&world, kafka.as_ref());
     let state = world.finished(op, Duration::from_secs(180)).await;
-    second.kill().ok();
-    second.wait().ok();
+    drop(second);
     if let Some(relay) = relay {
         relay.abort();
     }
