@@ -12,7 +12,7 @@
 //! 5xx and timeouts retry with backoff and jitter, a lost cursor restarts from the
 //! watermark, anything else fails the operation with its class.
 
-use crate::connector::{Connector, Connectors, ProviderError, ProviderPage, WriteResult};
+use crate::connector::{Connector, Connectors, ProviderError, ProviderPage, TokenSet, WriteResult};
 use crate::tokens::Tokens;
 use crate::webhook::{deliver, DeliveryPolicy};
 use amplog_commands::destinations::{self, Destination, DEFAULT_DESTINATION};
@@ -172,17 +172,22 @@ impl SyncHandler {
         Ok(ReadPlan { connector, destination, group_ref: installation.group_ref })
     }
 
-    /// One provider page, through token refresh, rate limits and transient failures.
-    async fn fetch(
+    /// One provider call (`call` gets the connection's token set), through the policy every
+    /// call shares: a 429 parks until Retry-After (renewing the lease), a refused token is
+    /// refreshed once, 5xx and timeouts retry with backoff and jitter; anything else is the
+    /// job's failure, classified.
+    async fn call_provider<T, F, Fut>(
         &self,
         job: &JobContext<'_>,
         connector: &Connector,
-        since: Option<DateTime<Utc>>,
-        page_token: Option<&str>,
         lease: &mut LeaseKeeper,
-    ) -> Result<ProviderPage, JobFailure> {
+        call: F,
+    ) -> Result<T, JobFailure>
+    where
+        F: Fn(Arc<TokenSet>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ProviderError>>,
+    {
         let connection = job.message.job.connection_id;
-        let object = &job.message.job.object;
         let seed = job.message.job.operation_id.0.as_u128() as u64;
         let mut rejected: Option<String> = None;
         let mut tries = 0;
@@ -192,8 +197,9 @@ impl SyncHandler {
                 .access_token(job.command, connection, connector, rejected.as_deref())
                 .await
                 .map_err(classified)?;
-            let error = match connector.read_page(&tokens, object, since, page_token).await {
-                Ok(page) => return Ok(page),
+            let access_token = tokens.access_token.clone();
+            let error = match call(tokens).await {
+                Ok(value) => return Ok(value),
                 Err(error) => error,
             };
             match error.class {
@@ -203,19 +209,34 @@ impl SyncHandler {
                     tokio::time::sleep(wait).await;
                     lease.keep(job).await?;
                 }
-                ErrorClass::AuthInvalidated if rejected.as_deref() != Some(tokens.access_token.as_str()) => {
+                ErrorClass::AuthInvalidated if rejected.as_deref() != Some(access_token.as_str()) => {
                     // Expired or revoked access token: refresh once, then try again.
                     tracing::debug!("access token refused: refreshing");
-                    rejected = Some(tokens.access_token.clone());
+                    rejected = Some(access_token);
                 }
                 ErrorClass::Provider5xx | ErrorClass::Timeout if tries < self.policy.provider_retries => {
                     tries += 1;
                     tokio::time::sleep(backoff(&self.policy, tries, seed)).await;
                 }
-                ErrorClass::CursorGone => return Err(failure(ErrorClass::CursorGone, error.message, true)),
                 _ => return Err(classified(error)),
             }
         }
+    }
+
+    /// One provider page.
+    async fn fetch(
+        &self,
+        job: &JobContext<'_>,
+        connector: &Connector,
+        since: Option<DateTime<Utc>>,
+        page_token: Option<&str>,
+        lease: &mut LeaseKeeper,
+    ) -> Result<ProviderPage, JobFailure> {
+        let object = &job.message.job.object;
+        self.call_provider(job, connector, lease, |tokens| async move {
+            connector.read_page(&tokens, object, since, page_token).await
+        })
+        .await
     }
 
     async fn read(&self, job: JobContext<'_>) -> Result<(), JobFailure> {
@@ -386,36 +407,13 @@ impl SyncHandler {
             return self.record_write(&job, &records.0, &results.0).await;
         }
         let plan = self.plan(&job).await?;
-        let connection = job.message.job.connection_id;
-        let mut rejected: Option<String> = None;
-        let mut tries = 0;
-        let results = loop {
-            let tokens = self
-                .tokens
-                .access_token(ctx, connection, &plan.connector, rejected.as_deref())
-                .await
-                .map_err(classified)?;
-            match plan.connector.write(&tokens, &job.message.job.object, &records.0).await {
-                Ok(results) => break results,
-                Err(e) if e.class == ErrorClass::RateLimited => {
-                    tokio::time::sleep(e.retry_after.unwrap_or(Duration::from_secs(1)).min(self.policy.max_park)).await
-                }
-                Err(e)
-                    if e.class == ErrorClass::AuthInvalidated
-                        && rejected.as_deref() != Some(tokens.access_token.as_str()) =>
-                {
-                    rejected = Some(tokens.access_token.clone())
-                }
-                Err(e)
-                    if matches!(e.class, ErrorClass::Provider5xx | ErrorClass::Timeout)
-                        && tries < self.policy.provider_retries =>
-                {
-                    tries += 1;
-                    tokio::time::sleep(backoff(&self.policy, tries, operation_id.0.as_u128() as u64)).await;
-                }
-                Err(e) => return Err(classified(e)),
-            }
-        };
+        let (connector, object) = (&plan.connector, &job.message.job.object);
+        let results = self
+            .call_provider(&job, connector, &mut LeaseKeeper::new(), |tokens| {
+                let records = &records.0;
+                async move { connector.write(&tokens, object, records).await }
+            })
+            .await?;
         sqlx::query("UPDATE write_batches SET results = $2 WHERE operation_id = $1")
             .bind(operation_id.0)
             .bind(sqlx::types::Json(&results))
