@@ -21,10 +21,9 @@ use amplog_domain::installation::Installation;
 use amplog_domain::integration::Integration;
 use amplog_domain::operation::{Cursor, DeliveryAttempt, ErrorClass, Operation, OperationType, PageRecord};
 use amplog_domain::{DomainError, LeaseId, OperationId};
-use amplog_streams::jobs::{JobContext, JobFailure, JobHandler};
+use amplog_streams::jobs::{backoff, JobContext, JobFailure, JobHandler};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,18 +90,6 @@ fn recorded(result: Result<amplog_commands::CommandOutcome, CommandError>) -> Re
         }
         Err(e) => Err(internal(e)),
     }
-}
-
-/// Full jitter in [d/2, d] from a cheap hash.
-fn jittered(delay: Duration, seed: u64) -> Duration {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (seed, delay.as_nanos()).hash(&mut hasher);
-    delay.mul_f64(0.5 + (hasher.finish() % 1000) as f64 / 2000.0)
-}
-
-fn backoff(policy: &SyncPolicy, try_no: u32, seed: u64) -> Duration {
-    let exp = policy.backoff.saturating_mul(1 << try_no.min(16));
-    jittered(exp.min(policy.max_backoff), seed ^ u64::from(try_no))
 }
 
 /// Renews the job's lease once a third of it has passed, so a long read is not taken over
@@ -216,7 +203,7 @@ impl SyncHandler {
                 }
                 ErrorClass::Provider5xx | ErrorClass::Timeout if tries < self.policy.provider_retries => {
                     tries += 1;
-                    tokio::time::sleep(backoff(&self.policy, tries, seed)).await;
+                    tokio::time::sleep(backoff(self.policy.backoff, self.policy.max_backoff, tries, seed)).await;
                 }
                 _ => return Err(classified(error)),
             }
@@ -370,8 +357,7 @@ impl SyncHandler {
             }
             recorded(job.service.record_delivery_failure(job.command, operation_id, lease, &delivery).await)?;
             if attempt < policy.max_attempts {
-                let exp = policy.backoff.saturating_mul(1 << (attempt - 1).min(16)).min(policy.max_backoff);
-                tokio::time::sleep(jittered(exp, seed ^ u64::from(attempt))).await;
+                tokio::time::sleep(backoff(policy.backoff, policy.max_backoff, attempt, seed)).await;
             }
         }
         Err(failure(

@@ -193,14 +193,19 @@ impl Default for WorkerPolicy {
 
 impl WorkerPolicy {
     fn delay(&self, attempt: u32, seed: u64) -> Duration {
-        let exp = self.backoff.saturating_mul(1 << attempt.saturating_sub(1).min(16));
-        let capped = exp.min(self.max_backoff);
-        // Full jitter in [capped/2, capped], from a cheap hash of the job and attempt.
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (seed, attempt).hash(&mut hasher);
-        let fraction = (hasher.finish() % 1000) as f64 / 1000.0;
-        capped.mul_f64(0.5 + fraction / 2.0)
+        backoff(self.backoff, self.max_backoff, attempt, seed)
     }
+}
+
+/// The delay before retry `attempt` (1, 2, ...): `first` doubled each attempt, capped at
+/// `max`, with jitter in [half, whole] from a cheap hash of `seed` and the attempt, so
+/// retries of many jobs spread out. Shared by the worker and the sync handler's retries.
+pub fn backoff(first: Duration, max: Duration, attempt: u32, seed: u64) -> Duration {
+    let capped = first.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(max);
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (seed, attempt).hash(&mut hasher);
+    let fraction = (hasher.finish() % 1000) as f64 / 1000.0;
+    capped.mul_f64(0.5 + fraction / 2.0)
 }
 
 /// What became of a job.
