@@ -3,7 +3,7 @@
 
 use crate::error::CommandError;
 use crate::hash::{self, Canonical};
-use crate::reader::{LogCursor, RecordedEvent, EVENT_COLUMNS};
+use crate::reader::{LogCursor, RecordedEvent, StoredEvent, EVENT_COLUMNS};
 use crate::store::EventStore;
 use amplog_domain::connection::Connection;
 use amplog_domain::installation::Installation;
@@ -68,7 +68,7 @@ pub async fn installation_history_in(
     .bind(range.limit)
     .fetch_all(conn)
     .await?;
-    rows.iter().map(RecordedEvent::from_row).collect()
+    rows.iter().map(|row| StoredEvent::from_row(row)?.parse()).collect()
 }
 
 /// What is wrong at one event of a stream.

@@ -51,7 +51,7 @@ impl CommandError {
         )
     }
 
-    pub(crate) fn corrupt(what: impl Into<String>, detail: impl ToString) -> Self {
+    pub fn corrupt(what: impl Into<String>, detail: impl ToString) -> Self {
         CommandError::Corrupt { what: what.into(), detail: detail.to_string() }
     }
 }

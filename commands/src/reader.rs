@@ -22,17 +22,19 @@ pub struct LogCursor {
     pub position: i64,
 }
 
-/// An event as read from the log, payload as stored (not upcast).
+/// An event as read from the log, payload as stored (not upcast). `J` is how its payload
+/// and metadata come: parsed JSON values (the default), or the stored JSON text
+/// (`StoredEvent`) for readers that pass payloads on without looking into them.
 #[derive(Clone, Debug, PartialEq)]
-pub struct RecordedEvent {
+pub struct RecordedEvent<J = Value> {
     pub event_id: Uuid,
     pub aggregate_type: String,
     pub aggregate_id: String,
     pub sequence: i64,
     pub event_type: String,
     pub event_version: String,
-    pub payload: Value,
-    pub metadata: Value,
+    pub payload: J,
+    pub metadata: J,
     pub position: i64,
     pub transaction_id: u64,
     pub recorded_at: DateTime<Utc>,
@@ -40,36 +42,61 @@ pub struct RecordedEvent {
     pub hash: Option<Vec<u8>>,
 }
 
-impl RecordedEvent {
+/// An event whose payload and metadata are still the JSON text PostgreSQL stored.
+pub type StoredEvent = RecordedEvent<String>;
+
+impl<J> RecordedEvent<J> {
     pub fn cursor(&self) -> LogCursor {
         LogCursor { transaction_id: self.transaction_id, position: self.position }
     }
+}
 
+impl StoredEvent {
+    /// Decodes a row of `EVENT_COLUMNS`, by index (a name lookup per column cost as much
+    /// as the rest of the decoding).
     pub(crate) fn from_row(row: &PgRow) -> Result<Self, CommandError> {
-        let parse = |col: &str| -> Result<Value, CommandError> {
-            let text: String = row.get(col);
-            serde_json::from_str(&text).map_err(|e| CommandError::corrupt(format!("event {col}"), e))
-        };
-        let xid: String = row.get("xid");
+        let xid: &str = row.get(9);
         Ok(Self {
-            event_id: row.get("event_id"),
-            aggregate_type: row.get("aggregate_type"),
-            aggregate_id: row.get("aggregate_id"),
-            sequence: row.get("sequence"),
-            event_type: row.get("event_type"),
-            event_version: row.get("event_version"),
-            payload: parse("payload")?,
-            metadata: parse("metadata")?,
-            position: row.get("position"),
+            event_id: row.get(0),
+            aggregate_type: row.get(1),
+            aggregate_id: row.get(2),
+            sequence: row.get(3),
+            event_type: row.get(4),
+            event_version: row.get(5),
+            payload: row.get(6),
+            metadata: row.get(7),
+            position: row.get(8),
             transaction_id: xid.parse().map_err(|e| CommandError::corrupt("transaction_id", e))?,
-            recorded_at: row.get("recorded_at"),
-            project_id: row.get("project_id"),
-            hash: row.get("hash"),
+            recorded_at: row.get(10),
+            project_id: row.get(11),
+            hash: row.get(12),
+        })
+    }
+
+    /// The event with its payload and metadata parsed.
+    pub fn parse(self) -> Result<RecordedEvent, CommandError> {
+        let parse = |col: &str, text: &str| -> Result<Value, CommandError> {
+            serde_json::from_str(text).map_err(|e| CommandError::corrupt(format!("event {col}"), e))
+        };
+        Ok(RecordedEvent {
+            payload: parse("payload", &self.payload)?,
+            metadata: parse("metadata", &self.metadata)?,
+            event_id: self.event_id,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            event_type: self.event_type,
+            event_version: self.event_version,
+            position: self.position,
+            transaction_id: self.transaction_id,
+            recorded_at: self.recorded_at,
+            project_id: self.project_id,
+            hash: self.hash,
         })
     }
 }
 
-/// The columns every log query selects, in `RecordedEvent::from_row`'s shape. The text
+/// The columns every log query selects, in `StoredEvent::from_row`'s order. The text
 /// form of `transaction_id` is named `xid`: an alias `transaction_id` would make
 /// `ORDER BY transaction_id` sort the text, in the wrong order and without the index.
 pub(crate) const EVENT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
@@ -96,6 +123,12 @@ impl LogReader {
     pub async fn read_batch(&self, after: LogCursor, limit: i64) -> Result<Vec<RecordedEvent>, CommandError> {
         let mut conn = self.pool.acquire().await?;
         read_batch_in(&mut conn, after, limit).await
+    }
+
+    /// `read_batch`, payloads left as stored JSON text.
+    pub async fn read_stored_batch(&self, after: LogCursor, limit: i64) -> Result<Vec<StoredEvent>, CommandError> {
+        let mut conn = self.pool.acquire().await?;
+        read_stored_batch_in(&mut conn, after, limit).await
     }
 
     /// How many committed events after `after` have a position up to `up_to`. An empty
@@ -171,6 +204,15 @@ pub async fn read_batch_in(
     after: LogCursor,
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, CommandError> {
+    parse_all(read_stored_batch_in(conn, after, limit).await?)
+}
+
+/// `read_batch_in`, payloads left as stored JSON text.
+pub async fn read_stored_batch_in(
+    conn: &mut PgConnection,
+    after: LogCursor,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, CommandError> {
     let rows = sqlx::query(&format!(
         "SELECT {EVENT_COLUMNS} FROM events
          WHERE (transaction_id, position) > ($1::text::xid8, $2)
@@ -185,7 +227,7 @@ pub async fn read_batch_in(
     .persistent(false)
     .fetch_all(conn)
     .await?;
-    rows.iter().map(RecordedEvent::from_row).collect()
+    rows.iter().map(StoredEvent::from_row).collect()
 }
 
 /// A position in the log that advances as batches are taken, waking on NOTIFY and polling
@@ -205,10 +247,19 @@ impl Subscription {
 
     /// The next batch, waiting until there is one. The cursor moves past it.
     pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, CommandError> {
+        parse_all(self.next_stored_batch().await?)
+    }
+
+    /// Like `next_batch`, but gives up after `wait` and returns an empty batch.
+    pub async fn next_batch_within(&mut self, wait: Duration) -> Result<Vec<RecordedEvent>, CommandError> {
+        parse_all(self.next_stored_batch_within(wait).await?)
+    }
+
+    /// `next_batch`, payloads left as stored JSON text.
+    pub async fn next_stored_batch(&mut self) -> Result<Vec<StoredEvent>, CommandError> {
         loop {
-            let batch = self.reader.read_batch(self.cursor, self.batch_size).await?;
-            if let Some(last) = batch.last() {
-                self.cursor = last.cursor();
+            let batch = self.read_stored_now().await?;
+            if !batch.is_empty() {
                 return Ok(batch);
             }
             match tokio::time::timeout(self.poll_interval, self.listener.recv()).await {
@@ -221,11 +272,25 @@ impl Subscription {
         }
     }
 
-    /// Like `next_batch`, but gives up after `wait` and returns an empty batch.
-    pub async fn next_batch_within(&mut self, wait: Duration) -> Result<Vec<RecordedEvent>, CommandError> {
-        match tokio::time::timeout(wait, self.next_batch()).await {
+    /// What can be read now, without waiting (empty when nothing is). The cursor moves
+    /// past it.
+    pub async fn read_stored_now(&mut self) -> Result<Vec<StoredEvent>, CommandError> {
+        let batch = self.reader.read_stored_batch(self.cursor, self.batch_size).await?;
+        if let Some(last) = batch.last() {
+            self.cursor = last.cursor();
+        }
+        Ok(batch)
+    }
+
+    /// `next_batch_within`, payloads left as stored JSON text.
+    pub async fn next_stored_batch_within(&mut self, wait: Duration) -> Result<Vec<StoredEvent>, CommandError> {
+        match tokio::time::timeout(wait, self.next_stored_batch()).await {
             Ok(result) => result,
             Err(_) => Ok(Vec::new()),
         }
     }
+}
+
+fn parse_all(batch: Vec<StoredEvent>) -> Result<Vec<RecordedEvent>, CommandError> {
+    batch.into_iter().map(StoredEvent::parse).collect()
 }

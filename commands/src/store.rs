@@ -87,10 +87,15 @@ struct Cached {
     state: Arc<dyn Any + Send + Sync>,
 }
 
+/// An upcaster and the version it lifts to.
+type Upcasting = (Box<dyn EventUpcaster>, &'static str);
+
 /// Reads streams and writes decided events. Cheap to clone.
 #[derive(Clone)]
 pub struct EventStore {
-    upcasters: Arc<HashMap<&'static str, Vec<Box<dyn EventUpcaster>>>>,
+    /// By aggregate type, in the order they apply, each with the version it lifts to as
+    /// declared (cqrs-es's upcaster reports "2.0" as "2.0.0").
+    upcasters: Arc<HashMap<&'static str, Vec<Upcasting>>>,
     /// Committed states by stream, so a load reads only the events after them (usually
     /// none). Entries are only ever committed states, so a stale one costs a longer tail,
     /// never a wrong decision: the optimistic append still checks the sequence.
@@ -107,20 +112,25 @@ impl Default for EventStore {
 
 impl EventStore {
     pub fn new(snapshot_every: i64) -> Self {
-        let mut upcasters: HashMap<&'static str, Vec<Box<dyn EventUpcaster>>> = HashMap::new();
+        let mut upcasters: HashMap<&'static str, Vec<Upcasting>> = HashMap::new();
         for u in UPCASTERS {
             let f = u.upcast;
-            upcasters.entry(u.aggregate_type).or_default().push(Box::new(SemanticVersionEventUpcaster::new(
-                u.event_type,
-                u.to_version,
-                Box::new(f),
-            )));
+            let upcaster = SemanticVersionEventUpcaster::new(u.event_type, u.to_version, Box::new(f));
+            upcasters.entry(u.aggregate_type).or_default().push((Box::new(upcaster), u.to_version));
         }
         Self {
             upcasters: Arc::new(upcasters),
             cache: moka::sync::Cache::new(100_000),
             snapshot_every: snapshot_every.max(1),
         }
+    }
+
+    /// Whether an upcaster changes events of this type and version (else `upcast` returns
+    /// the payload as it is, and its stored text can be passed on unparsed).
+    pub fn upcasts(&self, aggregate_type: &str, event_type: &str, event_version: &str) -> bool {
+        self.upcasters
+            .get(aggregate_type)
+            .is_some_and(|list| list.iter().any(|(u, _)| u.can_upcast(event_type, event_version)))
     }
 
     /// Lifts a stored event to the current version of its type.
@@ -131,12 +141,10 @@ impl EventStore {
         event_version: &str,
         payload: Value,
     ) -> (String, Value) {
-        let Some(list) = self.upcasters.get(aggregate_type) else {
-            return (event_version.to_string(), payload);
-        };
-        if !list.iter().any(|u| u.can_upcast(event_type, event_version)) {
+        if !self.upcasts(aggregate_type, event_type, event_version) {
             return (event_version.to_string(), payload);
         }
+        let list = &self.upcasters[aggregate_type];
         let mut event = SerializedEvent::new(
             String::new(),
             0,
@@ -146,12 +154,14 @@ impl EventStore {
             payload,
             Value::Null,
         );
-        for upcaster in list {
+        let mut version = event_version;
+        for (upcaster, to_version) in list {
             if upcaster.can_upcast(&event.event_type, &event.event_version) {
                 event = upcaster.upcast(event);
+                version = to_version;
             }
         }
-        (event.event_version, event.payload)
+        (version.to_string(), event.payload)
     }
 
     /// Decodes one stored event of `A` (upcasting first).

@@ -2,10 +2,11 @@
 //! tenant travels in the envelope (`projectid`), never only in `data`: consumers take their
 //! project context from here.
 
-use amplog_commands::{EventStore, RecordedEvent};
+use amplog_commands::{CommandError, EventStore, RecordedEvent, StoredEvent};
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -87,6 +88,38 @@ impl CloudEvent {
         }
     }
 
+    /// The serialised envelope of one stored event: the same JSON as
+    /// `from_event(event.parse()?, store).to_bytes()`. When no upcaster changes the event,
+    /// its stored payload text goes into `data` as it is (checked to be JSON, not parsed
+    /// into values and serialised again): the relay's hot path.
+    pub fn encode_stored(event: &StoredEvent, store: &EventStore) -> Result<Vec<u8>, CommandError> {
+        if store.upcasts(&event.aggregate_type, &event.event_type, &event.event_version) {
+            return Ok(Self::from_event(event.clone().parse()?, store).to_bytes());
+        }
+        let corrupt = |what: &str, e| CommandError::corrupt(format!("event {what}"), e);
+        let data: &RawValue = serde_json::from_str(&event.payload).map_err(|e| corrupt("payload", e))?;
+        let metadata: Option<Metadata> = serde_json::from_str(&event.metadata).map_err(|e| corrupt("metadata", e))?;
+        let envelope = StoredEnvelope {
+            specversion: "1.0",
+            id: event.event_id,
+            source: source(event.project_id),
+            event_type: event_type(&event.aggregate_type, &event.event_type, &event.event_version),
+            subject: &event.aggregate_id,
+            time: &event.recorded_at,
+            datacontenttype: "application/json",
+            data,
+            projectid: event.project_id,
+            sequence: event.sequence,
+            position: event.position,
+            hash: event.hash.as_deref().map(hex::encode),
+            actor: match metadata.and_then(|m| m.actor) {
+                Some(Value::String(actor)) => Some(actor),
+                _ => None,
+            },
+        };
+        Ok(serde_json::to_vec(&envelope).expect("an envelope always serialises"))
+    }
+
     /// Parses a message value, refusing anything that is not a CloudEvents 1.0 envelope.
     pub fn parse(bytes: &[u8]) -> Result<Self, crate::StreamsError> {
         let event: Self = serde_json::from_slice(bytes).map_err(|e| crate::StreamsError::Envelope(e.to_string()))?;
@@ -99,6 +132,35 @@ impl CloudEvent {
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an envelope always serialises")
     }
+}
+
+/// `CloudEvent`'s serialised shape (same members, same order), borrowing from a stored
+/// event.
+#[derive(Serialize)]
+struct StoredEnvelope<'a> {
+    specversion: &'static str,
+    id: Uuid,
+    source: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    subject: &'a str,
+    time: &'a DateTime<Utc>,
+    datacontenttype: &'static str,
+    data: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    projectid: Option<Uuid>,
+    sequence: i64,
+    position: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    actor: Option<String>,
+}
+
+/// The one metadata member an envelope carries.
+#[derive(Deserialize)]
+struct Metadata {
+    actor: Option<Value>,
 }
 
 pub fn source(project: Option<Uuid>) -> String {

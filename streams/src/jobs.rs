@@ -95,7 +95,7 @@ impl JobMessage {
 }
 
 /// Whether a logged event dispatches a job.
-pub fn dispatches(event: &RecordedEvent) -> bool {
+pub fn dispatches<J>(event: &RecordedEvent<J>) -> bool {
     event.aggregate_type == "operation" && matches!(event.event_type.as_str(), "Requested" | "Retried")
 }
 

@@ -199,3 +199,48 @@ async fn the_relay_recovers_from_a_broker_restart_without_losing_an_event() {
     stop.notify_one();
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn stored_payloads_go_into_envelopes_as_the_parsed_path_would_put_them() {
+    let db = test_db().await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let requested = service.request_operation(&s.ctx, s.installation, &read_of("contacts")).await.unwrap();
+    let operation = requested.id_of("operation").unwrap();
+    // A PageRecorded 1.0 row (upcast on the way out), its page token full of characters
+    // JSON escapes, and a row whose metadata names no actor.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, project_id)
+         VALUES ('operation', $1, 2, 'PageRecorded', '1.0', $2::json, '{\"actor\":\"v1\"}', $3),
+                ('operation', $1, 3, 'Cancelled', '1.0', '{\"reason\":\"tab\\there, quote \\\" and é\"}', '{}', $3)",
+    )
+    .bind(operation.to_string())
+    .bind(r#"{"lease_id":"00000000-0000-0000-0000-000000000001","count":250,"cursor":"a\"b\\c\u00e9\n","at":"2026-01-01T00:00:00Z"}"#)
+    .bind(s.ctx.project_id.0)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let store = EventStore::default();
+    let stored = LogReader::new(db.pool.clone()).read_stored_batch(Default::default(), 1000).await.unwrap();
+    assert!(stored.len() >= 5, "{} events", stored.len());
+    for event in &stored {
+        let fast = amplog_streams::CloudEvent::encode_stored(event, &store).unwrap();
+        let parsed = amplog_streams::CloudEvent::from_event(event.clone().parse().unwrap(), &store);
+        let as_json = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).unwrap();
+        assert_eq!(as_json(&fast), as_json(&parsed.to_bytes()), "{} {}", event.aggregate_type, event.event_type);
+    }
+    let envelope = |sequence: i64| {
+        let event = stored.iter().find(|e| e.aggregate_id == operation.to_string() && e.sequence == sequence).unwrap();
+        amplog_streams::CloudEvent::parse(&amplog_streams::CloudEvent::encode_stored(event, &store).unwrap()).unwrap()
+    };
+    let page = envelope(2);
+    // The version the schemas name (cqrs-es's upcaster alone says "2.0.0").
+    assert_eq!(page.event_type, "amplog.operation.PageRecorded.v2.0");
+    assert_eq!(page.data["records"], 250);
+    assert_eq!(page.data["cursor"]["page_token"], "a\"b\\cé\n");
+    assert_eq!(page.actor.as_deref(), Some("v1"));
+    let cancelled = envelope(3);
+    assert_eq!(cancelled.data["reason"], "tab\there, quote \" and é");
+    assert_eq!(cancelled.actor, None);
+}
