@@ -2,21 +2,25 @@
 //! the shared reader from its checkpoint, publishes every event to its aggregate type's
 //! topic (keyed by aggregate id, CloudEvents JSON) and every job an event dispatches to the
 //! jobs topic (keyed by installation), and moves its checkpoint only after the broker
-//! acknowledged every message of a batch. Sending and acknowledging are pipelined (a few
-//! batches in flight); any error drops the producer and starts again from the checkpoint,
-//! so a message may be sent twice but an aggregate's events are never skipped or reordered.
+//! acknowledged every message of a batch. Three stages on their own tasks, joined by
+//! bounded channels: reading and encoding the next batch (stored payload text goes into
+//! the envelope unparsed), producing the current one, acknowledging and checkpointing the
+//! ones sent (a few batches in flight). Any error stops all three, drops the producer and
+//! starts again from the checkpoint, so a message may be sent twice but an aggregate's
+//! events are never skipped or reordered.
 
 use crate::envelope::{CloudEvent, CONTENT_TYPE};
-use crate::jobs::job_for;
+use crate::jobs::{dispatches, job_for};
 use crate::{KafkaConfig, StreamsError};
 use amplog_commands::leader::{run_as_leader, Leadership};
-use amplog_commands::{EventStore, LogCursor, LogReader};
+use amplog_commands::{EventStore, LogCursor, LogReader, Subscription};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::PgPool;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The relay's singleton and checkpoint name.
@@ -47,7 +51,7 @@ impl Relay {
         holder: impl Into<String>,
     ) -> Result<Self, StreamsError> {
         config.producer()?;
-        Ok(Self { pool, store, config, holder: holder.into(), batch_size: 2000, batches_in_flight: 4 })
+        Ok(Self { pool, store, config, holder: holder.into(), batch_size: 5000, batches_in_flight: 8 })
     }
 
     /// Relays until `stop` resolves, leading whenever it can; recovers from broker and
@@ -79,18 +83,17 @@ impl Relay {
         let (queue, mut acknowledged) = tokio::sync::mpsc::channel::<Pending>(self.batches_in_flight.max(1));
         tracing::info!(checkpoint = ?start, brokers = %self.config.brokers, "relaying");
 
-        // Reading and sending run on a task of their own, beside the acknowledging side.
-        let sender = Sender {
-            pool: self.pool.clone(),
-            store: self.store.clone(),
-            config: self.config.clone(),
-            producer,
-            reader,
-            queue,
+        // Three stages on their own tasks: reading and encoding the next batch, producing
+        // the current one, and acknowledging the ones sent (checkpoint).
+        let (prepared, batches) = tokio::sync::mpsc::channel::<Prepared>(2);
+        let preparer = Preparer { pool: self.pool.clone(), store: self.store.clone(), config: self.config.clone() };
+        let mut preparing = tokio::spawn(preparer.run(reader, subscription, end, prepared));
+        let mut sending = tokio::spawn(produce(producer, batches, queue));
+        let joined = |stage: &'static str| {
+            move |e: tokio::task::JoinError| StreamsError::Config(format!("the relay's {stage} stage: {e}"))
         };
-        let mut sending = tokio::spawn(sender.run(subscription, end));
-        let send =
-            async { (&mut sending).await.map_err(|e| StreamsError::Config(format!("the relay's sender: {e}")))? };
+        let prepare = async { (&mut preparing).await.map_err(joined("reading"))? };
+        let send = async { (&mut sending).await.map_err(joined("sending"))? };
         let commit = async {
             let (mut relayed, mut reported, started) = (0u64, Instant::now(), Instant::now());
             while let Some(pending) = acknowledged.recv().await {
@@ -125,57 +128,123 @@ impl Relay {
             }
             Ok(relayed)
         };
-        let outcome = tokio::try_join!(send, commit);
-        // On any error the sender stops too (its queue closes, or it is aborted here).
+        let outcome = tokio::try_join!(prepare, send, commit);
+        // On any error the other stages stop too (their channels close, or they are
+        // aborted here).
+        preparing.abort();
         sending.abort();
-        let ((), relayed) = outcome?;
+        let ((), (), relayed) = outcome?;
         leadership.release().await;
         Ok(relayed)
     }
 }
 
-/// The sending side: reads batches, publishes them, queues their deliveries.
-struct Sender {
+/// What the reading stage hands the sending stage.
+enum Prepared {
+    /// A batch's messages, in log order, and the cursor of its last event.
+    Batch { cursor: LogCursor, events: usize, messages: Vec<Message> },
+    /// Nothing new within a second (the commit stage still confirms its leadership).
+    Idle,
+}
+
+/// One message to produce.
+struct Message {
+    topic: Arc<str>,
+    key: String,
+    payload: Vec<u8>,
+}
+
+/// The reading stage: reads the next batches from the log and encodes their messages
+/// (envelopes, and the jobs the events dispatch), ahead of the sending stage.
+struct Preparer {
     pool: PgPool,
     store: EventStore,
     config: KafkaConfig,
-    producer: FutureProducer,
-    reader: LogReader,
-    queue: tokio::sync::mpsc::Sender<Pending>,
 }
 
-impl Sender {
-    async fn run(self, mut subscription: amplog_commands::Subscription, end: Option<i64>) -> Result<(), StreamsError> {
-        let jobs_topic = self.config.jobs_topic();
+impl Preparer {
+    /// Ends when a catch-up reached `end`, or when the sending stage stopped.
+    async fn run(
+        self,
+        reader: LogReader,
+        mut subscription: Subscription,
+        end: Option<i64>,
+        out: tokio::sync::mpsc::Sender<Prepared>,
+    ) -> Result<(), StreamsError> {
         let mut conn = self.pool.acquire().await?;
+        let jobs_topic: Arc<str> = self.config.jobs_topic().into();
+        let mut topics: Vec<(String, Arc<str>)> = Vec::new();
         loop {
-            let batch = subscription.next_batch_within(Duration::from_secs(1)).await?;
-            let Some(last) = batch.last() else {
+            // A catch-up reads without waiting and stops at the end it was given; it only
+            // waits when events below that end are held back by older transactions.
+            let mut batch = match end {
+                Some(_) => subscription.read_stored_now().await?,
+                None => Vec::new(),
+            };
+            if batch.is_empty() {
                 if let Some(end) = end {
-                    if self.reader.committed_after(subscription.cursor(), end).await? == 0 {
+                    if reader.committed_after(subscription.cursor(), end).await? == 0 {
                         return Ok(());
                     }
                 }
-                self.queue.send(Pending::Idle).await.map_err(|_| closed())?;
-                continue;
+                batch = subscription.next_stored_batch_within(Duration::from_secs(1)).await?;
+            }
+            let Some(last) = batch.last() else {
+                match out.send(Prepared::Idle).await {
+                    Ok(()) => continue,
+                    Err(_) => return Ok(()),
+                }
             };
             let (cursor, events) = (last.cursor(), batch.len());
-            let mut deliveries = Vec::with_capacity(events);
+            let mut messages = Vec::with_capacity(events);
             for event in batch {
-                let job = job_for(&mut conn, &self.store, &event).await?;
-                let topic = self.config.aggregate_topic(&event.aggregate_type);
-                let key = event.aggregate_id.clone();
-                let envelope = CloudEvent::from_event(event, &self.store).to_bytes();
-                deliveries.push(send_one(&self.producer, &topic, &key, &envelope).await?);
+                let job = match dispatches(&event) {
+                    true => job_for(&mut conn, &self.store, &event.clone().parse()?).await?,
+                    false => None,
+                };
+                let topic = match topics.iter().find(|(aggregate, _)| *aggregate == event.aggregate_type) {
+                    Some((_, topic)) => topic.clone(),
+                    None => {
+                        let topic: Arc<str> = self.config.aggregate_topic(&event.aggregate_type).into();
+                        topics.push((event.aggregate_type.clone(), topic.clone()));
+                        topic
+                    }
+                };
+                let payload = CloudEvent::encode_stored(&event, &self.store)?;
+                messages.push(Message { topic, key: event.aggregate_id, payload });
                 if let Some(job) = job {
-                    let envelope = job.to_cloud_event().to_bytes();
-                    deliveries.push(send_one(&self.producer, &jobs_topic, &job.key(), &envelope).await?);
+                    let payload = job.to_cloud_event().to_bytes();
+                    messages.push(Message { topic: jobs_topic.clone(), key: job.key(), payload });
                 }
             }
-            let pending = Pending::Batch { cursor, events, deliveries };
-            self.queue.send(pending).await.map_err(|_| closed())?;
+            if out.send(Prepared::Batch { cursor, events, messages }).await.is_err() {
+                return Ok(());
+            }
         }
     }
+}
+
+/// The sending stage: produces each batch's messages in order and queues their
+/// deliveries for the commit stage.
+async fn produce(
+    producer: FutureProducer,
+    mut batches: tokio::sync::mpsc::Receiver<Prepared>,
+    queue: tokio::sync::mpsc::Sender<Pending>,
+) -> Result<(), StreamsError> {
+    while let Some(prepared) = batches.recv().await {
+        let pending = match prepared {
+            Prepared::Idle => Pending::Idle,
+            Prepared::Batch { cursor, events, messages } => {
+                let mut deliveries = Vec::with_capacity(messages.len());
+                for message in &messages {
+                    deliveries.push(send_one(&producer, &message.topic, &message.key, &message.payload).await?);
+                }
+                Pending::Batch { cursor, events, deliveries }
+            }
+        };
+        queue.send(pending).await.map_err(|_| closed())?;
+    }
+    Ok(())
 }
 
 fn closed() -> StreamsError {
