@@ -88,7 +88,9 @@ impl Relay {
         let (prepared, batches) = tokio::sync::mpsc::channel::<Prepared>(2);
         let preparer = Preparer { pool: self.pool.clone(), store: self.store.clone(), config: self.config.clone() };
         let mut preparing = tokio::spawn(preparer.run(reader, subscription, end, prepared));
-        let mut sending = tokio::spawn(produce(producer, batches, queue));
+        // The producer lives until every delivery is acknowledged (the sending stage ends
+        // earlier, and dropping the last handle purges what is still queued).
+        let mut sending = tokio::spawn(produce(producer.clone(), batches, queue));
         let joined = |stage: &'static str| {
             move |e: tokio::task::JoinError| StreamsError::Config(format!("the relay's {stage} stage: {e}"))
         };
@@ -133,6 +135,7 @@ impl Relay {
         // aborted here).
         preparing.abort();
         sending.abort();
+        drop(producer);
         let ((), (), relayed) = outcome?;
         leadership.release().await;
         Ok(relayed)
