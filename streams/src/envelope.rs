@@ -77,13 +77,7 @@ impl CloudEvent {
             sequence: Some(event.sequence),
             position: Some(event.position),
             hash: event.hash.as_deref().map(hex::encode),
-            actor: match event.metadata {
-                Value::Object(mut map) => match map.remove("actor") {
-                    Some(Value::String(actor)) => Some(actor),
-                    _ => None,
-                },
-                _ => None,
-            },
+            actor: actor(event.metadata),
             extensions: BTreeMap::new(),
         }
     }
@@ -98,7 +92,7 @@ impl CloudEvent {
         }
         let corrupt = |what: &str, e| CommandError::corrupt(format!("event {what}"), e);
         let data: &RawValue = serde_json::from_str(&event.payload).map_err(|e| corrupt("payload", e))?;
-        let metadata: Option<Metadata> = serde_json::from_str(&event.metadata).map_err(|e| corrupt("metadata", e))?;
+        let metadata: Value = serde_json::from_str(&event.metadata).map_err(|e| corrupt("metadata", e))?;
         let envelope = StoredEnvelope {
             specversion: "1.0",
             id: event.event_id,
@@ -112,10 +106,7 @@ impl CloudEvent {
             sequence: event.sequence,
             position: event.position,
             hash: event.hash.as_deref().map(hex::encode),
-            actor: match metadata.and_then(|m| m.actor) {
-                Some(Value::String(actor)) => Some(actor),
-                _ => None,
-            },
+            actor: actor(metadata),
         };
         Ok(serde_json::to_vec(&envelope).expect("an envelope always serialises"))
     }
@@ -158,9 +149,14 @@ struct StoredEnvelope<'a> {
 }
 
 /// The one metadata member an envelope carries.
-#[derive(Deserialize)]
-struct Metadata {
-    actor: Option<Value>,
+fn actor(metadata: Value) -> Option<String> {
+    match metadata {
+        Value::Object(mut map) => match map.remove("actor") {
+            Some(Value::String(actor)) => Some(actor),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 pub fn source(project: Option<Uuid>) -> String {
