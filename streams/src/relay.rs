@@ -20,7 +20,6 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::PgPool;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The relay's singleton and checkpoint name.
@@ -152,7 +151,7 @@ enum Prepared {
 
 /// One message to produce.
 struct Message {
-    topic: Arc<str>,
+    topic: String,
     key: String,
     payload: Vec<u8>,
 }
@@ -175,8 +174,7 @@ impl Preparer {
         out: tokio::sync::mpsc::Sender<Prepared>,
     ) -> Result<(), StreamsError> {
         let mut conn = self.pool.acquire().await?;
-        let jobs_topic: Arc<str> = self.config.jobs_topic().into();
-        let mut topics: Vec<(String, Arc<str>)> = Vec::new();
+        let jobs_topic = self.config.jobs_topic();
         loop {
             // A catch-up reads without waiting and stops at the end it was given; it only
             // waits when events below that end are held back by older transactions.
@@ -205,14 +203,7 @@ impl Preparer {
                     true => job_for(&mut conn, &self.store, &event.clone().parse()?).await?,
                     false => None,
                 };
-                let topic = match topics.iter().find(|(aggregate, _)| *aggregate == event.aggregate_type) {
-                    Some((_, topic)) => topic.clone(),
-                    None => {
-                        let topic: Arc<str> = self.config.aggregate_topic(&event.aggregate_type).into();
-                        topics.push((event.aggregate_type.clone(), topic.clone()));
-                        topic
-                    }
-                };
+                let topic = self.config.aggregate_topic(&event.aggregate_type);
                 let payload = CloudEvent::encode_stored(&event, &self.store)?;
                 messages.push(Message { topic, key: event.aggregate_id, payload });
                 if let Some(job) = job {
