@@ -202,3 +202,30 @@ async fn log_order_holds_across_a_transaction_id_digit_boundary() {
     read_until(&mut sub, &mut seen, 60, Duration::from_secs(5)).await;
     assert_once_in_order(&seen, &all_event_ids(&db.pool).await);
 }
+
+#[tokio::test]
+async fn a_read_cancelled_half_way_leaves_its_connection_usable() {
+    // One connection, so whatever a cancelled read leaves on it, the next query meets.
+    let db = test_db_with(1).await;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'installation', 'i' || g, 1, 'Created', '1.0', '{\"name\":\"x\"}', '{}' FROM generate_series(1, 20000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let reader = LogReader::new(db.pool.clone());
+    let mut cancelled = 0;
+    for wait in (0..40).map(|i| Duration::from_micros(250 * i)) {
+        match tokio::time::timeout(wait, reader.read_stored_batch(LogCursor::default(), 20_000)).await {
+            Ok(batch) => assert_eq!(batch.unwrap().len(), 20_000),
+            Err(_) => cancelled += 1,
+        }
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db.pool).await.unwrap();
+        assert_eq!(count, 20_000);
+    }
+    assert!(cancelled > 0, "some reads were cancelled part-way");
+    let batch = reader.read_batch(LogCursor::default(), 20_000).await.unwrap();
+    assert_eq!(batch.len(), 20_000);
+    assert_eq!(batch[19_999].payload, serde_json::json!({"name": "x"}));
+}
