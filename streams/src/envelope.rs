@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -82,33 +83,60 @@ impl CloudEvent {
         }
     }
 
-    /// The serialised envelope of one stored event: the same JSON as
-    /// `from_event(event.parse()?, store).to_bytes()`. When no upcaster changes the event,
-    /// its stored payload text goes into `data` as it is (checked to be JSON, not parsed
-    /// into values and serialised again): the relay's hot path.
+    /// The serialised envelope of one stored event: the same bytes as
+    /// `from_event(event.parse()?, store).to_bytes()` for payloads in serde_json's compact
+    /// form (everything amplog writes; other stored text is the same JSON, spaced as
+    /// stored). When no upcaster changes the event, its stored payload text goes into
+    /// `data` as it is (checked to be JSON, not parsed into values), and the envelope is
+    /// written member by member into one buffer: the relay's hot path.
     pub fn encode_stored(event: &StoredEvent, store: &EventStore) -> Result<Vec<u8>, CommandError> {
         if store.upcasts(&event.aggregate_type, &event.event_type, &event.event_version) {
             return Ok(Self::from_event(event.clone().parse()?, store).to_bytes());
         }
         let corrupt = |what: &str, e| CommandError::corrupt(format!("event {what}"), e);
         let data: &RawValue = serde_json::from_str(&event.payload).map_err(|e| corrupt("payload", e))?;
-        let metadata: Value = serde_json::from_str(&event.metadata).map_err(|e| corrupt("metadata", e))?;
-        let envelope = StoredEnvelope {
-            specversion: "1.0",
-            id: event.event_id,
-            source: source(event.project_id),
-            event_type: event_type(&event.aggregate_type, &event.event_type, &event.event_version),
-            subject: &event.aggregate_id,
-            time: &event.recorded_at,
-            datacontenttype: "application/json",
-            data,
-            projectid: event.project_id,
-            sequence: event.sequence,
-            position: event.position,
-            hash: event.hash.as_deref().map(hex::encode),
-            actor: actor(metadata),
-        };
-        Ok(serde_json::to_vec(&envelope).expect("an envelope always serialises"))
+        let actor = stored_actor(&event.metadata).map_err(|e| corrupt("metadata", e))?;
+        let mut out = Vec::with_capacity(400 + event.payload.len() + event.aggregate_id.len());
+        out.extend_from_slice(b"{\"specversion\":\"1.0\",\"id\":");
+        write_uuid(&mut out, &event.event_id);
+        out.extend_from_slice(b",\"source\":");
+        match event.project_id {
+            Some(project) => {
+                out.extend_from_slice(b"\"/amplog/projects/");
+                out.extend_from_slice(project.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"\"/amplog\""),
+        }
+        out.extend_from_slice(b",\"type\":");
+        write_str(&mut out, &["amplog.", &event.aggregate_type, ".", &event.event_type, ".v", &event.event_version]);
+        out.extend_from_slice(b",\"subject\":");
+        write_str(&mut out, &[&event.aggregate_id]);
+        out.extend_from_slice(b",\"time\":");
+        write_time(&mut out, &event.recorded_at);
+        out.extend_from_slice(b",\"datacontenttype\":\"application/json\",\"data\":");
+        out.extend_from_slice(data.get().as_bytes());
+        if let Some(project) = &event.project_id {
+            out.extend_from_slice(b",\"projectid\":");
+            write_uuid(&mut out, project);
+        }
+        out.extend_from_slice(b",\"sequence\":");
+        write_json(&mut out, &event.sequence);
+        out.extend_from_slice(b",\"position\":");
+        write_json(&mut out, &event.position);
+        if let Some(hash) = &event.hash {
+            out.extend_from_slice(b",\"hash\":\"");
+            for byte in hash {
+                out.extend_from_slice(&[HEX[(byte >> 4) as usize], HEX[(byte & 15) as usize]]);
+            }
+            out.push(b'"');
+        }
+        if let Some(actor) = actor {
+            out.extend_from_slice(b",\"actor\":");
+            write_str(&mut out, &[&actor]);
+        }
+        out.push(b'}');
+        Ok(out)
     }
 
     /// Parses a message value, refusing anything that is not a CloudEvents 1.0 envelope.
@@ -125,27 +153,81 @@ impl CloudEvent {
     }
 }
 
-/// `CloudEvent`'s serialised shape (same members, same order), borrowing from a stored
-/// event.
-#[derive(Serialize)]
-struct StoredEnvelope<'a> {
-    specversion: &'static str,
-    id: Uuid,
-    source: String,
-    #[serde(rename = "type")]
-    event_type: String,
-    subject: &'a str,
-    time: &'a DateTime<Utc>,
-    datacontenttype: &'static str,
-    data: &'a RawValue,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    projectid: Option<Uuid>,
-    sequence: i64,
-    position: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    hash: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    actor: Option<String>,
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn write_json(out: &mut Vec<u8>, value: &(impl Serialize + ?Sized)) {
+    serde_json::to_writer(out, value).expect("writing to a Vec cannot fail");
+}
+
+fn write_uuid(out: &mut Vec<u8>, id: &Uuid) {
+    out.push(b'"');
+    out.extend_from_slice(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+    out.push(b'"');
+}
+
+/// The JSON string of `parts` joined, escaped as serde_json escapes (control characters,
+/// quote and backslash; the rest as UTF-8).
+fn write_str(out: &mut Vec<u8>, parts: &[&str]) {
+    let plain = |part: &&str| part.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    if parts.iter().all(plain) {
+        out.push(b'"');
+        for part in parts {
+            out.extend_from_slice(part.as_bytes());
+        }
+        out.push(b'"');
+    } else {
+        write_json(out, &parts.concat());
+    }
+}
+
+/// A time as chrono serialises it: RFC 3339 in UTC, with as many fractional digits (0, 3,
+/// 6 or 9) as it takes.
+fn write_time(out: &mut Vec<u8>, time: &DateTime<Utc>) {
+    use chrono::{Datelike, Timelike};
+    let (date, clock) = (time.date_naive(), time.time());
+    let nanos = clock.nanosecond();
+    if !(0..=9999).contains(&date.year()) || nanos >= 1_000_000_000 {
+        return write_json(out, time); // far years, leap seconds: chrono's own
+    }
+    let digits = |out: &mut Vec<u8>, n: u32, width: u32| {
+        out.extend((0..width).rev().map(|i| b'0' + (n / 10u32.pow(i) % 10) as u8));
+    };
+    out.push(b'"');
+    digits(out, date.year() as u32, 4);
+    for (separator, value) in [(b'-', date.month()), (b'-', date.day()), (b'T', clock.hour())] {
+        out.push(separator);
+        digits(out, value, 2);
+    }
+    for value in [clock.minute(), clock.second()] {
+        out.push(b':');
+        digits(out, value, 2);
+    }
+    let (fraction, width) = match nanos {
+        0 => (0, 0),
+        n if n % 1_000_000 == 0 => (n / 1_000_000, 3),
+        n if n % 1_000 == 0 => (n / 1_000, 6),
+        n => (n, 9),
+    };
+    if width > 0 {
+        out.push(b'.');
+        digits(out, fraction, width);
+    }
+    out.extend_from_slice(b"Z\"");
+}
+
+/// The envelope's `actor` from stored metadata text, as `actor` finds it in the parsed
+/// metadata. The usual object is read without building a map of values.
+fn stored_actor(metadata: &str) -> Result<Option<Cow<'_, str>>, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Metadata<'a> {
+        #[serde(borrow, default)]
+        actor: Option<Cow<'a, str>>,
+    }
+    match serde_json::from_str::<Metadata<'_>>(metadata) {
+        Ok(metadata) => Ok(metadata.actor),
+        // Not an object, a non-string actor, a repeated member: the parsed path decides.
+        Err(_) => Ok(actor(serde_json::from_str(metadata)?).map(Cow::Owned)),
+    }
 }
 
 /// The one metadata member an envelope carries.
@@ -169,4 +251,59 @@ pub fn source(project: Option<Uuid>) -> String {
 /// `amplog.{aggregate}.{Event}.v{version}`.
 pub fn event_type(aggregate_type: &str, event_type: &str, version: &str) -> String {
     format!("amplog.{aggregate_type}.{event_type}.v{version}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_written_as_chrono_serialises_them() {
+        let times = [
+            "2026-11-24T07:34:59Z",
+            "2026-11-24T07:34:59.100Z",
+            "2026-11-24T07:34:59.173915Z",
+            "2026-11-24T07:34:59.173915097Z",
+            "2026-01-01T00:00:00.000000001Z",
+            "0001-02-03T04:05:06.120Z",
+            "9999-12-31T23:59:59.999999Z",
+        ];
+        for text in times {
+            let time: DateTime<Utc> = text.parse().unwrap();
+            let mut out = Vec::new();
+            write_time(&mut out, &time);
+            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&time).unwrap(), "{text}");
+        }
+        let far = DateTime::<Utc>::from_timestamp(300_000_000_000, 5).unwrap(); // year 11476
+        let mut out = Vec::new();
+        write_time(&mut out, &far);
+        assert_eq!(out, serde_json::to_vec(&far).unwrap());
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        for parts in [&["plain"][..], &["a", "\"b"], &["tab\t", "\\", "\u{1}é\u{7f}"], &[""]] {
+            let mut out = Vec::new();
+            write_str(&mut out, parts);
+            assert_eq!(out, serde_json::to_vec(&parts.concat()).unwrap(), "{parts:?}");
+        }
+    }
+
+    #[test]
+    fn an_actor_is_read_from_any_metadata_the_parsed_path_reads() {
+        let cases = [
+            (r#"{"actor":"bench","command":"x","correlation_id":null}"#, Some("bench")),
+            (r#"{"actor":"a\"b"}"#, Some("a\"b")),
+            (r#"{"actor":1}"#, None),
+            (r#"{"command":"x"}"#, None),
+            (r#"[1,2]"#, None),
+            (r#"{"actor":"first","actor":"last"}"#, Some("last")),
+        ];
+        for (metadata, expected) in cases {
+            let parsed = actor(serde_json::from_str(metadata).unwrap());
+            assert_eq!(parsed.as_deref(), expected, "{metadata}");
+            assert_eq!(stored_actor(metadata).unwrap().map(Cow::into_owned), parsed, "{metadata}");
+        }
+        assert!(stored_actor("{").is_err());
+    }
 }
