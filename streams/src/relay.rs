@@ -2,24 +2,26 @@
 //! the shared reader from its checkpoint, publishes every event to its aggregate type's
 //! topic (keyed by aggregate id, CloudEvents JSON) and every job an event dispatches to the
 //! jobs topic (keyed by installation), and moves its checkpoint only after the broker
-//! acknowledged every message of a batch. Three stages on their own tasks, joined by
-//! bounded channels: reading and encoding the next batch (stored payload text goes into
-//! the envelope unparsed), producing the current one, acknowledging and checkpointing the
-//! ones sent (a few batches in flight). Any error stops all three, drops the producer and
-//! starts again from the checkpoint, so a message may be sent twice but an aggregate's
+//! acknowledged every message of a batch. Four stages on their own tasks, joined by
+//! bounded channels: reading the log ahead, encoding each batch (stored payload text goes
+//! into the envelope unparsed), producing, and acknowledging and checkpointing the batches
+//! sent (up to `batches_in_flight` of them). Any error stops all four, drops the producer
+//! and starts again from the checkpoint, so a message may be sent twice but an aggregate's
 //! events are never skipped or reordered.
 
 use crate::envelope::{CloudEvent, CONTENT_TYPE};
 use crate::jobs::{dispatches, job_for};
 use crate::{KafkaConfig, StreamsError};
 use amplog_commands::leader::{run_as_leader, Leadership};
-use amplog_commands::{EventStore, LogCursor, LogReader, Subscription};
+use amplog_commands::{EventStore, LogCursor, LogReader, StoredEvent, Subscription};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::PgPool;
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The relay's singleton and checkpoint name.
@@ -31,7 +33,9 @@ pub struct Relay {
     config: KafkaConfig,
     pub holder: String,
     pub batch_size: i64,
-    /// Batches sent but not yet acknowledged, at most.
+    /// Batches sent but not yet acknowledged, at most. Enough to keep the broker busy
+    /// while acknowledgements come back (at 8 x 5,000 the sending stage waited on them for
+    /// a third of a catch-up; BENCHMARKS.md).
     pub batches_in_flight: usize,
 }
 
@@ -50,7 +54,7 @@ impl Relay {
         holder: impl Into<String>,
     ) -> Result<Self, StreamsError> {
         config.producer()?;
-        Ok(Self { pool, store, config, holder: holder.into(), batch_size: 5000, batches_in_flight: 8 })
+        Ok(Self { pool, store, config, holder: holder.into(), batch_size: 5000, batches_in_flight: 20 })
     }
 
     /// Relays until `stop` resolves, leading whenever it can; recovers from broker and
@@ -73,7 +77,10 @@ impl Relay {
     }
 
     async fn relay(&self, mut leadership: Leadership, end: Option<i64>) -> Result<u64, StreamsError> {
-        crate::topics::ensure_topics(&self.config, &self.config.topics()).await?;
+        // Topics are checked (and created) while the first batches are read and encoded;
+        // the sending stage waits for them.
+        let config = self.config.clone();
+        let topics = tokio::spawn(async move { crate::topics::ensure_topics(&config, &config.topics()).await });
         let producer: FutureProducer = self.config.producer()?.create()?;
         let reader = LogReader::new(self.pool.clone());
         let start = LogReader::checkpoint(&mut *self.pool.acquire().await?, RELAY).await?;
@@ -82,18 +89,21 @@ impl Relay {
         let (queue, mut acknowledged) = tokio::sync::mpsc::channel::<Pending>(self.batches_in_flight.max(1));
         tracing::info!(checkpoint = ?start, brokers = %self.config.brokers, "relaying");
 
-        // Three stages on their own tasks: reading and encoding the next batch, producing
-        // the current one, and acknowledging the ones sent (checkpoint).
-        let (prepared, batches) = tokio::sync::mpsc::channel::<Prepared>(2);
-        let preparer = Preparer { pool: self.pool.clone(), store: self.store.clone(), config: self.config.clone() };
-        let mut preparing = tokio::spawn(preparer.run(reader, subscription, end, prepared));
+        // Four stages on their own tasks: reading the log, encoding what was read, producing
+        // it, and acknowledging what was sent (checkpoint).
+        let (read, batches) = tokio::sync::mpsc::channel::<Option<Vec<StoredEvent>>>(2);
+        let mut reading = tokio::spawn(read_log(reader, subscription, end, read));
+        let (prepared, messages) = tokio::sync::mpsc::channel::<Prepared>(2);
+        let encoder = Encoder { pool: self.pool.clone(), store: self.store.clone(), config: self.config.clone() };
+        let mut encoding = tokio::spawn(encoder.run(batches, prepared));
         // The producer lives until every delivery is acknowledged (the sending stage ends
         // earlier, and dropping the last handle purges what is still queued).
-        let mut sending = tokio::spawn(produce(producer.clone(), batches, queue));
+        let mut sending = tokio::spawn(produce(producer.clone(), topics, messages, queue));
         let joined = |stage: &'static str| {
             move |e: tokio::task::JoinError| StreamsError::Config(format!("the relay's {stage} stage: {e}"))
         };
-        let prepare = async { (&mut preparing).await.map_err(joined("reading"))? };
+        let read = async { (&mut reading).await.map_err(joined("reading"))? };
+        let encode = async { (&mut encoding).await.map_err(joined("encoding"))? };
         let send = async { (&mut sending).await.map_err(joined("sending"))? };
         let commit = async {
             let (mut relayed, mut reported, started) = (0u64, Instant::now(), Instant::now());
@@ -129,19 +139,49 @@ impl Relay {
             }
             Ok(relayed)
         };
-        let outcome = tokio::try_join!(prepare, send, commit);
+        let outcome = tokio::try_join!(read, encode, send, commit);
         // On any error the other stages stop too (their channels close, or they are
         // aborted here).
-        preparing.abort();
+        reading.abort();
+        encoding.abort();
         sending.abort();
         drop(producer);
-        let ((), (), relayed) = outcome?;
+        let ((), (), (), relayed) = outcome?;
         leadership.release().await;
         Ok(relayed)
     }
 }
 
-/// What the reading stage hands the sending stage.
+/// The reading stage: reads the log ahead of the encoding stage, `None` when nothing new
+/// came within a second. Ends when a catch-up reached `end`, or when the next stage stopped.
+async fn read_log(
+    reader: LogReader,
+    mut subscription: Subscription,
+    end: Option<i64>,
+    out: tokio::sync::mpsc::Sender<Option<Vec<StoredEvent>>>,
+) -> Result<(), StreamsError> {
+    loop {
+        // A catch-up reads without waiting and stops at the end it was given; it only
+        // waits when events below that end are held back by older transactions.
+        let mut batch = match end {
+            Some(_) => subscription.read_stored_now().await?,
+            None => Vec::new(),
+        };
+        if batch.is_empty() {
+            if let Some(end) = end {
+                if reader.committed_after(subscription.cursor(), end).await? == 0 {
+                    return Ok(());
+                }
+            }
+            batch = subscription.next_stored_batch_within(Duration::from_secs(1)).await?;
+        }
+        if out.send((!batch.is_empty()).then_some(batch)).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// What the encoding stage hands the sending stage.
 enum Prepared {
     /// A batch's messages, in log order, and the cursor of its last event.
     Batch { cursor: LogCursor, events: usize, messages: Vec<Message> },
@@ -151,59 +191,53 @@ enum Prepared {
 
 /// One message to produce.
 struct Message {
-    topic: String,
+    topic: Arc<str>,
     key: String,
     payload: Vec<u8>,
 }
 
-/// The reading stage: reads the next batches from the log and encodes their messages
-/// (envelopes, and the jobs the events dispatch), ahead of the sending stage.
-struct Preparer {
+/// The encoding stage: turns each batch read into its messages (envelopes, and the jobs
+/// the events dispatch).
+struct Encoder {
     pool: PgPool,
     store: EventStore,
     config: KafkaConfig,
 }
 
-impl Preparer {
-    /// Ends when a catch-up reached `end`, or when the sending stage stopped.
+impl Encoder {
+    /// Ends when the reading stage ended, or when the sending stage stopped.
     async fn run(
         self,
-        reader: LogReader,
-        mut subscription: Subscription,
-        end: Option<i64>,
+        mut batches: tokio::sync::mpsc::Receiver<Option<Vec<StoredEvent>>>,
         out: tokio::sync::mpsc::Sender<Prepared>,
     ) -> Result<(), StreamsError> {
         let mut conn = self.pool.acquire().await?;
-        let jobs_topic = self.config.jobs_topic();
-        loop {
-            // A catch-up reads without waiting and stops at the end it was given; it only
-            // waits when events below that end are held back by older transactions.
-            let mut batch = match end {
-                Some(_) => subscription.read_stored_now().await?,
-                None => Vec::new(),
-            };
-            if batch.is_empty() {
-                if let Some(end) = end {
-                    if reader.committed_after(subscription.cursor(), end).await? == 0 {
-                        return Ok(());
-                    }
-                }
-                batch = subscription.next_stored_batch_within(Duration::from_secs(1)).await?;
-            }
-            let Some(last) = batch.last() else {
+        let jobs_topic: Arc<str> = self.config.jobs_topic().into();
+        // A topic name per aggregate type, shared by its messages (a name per message cost
+        // an allocation and a free each).
+        let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+        while let Some(batch) = batches.recv().await {
+            let Some(last) = batch.as_ref().and_then(|batch| batch.last()) else {
                 match out.send(Prepared::Idle).await {
                     Ok(()) => continue,
                     Err(_) => return Ok(()),
                 }
             };
-            let (cursor, events) = (last.cursor(), batch.len());
-            let mut messages = Vec::with_capacity(events);
+            let (cursor, batch) = (last.cursor(), batch.unwrap_or_default());
+            let (events, mut messages) = (batch.len(), Vec::with_capacity(batch.len()));
             for event in batch {
                 let job = match dispatches(&event) {
                     true => job_for(&mut conn, &self.store, &event.clone().parse()?).await?,
                     false => None,
                 };
-                let topic = self.config.aggregate_topic(&event.aggregate_type);
+                let topic = match topics.get(&event.aggregate_type) {
+                    Some(topic) => topic.clone(),
+                    None => {
+                        let topic: Arc<str> = self.config.aggregate_topic(&event.aggregate_type).into();
+                        topics.insert(event.aggregate_type.clone(), topic.clone());
+                        topic
+                    }
+                };
                 let payload = CloudEvent::encode_stored(&event, &self.store)?;
                 messages.push(Message { topic, key: event.aggregate_id, payload });
                 if let Some(job) = job {
@@ -215,6 +249,7 @@ impl Preparer {
                 return Ok(());
             }
         }
+        Ok(())
     }
 }
 
@@ -222,9 +257,11 @@ impl Preparer {
 /// deliveries for the commit stage.
 async fn produce(
     producer: FutureProducer,
+    topics: tokio::task::JoinHandle<Result<(), StreamsError>>,
     mut batches: tokio::sync::mpsc::Receiver<Prepared>,
     queue: tokio::sync::mpsc::Sender<Pending>,
 ) -> Result<(), StreamsError> {
+    topics.await.map_err(|e| StreamsError::Config(format!("checking topics: {e}")))??;
     while let Some(prepared) = batches.recv().await {
         let pending = match prepared {
             Prepared::Idle => Pending::Idle,
