@@ -1,6 +1,10 @@
 //! `amplog`: wires the crates into one binary. Thin: parse the CLI, build the
 //! configuration, connect (embedded PostgreSQL or DATABASE_URL), run one job.
 
+/// The allocator of the binary (see the workspace Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod config;
 mod demo;
 mod embedded;

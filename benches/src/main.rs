@@ -3,7 +3,12 @@
 //! table (ratios are amplog ÷ raw) on stdout and progress on stderr. `benches/run` starts a
 //! durable throwaway cluster and calls it; see BENCHMARKS.md.
 
+/// The allocator of the binary (see the workspace Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod api;
+
 mod relay;
 mod sync;
 
