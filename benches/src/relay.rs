@@ -3,6 +3,7 @@
 //! end-to-end latency from a command's commit to the event consumed from its topic at a
 //! steady rate.
 
+use crate::cpu::CpuSnapshot;
 use crate::{Report, Stats};
 use amplog_commands::{CommandContext, CommandService, EventStore, LogCursor, LogReader};
 use amplog_domain::operation::{Cursor, OperationType, PageRecord, Trigger};
@@ -121,15 +122,19 @@ pub async fn run(report: &mut Report, url: &str, brokers: &str, events: usize, r
     amplog_streams::topics::ensure_topics(&ours, &ours.topics()).await?;
     let relay = Relay::new(pool.clone(), EventStore::default(), ours.clone(), "bench")?;
     eprintln!("relay: catching up {total} events...");
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), CpuSnapshot::now());
     let relayed = relay.catch_up().await?.context("the relay leads")?;
     let relay_time = started.elapsed();
+    let relay_cpu = cpu.since();
     // Raw: the same envelopes, built beforehand, produced directly to other topics.
     let raw_config = config(brokers);
     amplog_streams::topics::ensure_topics(&raw_config, &raw_config.topics()).await?;
     let messages = payloads(&pool, &raw_config).await?;
     eprintln!("raw producer: {} messages...", messages.len());
+    let cpu = CpuSnapshot::now();
     let raw_time = raw_produce(&raw_config, &messages).await?;
+    let raw_cpu = cpu.since();
+    eprintln!("relay catch-up: {relay_cpu}\nraw producer: {raw_cpu}");
     let relay_rate = relayed as f64 / relay_time.as_secs_f64();
     let raw_rate = messages.len() as f64 / raw_time.as_secs_f64();
     let row = format!(

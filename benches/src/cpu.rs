@@ -1,0 +1,54 @@
+//! CPU seconds spent by the parts of a benchmark (this process, PostgreSQL, the broker),
+//! read from /proc, so a report can say where a phase's time went on a shared machine.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// CPU seconds used so far, by part, and when they were read.
+pub struct CpuSnapshot {
+    at: Instant,
+    parts: BTreeMap<&'static str, f64>,
+}
+
+impl CpuSnapshot {
+    pub fn now() -> Self {
+        let tick = 100.0; // USER_HZ on Linux
+        let mut parts = BTreeMap::new();
+        let me = std::process::id().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // pid (comm) state ppid ... field 14 utime, 15 stime, 16 cutime, 17 cstime.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+            let comm = &stat[open + 1..close];
+            let fields: Vec<f64> = stat[close + 2..].split(' ').map(|f| f.parse().unwrap_or(0.0)).collect();
+            let (own, children) = (fields[11] + fields[12], fields[13] + fields[14]);
+            let part = if name == me {
+                "this process"
+            } else if comm.starts_with("postgres") {
+                "PostgreSQL"
+            } else if comm.starts_with("tansu") {
+                "broker"
+            } else {
+                continue;
+            };
+            // Exited backends count in the postmaster's children's time.
+            *parts.entry(part).or_default() += (own + children) / tick;
+        }
+        Self { at: Instant::now(), parts }
+    }
+
+    /// "wall 2.1 s; CPU: this process 1.9 s, PostgreSQL 0.8 s, broker 1.1 s" since `self`.
+    pub fn since(&self) -> String {
+        let now = Self::now();
+        let used: Vec<String> = now
+            .parts
+            .iter()
+            .map(|(part, s)| format!("{part} {:.2} s", s - self.parts.get(part).copied().unwrap_or(0.0)))
+            .collect();
+        format!("wall {:.2} s; CPU: {}", self.at.elapsed().as_secs_f64(), used.join(", "))
+    }
+}
