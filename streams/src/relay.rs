@@ -19,9 +19,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::PgPool;
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The relay's singleton and checkpoint name.
@@ -191,7 +189,7 @@ enum Prepared {
 
 /// One message to produce.
 struct Message {
-    topic: Arc<str>,
+    topic: String,
     key: String,
     payload: Vec<u8>,
 }
@@ -212,10 +210,7 @@ impl Encoder {
         out: tokio::sync::mpsc::Sender<Prepared>,
     ) -> Result<(), StreamsError> {
         let mut conn = self.pool.acquire().await?;
-        let jobs_topic: Arc<str> = self.config.jobs_topic().into();
-        // A topic name per aggregate type, shared by its messages (a name per message cost
-        // an allocation and a free each).
-        let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+        let jobs_topic = self.config.jobs_topic();
         while let Some(batch) = batches.recv().await {
             let Some(last) = batch.as_ref().and_then(|batch| batch.last()) else {
                 match out.send(Prepared::Idle).await {
@@ -230,14 +225,7 @@ impl Encoder {
                     true => job_for(&mut conn, &self.store, &event.clone().parse()?).await?,
                     false => None,
                 };
-                let topic = match topics.get(&event.aggregate_type) {
-                    Some(topic) => topic.clone(),
-                    None => {
-                        let topic: Arc<str> = self.config.aggregate_topic(&event.aggregate_type).into();
-                        topics.insert(event.aggregate_type.clone(), topic.clone());
-                        topic
-                    }
-                };
+                let topic = self.config.aggregate_topic(&event.aggregate_type);
                 let payload = CloudEvent::encode_stored(&event, &self.store)?;
                 messages.push(Message { topic, key: event.aggregate_id, payload });
                 if let Some(job) = job {
