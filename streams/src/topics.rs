@@ -16,7 +16,11 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
         .map(|name| NewTopic::new(name, config.partitions, TopicReplication::Fixed(config.replication)))
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&new, &options).await? {
+    let results = admin.create_topics(&new, &options).await;
+    // Dropping an admin client joins its thread, ~0.1 s: the answer is already here (a
+    // relay's catch-up waited that long before producing anything).
+    tokio::task::spawn_blocking(move || drop(admin));
+    for result in results? {
         match result {
             Ok(name) => tracing::info!(topic = %name, partitions = config.partitions, "topic created"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
