@@ -291,6 +291,9 @@ mod copy {
         let mut body = message;
         if first {
             skip_header(&mut body)?;
+            if body.is_empty() {
+                return Ok(()); // the header on its own (PostgreSQL sends it with a tuple)
+            }
         }
         if let Some(mut tuple) = Tuple::start(&mut body, 13)? {
             events.push(StoredEvent::from_copy(&mut tuple)?);
