@@ -11,7 +11,7 @@ use amplog_domain::{InstallationId, LeaseId, OperationId};
 use amplog_streams::{CloudEvent, KafkaConfig, Relay};
 use anyhow::{Context, Result};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -90,6 +90,10 @@ async fn payloads(pool: &PgPool, config: &KafkaConfig) -> Result<Vec<(String, St
 async fn raw_produce(config: &KafkaConfig, messages: &[(String, String, Vec<u8>)]) -> Result<Duration> {
     let started = Instant::now();
     let producer: FutureProducer = config.producer()?.create()?;
+    // As the relay does: connect before producing, or librdkafka's idempotent producer
+    // asks for its producer id only 500 ms later (BENCHMARKS.md).
+    let topic = config.jobs_topic();
+    tokio::task::block_in_place(|| producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5)))?;
     let mut deliveries = Vec::with_capacity(messages.len());
     for (topic, key, payload) in messages {
         loop {
@@ -114,6 +118,9 @@ pub async fn run(report: &mut Report, url: &str, brokers: &str, events: usize, r
     let pool = crate::fresh_database(url, "amplog_bench_relay").await?;
     let svc = crate::service(&pool);
     eprintln!("relay: seeding {events} events across 1,000 operations...");
+    // Autovacuum would process the fresh log during some catch-ups and not others: off,
+    // the relay finds rows as a live relay does (not yet vacuumed, hint bits unset).
+    sqlx::query("ALTER TABLE events SET (autovacuum_enabled = false)").execute(&pool).await?;
     let (ctx, ops) = seed(&svc, events).await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&pool).await?;
 

@@ -16,7 +16,7 @@ use amplog_commands::leader::{run_as_leader, Leadership};
 use amplog_commands::{EventStore, LogCursor, LogReader, StoredEvent, Subscription};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::PgPool;
 use std::future::Future;
@@ -75,11 +75,24 @@ impl Relay {
     }
 
     async fn relay(&self, mut leadership: Leadership, end: Option<i64>) -> Result<u64, StreamsError> {
-        // Topics are checked (and created) while the first batches are read and encoded;
-        // the sending stage waits for them.
-        let config = self.config.clone();
-        let topics = tokio::spawn(async move { crate::topics::ensure_topics(&config, &config.topics()).await });
+        // Topics are checked (and created) while the first batches are read and encoded,
+        // and the producer asks for metadata: librdkafka's idempotent producer requests its
+        // producer id when a metadata response arrives, else on a 500 ms timer, and holds
+        // every message until it has one (catch-ups waited 0.5 to 1 s; BENCHMARKS.md). The
+        // sending stage waits for both, so the producer holds no message before the
+        // connecting thread lets go of its handle (an error's drop still purges the queue).
         let producer: FutureProducer = self.config.producer()?.create()?;
+        let (config, connecting) = (self.config.clone(), producer.clone());
+        let topics = tokio::spawn(async move {
+            let topic = config.jobs_topic();
+            let connect = tokio::task::spawn_blocking(move || {
+                // Errors show when producing; this only opens the connection early.
+                let _ = connecting.client().fetch_metadata(Some(&topic), Duration::from_secs(5));
+            });
+            let ensured = crate::topics::ensure_topics(&config, &config.topics()).await;
+            let _ = connect.await;
+            ensured
+        });
         let reader = LogReader::new(self.pool.clone());
         let start = LogReader::checkpoint(&mut *self.pool.acquire().await?, RELAY).await?;
         let mut subscription = reader.subscribe(start).await?;
