@@ -68,8 +68,12 @@ impl Leadership {
         fence(tx, &self.name, self.token).await
     }
 
-    /// Gives the lock up.
-    pub async fn release(self) {
+    /// Gives the lock up, by the time this returns: closing the session alone frees it
+    /// only once its backend has exited, and a leader taking over at once found it held.
+    pub async fn release(mut self) {
+        let unlocked =
+            sqlx::query("SELECT pg_advisory_unlock($1)").bind(lock_key(&self.name)).execute(&mut self.session);
+        unlocked.await.ok();
         self.session.close().await.ok();
     }
 }
