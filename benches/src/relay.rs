@@ -11,10 +11,14 @@ use amplog_domain::{InstallationId, LeaseId, OperationId};
 use amplog_streams::{CloudEvent, KafkaConfig, Relay};
 use anyhow::{Context, Result};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -83,33 +87,47 @@ async fn payloads(pool: &PgPool, config: &KafkaConfig) -> Result<Vec<(String, St
     Ok(out)
 }
 
+/// Counts delivery failures (the raw producer's only bookkeeping).
+#[derive(Default)]
+struct Failures(AtomicUsize);
+
+impl ClientContext for Failures {}
+
+impl ProducerContext for Failures {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_err() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Raw baseline: the same payloads through one rdkafka producer with the same delivery
-/// settings (idempotent, acks=all), every delivery awaited. Timed like the relay's
+/// settings (idempotent, acks=all), flushed, no delivery failed. Timed like the relay's
 /// catch-up: from creating the producer to having dropped it (librdkafka's shutdown joins
-/// its polling thread, ~0.1 s).
+/// its polling thread, ~0.1 s). It asks for metadata first, as the relay does: else
+/// librdkafka's idempotent producer waits up to 500 ms for its producer id (BENCHMARKS.md).
 async fn raw_produce(config: &KafkaConfig, messages: &[(String, String, Vec<u8>)]) -> Result<Duration> {
     let started = Instant::now();
-    let producer: FutureProducer = config.producer()?.create()?;
-    // As the relay does: connect before producing, or librdkafka's idempotent producer
-    // asks for its producer id only 500 ms later (BENCHMARKS.md).
+    let producer: ThreadedProducer<Failures> = config.producer()?.create_with_context(Failures::default())?;
     let topic = config.jobs_topic();
     tokio::task::block_in_place(|| producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5)))?;
-    let mut deliveries = Vec::with_capacity(messages.len());
     for (topic, key, payload) in messages {
+        let mut record = BaseRecord::to(topic).key(key).payload(payload);
         loop {
-            match producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
-                Ok(delivery) => break deliveries.push(delivery),
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    _,
-                )) => tokio::time::sleep(Duration::from_millis(2)).await,
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(2)).await
+                }
                 Err((error, _)) => return Err(error.into()),
             }
         }
     }
-    for delivery in deliveries {
-        delivery.await?.map_err(|(e, _)| e)?;
-    }
+    tokio::task::block_in_place(|| producer.flush(Duration::from_secs(60)))?;
+    anyhow::ensure!(producer.context().0.load(Ordering::Relaxed) == 0, "raw deliveries failed");
     drop(producer);
     Ok(started.elapsed())
 }

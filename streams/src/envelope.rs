@@ -218,6 +218,15 @@ fn write_time(out: &mut Vec<u8>, time: &DateTime<Utc>) {
 /// The envelope's `actor` from stored metadata text, as `actor` finds it in the parsed
 /// metadata. The usual object is read without building a map of values.
 fn stored_actor(metadata: &str) -> Result<Option<Cow<'_, str>>, serde_json::Error> {
+    // What amplog writes: the actor first, unescaped, and no other "actor" member. (The
+    // text comes from a json column: PostgreSQL checked it is JSON.)
+    if let Some(rest) = metadata.strip_prefix(r#"{"actor":""#) {
+        if let Some(end) = rest.find(['"', '\\']) {
+            if rest.as_bytes()[end] == b'"' && !rest[end..].contains(r#""actor""#) {
+                return Ok(Some(Cow::Borrowed(&rest[..end])));
+            }
+        }
+    }
     #[derive(Deserialize)]
     struct Metadata<'a> {
         #[serde(borrow, default)]
@@ -298,6 +307,11 @@ mod tests {
             (r#"{"command":"x"}"#, None),
             (r#"[1,2]"#, None),
             (r#"{"actor":"first","actor":"last"}"#, Some("last")),
+            (r#"{"actor":"a\\b","command":"x"}"#, Some("a\\b")),
+            (r#"{"actor":"a","command":"actor"}"#, Some("a")),
+            (r#"{"actor":"a","command":"x","actor":"b"}"#, Some("b")),
+            (r#"{"actor":null}"#, None),
+            (r#"{ "actor": "spaced" }"#, Some("spaced")),
         ];
         for (metadata, expected) in cases {
             let parsed = actor(serde_json::from_str(metadata).unwrap());

@@ -16,10 +16,14 @@ use amplog_commands::leader::{run_as_leader, Leadership};
 use amplog_commands::{EventStore, LogCursor, LogReader, StoredEvent, Subscription};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
 use sqlx::PgPool;
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The relay's singleton and checkpoint name.
@@ -39,9 +43,61 @@ pub struct Relay {
 
 /// A batch on its way: the cursor to save once every delivery is acknowledged.
 enum Pending {
-    Batch { cursor: LogCursor, events: usize, deliveries: Vec<DeliveryFuture> },
+    Batch { cursor: LogCursor, events: usize, acks: Arc<BatchAcks> },
     Idle,
 }
+
+/// A batch's deliveries still unacknowledged, counted down by the producer's delivery
+/// reports (one counter per batch, not a future per message), and the first failure.
+struct BatchAcks {
+    /// The batch's messages, plus one held by the sending stage until all are queued.
+    outstanding: AtomicUsize,
+    failed: OnceLock<KafkaError>,
+    done: tokio::sync::Notify,
+}
+
+impl BatchAcks {
+    fn new(messages: usize) -> Arc<Self> {
+        Arc::new(Self {
+            outstanding: AtomicUsize::new(messages + 1),
+            failed: OnceLock::new(),
+            done: Default::default(),
+        })
+    }
+
+    fn release(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one(); // kept for the waiter if it is not waiting yet
+        }
+    }
+
+    /// Once every message of the batch is acknowledged: the first error reported, if any.
+    async fn acknowledged(&self) -> Result<(), StreamsError> {
+        self.done.notified().await;
+        match self.failed.get() {
+            Some(error) => Err(StreamsError::Kafka(error.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Hands each delivery report to its batch's counter (on the producer's polling thread).
+struct Acknowledging;
+
+impl ClientContext for Acknowledging {}
+
+impl ProducerContext for Acknowledging {
+    type DeliveryOpaque = Arc<BatchAcks>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<BatchAcks>) {
+        if let Err((error, _)) = result {
+            let _ = acks.failed.set(error.clone());
+        }
+        acks.release();
+    }
+}
+
+type RelayProducer = ThreadedProducer<Acknowledging>;
 
 impl Relay {
     /// Refuses producer settings that could reorder or drop messages.
@@ -81,7 +137,7 @@ impl Relay {
         // every message until it has one (catch-ups waited 0.5 to 1 s; BENCHMARKS.md). The
         // sending stage waits for both, so the producer holds no message before the
         // connecting thread lets go of its handle (an error's drop still purges the queue).
-        let producer: FutureProducer = self.config.producer()?.create()?;
+        let producer: Arc<RelayProducer> = Arc::new(self.config.producer()?.create_with_context(Acknowledging)?);
         let (config, connecting) = (self.config.clone(), producer.clone());
         let topics = tokio::spawn(async move {
             let topic = config.jobs_topic();
@@ -120,14 +176,8 @@ impl Relay {
             let (mut relayed, mut reported, started) = (0u64, Instant::now(), Instant::now());
             while let Some(pending) = acknowledged.recv().await {
                 let (cursor, events) = match pending {
-                    Pending::Batch { cursor, events, deliveries } => {
-                        for delivery in deliveries {
-                            match delivery.await {
-                                Ok(Ok(_)) => {}
-                                Ok(Err((error, _))) => return Err(StreamsError::Kafka(error)),
-                                Err(_) => return Err(StreamsError::Kafka(KafkaError::Canceled)),
-                            }
-                        }
+                    Pending::Batch { cursor, events, acks } => {
+                        acks.acknowledged().await?;
                         (Some(cursor), events)
                     }
                     Pending::Idle => (None, 0),
@@ -202,7 +252,7 @@ enum Prepared {
 
 /// One message to produce.
 struct Message {
-    topic: String,
+    topic: Arc<str>,
     key: String,
     payload: Vec<u8>,
 }
@@ -223,7 +273,8 @@ impl Encoder {
         out: tokio::sync::mpsc::Sender<Prepared>,
     ) -> Result<(), StreamsError> {
         let mut conn = self.pool.acquire().await?;
-        let jobs_topic = self.config.jobs_topic();
+        let jobs_topic: Arc<str> = self.config.jobs_topic().into();
+        let mut topics: HashMap<String, Arc<str>> = HashMap::new(); // by aggregate type
         while let Some(batch) = batches.recv().await {
             let Some(last) = batch.as_ref().and_then(|batch| batch.last()) else {
                 match out.send(Prepared::Idle).await {
@@ -238,7 +289,14 @@ impl Encoder {
                     true => job_for(&mut conn, &self.store, &event.clone().parse()?).await?,
                     false => None,
                 };
-                let topic = self.config.aggregate_topic(&event.aggregate_type);
+                let topic = match topics.get(&event.aggregate_type) {
+                    Some(topic) => topic.clone(),
+                    None => {
+                        let topic: Arc<str> = self.config.aggregate_topic(&event.aggregate_type).into();
+                        topics.insert(event.aggregate_type.clone(), topic.clone());
+                        topic
+                    }
+                };
                 let payload = CloudEvent::encode_stored(&event, &self.store)?;
                 messages.push(Message { topic, key: event.aggregate_id, payload });
                 if let Some(job) = job {
@@ -257,7 +315,7 @@ impl Encoder {
 /// The sending stage: produces each batch's messages in order and queues their
 /// deliveries for the commit stage.
 async fn produce(
-    producer: FutureProducer,
+    producer: Arc<RelayProducer>,
     topics: tokio::task::JoinHandle<Result<(), StreamsError>>,
     mut batches: tokio::sync::mpsc::Receiver<Prepared>,
     queue: tokio::sync::mpsc::Sender<Pending>,
@@ -267,11 +325,12 @@ async fn produce(
         let pending = match prepared {
             Prepared::Idle => Pending::Idle,
             Prepared::Batch { cursor, events, messages } => {
-                let mut deliveries = Vec::with_capacity(messages.len());
+                let acks = BatchAcks::new(messages.len());
                 for message in &messages {
-                    deliveries.push(send_one(&producer, &message.topic, &message.key, &message.payload).await?);
+                    send_one(&producer, message, &acks).await?;
                 }
-                Pending::Batch { cursor, events, deliveries }
+                acks.release();
+                Pending::Batch { cursor, events, acks }
             }
         };
         queue.send(pending).await.map_err(|_| closed())?;
@@ -284,18 +343,17 @@ fn closed() -> StreamsError {
 }
 
 /// Queues one message, waiting while the producer's local queue is full (order kept).
-async fn send_one(
-    producer: &FutureProducer,
-    topic: &str,
-    key: &str,
-    payload: &[u8],
-) -> Result<DeliveryFuture, StreamsError> {
+async fn send_one(producer: &RelayProducer, message: &Message, acks: &Arc<BatchAcks>) -> Result<(), StreamsError> {
+    let headers = OwnedHeaders::new_with_capacity(1).insert(Header { key: "content-type", value: Some(CONTENT_TYPE) });
+    let mut record = BaseRecord::with_opaque_to(&message.topic, acks.clone())
+        .key(&message.key)
+        .payload(&message.payload)
+        .headers(headers);
     loop {
-        let headers = OwnedHeaders::new().insert(Header { key: "content-type", value: Some(CONTENT_TYPE) });
-        let record = FutureRecord::to(topic).key(key).payload(payload).headers(headers);
-        match producer.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
                 tokio::time::sleep(Duration::from_millis(2)).await
             }
             Err((error, _)) => return Err(error.into()),
