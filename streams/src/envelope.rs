@@ -103,7 +103,7 @@ impl CloudEvent {
         match event.project_id {
             Some(project) => {
                 out.extend_from_slice(b"\"/amplog/projects/");
-                out.extend_from_slice(project.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+                write_uuid_text(&mut out, &project);
                 out.push(b'"');
             }
             None => out.extend_from_slice(b"\"/amplog\""),
@@ -161,8 +161,13 @@ fn write_json(out: &mut Vec<u8>, value: &(impl Serialize + ?Sized)) {
 
 fn write_uuid(out: &mut Vec<u8>, id: &Uuid) {
     out.push(b'"');
-    out.extend_from_slice(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+    write_uuid_text(out, id);
     out.push(b'"');
+}
+
+/// A uuid's hyphenated lower-case text, unquoted.
+fn write_uuid_text(out: &mut Vec<u8>, id: &Uuid) {
+    out.extend_from_slice(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
 }
 
 /// The JSON string of `parts` joined, escaped as serde_json escapes (control characters,
