@@ -6,7 +6,6 @@ use amplog_commands::{CommandError, EventStore, RecordedEvent, StoredEvent};
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -86,44 +85,54 @@ impl CloudEvent {
     /// The serialised envelope of one stored event: the same bytes as
     /// `from_event(event.parse()?, store).to_bytes()` for payloads in serde_json's compact
     /// form (everything amplog writes; other stored text is the same JSON, spaced as
-    /// stored). When no upcaster changes the event, its stored payload text goes into
-    /// `data` as it is (checked to be JSON, not parsed into values), and the envelope is
-    /// written member by member into one buffer: the relay's hot path.
+    /// stored).
     pub fn encode_stored(event: &StoredEvent, store: &EventStore) -> Result<Vec<u8>, CommandError> {
+        let mut out = Vec::with_capacity(400 + event.payload.len() + event.aggregate_id.len());
+        Self::encode_stored_into(event, store, &mut out)?;
+        Ok(out)
+    }
+
+    /// `encode_stored`, appended to `out` (the relay writes a batch into one reused
+    /// buffer). When no upcaster changes the event, its stored payload text goes into
+    /// `data` as it is: it comes from a `json` column, which PostgreSQL only accepts as
+    /// valid JSON, so it is neither parsed nor checked again. The envelope is written
+    /// member by member: the relay's hot path.
+    pub fn encode_stored_into(event: &StoredEvent, store: &EventStore, out: &mut Vec<u8>) -> Result<(), CommandError> {
         if store.upcasts(&event.aggregate_type, &event.event_type, &event.event_version) {
-            return Ok(Self::from_event(event.clone().parse()?, store).to_bytes());
+            let envelope = Self::from_event(event.clone().parse()?, store);
+            write_json(out, &envelope);
+            return Ok(());
         }
         let corrupt = |what: &str, e| CommandError::corrupt(format!("event {what}"), e);
-        let data: &RawValue = serde_json::from_str(&event.payload).map_err(|e| corrupt("payload", e))?;
         let actor = stored_actor(&event.metadata).map_err(|e| corrupt("metadata", e))?;
-        let mut out = Vec::with_capacity(400 + event.payload.len() + event.aggregate_id.len());
+        out.reserve(400 + event.payload.len() + event.aggregate_id.len());
         out.extend_from_slice(b"{\"specversion\":\"1.0\",\"id\":");
-        write_uuid(&mut out, &event.event_id);
+        write_uuid(out, &event.event_id);
         out.extend_from_slice(b",\"source\":");
         match event.project_id {
             Some(project) => {
                 out.extend_from_slice(b"\"/amplog/projects/");
-                write_uuid_text(&mut out, &project);
+                write_uuid_text(out, &project);
                 out.push(b'"');
             }
             None => out.extend_from_slice(b"\"/amplog\""),
         }
         out.extend_from_slice(b",\"type\":");
-        write_str(&mut out, &["amplog.", &event.aggregate_type, ".", &event.event_type, ".v", &event.event_version]);
+        write_str(out, &["amplog.", &event.aggregate_type, ".", &event.event_type, ".v", &event.event_version]);
         out.extend_from_slice(b",\"subject\":");
-        write_str(&mut out, &[&event.aggregate_id]);
+        write_str(out, &[&event.aggregate_id]);
         out.extend_from_slice(b",\"time\":");
-        write_time(&mut out, &event.recorded_at);
+        write_time(out, &event.recorded_at);
         out.extend_from_slice(b",\"datacontenttype\":\"application/json\",\"data\":");
-        out.extend_from_slice(data.get().as_bytes());
+        out.extend_from_slice(event.payload.trim_ascii().as_bytes());
         if let Some(project) = &event.project_id {
             out.extend_from_slice(b",\"projectid\":");
-            write_uuid(&mut out, project);
+            write_uuid(out, project);
         }
         out.extend_from_slice(b",\"sequence\":");
-        write_json(&mut out, &event.sequence);
+        write_json(out, &event.sequence);
         out.extend_from_slice(b",\"position\":");
-        write_json(&mut out, &event.position);
+        write_json(out, &event.position);
         if let Some(hash) = &event.hash {
             out.extend_from_slice(b",\"hash\":\"");
             for byte in hash {
@@ -133,10 +142,10 @@ impl CloudEvent {
         }
         if let Some(actor) = actor {
             out.extend_from_slice(b",\"actor\":");
-            write_str(&mut out, &[&actor]);
+            write_str(out, &[&actor]);
         }
         out.push(b'}');
-        Ok(out)
+        Ok(())
     }
 
     /// Parses a message value, refusing anything that is not a CloudEvents 1.0 envelope.

@@ -162,10 +162,11 @@ impl Relay {
         let mut reading = tokio::spawn(read_log(reader, subscription, end, read));
         let (prepared, messages) = tokio::sync::mpsc::channel::<Prepared>(2);
         let encoder = Encoder { pool: self.pool.clone(), store: self.store.clone(), config: self.config.clone() };
-        let mut encoding = tokio::spawn(encoder.run(batches, prepared));
+        let (recycle, recycled) = tokio::sync::mpsc::unbounded_channel::<Encoded>();
+        let mut encoding = tokio::spawn(encoder.run(batches, prepared, recycled));
         // The producer lives until every delivery is acknowledged (the sending stage ends
         // earlier, and dropping the last handle purges what is still queued).
-        let mut sending = tokio::spawn(produce(producer.clone(), topics, messages, queue));
+        let mut sending = tokio::spawn(produce(producer.clone(), topics, messages, queue, recycle));
         let joined = |stage: &'static str| {
             move |e: tokio::task::JoinError| StreamsError::Config(format!("the relay's {stage} stage: {e}"))
         };
@@ -245,16 +246,43 @@ async fn read_log(
 /// What the encoding stage hands the sending stage.
 enum Prepared {
     /// A batch's messages, in log order, and the cursor of its last event.
-    Batch { cursor: LogCursor, events: usize, messages: Vec<Message> },
+    Batch { cursor: LogCursor, events: usize, messages: Encoded },
     /// Nothing new within a second (the commit stage still confirms its leadership).
     Idle,
 }
 
-/// One message to produce.
+/// A batch's messages, their payloads written one after another into one buffer. The
+/// sending stage hands each buffer back once the producer has copied it, so a catch-up
+/// reuses a few buffers instead of allocating (and the kernel zeroing) fresh memory for
+/// every message.
+#[derive(Default)]
+struct Encoded {
+    messages: Vec<Message>,
+    payloads: Vec<u8>,
+}
+
+/// One message to produce: its payload is `payloads[end of the previous one..end]`.
 struct Message {
     topic: Arc<str>,
     key: String,
-    payload: Vec<u8>,
+    end: usize,
+}
+
+impl Encoded {
+    fn push(&mut self, topic: Arc<str>, key: String) {
+        self.messages.push(Message { topic, key, end: self.payloads.len() });
+    }
+
+    /// Each message with its payload.
+    fn iter(&self) -> impl Iterator<Item = (&Message, &[u8])> {
+        let starts = std::iter::once(0).chain(self.messages.iter().map(|m| m.end));
+        self.messages.iter().zip(starts).map(|(m, start)| (m, &self.payloads[start..m.end]))
+    }
+
+    fn clear(&mut self) {
+        self.messages.clear();
+        self.payloads.clear();
+    }
 }
 
 /// The encoding stage: turns each batch read into its messages (envelopes, and the jobs
@@ -271,8 +299,10 @@ impl Encoder {
         self,
         mut batches: tokio::sync::mpsc::Receiver<Option<Vec<StoredEvent>>>,
         out: tokio::sync::mpsc::Sender<Prepared>,
+        recycled: tokio::sync::mpsc::UnboundedReceiver<Encoded>,
     ) -> Result<(), StreamsError> {
         let mut conn = self.pool.acquire().await?;
+        let mut recycled = recycled;
         let jobs_topic: Arc<str> = self.config.jobs_topic().into();
         let mut topics: HashMap<String, Arc<str>> = HashMap::new(); // by aggregate type
         while let Some(batch) = batches.recv().await {
@@ -283,7 +313,8 @@ impl Encoder {
                 }
             };
             let (cursor, batch) = (last.cursor(), batch.unwrap_or_default());
-            let (events, mut messages) = (batch.len(), Vec::with_capacity(batch.len()));
+            let events = batch.len();
+            let mut messages = recycled.try_recv().unwrap_or_default();
             for event in batch {
                 let job = match dispatches(&event) {
                     true => job_for(&mut conn, &self.store, &event.clone().parse()?).await?,
@@ -297,11 +328,12 @@ impl Encoder {
                         topic
                     }
                 };
-                let payload = CloudEvent::encode_stored(&event, &self.store)?;
-                messages.push(Message { topic, key: event.aggregate_id, payload });
+                CloudEvent::encode_stored_into(&event, &self.store, &mut messages.payloads)?;
+                messages.push(topic, event.aggregate_id);
                 if let Some(job) = job {
-                    let payload = job.to_cloud_event().to_bytes();
-                    messages.push(Message { topic: jobs_topic.clone(), key: job.key(), payload });
+                    serde_json::to_writer(&mut messages.payloads, &job.to_cloud_event())
+                        .expect("an envelope always serialises");
+                    messages.push(jobs_topic.clone(), job.key());
                 }
             }
             if out.send(Prepared::Batch { cursor, events, messages }).await.is_err() {
@@ -319,17 +351,20 @@ async fn produce(
     topics: tokio::task::JoinHandle<Result<(), StreamsError>>,
     mut batches: tokio::sync::mpsc::Receiver<Prepared>,
     queue: tokio::sync::mpsc::Sender<Pending>,
+    recycle: tokio::sync::mpsc::UnboundedSender<Encoded>,
 ) -> Result<(), StreamsError> {
     topics.await.map_err(|e| StreamsError::Config(format!("checking topics: {e}")))??;
     while let Some(prepared) = batches.recv().await {
         let pending = match prepared {
             Prepared::Idle => Pending::Idle,
-            Prepared::Batch { cursor, events, messages } => {
-                let acks = BatchAcks::new(messages.len());
-                for message in &messages {
-                    send_one(&producer, message, &acks).await?;
+            Prepared::Batch { cursor, events, mut messages } => {
+                let acks = BatchAcks::new(messages.messages.len());
+                for (message, payload) in messages.iter() {
+                    send_one(&producer, message, payload, &acks).await?;
                 }
                 acks.release();
+                messages.clear();
+                let _ = recycle.send(messages); // the encoding stage may have ended
                 Pending::Batch { cursor, events, acks }
             }
         };
@@ -343,12 +378,15 @@ fn closed() -> StreamsError {
 }
 
 /// Queues one message, waiting while the producer's local queue is full (order kept).
-async fn send_one(producer: &RelayProducer, message: &Message, acks: &Arc<BatchAcks>) -> Result<(), StreamsError> {
+async fn send_one(
+    producer: &RelayProducer,
+    message: &Message,
+    payload: &[u8],
+    acks: &Arc<BatchAcks>,
+) -> Result<(), StreamsError> {
     let headers = OwnedHeaders::new_with_capacity(1).insert(Header { key: "content-type", value: Some(CONTENT_TYPE) });
-    let mut record = BaseRecord::with_opaque_to(&message.topic, acks.clone())
-        .key(&message.key)
-        .payload(&message.payload)
-        .headers(headers);
+    let mut record =
+        BaseRecord::with_opaque_to(&message.topic, acks.clone()).key(&message.key).payload(payload).headers(headers);
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
@@ -357,6 +395,28 @@ async fn send_one(producer: &RelayProducer, message: &Message, acks: &Arc<BatchA
                 tokio::time::sleep(Duration::from_millis(2)).await
             }
             Err((error, _)) => return Err(error.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_buffer_gives_each_message_its_own_payload() {
+        let (topic, mut encoded): (Arc<str>, Encoded) = ("t".into(), Encoded::default());
+        for round in 0..2 {
+            for (key, payload) in [("a", &b"{\"n\":1}"[..]), ("b", b""), ("c", b"[2]")] {
+                encoded.payloads.extend_from_slice(payload);
+                encoded.push(topic.clone(), format!("{key}{round}"));
+            }
+            let sent: Vec<(String, &[u8])> = encoded.iter().map(|(m, p)| (m.key.clone(), p)).collect();
+            let expected =
+                [(format!("a{round}"), &b"{\"n\":1}"[..]), (format!("b{round}"), b""), (format!("c{round}"), b"[2]")];
+            assert_eq!(sent, expected);
+            encoded.clear();
+            assert!(encoded.iter().next().is_none() && encoded.payloads.capacity() > 0);
         }
     }
 }

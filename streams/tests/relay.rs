@@ -208,11 +208,11 @@ async fn stored_payloads_go_into_envelopes_as_the_parsed_path_would_put_them() {
     let requested = service.request_operation(&s.ctx, s.installation, &read_of("contacts")).await.unwrap();
     let operation = requested.id_of("operation").unwrap();
     // A PageRecorded 1.0 row (upcast on the way out), its page token full of characters
-    // JSON escapes, and a row whose metadata names no actor.
+    // JSON escapes, and a row spaced unlike serde_json whose metadata names no actor.
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, project_id)
          VALUES ('operation', $1, 2, 'PageRecorded', '1.0', $2::json, '{\"actor\":\"v1\"}', $3),
-                ('operation', $1, 3, 'Cancelled', '1.0', '{\"reason\":\"tab\\there, quote \\\" and é\"}', '{}', $3)",
+                ('operation', $1, 3, 'Cancelled', '1.0', E' {\"reason\": \"tab\\\\there, quote \\\\\" and é\"}\n', '{}', $3)",
     )
     .bind(operation.to_string())
     .bind(r#"{"lease_id":"00000000-0000-0000-0000-000000000001","count":250,"cursor":"a\"b\\c\u00e9\n","at":"2026-01-01T00:00:00Z"}"#)
