@@ -132,21 +132,28 @@ impl Relay {
 
     async fn relay(&self, mut leadership: Leadership, end: Option<i64>) -> Result<u64, StreamsError> {
         // Topics are checked (and created) while the first batches are read and encoded,
-        // and the producer asks for metadata: librdkafka's idempotent producer requests its
-        // producer id when a metadata response arrives, else on a 500 ms timer, and holds
-        // every message until it has one (catch-ups waited 0.5 to 1 s; BENCHMARKS.md). The
-        // sending stage waits for both, so the producer holds no message before the
-        // connecting thread lets go of its handle (an error's drop still purges the queue).
+        // then the producer asks for every topic's metadata: librdkafka's idempotent
+        // producer requests its producer id when a metadata response arrives, else on a
+        // 500 ms timer, and holds every message until it has one; and a message for a topic
+        // it has no metadata for waits for its own request (catch-ups waited 0.1 to 1 s for
+        // their first acknowledgement; BENCHMARKS.md). The sending stage waits for both, so
+        // the producer holds no message before the connecting threads let go of its handle
+        // (an error's drop still purges the queue).
         let producer: Arc<RelayProducer> = Arc::new(self.config.producer()?.create_with_context(Acknowledging)?);
         let (config, connecting) = (self.config.clone(), producer.clone());
         let topics = tokio::spawn(async move {
-            let topic = config.jobs_topic();
-            let connect = tokio::task::spawn_blocking(move || {
-                // Errors show when producing; this only opens the connection early.
-                let _ = connecting.client().fetch_metadata(Some(&topic), Duration::from_secs(5));
-            });
             let ensured = crate::topics::ensure_topics(&config, &config.topics()).await;
-            let _ = connect.await;
+            let topics = config.topics();
+            let _ = tokio::task::spawn_blocking(move || {
+                std::thread::scope(|scope| {
+                    for topic in &topics {
+                        let connecting = &connecting;
+                        // Errors show when producing; this only asks early.
+                        scope.spawn(move || connecting.client().fetch_metadata(Some(topic), Duration::from_secs(5)));
+                    }
+                })
+            })
+            .await;
             ensured
         });
         let reader = LogReader::new(self.pool.clone());
