@@ -306,10 +306,9 @@ impl Encoder {
         self,
         mut batches: tokio::sync::mpsc::Receiver<Option<Vec<StoredEvent>>>,
         out: tokio::sync::mpsc::Sender<Prepared>,
-        recycled: tokio::sync::mpsc::UnboundedReceiver<Encoded>,
+        mut recycled: tokio::sync::mpsc::UnboundedReceiver<Encoded>,
     ) -> Result<(), StreamsError> {
         let mut conn = self.pool.acquire().await?;
-        let mut recycled = recycled;
         let jobs_topic: Arc<str> = self.config.jobs_topic().into();
         let mut topics: HashMap<String, Arc<str>> = HashMap::new(); // by aggregate type
         while let Some(batch) = batches.recv().await {
