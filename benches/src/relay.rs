@@ -117,15 +117,24 @@ impl ProducerContext for Deliveries {
 /// steps beside the polling thread, which took the report it waited for in about half the
 /// runs (0.40 or 0.50 s walls). Timed like the relay's
 /// catch-up: from creating the producer to having dropped it (librdkafka's shutdown joins
-/// its polling thread, ~0.1 s). It asks for metadata first, as the relay does: else
-/// librdkafka's idempotent producer waits up to 500 ms for its producer id (BENCHMARKS.md).
+/// its polling thread, ~0.1 s). It asks for every topic's metadata first, as the relay
+/// does: else librdkafka's idempotent producer waits up to 500 ms for its producer id, and
+/// a message for a topic without metadata waits for librdkafka's own request (BENCHMARKS.md).
 async fn raw_produce(config: &KafkaConfig, messages: &[(String, String, Vec<u8>)]) -> Result<Duration> {
     let started = Instant::now();
     let deliveries =
         Deliveries { expected: messages.len(), reported: 0.into(), failed: 0.into(), all: Default::default() };
     let producer: ThreadedProducer<Deliveries> = config.producer()?.create_with_context(deliveries)?;
-    let topic = config.jobs_topic();
-    tokio::task::block_in_place(|| producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5)))?;
+    let (topics, client) = (config.topics(), producer.client());
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            let asks: Vec<_> = topics
+                .iter()
+                .map(|topic| scope.spawn(move || client.fetch_metadata(Some(topic), Duration::from_secs(5))))
+                .collect();
+            asks.into_iter().try_for_each(|ask| ask.join().expect("a metadata request panicked").map(drop))
+        })
+    })?;
     for (topic, key, payload) in messages {
         let mut record = BaseRecord::to(topic).key(key).payload(payload);
         loop {
