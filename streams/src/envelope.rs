@@ -4,6 +4,7 @@
 
 use amplog_commands::{CommandError, EventStore, RecordedEvent, StoredEvent};
 use chrono::{DateTime, Utc};
+use rdkafka::message::{Header, OwnedHeaders};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -13,6 +14,12 @@ use uuid::Uuid;
 
 /// The content type of a structured-mode CloudEvent, sent as the `content-type` header.
 pub const CONTENT_TYPE: &str = "application/cloudevents+json; charset=UTF-8";
+
+/// The headers of every message amplog produces: the CloudEvents Kafka binding requires a
+/// structured-mode message to name its format in `content-type`.
+pub fn headers() -> OwnedHeaders {
+    OwnedHeaders::new_with_capacity(1).insert(Header { key: "content-type", value: Some(CONTENT_TYPE) })
+}
 
 /// A CloudEvent as amplog publishes it. Extension attributes: `projectid`, `sequence`,
 /// `position`, `hash` and `actor` (event topics); `projectid` and `attempt` (jobs).

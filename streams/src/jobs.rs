@@ -16,7 +16,6 @@ use amplog_domain::operation::{
 use amplog_domain::{ConnectionId, DomainError, InstallationId, LeaseId, OperationId, ProjectId};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use schemars::JsonSchema;
@@ -381,10 +380,6 @@ pub fn dead_letter(original: &CloudEvent, code: &str, message: &str, worker: &st
     letter
 }
 
-fn headers() -> OwnedHeaders {
-    OwnedHeaders::new().insert(Header { key: "content-type", value: Some(crate::envelope::CONTENT_TYPE) })
-}
-
 /// A sync worker in consumer group `group`: takes jobs from the jobs topic one at a time (in
 /// order per partition), and commits a job's offset only after its outcome is recorded (or
 /// it was dead-lettered and the dead letter delivered). Returns when `stop` resolves.
@@ -441,7 +436,7 @@ pub async fn run_kafka_worker<H: JobHandler>(
                 Err(_) => message.payload().unwrap_or_default().to_vec(),
             };
             let key = message.key().unwrap_or_default().to_vec();
-            let record = FutureRecord::to(&dead_letters).key(&key).payload(&letter).headers(headers());
+            let record = FutureRecord::to(&dead_letters).key(&key).payload(&letter).headers(crate::envelope::headers());
             producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
         }
         if let Err(error) = consumer.commit_message(&message, CommitMode::Sync) {

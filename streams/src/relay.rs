@@ -9,13 +9,12 @@
 //! and starts again from the checkpoint, so a message may be sent twice but an aggregate's
 //! events are never skipped or reordered.
 
-use crate::envelope::{CloudEvent, CONTENT_TYPE};
+use crate::envelope::CloudEvent;
 use crate::jobs::{dispatches, job_for};
 use crate::{KafkaConfig, StreamsError};
 use amplog_commands::leader::{run_as_leader, Leadership};
 use amplog_commands::{EventStore, LogCursor, LogReader, StoredEvent, Subscription};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
@@ -390,9 +389,10 @@ async fn send_one(
     payload: &[u8],
     acks: &Arc<BatchAcks>,
 ) -> Result<(), StreamsError> {
-    let headers = OwnedHeaders::new_with_capacity(1).insert(Header { key: "content-type", value: Some(CONTENT_TYPE) });
-    let mut record =
-        BaseRecord::with_opaque_to(&message.topic, acks.clone()).key(&message.key).payload(payload).headers(headers);
+    let mut record = BaseRecord::with_opaque_to(&message.topic, acks.clone())
+        .key(&message.key)
+        .payload(payload)
+        .headers(crate::envelope::headers());
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
