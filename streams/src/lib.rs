@@ -17,7 +17,7 @@ pub mod topics;
 
 pub use config::KafkaConfig;
 pub use envelope::CloudEvent;
-pub use relay::{Relay, RELAY};
+pub use relay::{CaughtUp, Relay, RELAY};
 
 use rdkafka::error::KafkaError;
 

@@ -40,6 +40,15 @@ pub struct Relay {
     pub batches_in_flight: usize,
 }
 
+/// What a catch-up relayed, and how long it took from its start until the last batch was
+/// acknowledged and checkpointed (the producer's shutdown after that not counted: it waits
+/// up to 0.1 s for the polling thread's current wait to end).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaughtUp {
+    pub events: u64,
+    pub took: Duration,
+}
+
 /// A batch on its way: the cursor to save once every delivery is acknowledged.
 enum Pending {
     Batch { cursor: LogCursor, events: usize, acks: Arc<BatchAcks> },
@@ -119,17 +128,23 @@ impl Relay {
         Ok(())
     }
 
-    /// Relays everything committed now, as leader, then returns the number of events
-    /// relayed (benchmarks, one-shot jobs). `None` when another process leads.
-    pub async fn catch_up(&self) -> Result<Option<u64>, StreamsError> {
+    /// Relays everything committed now, as leader, then says what it relayed (benchmarks,
+    /// one-shot jobs). `None` when another process leads.
+    pub async fn catch_up(&self) -> Result<Option<CaughtUp>, StreamsError> {
+        let started = Instant::now();
         let Some(leadership) = Leadership::try_acquire(&self.pool, RELAY, &self.holder).await? else {
             return Ok(None);
         };
         let end = LogReader::new(self.pool.clone()).end().await?;
-        Ok(Some(self.relay(leadership, Some(end)).await?))
+        let (events, checkpointed) = self.relay(leadership, Some(end)).await?;
+        let caught_up = CaughtUp { events, took: checkpointed.duration_since(started) };
+        tracing::info!(events, seconds = caught_up.took.as_secs_f64(), "relay caught up");
+        Ok(Some(caught_up))
     }
 
-    async fn relay(&self, mut leadership: Leadership, end: Option<i64>) -> Result<u64, StreamsError> {
+    /// Relays until it fails or a catch-up reached `end`: the events relayed, and when the
+    /// last checkpoint was saved.
+    async fn relay(&self, mut leadership: Leadership, end: Option<i64>) -> Result<(u64, Instant), StreamsError> {
         // Topics are checked (and created) while the first batches are read and encoded,
         // then the producer asks for every topic's metadata: librdkafka's idempotent
         // producer requests its producer id when a metadata response arrives, else on a
@@ -181,6 +196,7 @@ impl Relay {
         let send = async { (&mut sending).await.map_err(joined("sending"))? };
         let commit = async {
             let (mut relayed, mut reported, started) = (0u64, Instant::now(), Instant::now());
+            let mut checkpointed = started;
             while let Some(pending) = acknowledged.recv().await {
                 let (cursor, events) = match pending {
                     Pending::Batch { cursor, events, acks } => {
@@ -198,6 +214,7 @@ impl Relay {
                     LogReader::save_checkpoint(&mut tx, RELAY, cursor).await?;
                 }
                 tx.commit().await?;
+                checkpointed = Instant::now();
                 relayed += events as u64;
                 if events > 0 && reported.elapsed() >= Duration::from_secs(5) {
                     let rate = relayed as f64 / started.elapsed().as_secs_f64();
@@ -205,7 +222,7 @@ impl Relay {
                     reported = Instant::now();
                 }
             }
-            Ok(relayed)
+            Ok((relayed, checkpointed))
         };
         let outcome = tokio::try_join!(read, encode, send, commit);
         // On any error the other stages stop too (their channels close, or they are

@@ -29,7 +29,10 @@ async fn every_event_is_published_as_a_cloudevent_keyed_by_its_aggregate() {
     let requested = service.request_operation(&s.ctx, s.installation, &read_of("contacts")).await.unwrap();
     let operation = requested.id_of("operation").unwrap();
     let config = kafka_config();
-    assert_eq!(relay(&service, &config).catch_up().await.unwrap().map(|n| n as usize), Some(log_count(&service).await));
+    assert_eq!(
+        relay(&service, &config).catch_up().await.unwrap().map(|c| c.events as usize),
+        Some(log_count(&service).await)
+    );
 
     let mut collector = Collector::new(&config, &aggregate_topics(&config)).await;
     let total = log_count(&service).await;
@@ -87,7 +90,7 @@ async fn every_event_is_published_as_a_cloudevent_keyed_by_its_aggregate() {
     // The checkpoint stands at the log's end; a second catch-up publishes nothing.
     let checkpoint = LogReader::checkpoint(&mut service.pool().acquire().await.unwrap(), RELAY).await.unwrap();
     assert_eq!(checkpoint.position, LogReader::new(service.pool().clone()).end().await.unwrap());
-    assert_eq!(relay(&service, &config).catch_up().await.unwrap(), Some(0));
+    assert_eq!(relay(&service, &config).catch_up().await.unwrap().map(|c| c.events), Some(0));
 }
 
 #[tokio::test]
@@ -145,7 +148,7 @@ async fn one_relay_leads_at_a_time_and_unsafe_settings_are_refused() {
     let config = kafka_config();
     let leader =
         amplog_commands::leader::Leadership::try_acquire(service.pool(), RELAY, "other").await.unwrap().unwrap();
-    assert_eq!(relay(&service, &config).catch_up().await.unwrap(), None, "another process leads");
+    assert_eq!(relay(&service, &config).catch_up().await.unwrap().map(|c| c.events), None, "another process leads");
     leader.release().await;
     assert!(relay(&service, &config).catch_up().await.unwrap().is_some());
 
