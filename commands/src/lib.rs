@@ -16,7 +16,7 @@ pub mod store;
 pub mod testing;
 
 pub use error::CommandError;
-pub use reader::{LogCursor, LogReader, RecordedEvent, StoredEvent, Subscription};
+pub use reader::{CatchUp, LogCursor, LogReader, RecordedEvent, StoredEvent, Subscription};
 pub use service::{CommandContext, CommandService};
 pub use store::{AppendedEvent, CommandOutcome, EventStore, Loaded};
 

@@ -167,6 +167,11 @@ impl LogReader {
         Ok(sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events").fetch_one(&self.pool).await?)
     }
 
+    /// A catch-up from `after` to the log's end as it is now (see `CatchUp`).
+    pub async fn catch_up(&self, after: LogCursor, batch_size: i64) -> Result<CatchUp, CommandError> {
+        Ok(CatchUp { reader: self.clone(), cursor: after, end: self.end().await?, batch_size })
+    }
+
     /// A subscription from `after` that waits for new events.
     pub async fn subscribe(&self, after: LogCursor) -> Result<Subscription, CommandError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
@@ -394,6 +399,44 @@ mod copy {
             let micros = self.int8()?;
             DateTime::from_timestamp_micros(micros + POSTGRES_EPOCH_MICROS).ok_or_else(|| bad("timestamp out of range"))
         }
+    }
+}
+
+/// How catch-up jobs (the projector's, a rebuild, the relay's) read: batch after batch from
+/// a cursor until every event committed up to the log's end as it was at the start is read.
+/// An empty batch is not that end while older transactions hold the snapshot's xmin back,
+/// so it waits for them (5 ms at a time); batches may go past the end, never short of it.
+pub struct CatchUp {
+    reader: LogReader,
+    cursor: LogCursor,
+    end: i64,
+    batch_size: i64,
+}
+
+impl CatchUp {
+    /// Where the next batch starts: after the last event returned.
+    pub fn cursor(&self) -> LogCursor {
+        self.cursor
+    }
+
+    /// The next batch, payloads as stored; `None` once everything up to the end is read.
+    pub async fn next_stored(&mut self) -> Result<Option<Vec<StoredEvent>>, CommandError> {
+        loop {
+            let batch = self.reader.read_stored_batch(self.cursor, self.batch_size).await?;
+            if let Some(last) = batch.last() {
+                self.cursor = last.cursor();
+                return Ok(Some(batch));
+            }
+            if self.reader.committed_after(self.cursor, self.end).await? == 0 {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The next batch, parsed; `None` once everything up to the end is read.
+    pub async fn next(&mut self) -> Result<Option<Vec<RecordedEvent>>, CommandError> {
+        self.next_stored().await?.map(parse_all).transpose()
     }
 }
 

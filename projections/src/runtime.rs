@@ -90,27 +90,16 @@ impl Runner {
     /// jobs). Returns false when another process leads.
     pub async fn catch_up(&self) -> Result<bool, ProjectionError> {
         let Some(leadership) = self.lead().await? else { return Ok(false) };
-        let reader = LogReader::new(self.pool.clone());
         let mut conn = self.pool.acquire().await?;
-        let mut cursor = LogReader::checkpoint(&mut conn, &self.name).await?;
+        let cursor = LogReader::checkpoint(&mut conn, &self.name).await?;
         drop(conn);
-        let end = reader.end().await?;
-        loop {
-            let batch = reader.read_batch(cursor, self.batch_size).await?;
-            let Some(last) = batch.last() else {
-                // Empty is not the end while older transactions hold the xmin back.
-                if reader.committed_after(cursor, end).await? == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            };
+        let mut log = LogReader::new(self.pool.clone()).catch_up(cursor, self.batch_size).await?;
+        while let Some(batch) = log.next().await? {
             let mut tx = self.pool.begin().await?;
             fence(&mut tx, &leadership).await?;
             Fold::apply_batch(&mut tx, &Tables::live(), &self.store, &batch).await?;
-            LogReader::save_checkpoint(&mut tx, &self.name, last.cursor()).await?;
+            LogReader::save_checkpoint(&mut tx, &self.name, log.cursor()).await?;
             tx.commit().await?;
-            cursor = last.cursor();
         }
         leadership.release().await;
         Ok(true)
@@ -144,25 +133,16 @@ pub async fn rebuild(
     }
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut *conn).await?;
     drop(conn);
-    let reader = LogReader::new(pool.clone());
-    let (mut cursor, mut done) = (LogCursor::default(), 0u64);
-    let end = reader.end().await?;
-    loop {
-        let batch = reader.read_batch(cursor, 10_000).await?;
-        let Some(last) = batch.last() else {
-            if reader.committed_after(cursor, end).await? == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        };
+    let mut log = LogReader::new(pool.clone()).catch_up(LogCursor::default(), 10_000).await?;
+    let mut done = 0u64;
+    while let Some(batch) = log.next().await? {
         let mut tx = pool.begin().await?;
         Fold::apply_batch(&mut tx, &shadow, store, &batch).await?;
         tx.commit().await?;
-        cursor = last.cursor();
         done += batch.len() as u64;
         progress(done, total.max(done as i64) as u64);
     }
+    let mut cursor = log.cursor();
     // The swap: fence the leader, project what arrived meanwhile, rename, checkpoint.
     let mut tx = pool.begin().await?;
     sqlx::query(

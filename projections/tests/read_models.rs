@@ -189,19 +189,10 @@ async fn independent_fold(
     let reader = LogReader::new(pool.clone());
     let (mut ops, mut installs, mut conns) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
     let mut op_installation: BTreeMap<String, (String, String)> = BTreeMap::new();
-    let mut cursor = LogCursor::default();
-    let end = reader.end().await.unwrap();
-    loop {
-        let batch = reader.read_batch(cursor, 1000).await.unwrap();
-        let Some(last) = batch.last() else {
-            // Other tests' transactions on the cluster can hold the xmin back for a moment.
-            if reader.committed_after(cursor, end).await.unwrap() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        };
-        cursor = last.cursor();
+    // Other tests' transactions on the cluster can hold the xmin back for a moment: a
+    // catch-up waits for them.
+    let mut log = reader.catch_up(LogCursor::default(), 1000).await.unwrap();
+    while let Some(batch) = log.next().await.unwrap() {
         for e in &batch {
             let p = &e.payload;
             match (e.aggregate_type.as_str(), e.event_type.as_str()) {

@@ -13,7 +13,7 @@ use crate::envelope::CloudEvent;
 use crate::jobs::{dispatches, job_for};
 use crate::{KafkaConfig, StreamsError};
 use amplog_commands::leader::{run_as_leader, Leadership};
-use amplog_commands::{EventStore, LogCursor, LogReader, StoredEvent, Subscription};
+use amplog_commands::{CatchUp, EventStore, LogCursor, LogReader, StoredEvent, Subscription};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -123,7 +123,7 @@ impl Relay {
     /// database outages by itself.
     pub async fn run(&self, stop: impl Future<Output = ()>) -> Result<(), StreamsError> {
         let pause = |_: &StreamsError| Duration::from_secs(1);
-        run_as_leader(&self.pool, RELAY, &self.holder, stop, pause, |l| async { self.relay(l, None).await.map(drop) })
+        run_as_leader(&self.pool, RELAY, &self.holder, stop, pause, |l| async { self.relay(l, false).await.map(drop) })
             .await;
         Ok(())
     }
@@ -135,16 +135,15 @@ impl Relay {
         let Some(leadership) = Leadership::try_acquire(&self.pool, RELAY, &self.holder).await? else {
             return Ok(None);
         };
-        let end = LogReader::new(self.pool.clone()).end().await?;
-        let (events, checkpointed) = self.relay(leadership, Some(end)).await?;
+        let (events, checkpointed) = self.relay(leadership, true).await?;
         let caught_up = CaughtUp { events, took: checkpointed.duration_since(started) };
         tracing::info!(events, seconds = caught_up.took.as_secs_f64(), "relay caught up");
         Ok(Some(caught_up))
     }
 
-    /// Relays until it fails or a catch-up reached `end`: the events relayed, and when the
-    /// last checkpoint was saved.
-    async fn relay(&self, mut leadership: Leadership, end: Option<i64>) -> Result<(u64, Instant), StreamsError> {
+    /// Relays until it fails, or with `catch_up` until it reached the log's end as it found
+    /// it: the events relayed, and when the last checkpoint was saved.
+    async fn relay(&self, mut leadership: Leadership, catch_up: bool) -> Result<(u64, Instant), StreamsError> {
         // Topics are checked (and created) while the first batches are read and encoded,
         // then the producer asks for every topic's metadata: librdkafka's idempotent
         // producer requests its producer id when a metadata response arrives, else on a
@@ -172,15 +171,21 @@ impl Relay {
         });
         let reader = LogReader::new(self.pool.clone());
         let start = LogReader::checkpoint(&mut *self.pool.acquire().await?, RELAY).await?;
-        let mut subscription = reader.subscribe(start).await?;
-        subscription.batch_size = self.batch_size;
+        let log = match catch_up {
+            true => Log::CatchUp(reader.catch_up(start, self.batch_size).await?),
+            false => {
+                let mut subscription = reader.subscribe(start).await?;
+                subscription.batch_size = self.batch_size;
+                Log::Live(subscription)
+            }
+        };
         let (queue, mut acknowledged) = tokio::sync::mpsc::channel::<Pending>(self.batches_in_flight.max(1));
         tracing::info!(checkpoint = ?start, brokers = %self.config.brokers, "relaying");
 
         // Four stages on their own tasks: reading the log, encoding what was read, producing
         // it, and acknowledging what was sent (checkpoint).
         let (read, batches) = tokio::sync::mpsc::channel::<Option<Vec<StoredEvent>>>(2);
-        let mut reading = tokio::spawn(read_log(reader, subscription, end, read));
+        let mut reading = tokio::spawn(read_log(log, read));
         let (prepared, messages) = tokio::sync::mpsc::channel::<Prepared>(2);
         let encoder = Encoder { pool: self.pool.clone(), store: self.store.clone(), config: self.config.clone() };
         let (recycle, recycled) = tokio::sync::mpsc::unbounded_channel::<Encoded>();
@@ -237,33 +242,34 @@ impl Relay {
     }
 }
 
-/// The reading stage: reads the log ahead of the encoding stage, `None` when nothing new
-/// came within a second. Ends when a catch-up reached `end`, or when the next stage stopped.
-async fn read_log(
-    reader: LogReader,
-    mut subscription: Subscription,
-    end: Option<i64>,
-    out: tokio::sync::mpsc::Sender<Option<Vec<StoredEvent>>>,
-) -> Result<(), StreamsError> {
-    loop {
-        // A catch-up reads without waiting and stops at the end it was given; it only
-        // waits when events below that end are held back by older transactions.
-        let mut batch = match end {
-            Some(_) => subscription.read_stored_now().await?,
-            None => Vec::new(),
-        };
-        if batch.is_empty() {
-            if let Some(end) = end {
-                if reader.committed_after(subscription.cursor(), end).await? == 0 {
-                    return Ok(());
+/// Where the reading stage reads from.
+enum Log {
+    /// Up to the log's end as it was at the start.
+    CatchUp(CatchUp),
+    /// Everything, waiting for new events.
+    Live(Subscription),
+}
+
+/// The reading stage: reads the log ahead of the encoding stage; live, `None` when nothing
+/// new came within a second. Ends when a catch-up read its last batch, or when the next
+/// stage stopped.
+async fn read_log(log: Log, out: tokio::sync::mpsc::Sender<Option<Vec<StoredEvent>>>) -> Result<(), StreamsError> {
+    match log {
+        Log::CatchUp(mut log) => {
+            while let Some(batch) = log.next_stored().await? {
+                if out.send(Some(batch)).await.is_err() {
+                    break;
                 }
             }
-            batch = subscription.next_stored_batch_within(Duration::from_secs(1)).await?;
         }
-        if out.send((!batch.is_empty()).then_some(batch)).await.is_err() {
-            return Ok(());
-        }
+        Log::Live(mut subscription) => loop {
+            let batch = subscription.next_stored_batch_within(Duration::from_secs(1)).await?;
+            if out.send((!batch.is_empty()).then_some(batch)).await.is_err() {
+                break;
+            }
+        },
     }
+    Ok(())
 }
 
 /// What the encoding stage hands the sending stage.
