@@ -95,18 +95,88 @@ impl CloudEvent {
     /// stored).
     pub fn encode_stored(event: &StoredEvent, store: &EventStore) -> Result<Vec<u8>, CommandError> {
         let mut out = Vec::with_capacity(400 + event.payload.len() + event.aggregate_id.len());
-        Self::encode_stored_into(event, store, &mut out)?;
+        StoredEncoder::new(store).encode(event, &mut out)?;
         Ok(out)
     }
 
-    /// `encode_stored`, appended to `out` (the relay writes a batch into one reused
-    /// buffer). When no upcaster changes the event, its stored payload text goes into
-    /// `data` as it is: it comes from a `json` column, which PostgreSQL only accepts as
-    /// valid JSON, so it is neither parsed nor checked again. The envelope is written
-    /// member by member: the relay's hot path.
-    pub fn encode_stored_into(event: &StoredEvent, store: &EventStore, out: &mut Vec<u8>) -> Result<(), CommandError> {
-        if store.upcasts(&event.aggregate_type, &event.event_type, &event.event_version) {
-            let envelope = Self::from_event(event.clone().parse()?, store);
+    /// Parses a message value, refusing anything that is not a CloudEvents 1.0 envelope.
+    pub fn parse(bytes: &[u8]) -> Result<Self, crate::StreamsError> {
+        let event: Self = serde_json::from_slice(bytes).map_err(|e| crate::StreamsError::Envelope(e.to_string()))?;
+        if event.specversion != "1.0" {
+            return Err(crate::StreamsError::Envelope(format!("specversion {}", event.specversion)));
+        }
+        Ok(event)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serialises")
+    }
+}
+
+/// Writes the envelopes of stored events one after another, as `CloudEvent::encode_stored`
+/// does (the relay's hot path: one encoder per relay, a batch into one reused buffer). It
+/// remembers, per kind of event, whether an upcaster applies and the envelope's `type`,
+/// and the date of the last time it wrote.
+pub struct StoredEncoder<'a> {
+    store: &'a EventStore,
+    kinds: Vec<Kind>,
+    day: Option<(i64, [u8; 12])>,
+}
+
+/// One kind of stored event: aggregate type, event type and stored version.
+struct Kind {
+    aggregate_type: String,
+    event_type: String,
+    event_version: String,
+    upcasts: bool,
+    /// The envelope's `type` member, as JSON.
+    type_json: Vec<u8>,
+}
+
+/// Kinds remembered at most (a log has a few dozen; past this, each is worked out anew).
+const KINDS: usize = 256;
+
+impl<'a> StoredEncoder<'a> {
+    pub fn new(store: &'a EventStore) -> Self {
+        Self { store, kinds: Vec::new(), day: None }
+    }
+
+    fn kind(&mut self, event: &StoredEvent) -> usize {
+        let same = |k: &Kind| {
+            k.event_type == event.event_type
+                && k.aggregate_type == event.aggregate_type
+                && k.event_version == event.event_version
+        };
+        if let Some(found) = self.kinds.iter().position(same) {
+            return found;
+        }
+        let mut type_json = Vec::new();
+        write_str(
+            &mut type_json,
+            &["amplog.", &event.aggregate_type, ".", &event.event_type, ".v", &event.event_version],
+        );
+        if self.kinds.len() == KINDS {
+            self.kinds.pop();
+        }
+        self.kinds.push(Kind {
+            aggregate_type: event.aggregate_type.clone(),
+            event_type: event.event_type.clone(),
+            event_version: event.event_version.clone(),
+            upcasts: self.store.upcasts(&event.aggregate_type, &event.event_type, &event.event_version),
+            type_json,
+        });
+        self.kinds.len() - 1
+    }
+
+    /// Appends the envelope of `event` to `out`. When no upcaster changes the event, its
+    /// stored payload text goes into `data` as it is: it comes from a `json` column, which
+    /// PostgreSQL only accepts as valid JSON, so it is neither parsed nor checked again.
+    /// The envelope is written member by member.
+    pub fn encode(&mut self, event: &StoredEvent, out: &mut Vec<u8>) -> Result<(), CommandError> {
+        let kind = self.kind(event);
+        let Kind { upcasts, type_json, .. } = &self.kinds[kind];
+        if *upcasts {
+            let envelope = CloudEvent::from_event(event.clone().parse()?, self.store);
             write_json(out, &envelope);
             return Ok(());
         }
@@ -125,11 +195,11 @@ impl CloudEvent {
             None => out.extend_from_slice(b"\"/amplog\""),
         }
         out.extend_from_slice(b",\"type\":");
-        write_str(out, &["amplog.", &event.aggregate_type, ".", &event.event_type, ".v", &event.event_version]);
+        out.extend_from_slice(type_json);
         out.extend_from_slice(b",\"subject\":");
         write_str(out, &[&event.aggregate_id]);
         out.extend_from_slice(b",\"time\":");
-        write_time(out, &event.recorded_at);
+        write_time(out, &event.recorded_at, &mut self.day);
         out.extend_from_slice(b",\"datacontenttype\":\"application/json\",\"data\":");
         out.extend_from_slice(event.payload.trim_ascii().as_bytes());
         if let Some(project) = &event.project_id {
@@ -153,19 +223,6 @@ impl CloudEvent {
         }
         out.push(b'}');
         Ok(())
-    }
-
-    /// Parses a message value, refusing anything that is not a CloudEvents 1.0 envelope.
-    pub fn parse(bytes: &[u8]) -> Result<Self, crate::StreamsError> {
-        let event: Self = serde_json::from_slice(bytes).map_err(|e| crate::StreamsError::Envelope(e.to_string()))?;
-        if event.specversion != "1.0" {
-            return Err(crate::StreamsError::Envelope(format!("specversion {}", event.specversion)));
-        }
-        Ok(event)
-    }
-
-    pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("an envelope always serialises")
     }
 }
 
@@ -202,24 +259,35 @@ fn write_str(out: &mut Vec<u8>, parts: &[&str]) {
 }
 
 /// A time as chrono serialises it: RFC 3339 in UTC, with as many fractional digits (0, 3,
-/// 6 or 9) as it takes.
-fn write_time(out: &mut Vec<u8>, time: &DateTime<Utc>) {
-    use chrono::{Datelike, Timelike};
-    let (date, clock) = (time.date_naive(), time.time());
-    let nanos = clock.nanosecond();
-    if !(0..=9999).contains(&date.year()) || nanos >= 1_000_000_000 {
+/// 6 or 9) as it takes. `day` keeps the date part last written (`"YYYY-MM-DDT`), which most
+/// times of a batch share.
+fn write_time(out: &mut Vec<u8>, time: &DateTime<Utc>, day: &mut Option<(i64, [u8; 12])>) {
+    use chrono::Datelike;
+    let nanos = time.timestamp_subsec_nanos();
+    if !(0..=9999).contains(&time.year()) || nanos >= 1_000_000_000 {
         return write_json(out, time); // far years, leap seconds: chrono's own
     }
     let digits = |out: &mut Vec<u8>, n: u32, width: u32| {
         out.extend((0..width).rev().map(|i| b'0' + (n / 10u32.pow(i) % 10) as u8));
     };
-    out.push(b'"');
-    digits(out, date.year() as u32, 4);
-    for (separator, value) in [(b'-', date.month()), (b'-', date.day()), (b'T', clock.hour())] {
-        out.push(separator);
-        digits(out, value, 2);
+    let (days, seconds) = (time.timestamp().div_euclid(86_400), time.timestamp().rem_euclid(86_400) as u32);
+    match day {
+        Some((cached, prefix)) if *cached == days => out.extend_from_slice(prefix),
+        _ => {
+            let (date, mut prefix) = (time.date_naive(), Vec::with_capacity(12));
+            prefix.push(b'"');
+            digits(&mut prefix, date.year() as u32, 4);
+            for (separator, value) in [(b'-', date.month()), (b'-', date.day())] {
+                prefix.push(separator);
+                digits(&mut prefix, value, 2);
+            }
+            prefix.push(b'T');
+            out.extend_from_slice(&prefix);
+            *day = prefix.try_into().ok().map(|prefix| (days, prefix)); // 12 bytes for years 0-9999
+        }
     }
-    for value in [clock.minute(), clock.second()] {
+    digits(out, seconds / 3600, 2);
+    for value in [seconds / 60 % 60, seconds % 60] {
         out.push(b':');
         digits(out, value, 2);
     }
@@ -298,15 +366,17 @@ mod tests {
             "0001-02-03T04:05:06.120Z",
             "9999-12-31T23:59:59.999999Z",
         ];
-        for text in times {
+        // One memo through all: the same day again, and other days after it.
+        let mut day = None;
+        for text in times.iter().chain(&times[..2]).chain(&["1999-12-31T23:59:59.5Z", "1969-07-20T20:17:40Z"]) {
             let time: DateTime<Utc> = text.parse().unwrap();
             let mut out = Vec::new();
-            write_time(&mut out, &time);
+            write_time(&mut out, &time, &mut day);
             assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&time).unwrap(), "{text}");
         }
         let far = DateTime::<Utc>::from_timestamp(300_000_000_000, 5).unwrap(); // year 11476
         let mut out = Vec::new();
-        write_time(&mut out, &far);
+        write_time(&mut out, &far, &mut day);
         assert_eq!(out, serde_json::to_vec(&far).unwrap());
     }
 

@@ -9,7 +9,7 @@
 //! and starts again from the checkpoint, so a message may be sent twice but an aggregate's
 //! events are never skipped or reordered.
 
-use crate::envelope::CloudEvent;
+use crate::envelope::StoredEncoder;
 use crate::jobs::{dispatches, job_for};
 use crate::{KafkaConfig, StreamsError};
 use amplog_commands::leader::{run_as_leader, Leadership};
@@ -19,7 +19,6 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use sqlx::PgPool;
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -332,7 +331,9 @@ impl Encoder {
     ) -> Result<(), StreamsError> {
         let mut conn = self.pool.acquire().await?;
         let jobs_topic: Arc<str> = self.config.jobs_topic().into();
-        let mut topics: HashMap<String, Arc<str>> = HashMap::new(); // by aggregate type
+        let mut envelopes = StoredEncoder::new(&self.store);
+        // By aggregate type: a handful, found faster by comparing than by hashing.
+        let mut topics: Vec<(String, Arc<str>)> = Vec::new();
         while let Some(batch) = batches.recv().await {
             let Some(last) = batch.as_ref().and_then(|batch| batch.last()) else {
                 match out.send(Prepared::Idle).await {
@@ -348,15 +349,15 @@ impl Encoder {
                     true => job_for(&mut conn, &self.store, &event.clone().parse()?).await?,
                     false => None,
                 };
-                let topic = match topics.get(&event.aggregate_type) {
-                    Some(topic) => topic.clone(),
+                let topic = match topics.iter().find(|(kind, _)| *kind == event.aggregate_type) {
+                    Some((_, topic)) => topic.clone(),
                     None => {
                         let topic: Arc<str> = self.config.aggregate_topic(&event.aggregate_type).into();
-                        topics.insert(event.aggregate_type.clone(), topic.clone());
+                        topics.push((event.aggregate_type.clone(), topic.clone()));
                         topic
                     }
                 };
-                CloudEvent::encode_stored_into(&event, &self.store, &mut messages.payloads)?;
+                envelopes.encode(&event, &mut messages.payloads)?;
                 messages.push(topic, event.aggregate_id);
                 if let Some(job) = job {
                     serde_json::to_writer(&mut messages.payloads, &job.to_cloud_event())
