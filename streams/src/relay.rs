@@ -289,6 +289,10 @@ struct Encoded {
     payloads: Vec<u8>,
 }
 
+/// The payload capacity a recycled buffer keeps: a batch of ordinary events fits (5,000 of
+/// ~600 bytes); a batch of large payloads gives its memory back once it is sent.
+const KEPT: usize = 16 << 20;
+
 /// One message to produce: its payload is `payloads[end of the previous one..end]`.
 struct Message {
     topic: Arc<str>,
@@ -307,9 +311,11 @@ impl Encoded {
         self.messages.iter().zip(starts).map(|(m, start)| (m, &self.payloads[start..m.end]))
     }
 
+    /// Empties the buffer for the next batch, keeping at most `KEPT` bytes of it.
     fn clear(&mut self) {
         self.messages.clear();
         self.payloads.clear();
+        self.payloads.shrink_to(KEPT);
     }
 }
 
@@ -448,5 +454,9 @@ mod tests {
             encoded.clear();
             assert!(encoded.iter().next().is_none() && encoded.payloads.capacity() > 0);
         }
+        encoded.payloads.resize(KEPT * 2, b' ');
+        encoded.push(topic, "big".into());
+        encoded.clear();
+        assert!(encoded.payloads.capacity() <= KEPT, "a large batch's buffer is not kept whole");
     }
 }
