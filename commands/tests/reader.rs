@@ -2,7 +2,10 @@
 
 use amplog_commands::service::CommitGate;
 use amplog_commands::testing::{credential_store, test_db_with};
-use amplog_commands::{CommandContext, CommandService, EventStore, LogCursor, LogReader, RecordedEvent, Subscription};
+use amplog_commands::{
+    CommandContext, CommandError, CommandOutcome, CommandService, EventStore, LogCursor, LogReader, RecordedEvent,
+    Subscription,
+};
 use amplog_domain::ProjectId;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -36,23 +39,27 @@ fn project() -> CommandContext {
     CommandContext::new(ProjectId(Uuid::now_v7()), "reader-test")
 }
 
+/// An append held open after its INSERT, before COMMIT (release it through the gate), and
+/// a service whose appends commit at once.
+async fn append_held_open(
+    pool: &sqlx::PgPool,
+) -> (CommandService, Arc<CommitGate>, tokio::task::JoinHandle<Result<CommandOutcome, CommandError>>) {
+    let fast = CommandService::new(pool.clone(), EventStore::default(), credential_store());
+    let gate = Arc::new(CommitGate::default());
+    let slow =
+        CommandService::new(pool.clone(), EventStore::default(), credential_store()).with_commit_gate(gate.clone());
+    let ctx = project().with_idempotency_key("held"); // a keyed command runs in a transaction
+    let held = tokio::spawn(async move { slow.create_project(&ctx, "held").await });
+    gate.reached.notified().await;
+    (fast, gate, held)
+}
+
 #[tokio::test]
 async fn an_append_held_open_while_1000_later_appends_commit_is_still_delivered() {
     let db = test_db_with(24).await;
-    let fast = CommandService::new(db.pool.clone(), EventStore::default(), credential_store());
-    // This service stops its transactional commands after their INSERT, before COMMIT.
-    let gate = Arc::new(CommitGate::default());
-    let slow =
-        CommandService::new(db.pool.clone(), EventStore::default(), credential_store()).with_commit_gate(gate.clone());
     let reader = LogReader::new(db.pool.clone());
     let mut sub = reader.subscribe(LogCursor::default()).await.unwrap();
-
-    let held_ctx = project().with_idempotency_key("held"); // a keyed command runs in a transaction
-    let held = {
-        let (slow, ctx) = (slow.clone(), held_ctx.clone());
-        tokio::spawn(async move { slow.create_project(&ctx, "held").await })
-    };
-    gate.reached.notified().await;
+    let (fast, gate, held) = append_held_open(&db.pool).await;
 
     // 1,000 later appends commit, 8 at a time.
     let mut writers = Vec::new();
@@ -93,15 +100,7 @@ async fn an_append_held_open_while_1000_later_appends_commit_is_still_delivered(
 #[tokio::test]
 async fn a_catch_up_ends_only_after_reading_an_append_held_open_below_its_end() {
     let db = test_db_with(16).await;
-    let fast = CommandService::new(db.pool.clone(), EventStore::default(), credential_store());
-    let gate = Arc::new(CommitGate::default());
-    let slow =
-        CommandService::new(db.pool.clone(), EventStore::default(), credential_store()).with_commit_gate(gate.clone());
-    let held = {
-        let (slow, ctx) = (slow.clone(), project().with_idempotency_key("held"));
-        tokio::spawn(async move { slow.create_project(&ctx, "held").await })
-    };
-    gate.reached.notified().await;
+    let (fast, gate, held) = append_held_open(&db.pool).await;
     for i in 0..50 {
         fast.create_project(&project(), &format!("later-{i}")).await.unwrap();
     }
