@@ -264,8 +264,8 @@ fn write_str(out: &mut Vec<u8>, parts: &[&str]) {
 fn write_time(out: &mut Vec<u8>, time: &DateTime<Utc>, day: &mut Option<(i64, [u8; 12])>) {
     use chrono::Datelike;
     let nanos = time.timestamp_subsec_nanos();
-    if !(0..=9999).contains(&time.year()) || nanos >= 1_000_000_000 {
-        return write_json(out, time); // far years, leap seconds: chrono's own
+    if nanos >= 1_000_000_000 {
+        return write_json(out, time); // a leap second: chrono's own
     }
     let digits = |out: &mut Vec<u8>, n: u32, width: u32| {
         out.extend((0..width).rev().map(|i| b'0' + (n / 10u32.pow(i) % 10) as u8));
@@ -275,6 +275,9 @@ fn write_time(out: &mut Vec<u8>, time: &DateTime<Utc>, day: &mut Option<(i64, [u
         Some((cached, prefix)) if *cached == days => out.extend_from_slice(prefix),
         _ => {
             let (date, mut prefix) = (time.date_naive(), Vec::with_capacity(12));
+            if !(0..=9999).contains(&date.year()) {
+                return write_json(out, time); // far years: chrono's own
+            }
             prefix.push(b'"');
             digits(&mut prefix, date.year() as u32, 4);
             for (separator, value) in [(b'-', date.month()), (b'-', date.day())] {
@@ -375,9 +378,15 @@ mod tests {
             assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&time).unwrap(), "{text}");
         }
         let far = DateTime::<Utc>::from_timestamp(300_000_000_000, 5).unwrap(); // year 11476
-        let mut out = Vec::new();
-        write_time(&mut out, &far, &mut day);
-        assert_eq!(out, serde_json::to_vec(&far).unwrap());
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_000))
+            .unwrap()
+            .and_utc();
+        for time in [far, leap] {
+            let mut out = Vec::new();
+            write_time(&mut out, &time, &mut day);
+            assert_eq!(out, serde_json::to_vec(&time).unwrap());
+        }
     }
 
     #[test]
