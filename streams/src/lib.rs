@@ -40,6 +40,9 @@ pub enum StreamsError {
     Envelope(String),
     #[error("{0} lost its leadership (fenced)")]
     Fenced(String),
+    /// A stage of the relay ended abnormally (a panic, or the stage it feeds stopped).
+    #[error("the relay's {0}")]
+    RelayStage(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -55,6 +58,7 @@ impl StreamsError {
             StreamsError::Config(_) => "invalid_config".into(),
             StreamsError::Envelope(_) => "malformed_envelope".into(),
             StreamsError::Fenced(_) => "fenced".into(),
+            StreamsError::RelayStage(_) => "relay_stage".into(),
             StreamsError::Io(_) => "io".into(),
         }
     }

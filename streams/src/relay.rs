@@ -193,7 +193,7 @@ impl Relay {
         // earlier, and dropping the last handle purges what is still queued).
         let mut sending = tokio::spawn(produce(producer.clone(), topics, messages, queue, recycle));
         let joined = |stage: &'static str| {
-            move |e: tokio::task::JoinError| StreamsError::Config(format!("the relay's {stage} stage: {e}"))
+            move |e: tokio::task::JoinError| StreamsError::RelayStage(format!("{stage} stage: {e}"))
         };
         let read = async { (&mut reading).await.map_err(joined("reading"))? };
         let encode = async { (&mut encoding).await.map_err(joined("encoding"))? };
@@ -388,7 +388,7 @@ async fn produce(
     queue: tokio::sync::mpsc::Sender<Pending>,
     recycle: tokio::sync::mpsc::UnboundedSender<Encoded>,
 ) -> Result<(), StreamsError> {
-    topics.await.map_err(|e| StreamsError::Config(format!("checking topics: {e}")))??;
+    topics.await.map_err(|e| StreamsError::RelayStage(format!("topic check: {e}")))??;
     while let Some(prepared) = batches.recv().await {
         let pending = match prepared {
             Prepared::Idle => Pending::Idle,
@@ -409,7 +409,7 @@ async fn produce(
 }
 
 fn closed() -> StreamsError {
-    StreamsError::Config("the relay's acknowledgement side stopped".into())
+    StreamsError::RelayStage("acknowledgement stage stopped".into())
 }
 
 /// Queues one message, waiting while the producer's local queue is full (order kept).
