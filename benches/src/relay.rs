@@ -132,16 +132,7 @@ async fn raw_produce(config: &KafkaConfig, envelopes: &[(String, String, Vec<u8>
     let deliveries =
         Deliveries { expected: envelopes.len(), reported: 0.into(), failed: 0.into(), all: Default::default() };
     let producer: ThreadedProducer<Deliveries> = config.producer()?.create_with_context(deliveries)?;
-    let (all_topics, client) = (config.topics(), producer.client());
-    tokio::task::block_in_place(|| {
-        std::thread::scope(|scope| {
-            let asks: Vec<_> = all_topics
-                .iter()
-                .map(|topic| scope.spawn(move || client.fetch_metadata(Some(topic), Duration::from_secs(5))))
-                .collect();
-            asks.into_iter().try_for_each(|ask| ask.join().expect("a metadata request panicked").map(drop))
-        })
-    })?;
+    tokio::task::block_in_place(|| amplog_streams::topics::fetch_metadata(producer.client(), &config.topics()))?;
     for (kind, key, payload) in envelopes {
         let mut record = BaseRecord::to(&topics[kind.as_str()]).key(key).payload(payload);
         if header {

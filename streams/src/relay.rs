@@ -156,16 +156,9 @@ impl Relay {
         let topics = tokio::spawn(async move {
             let ensured = crate::topics::ensure_topics(&config, &config.topics()).await;
             let topics = config.topics();
-            let _ = tokio::task::spawn_blocking(move || {
-                std::thread::scope(|scope| {
-                    for topic in &topics {
-                        let connecting = &connecting;
-                        // Errors show when producing; this only asks early.
-                        scope.spawn(move || connecting.client().fetch_metadata(Some(topic), Duration::from_secs(5)));
-                    }
-                })
-            })
-            .await;
+            // Errors show when producing; this only asks early.
+            let _ =
+                tokio::task::spawn_blocking(move || crate::topics::fetch_metadata(connecting.client(), &topics)).await;
             ensured
         });
         let reader = LogReader::new(self.pool.clone());

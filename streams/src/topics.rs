@@ -1,11 +1,14 @@
 //! Topic creation at start-up: brokers such as tansu do not auto-create topics, and a
 //! production cluster should not, so amplog creates its topics with the configured
-//! partitions and replication (an existing topic is left as it is).
+//! partitions and replication (an existing topic is left as it is); and asking for their
+//! metadata before producing.
 
 use crate::{KafkaConfig, StreamsError};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, DefaultClientContext};
+use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
 use std::time::Duration;
 
 /// Creates each of `topics` that does not exist yet.
@@ -30,4 +33,19 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Asks for each topic's metadata, all at once, and waits for the answers (blocking: call it
+/// off the async threads). A producer that has them sends a topic's first message without
+/// waiting for librdkafka's own request, and its idempotent producer asks for its producer
+/// id at the first answer instead of on a 500 ms timer (BENCHMARKS.md).
+pub fn fetch_metadata<C: ClientContext>(client: &Client<C>, topics: &[String]) -> Result<(), KafkaError> {
+    std::thread::scope(|scope| {
+        let asks: Vec<_> = topics
+            .iter()
+            .map(|topic| scope.spawn(move || client.fetch_metadata(Some(topic), Duration::from_secs(5))))
+            .collect();
+        asks.into_iter()
+            .try_for_each(|ask| ask.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)).map(drop))
+    })
 }
