@@ -75,18 +75,16 @@ async fn seed(svc: &CommandService, events: usize) -> Result<(CommandContext, Ve
 
 /// What the relay publishes for the whole log: `(aggregate type, key, envelope bytes)`.
 async fn envelopes(pool: &PgPool) -> Result<Vec<(String, String, Vec<u8>)>> {
-    let (reader, store) = (LogReader::new(pool.clone()), EventStore::default());
-    let (mut cursor, mut out) = (LogCursor::default(), Vec::new());
-    loop {
-        let batch = reader.read_batch(cursor, 10_000).await?;
-        let Some(last) = batch.last() else { break };
-        cursor = last.cursor();
-        for event in &batch {
+    // A catch-up: an empty batch is not the end while another transaction holds the xmin.
+    let store = EventStore::default();
+    let events = LogReader::new(pool.clone()).catch_up(LogCursor::default(), 10_000).await?.rest().await?;
+    Ok(events
+        .iter()
+        .map(|event| {
             let envelope = CloudEvent::from_recorded(event, &store).to_bytes();
-            out.push((event.aggregate_type.clone(), event.aggregate_id.clone(), envelope));
-        }
-    }
-    Ok(out)
+            (event.aggregate_type.clone(), event.aggregate_id.clone(), envelope)
+        })
+        .collect())
 }
 
 /// Counts delivery reports and failures, and wakes the sender at the last report (the raw

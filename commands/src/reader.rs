@@ -438,6 +438,21 @@ impl CatchUp {
     pub async fn next(&mut self) -> Result<Option<Vec<RecordedEvent>>, CommandError> {
         self.next_stored().await?.map(parse_all).transpose()
     }
+
+    /// Every batch left up to the end at once, payloads as stored (for a log that fits in
+    /// memory: tests, a benchmark's baseline).
+    pub async fn rest_stored(mut self) -> Result<Vec<StoredEvent>, CommandError> {
+        let mut all = Vec::new();
+        while let Some(batch) = self.next_stored().await? {
+            all.extend(batch);
+        }
+        Ok(all)
+    }
+
+    /// Every batch left up to the end at once, parsed.
+    pub async fn rest(self) -> Result<Vec<RecordedEvent>, CommandError> {
+        parse_all(self.rest_stored().await?)
+    }
 }
 
 /// A position in the log that advances as batches are taken, waking on NOTIFY and polling
