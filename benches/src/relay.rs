@@ -187,6 +187,13 @@ pub async fn run(report: &mut Report, url: &str, brokers: &str, events: usize, r
             caught_up.took.as_secs_f64(),
             cpu.since()
         );
+        // The baseline sends exactly what the relay relayed, or the ratio means nothing.
+        anyhow::ensure!(
+            caught_up.events == envelopes.len() as u64,
+            "the relay relayed {} events, the raw baseline has {}",
+            caught_up.events,
+            envelopes.len()
+        );
         relay_walls.push((caught_up.events, caught_up.took));
         delete_topics(&ours).await?;
         for (header, walls) in [true, false].into_iter().zip(&mut raw_walls) {

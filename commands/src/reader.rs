@@ -499,7 +499,7 @@ impl Subscription {
 
     /// What can be read now, without waiting (empty when nothing is). The cursor moves
     /// past it.
-    pub async fn read_stored_now(&mut self) -> Result<Vec<StoredEvent>, CommandError> {
+    async fn read_stored_now(&mut self) -> Result<Vec<StoredEvent>, CommandError> {
         let batch = self.reader.read_stored_batch(self.cursor, self.batch_size).await?;
         if let Some(last) = batch.last() {
             self.cursor = last.cursor();
