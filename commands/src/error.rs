@@ -20,6 +20,9 @@ pub enum CommandError {
     Credentials(String),
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// Text PostgreSQL cannot hold in `jsonb` (U+0000), which the read models would refuse.
+    #[error("invalid text: {0} holds U+0000 (NUL), which cannot be stored")]
+    UnstorableText(String),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
@@ -36,6 +39,7 @@ impl CommandError {
             CommandError::Corrupt { .. } => "corrupt_log".into(),
             CommandError::Credentials(_) => "credentials".into(),
             CommandError::Invalid(_) => "invalid_input".into(),
+            CommandError::UnstorableText(_) => "invalid_text".into(),
             CommandError::Database(_) | CommandError::Migration(_) => "database".into(),
         }
     }
@@ -48,6 +52,7 @@ impl CommandError {
                 | CommandError::Conflict { .. }
                 | CommandError::IdempotencyKeyReused(_)
                 | CommandError::Invalid(_)
+                | CommandError::UnstorableText(_)
         )
     }
 

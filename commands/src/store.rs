@@ -280,6 +280,12 @@ impl EventStore {
             }
             events.extend(decided);
         }
+        let parts: Vec<EventParts> = events.iter().map(DomainEvent::to_parts).collect();
+        for event in &parts {
+            if let Some(path) = nul_at(&event.payload) {
+                return Err(CommandError::UnstorableText(format!("{}{path}", event.event_type)));
+            }
+        }
         let next = loaded.sequence + events.len() as i64;
         let snapshot = (next / self.snapshot_every > loaded.sequence / self.snapshot_every).then(|| {
             let json = serde_json::to_string(&state).expect("aggregate state always serialises");
@@ -290,7 +296,7 @@ impl EventStore {
             aggregate_id: loaded.id.clone(),
             base_sequence: loaded.sequence,
             base_hash: loaded.hash.clone(),
-            events: events.iter().map(DomainEvent::to_parts).collect(),
+            events: parts,
             snapshot,
             state: Arc::new(state),
         })
@@ -425,5 +431,22 @@ impl EventStore {
                 hash: hex::encode(&hashes[i]),
             })
             .collect())
+    }
+}
+
+/// Where in `value` a string or a key holds U+0000 (`.field[2].name`), if anywhere: the
+/// log's `json` column would take it, every read model's `jsonb` refuses it.
+pub fn nul_at(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(String::new()),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| nul_at(v).map(|p| format!("[{i}]{p}"))),
+        Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+            let key = k.replace('\0', "\\0");
+            if k.contains('\0') {
+                return Some(format!(".{key}"));
+            }
+            nul_at(v).map(|p| format!(".{key}{p}"))
+        }),
+        _ => None,
     }
 }

@@ -65,7 +65,8 @@ impl<D: Serialize + DeserializeOwned + Default + Clone> Docs<D> {
         tables: &Tables,
         keys: BTreeSet<String>,
     ) -> Result<(), ProjectionError> {
-        let missing: Vec<String> = keys.into_iter().filter(|k| !self.rows.contains_key(k)).collect();
+        let missing: Vec<String> =
+            keys.iter().map(|k| stored_key(k).into_owned()).filter(|k| !self.rows.contains_key(k)).collect();
         if missing.is_empty() {
             return Ok(());
         }
@@ -85,18 +86,20 @@ impl<D: Serialize + DeserializeOwned + Default + Clone> Docs<D> {
     }
 
     fn get(&mut self, key: &str) -> Option<&mut D> {
+        let key = &*stored_key(key);
         let doc = self.rows.get_mut(key).map(|(_, d)| d)?;
         self.dirty.insert(key.to_string());
         Some(doc)
     }
 
     fn get_or_default(&mut self, key: &str, project_id: Uuid) -> &mut D {
+        let key = &*stored_key(key);
         self.dirty.insert(key.to_string());
         &mut self.rows.entry(key.to_string()).or_insert_with(|| (project_id, D::default())).1
     }
 
     fn peek(&self, key: &str) -> Option<&D> {
-        self.rows.get(key).map(|(_, d)| d)
+        self.rows.get(&*stored_key(key)).map(|(_, d)| d)
     }
 
     async fn flush(&mut self, conn: &mut PgConnection, tables: &Tables) -> Result<(), ProjectionError> {
@@ -108,7 +111,7 @@ impl<D: Serialize + DeserializeOwned + Default + Clone> Docs<D> {
         let mut docs = Vec::with_capacity(self.dirty.len());
         for key in std::mem::take(&mut self.dirty) {
             let (project, doc) = &self.rows[&key];
-            docs.push(serde_json::to_string(doc).expect("documents serialise"));
+            docs.push(jsonb_text(serde_json::to_string(doc).expect("documents serialise")));
             projects.push(*project);
             keys.push(key);
         }
@@ -121,6 +124,41 @@ impl<D: Serialize + DeserializeOwned + Default + Clone> Docs<D> {
         sqlx::query(&sql).bind(&keys).bind(&projects).bind(&docs).execute(conn).await?;
         Ok(())
     }
+}
+
+/// A read-model key as stored: text columns refuse U+0000, so it becomes U+FFFD (the log
+/// may hold such text from before commands refused it; every event it holds must project).
+fn stored_key(key: &str) -> std::borrow::Cow<'_, str> {
+    if key.contains('\0') {
+        key.replace('\0', "\u{FFFD}").into()
+    } else {
+        key.into()
+    }
+}
+
+/// A document's JSON text as `jsonb` takes it: each escaped U+0000 (`\u0000`, as serde_json
+/// writes it) becomes U+FFFD. An escaped backslash before `u0000` is left alone.
+pub fn jsonb_text(json: String) -> String {
+    if !json.contains("\\u0000") {
+        return json;
+    }
+    let mut out = String::with_capacity(json.len());
+    let mut rest = json.as_str();
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let escape = &rest[at..];
+        if let Some(after) = escape.strip_prefix("\\u0000") {
+            out.push_str("\\ufffd");
+            rest = after;
+        } else {
+            // Any other escape is two characters (`\uXXXX` keeps its digits as text).
+            let len = escape[1..].chars().next().map_or(1, |c| 1 + c.len_utf8());
+            out.push_str(&escape[..len]);
+            rest = &escape[len..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 enum Decoded {
