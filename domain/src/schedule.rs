@@ -26,7 +26,8 @@ pub struct Cron {
 impl Schedule {
     pub fn parse(expr: &str) -> Option<Schedule> {
         if let Some(rest) = expr.strip_prefix("@every ") {
-            let (digits, unit) = rest.split_at(rest.len().saturating_sub(1));
+            // The unit is the last character, whatever its width (`@every 5分` is no schedule).
+            let (digits, unit) = rest.split_at(rest.char_indices().last().map_or(0, |(at, _)| at));
             let n: i64 = digits.parse().ok().filter(|n| *n >= 1 && *n <= 100_000)?;
             return Some(Schedule::Every(match unit {
                 "m" => Duration::minutes(n),
@@ -122,6 +123,28 @@ fn field(spec: &str, min: u32, max: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+        /// Any text a tenant sends parses or is refused, and a parsed schedule names slots.
+        #[test]
+        fn any_text_parses_or_is_refused(expr in "(@every )?[0-9*/,\\- a-zü分\u{0}-\u{7f}\u{10000}]{0,24}") {
+            if let Some(schedule) = Schedule::parse(&expr) {
+                let now = at("2026-11-24T10:37:20Z");
+                if let Some(slot) = schedule.last_slot(now) {
+                    prop_assert!(slot <= now);
+                }
+            }
+        }
+
+        #[test]
+        fn any_unicode_parses_or_is_refused(expr in "\\PC{0,16}", every in proptest::bool::ANY) {
+            let expr = if every { format!("@every {expr}") } else { expr };
+            let _ = Schedule::parse(&expr);
+        }
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -158,6 +181,11 @@ mod tests {
             "*/0 * * * *",
             "5-1 * * * *",
             "x * * * *",
+            "@every 1ü",
+            "@every 5分",
+            "@every ü",
+            "@every ",
+            "* * * * 分",
         ] {
             assert_eq!(Schedule::parse(bad), None, "{bad}");
         }
