@@ -213,6 +213,16 @@ impl Catalog {
     }
 }
 
+/// The names of the shipped catalog's providers, which manifests may name.
+pub fn known_providers() -> &'static [String] {
+    static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    NAMES.get_or_init(|| Catalog::builtin().providers.into_keys().collect())
+}
+
+pub fn is_known_provider(name: &str) -> bool {
+    known_providers().iter().any(|p| p == name)
+}
+
 /// Deployment settings of one provider: where it is and amplog's client there.
 #[derive(Clone, Debug, Default)]
 pub struct ProviderSettings {

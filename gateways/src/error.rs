@@ -74,6 +74,7 @@ impl ApiError {
             ApiError::BadRequest { code, .. } => (*code).into(),
             ApiError::TooLarge(_) => "payload_too_large".into(),
             ApiError::Timeout(_) => "timeout".into(),
+            _ if self.database_unavailable() => "database_unavailable".into(),
             ApiError::Command(e) if is_not_found(e) => "not_found".into(),
             ApiError::Command(e) => e.code(),
             ApiError::Projection(e) => match &**e {
@@ -92,10 +93,11 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ if self.database_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Command(e) if is_not_found(e) => StatusCode::NOT_FOUND,
             ApiError::Command(e) => match &**e {
                 CommandError::Conflict { .. } => StatusCode::CONFLICT,
-                CommandError::Invalid(_) => StatusCode::BAD_REQUEST,
+                CommandError::Invalid(_) | CommandError::UnstorableText(_) => StatusCode::BAD_REQUEST,
                 e if e.is_client_error() => StatusCode::UNPROCESSABLE_ENTITY,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
@@ -110,10 +112,36 @@ impl ApiError {
     pub fn public_message(&self) -> String {
         match self {
             ApiError::Command(e) if is_not_found(e) => format!("{} not found", not_found_what(e)),
+            _ if self.database_unavailable() => "the database is unavailable; retry shortly".into(),
             _ if self.status().is_server_error() && !matches!(self, ApiError::Timeout(_)) => {
                 "internal error; the server log has the details".into()
             }
             _ => self.to_string(),
+        }
+    }
+
+    /// Whether PostgreSQL could not be reached or went away mid-request (a restart, a
+    /// failover, an exhausted pool): worth a retry, unlike a fault of the server.
+    pub fn database_unavailable(&self) -> bool {
+        let sql = match self {
+            ApiError::Database(e) => &**e,
+            ApiError::Command(e) => match &**e {
+                CommandError::Database(e) => e,
+                _ => return false,
+            },
+            ApiError::Projection(e) => match &**e {
+                ProjectionError::Database(e) | ProjectionError::Log(CommandError::Database(e)) => e,
+                _ => return false,
+            },
+            _ => return false,
+        };
+        connection_lost(sql)
+    }
+
+    /// Logs a server-side failure with its cause (the client only learns its code).
+    pub fn log(&self) {
+        if self.status().is_server_error() {
+            tracing::error!(error = %self, code = %self.code(), "request failed");
         }
     }
 
@@ -123,6 +151,17 @@ impl ApiError {
             "message": self.public_message(),
             "extensions": {"code": self.code(), "status": self.status().as_u16()},
         }]})
+    }
+}
+
+/// An error of the connection rather than of the statement: SQLSTATE classes 08
+/// (connection exception) and 57P (operator intervention: shutdown, crash, starting up).
+pub fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::WorkerCrashed | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
     }
 }
 
@@ -148,15 +187,14 @@ fn not_found_what(e: &CommandError) -> &'static str {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.log();
         (self.status(), axum::Json(self.body())).into_response()
     }
 }
 
 impl From<ApiError> for async_graphql::Error {
     fn from(e: ApiError) -> Self {
-        if e.status().is_server_error() {
-            tracing::error!(error = %e, "request failed");
-        }
+        e.log();
         let mut error = async_graphql::Error::new(e.public_message());
         error.extensions = Some(Default::default());
         if let Some(ext) = error.extensions.as_mut() {

@@ -2,6 +2,8 @@
 //! integrations, each with a provider and the objects it reads (schedule, backfill,
 //! fields). Parsed strictly (unknown keys are errors, with their line and column), then
 //! turned into the domain's `Manifest`, whose own rules the domain checks on deploy.
+//! Size and nesting are bounded before the YAML parser sees the text (it takes quadratic
+//! time in the depth), and the parse runs off the async runtime (`parse_off_runtime`).
 
 use crate::error::ApiError;
 use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
@@ -83,10 +85,99 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::bad_request("manifest.invalid", message)
 }
 
+/// Largest manifest accepted, in bytes.
+pub const MAX_BYTES: usize = 256 * 1024;
+/// Deepest nesting accepted: indentation columns, compact `- `/`? ` markers and open flow
+/// brackets on a line, added up. A real manifest stays under 20.
+pub const MAX_NESTING: usize = 128;
+/// Longest name (integration, provider, object, field, destination, schedule), in characters.
+pub const MAX_NAME: usize = 200;
+/// Most integrations in one manifest, objects in one integration, fields in one object.
+pub const MAX_ITEMS: usize = 500;
+
+/// Parses a manifest on a blocking thread: even bounded, YAML parsing is CPU work that must
+/// not hold an async worker (and with it other tenants' requests).
+pub async fn parse_off_runtime(yaml: String) -> Result<Vec<DeclaredIntegration>, ApiError> {
+    if yaml.len() > MAX_BYTES {
+        return Err(too_large());
+    }
+    tokio::task::spawn_blocking(move || parse(&yaml))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the manifest parser stopped: {e}")))?
+}
+
+fn too_large() -> ApiError {
+    invalid(format!("a manifest must be at most {} KiB", MAX_BYTES / 1024))
+}
+
+/// How deep YAML text nests, over-estimated without parsing: per line, the indentation plus
+/// two columns per compact block marker (`- - - x`) plus the flow brackets (`[`, `{`) open
+/// so far outside quotes and comments. Linear in the text; stops past `limit`.
+pub fn nesting(yaml: &str, limit: usize) -> usize {
+    let mut flow = 0usize;
+    let mut deepest = 0;
+    for line in yaml.lines() {
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        let mut rest = &line[indent..];
+        let mut markers = 0;
+        while let Some(after) = ["- ", "? ", "-\t", "?\t"].iter().find_map(|m| rest.strip_prefix(m)) {
+            markers += 1;
+            rest = after.trim_start_matches([' ', '\t']);
+        }
+        let mut line_deepest = flow;
+        let mut quote = None;
+        let mut previous = ' ';
+        for c in rest.chars() {
+            match (quote, c) {
+                (None, '#') if previous == ' ' || previous == '\t' => break,
+                (None, '"' | '\'') => quote = Some(c),
+                (Some(q), c) if c == q => quote = None,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    line_deepest = line_deepest.max(flow);
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            previous = c;
+        }
+        deepest = deepest.max(indent + 2 * markers + line_deepest);
+        if deepest > limit {
+            break;
+        }
+    }
+    deepest
+}
+
+/// A name from the manifest: not empty, at most `MAX_NAME` characters, and text the log's
+/// read models can hold (no U+0000).
+fn name<'a>(value: &'a str, what: &str) -> Result<&'a str, ApiError> {
+    if value.trim().is_empty() {
+        return Err(invalid(format!("{what} must not be empty")));
+    }
+    if value.chars().count() > MAX_NAME {
+        return Err(invalid(format!("{what} must be at most {MAX_NAME} characters")));
+    }
+    if value.contains('\0') {
+        return Err(invalid(format!("{what} must not contain U+0000 (NUL)")));
+    }
+    Ok(value)
+}
+
+fn at_most<T>(items: &[T], what: &str) -> Result<(), ApiError> {
+    match items.len() > MAX_ITEMS {
+        true => Err(invalid(format!("at most {MAX_ITEMS} {what} are allowed"))),
+        false => Ok(()),
+    }
+}
+
 /// Parses a manifest file. Every error names where it is.
 pub fn parse(yaml: &str) -> Result<Vec<DeclaredIntegration>, ApiError> {
-    if yaml.len() > 256 * 1024 {
-        return Err(invalid("a manifest must be at most 256 KiB"));
+    if yaml.len() > MAX_BYTES {
+        return Err(too_large());
+    }
+    if nesting(yaml, MAX_NESTING) > MAX_NESTING {
+        return Err(invalid(format!("a manifest must not nest deeper than {MAX_NESTING} levels")));
     }
     let file: File = serde_yaml_ng::from_str(yaml).map_err(|e| invalid(format!("manifest: {e}")))?;
     if !file.spec_version.starts_with("1.") {
@@ -95,15 +186,35 @@ pub fn parse(yaml: &str) -> Result<Vec<DeclaredIntegration>, ApiError> {
     if file.integrations.is_empty() {
         return Err(invalid("a manifest must declare at least one integration"));
     }
+    at_most(&file.integrations, "integrations")?;
     file.integrations
         .into_iter()
         .map(|spec| {
+            name(&spec.name, "an integration's name")?;
+            let provider = name(&spec.provider, &format!("integration {}: provider", spec.name))?;
+            if !crate::connector::is_known_provider(provider) {
+                return Err(invalid(format!(
+                    "integration {}: provider `{provider}` is not in the connector catalog ({})",
+                    spec.name,
+                    crate::connector::known_providers().join(", ")
+                )));
+            }
             let objects = spec
                 .read
                 .map(|r| r.objects)
                 .unwrap_or_default()
                 .into_iter()
                 .map(|o| {
+                    let object = format!("integration {}: object {}", spec.name, o.object_name);
+                    name(&o.object_name, &format!("integration {}: an object's name", spec.name))?;
+                    at_most(&o.required_fields, "required fields")?;
+                    at_most(&o.optional_fields, "optional fields")?;
+                    for field in o.required_fields.iter().chain(&o.optional_fields) {
+                        name(&field.field_name, &format!("{object}: a field name"))?;
+                    }
+                    for text in [&o.destination, &o.schedule].into_iter().flatten() {
+                        name(text, &format!("{object}: a destination or schedule"))?;
+                    }
                     let backfill = match o.backfill.map(|b| b.default_period) {
                         None => Backfill::None,
                         Some(PeriodSpec { full_history: Some(true), days: None }) => Backfill::Full,
@@ -124,6 +235,7 @@ pub fn parse(yaml: &str) -> Result<Vec<DeclaredIntegration>, ApiError> {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            at_most(&objects, "objects")?;
             Ok(DeclaredIntegration { name: spec.name, provider: spec.provider, manifest: Manifest { objects } })
         })
         .collect()

@@ -3,13 +3,13 @@
 
 use crate::auth::{Keys, Principal, Scope};
 use crate::error::ApiError;
+use crate::graphql::guard::{self, ParsedCache};
 use crate::graphql::{self, AmplogSchema, Limits};
 use crate::tenant::TenantDb;
 use amplog_commands::audit::{self, HistoryRange};
 use amplog_commands::{CommandService, LogCursor};
 use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
-use async_graphql::parser::types::ExecutableDocument;
-use async_graphql::Data;
+use async_graphql::{Data, Executor};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -20,7 +20,11 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use std::any::TypeId;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,17 +71,21 @@ pub struct AppState {
     pub projected: broadcast::Sender<()>,
     /// Becomes true on shutdown: long-lived subscriptions end.
     pub shutdown: watch::Receiver<bool>,
-    /// Parsed GraphQL documents by query text.
-    pub parsed: moka::sync::Cache<String, ExecutableDocument>,
+    /// Parsed GraphQL documents by query text, weighed by size.
+    pub parsed: ParsedCache,
+    /// Open WebSocket connections and running subscriptions per API key.
+    pub sockets: Arc<SocketCounts>,
 }
 
-/// Longer queries are parsed every time rather than cached.
-const MAX_CACHED_QUERY: usize = 16 * 1024;
+/// Bytes of query text the parsed-document cache holds at most (weighed as guard.rs says).
+const PARSED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Clone)]
 struct Shared {
     state: Arc<AppState>,
     schema: AmplogSchema,
+    /// The limits in force (introspection on in `--dev`).
+    limits: Arc<Limits>,
 }
 
 /// A running server.
@@ -95,8 +103,10 @@ impl Server {
         let (stop, shutdown) = watch::channel(false);
         let (projected, _) = broadcast::channel(16);
         tokio::spawn(relay_projected(service.pool().clone(), projected.clone(), shutdown.clone()));
-        let parsed = moka::sync::Cache::new(1_000);
-        let state = Arc::new(AppState { service, keys, config, projected, shutdown: shutdown.clone(), parsed });
+        let parsed = guard::parsed_cache(PARSED_CACHE_BYTES);
+        let sockets = Arc::default();
+        let state =
+            Arc::new(AppState { service, keys, config, projected, shutdown: shutdown.clone(), parsed, sockets });
         let router = router(state);
         let mut until = shutdown;
         let task = tokio::spawn(async move {
@@ -145,7 +155,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limits = Limits { introspection: state.config.dev, ..state.config.limits.clone() };
     let schema = graphql::build(state.clone(), &limits);
     let body_limit = state.config.body_limit;
-    let shared = Shared { state, schema };
+    let shared = Shared { state, schema, limits: Arc::new(limits) };
     Router::new()
         .route("/graphql", get(graphiql).post(graphql_http))
         .route("/graphql/ws", get(graphql_ws))
@@ -181,28 +191,9 @@ async fn graphql_http(
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(state.config.body_limit),
         _ => ApiError::bad_request("bad_request", rejection.body_text()),
     })?;
-    let mut request: async_graphql::Request = serde_json::from_slice(&body)
+    let request: async_graphql::Request = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("bad_request", format!("the body is not a GraphQL request: {e}")))?;
-    // Parsed documents are cached by query text (clients repeat a few queries). A syntax
-    // error is left to the executor, which reports it as GraphQL clients expect.
-    if let Some(doc) = state.parsed.get(&request.query) {
-        request.set_parsed_query(doc);
-    } else if request.query.len() <= MAX_CACHED_QUERY {
-        let text = request.query.clone();
-        if let Ok(doc) = request.parsed_query() {
-            state.parsed.insert(text, doc.clone());
-        }
-    }
-    let shape = request.parsed_query().map(graphql::shape).unwrap_or_default();
-    if shape.aliases > state.config.limits.aliases {
-        return Err(ApiError::bad_request(
-            "too_many_aliases",
-            format!("the query has {} aliases; at most {} are allowed", shape.aliases, state.config.limits.aliases),
-        ));
-    }
-    if shape.introspection && !state.config.dev {
-        return Err(ApiError::bad_request("introspection_disabled", "schema introspection is off in production mode"));
-    }
+    let checked = guard::check(request, &shared.limits, &state.parsed)?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(
@@ -216,6 +207,18 @@ async fn graphql_http(
                 .to_string(),
         ),
     };
+    let response = execute_once(&shared, principal, checked.request, idempotency_key).await?;
+    Ok(Json(response).into_response())
+}
+
+/// Executes a checked query or mutation for `principal` within the request timeout.
+async fn execute_once(
+    shared: &Shared,
+    principal: Principal,
+    request: async_graphql::Request,
+    idempotency_key: Option<String>,
+) -> Result<async_graphql::Response, ApiError> {
+    let state = &shared.state;
     let db =
         Arc::new(TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms));
     let request = graphql::request_data(request, principal, db.clone(), idempotency_key);
@@ -235,10 +238,10 @@ async fn graphql_http(
         Ok(Err(_)) => return Err(ApiError::Internal("the request's task ended without an answer".into())),
         Err(_) => return Err(ApiError::Timeout(state.config.request_timeout)),
     };
-    // Errors the executor raised itself (syntax, validation, limits) get a code too.
     if state.config.dev {
         response.extensions.insert("sqlStatements".into(), async_graphql::Value::from(uses as i32));
     }
+    // Errors the executor raised itself (syntax, validation, limits) get a code too.
     for error in &mut response.errors {
         let extensions = error.extensions.get_or_insert_with(Default::default);
         if extensions.get("code").is_none() {
@@ -246,7 +249,7 @@ async fn graphql_http(
             extensions.set("status", 400);
         }
     }
-    Ok(Json(response).into_response())
+    Ok(response)
 }
 
 async fn graphiql(State(shared): State<Shared>) -> Response {
@@ -259,6 +262,8 @@ async fn graphiql(State(shared): State<Shared>) -> Response {
 
 /// GraphQL over WebSocket (graphql-transport-ws and graphql-ws). The key comes from the
 /// upgrade request's `X-Api-Key`, or from `connection_init`'s payload `{"apiKey": ...}`.
+/// Messages are bounded like HTTP bodies, and every operation passes the same checks as an
+/// HTTP request (`WsExecutor`), with the key checked again for each one.
 async fn graphql_ws(
     State(shared): State<Shared>,
     headers: HeaderMap,
@@ -266,30 +271,182 @@ async fn graphql_ws(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let from_header = match presented_key(&headers) {
-        Some(_) => match authenticate(&shared.state, &headers).await {
-            Ok(principal) => Some(principal),
+        Some(key) => match authenticate(&shared.state, &headers).await {
+            Ok(_) => Some(key.to_string()),
             Err(e) => return e.into_response(),
         },
         None => None,
     };
-    upgrade.protocols(ALL_WEBSOCKET_PROTOCOLS).on_upgrade(move |socket| async move {
-        let state = shared.state.clone();
-        GraphQLWebSocket::new(socket, shared.schema, protocol)
-            .on_connection_init(move |payload: serde_json::Value| async move {
-                let principal = match from_header {
-                    Some(principal) => principal,
-                    None => {
-                        let key = payload.get("apiKey").or_else(|| payload.get("X-Api-Key")).and_then(|k| k.as_str());
-                        state.keys.authenticate(key.unwrap_or_default()).await.map_err(async_graphql::Error::from)?
-                    }
-                };
-                let mut data = Data::default();
-                data.insert(principal);
-                Ok(data)
-            })
-            .serve()
-            .await
+    let limit = shared.state.config.body_limit;
+    upgrade.max_message_size(limit).max_frame_size(limit).protocols(ALL_WEBSOCKET_PROTOCOLS).on_upgrade(
+        move |socket| async move {
+            let state = shared.state.clone();
+            let limits = shared.limits.clone();
+            GraphQLWebSocket::new(socket, WsExecutor(shared), protocol)
+                .on_connection_init(move |payload: serde_json::Value| async move {
+                    let key = match from_header {
+                        Some(key) => key,
+                        None => payload
+                            .get("apiKey")
+                            .or_else(|| payload.get("X-Api-Key"))
+                            .and_then(|k| k.as_str())
+                            .unwrap_or_default()
+                            .to_string(),
+                    };
+                    let principal = state.keys.authenticate(&key).await.map_err(async_graphql::Error::from)?;
+                    let slot = state
+                        .sockets
+                        .acquire(principal.key_id, Counted::Connections, limits.ws_connections_per_key)
+                        .ok_or_else(|| {
+                            async_graphql::Error::from(ApiError::bad_request(
+                                "too_many_connections",
+                                format!(
+                                    "this key already holds {} WebSocket connections",
+                                    limits.ws_connections_per_key
+                                ),
+                            ))
+                        })?;
+                    let mut data = Data::default();
+                    data.insert(Arc::new(WsSession { key, _connection: slot, subscriptions: Arc::default() }));
+                    Ok(data)
+                })
+                .serve()
+                .await
+        },
+    )
+}
+
+/// One WebSocket connection: its key (checked again for every operation and every
+/// subscription event, so a revoked key stops being answered) and its open subscriptions.
+struct WsSession {
+    key: String,
+    _connection: Slot,
+    subscriptions: Arc<SocketCounts>,
+}
+
+/// What is counted per API key.
+#[derive(Clone, Copy)]
+pub enum Counted {
+    Connections,
+    Subscriptions,
+}
+
+/// Open WebSocket connections and running subscriptions per key.
+#[derive(Default)]
+pub struct SocketCounts(std::sync::Mutex<HashMap<Uuid, [usize; 2]>>);
+
+impl SocketCounts {
+    /// Counts one more, unless `max` are already counted; the slot gives it back on drop.
+    pub fn acquire(self: &Arc<Self>, key: Uuid, what: Counted, max: usize) -> Option<Slot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = &mut counts.entry(key).or_default()[what as usize];
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Slot { counts: self.clone(), key, what })
+    }
+}
+
+/// One counted connection or subscription.
+pub struct Slot {
+    counts: Arc<SocketCounts>,
+    key: Uuid,
+    what: Counted,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = counts.get_mut(&self.key) {
+            entry[self.what as usize] -= 1;
+            if entry == &[0, 0] {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Runs WebSocket operations the way HTTP requests run: the same checks, the same per-request
+/// data (tenant transaction, DataLoader), the same timeout for queries and mutations.
+#[derive(Clone)]
+struct WsExecutor(Shared);
+
+impl Executor for WsExecutor {
+    async fn execute(&self, _request: async_graphql::Request) -> async_graphql::Response {
+        error_response(ApiError::Unauthenticated)
+    }
+
+    fn execute_stream(
+        &self,
+        request: async_graphql::Request,
+        session: Option<Arc<Data>>,
+    ) -> BoxStream<'static, async_graphql::Response> {
+        let shared = self.0.clone();
+        futures::stream::once(async move {
+            ws_operation(shared, request, session)
+                .await
+                .unwrap_or_else(|e| futures::stream::iter([error_response(e)]).boxed())
+        })
+        .flatten()
+        .boxed()
+    }
+}
+
+async fn ws_operation(
+    shared: Shared,
+    request: async_graphql::Request,
+    session: Option<Arc<Data>>,
+) -> Result<BoxStream<'static, async_graphql::Response>, ApiError> {
+    let session = session
+        .as_ref()
+        .and_then(|data| data.get(&TypeId::of::<Arc<WsSession>>()))
+        .and_then(|s| s.downcast_ref::<Arc<WsSession>>())
+        .cloned()
+        .ok_or(ApiError::Unauthenticated)?;
+    let state = shared.state.clone();
+    let principal = state.keys.authenticate(&session.key).await?;
+    let checked = guard::check(request, &shared.limits, &state.parsed)?;
+    if !checked.subscription {
+        let response = execute_once(&shared, principal, checked.request, None).await?;
+        return Ok(futures::stream::iter([response]).boxed());
+    }
+    let too_many = |n: usize, per: &str| {
+        ApiError::bad_request("too_many_subscriptions", format!("at most {n} subscriptions may run per {per}"))
+    };
+    let limits = &shared.limits;
+    let slots = (
+        session
+            .subscriptions
+            .acquire(Uuid::nil(), Counted::Subscriptions, limits.subscriptions_per_connection)
+            .ok_or_else(|| too_many(limits.subscriptions_per_connection, "connection"))?,
+        state
+            .sockets
+            .acquire(principal.key_id, Counted::Subscriptions, limits.subscriptions_per_key)
+            .ok_or_else(|| too_many(limits.subscriptions_per_key, "API key"))?,
+    );
+    let db =
+        Arc::new(TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms));
+    let request = graphql::request_data(checked.request, principal, db.clone(), None);
+    let events = shared.schema.execute_stream(request);
+    Ok(futures::stream::unfold(Some((events, db, session, slots, state)), |running| async move {
+        let (mut events, db, session, slots, state) = running?;
+        let response = events.next().await?;
+        db.release().await;
+        if let Err(e) = state.keys.authenticate(&session.key).await {
+            return Some((error_response(e), None));
+        }
+        Some((response, Some((events, db, session, slots, state))))
     })
+    .boxed())
+}
+
+/// A GraphQL response holding one API error.
+fn error_response(e: ApiError) -> async_graphql::Response {
+    let error = async_graphql::Error::from(e);
+    let mut server = async_graphql::ServerError::new(error.message, None);
+    server.extensions = error.extensions;
+    async_graphql::Response::from_errors(vec![server])
 }
 
 #[derive(Serialize)]

@@ -123,7 +123,12 @@ struct ReadPlan {
 
 impl SyncHandler {
     pub fn new(service: CommandService, connectors: Connectors) -> SyncHandler {
-        let http = crate::connector::http_client().build().expect("the HTTP client builds");
+        // Standard Webhooks: a 3xx is a failed delivery. Followed, a 301/302 turns the POST
+        // into a bodyless GET that the target may well answer 200.
+        let http = crate::connector::http_client()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("the HTTP client builds");
         SyncHandler { connectors, tokens: Tokens::new(service), http, policy: SyncPolicy::default() }
     }
 
@@ -356,6 +361,14 @@ impl SyncHandler {
                 );
             }
             recorded(job.service.record_delivery_failure(job.command, operation_id, lease, &delivery).await)?;
+            if outcome.status == Some(410) {
+                // Gone: the receiver says the endpoint will not come back; retrying is noise.
+                return Err(failure(
+                    ErrorClass::DestinationUnavailable,
+                    format!("destination `{}` answered 410 Gone for page {page}", plan.destination.name),
+                    false,
+                ));
+            }
             if attempt < policy.max_attempts {
                 tokio::time::sleep(backoff(policy.backoff, policy.max_backoff, attempt, seed)).await;
             }

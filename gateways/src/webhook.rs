@@ -86,7 +86,8 @@ impl Attempted {
     }
 }
 
-/// Sends one signed message; any 2xx is delivered, anything else (or no answer) is not.
+/// Sends one signed message; any 2xx is delivered, anything else (a 3xx included: the
+/// client must not follow redirects) or no answer is not.
 pub async fn deliver(client: &reqwest::Client, url: &str, secret: &str, id: &str, body: &[u8]) -> Attempted {
     let timestamp = chrono::Utc::now().timestamp();
     let request = client
@@ -102,7 +103,11 @@ pub async fn deliver(client: &reqwest::Client, url: &str, secret: &str, id: &str
         }
         Ok(response) => {
             let status = response.status().as_u16();
-            Attempted { status: Some(status), error: Some(format!("the endpoint answered HTTP {status}")) }
+            let why = match response.status().is_redirection() {
+                true => " (a redirect: deliveries never follow one)",
+                false => "",
+            };
+            Attempted { status: Some(status), error: Some(format!("the endpoint answered HTTP {status}{why}")) }
         }
         Err(e) => Attempted { status: None, error: Some(format!("the endpoint did not answer: {e}")) },
     }

@@ -31,7 +31,7 @@ async fn another_projects_objects_are_not_found_by_id_by_list_or_nested() {
         ("mutation($id: UUID!) { triggerRead(installationId: $id) { id } }", b.installation.0),
         ("mutation($id: UUID!) { triggerRead(installationId: $id, objects: [\"contacts\"]) { id } }", b.installation.0),
         ("mutation($id: UUID!) { cancelOperation(id: $id) { id } }", b_op.0),
-        ("mutation($id: UUID!) { deployRevision(integrationId: $id, manifest: \"specVersion: 1.0.0\\nintegrations: [{name: x, provider: y, read: {objects: [{objectName: a}]}}]\") { id } }", b.integration.0),
+        ("mutation($id: UUID!) { deployRevision(integrationId: $id, manifest: \"specVersion: 1.0.0\\nintegrations: [{name: x, provider: hubspot, read: {objects: [{objectName: a}]}}]\") { id } }", b.integration.0),
         (
             "mutation($id: UUID!) { createConnection(input: {integrationId: $id, groupRef: \"g\", credentials: {t: 1}}) { id } }",
             b.integration.0,
@@ -270,5 +270,287 @@ async fn nested_lists_are_batched_not_queried_per_item() {
     // per installation and kind (that would be 1 + 16 × 5).
     let statements = body["extensions"]["sqlStatements"].as_i64().unwrap();
     assert!(statements < 16, "{statements} statements for 16 installations");
+    app.stop().await;
+}
+
+/// Opens `/graphql/ws` with graphql-transport-ws and `connection_init` carrying `key`.
+async fn ws_connect(app: &TestApp, key: &str) -> WsClient {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request =
+        format!("ws://{}/graphql/ws", app.base.trim_start_matches("http://")).into_client_request().unwrap();
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ws.send(Message::text(json!({"type": "connection_init", "payload": {"apiKey": key}}).to_string())).await.unwrap();
+    let ack = ws_next(&mut ws).await;
+    assert_eq!(ack["type"], "connection_ack", "{ack}");
+    ws
+}
+
+type WsClient = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The next JSON message, pings aside; `Null` when the server closed the socket.
+async fn ws_next(ws: &mut WsClient) -> Value {
+    use futures::StreamExt;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("a message within 20 s");
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                if value["type"] != "ping" && value["type"] != "pong" {
+                    return value;
+                }
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Value::Null,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Sends one operation over the socket and returns its first `next` payload (or `Null`
+/// when the socket was closed).
+async fn ws_operation(ws: &mut WsClient, id: &str, query: &str, variables: Value) -> Value {
+    use futures::SinkExt;
+    let message = json!({"type": "subscribe", "id": id, "payload": {"query": query, "variables": variables}});
+    if ws.send(Message::text(message.to_string())).await.is_err() {
+        return Value::Null;
+    }
+    loop {
+        let reply = ws_next(ws).await;
+        if reply.is_null() || (reply["id"] == id && reply["type"] == "next") {
+            return reply["payload"].clone();
+        }
+        if reply["id"] == id && reply["type"] == "error" {
+            return json!({"errors": reply["payload"]});
+        }
+    }
+}
+
+fn nested(open: &str, inner: &str, close: &str, depth: usize) -> String {
+    format!("{}{inner}{}", open.repeat(depth), close.repeat(depth))
+}
+
+/// The hostile corpus: requests a tenant can send in a few kilobytes that once aborted the
+/// process, froze every tenant or stopped the projector. Each is answered with a 4xx and a
+/// code, over HTTP and over WebSocket, and the process goes on serving.
+fn hostile_queries(installation: &str) -> Vec<(&'static str, String, Value, &'static str)> {
+    let deep = 2_000;
+    vec![
+        (
+            "a list argument",
+            format!("{{ installation(id: {}) {{ id }} }}", nested("[", "1", "]", deep)),
+            json!({}),
+            "too_deep",
+        ),
+        (
+            "an object argument",
+            format!("{{ installations(first: {}) {{ edges {{ node {{ id }} }} }} }}", nested("{a: ", "1", "}", deep)),
+            json!({}),
+            "too_deep",
+        ),
+        (
+            "a variable default",
+            format!("query($x: [Int] = {}) {{ viewer {{ scope }} }}", nested("[", "1", "]", deep)),
+            json!({}),
+            "too_deep",
+        ),
+        (
+            "a mutation argument",
+            format!(
+                "mutation {{ triggerRead(installationId: \"{installation}\", objects: {}) {{ id }} }}",
+                nested("[", "\"x\"", "]", deep)
+            ),
+            json!({}),
+            "too_deep",
+        ),
+        (
+            "a directive argument",
+            format!("{{ viewer @skip(if: {}) {{ scope }} }}", nested("[", "true", "]", deep)),
+            json!({}),
+            "too_deep",
+        ),
+        ("selection sets", format!("{{ {} }}", nested("viewer { ", "scope", " }", deep)), json!({}), "too_deep"),
+        (
+            "nested variables",
+            "query($v: [String]) { viewer { scope } }".into(),
+            json!({"v": serde_json::from_str::<Value>(&nested("[", "1", "]", 100)).unwrap()}),
+            "too_deep",
+        ),
+        (
+            "an alias flood",
+            format!("{{ {} }}", (0..1000).map(|i| format!("a{i}: viewer {{ scope }}")).collect::<Vec<_>>().join(" ")),
+            json!({}),
+            "too_many_aliases",
+        ),
+        (
+            "NUL in a mutation's text",
+            "mutation($i: UUID!) { pauseInstallation(id: $i) { id } }".into(),
+            json!({"i": "\u{0}"}),
+            "graphql_validation",
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_corpus_is_refused_with_codes_over_http_and_websocket_and_the_process_lives() {
+    let app = TestApp::spawn().await;
+    let s = seed(&app.service).await;
+    let (key_id, write) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Admin, None).await.unwrap();
+    let installation = s.installation.0.to_string();
+    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let rss = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+    };
+    let rss_before = rss();
+
+    for (what, query, variables, code) in hostile_queries(&installation) {
+        let (status, body) = app.gql(&write, &query, variables).await;
+        let reported = body["errors"][0]["extensions"]["status"].as_u64().unwrap_or(status as u64);
+        assert!((400..500).contains(&reported), "{what}: {status} {body}");
+        assert_eq!(error_code(&body), code, "{what}: {body}");
+    }
+    // Bodies that are not GraphQL requests at all.
+    let too_deep_json = format!(
+        "{{\"query\": \"{{ viewer {{ scope }} }}\", \"variables\": {{\"v\": {}}}}}",
+        nested("[", "1", "]", 5_000)
+    );
+    let bodies: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("JSON nested 5,000 deep", too_deep_json.into_bytes(), 400, "bad_request"),
+        ("bad UTF-8", b"{\"query\": \"{ viewer { scope } }\xff\xfe\"}".to_vec(), 400, "bad_request"),
+        ("a NUL byte", b"{\"query\": \"{ viewer { scope } }\x00\"}".to_vec(), 400, "bad_request"),
+        ("a huge body", format!("{{\"query\": \"{}\"}}", "{".repeat(270_000)).into_bytes(), 413, "payload_too_large"),
+        ("an empty body", Vec::new(), 400, "bad_request"),
+    ];
+    for (what, body, status, code) in bodies {
+        let response = client
+            .post(format!("{}/graphql", app.base))
+            .header("x-api-key", &write)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{what}");
+        assert_eq!(error_code(&response.json::<Value>().await.unwrap()), code, "{what}");
+    }
+
+    // Manifests: U+0000 in a name, nesting the YAML parser takes quadratic time on, an
+    // alias bomb, a name too long, a provider that does not exist.
+    let declare = "mutation($m: String!) { declareIntegrations(manifest: $m) { id } }";
+    let manifest = |object: &str| {
+        format!("specVersion: 1.0.0\nintegrations: [{{name: x, provider: hubspot, read: {{objects: [{{objectName: {object}}}]}}}}]")
+    };
+    let bomb = "specVersion: 1.0.0\na: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\nintegrations: []\n";
+    let manifests = vec![
+        ("a NUL in a field name", manifest("\"contacts\\0\"")),
+        ("flow nesting", format!("specVersion: 1.0.0\nintegrations: {}", nested("[", "x", "]", 40_000))),
+        ("block nesting", format!("specVersion: 1.0.0\nintegrations:\n{}x", "- ".repeat(40_000))),
+        ("an alias bomb", bomb.to_string()),
+        ("a long name", manifest(&"n".repeat(300))),
+        ("an unknown provider", manifest("contacts").replace("hubspot", "no-such-crm")),
+    ];
+    for (what, m) in manifests {
+        let (_, body) = app.gql(&write, declare, json!({"m": m})).await;
+        assert_eq!(error_code(&body), "manifest.invalid", "{what}: {body}");
+    }
+    // Schedules in characters wider than a byte: refused, not a panic.
+    for schedule in ["@every 1ü", "@every 5分", "@every 分"] {
+        let (_, body) = app
+            .gql(&write, "mutation($i: UUID!, $s: String!) { updateInstallation(id: $i, objects: [{name: \"contacts\", schedule: $s}]) { id } }", json!({"i": installation, "s": schedule}))
+            .await;
+        assert_eq!(error_code(&body), "installation.invalid_schedule", "{schedule}: {body}");
+        let (_, body) = app.gql(&write, declare, json!({"m": manifest("contacts").replace("objectName: contacts", &format!("objectName: contacts, schedule: \"{schedule}\""))})).await;
+        assert_eq!(error_code(&body), "integration.invalid_schedule", "{schedule}: {body}");
+    }
+    // A read of one object named 2,000 times is one read, and an object the installation
+    // does not have refuses the whole request.
+    let trigger = "mutation($i: UUID!, $o: [String!]) { triggerRead(installationId: $i, objects: $o) { id } }";
+    let (_, body) = app.gql(&write, trigger, json!({"i": installation, "o": vec!["contacts"; 2000]})).await;
+    assert_eq!(error_code(&body), "too_many_objects", "{body}");
+    let data = app.data(&write, trigger, json!({"i": installation, "o": ["contacts", "contacts", "deals"]})).await;
+    assert_eq!(data["triggerRead"].as_array().unwrap().len(), 2, "{data}");
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&app.db.pool).await.unwrap();
+    let (_, body) = app.gql(&write, trigger, json!({"i": installation, "o": ["companies", "tickets"]})).await;
+    assert_eq!(error_code(&body), "installation.unknown_object", "{body}");
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(before, after, "a refused triggerRead requested nothing");
+    // Text the read models cannot hold, through a mutation: refused with a typed error.
+    let operation = data["triggerRead"][0]["id"].as_str().unwrap();
+    let (_, body) = app
+        .gql(
+            &write,
+            "mutation($o: UUID!, $r: String!) { cancelOperation(id: $o, reason: $r) { id } }",
+            json!({"o": operation, "r": "a\u{0}b"}),
+        )
+        .await;
+    assert_eq!(
+        (error_code(&body), &body["errors"][0]["extensions"]["status"]),
+        ("invalid_text", &json!(400)),
+        "{body}"
+    );
+
+    // Over WebSocket: the same corpus, the same codes; then queries and mutations run there
+    // as over HTTP (each with its tenant transaction and DataLoader).
+    let mut ws = ws_connect(&app, &write).await;
+    for (i, (what, query, variables, code)) in hostile_queries(&installation).into_iter().enumerate() {
+        let payload = ws_operation(&mut ws, &format!("h{i}"), &query, variables).await;
+        assert_eq!(error_code(&payload), code, "{what} over WebSocket: {payload}");
+    }
+    let payload = ws_operation(
+        &mut ws,
+        "q",
+        "{ viewer { scope } installations { edges { node { id connection { id } } } } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(payload["data"]["viewer"]["scope"], "admin", "{payload}");
+    assert_eq!(payload["data"]["installations"]["edges"][0]["node"]["id"], installation, "{payload}");
+    let payload = ws_operation(
+        &mut ws,
+        "m",
+        "mutation($i: UUID!) { pauseInstallation(id: $i) { id replayed } }",
+        json!({"i": installation}),
+    )
+    .await;
+    assert_eq!(payload["data"]["pauseInstallation"]["id"], installation, "{payload}");
+    // Subscriptions per connection are bounded: of 17 sent at once, one is refused.
+    let subscription = "subscription($id: UUID!) { operationUpdates(installationId: $id) { id } }";
+    {
+        use futures::SinkExt;
+        for i in 0..17 {
+            let message = json!({"type": "subscribe", "id": format!("s{i}"), "payload": {"query": subscription, "variables": {"id": installation}}});
+            ws.send(Message::text(message.to_string())).await.unwrap();
+        }
+    }
+    let mut refused = ws_next(&mut ws).await;
+    while refused["type"] == "complete" && !refused["id"].as_str().unwrap().starts_with('s') {
+        refused = ws_next(&mut ws).await; // the mutation's end
+    }
+    assert_eq!(refused["type"], "next", "{refused}");
+    assert_eq!(error_code(&refused["payload"]), "too_many_subscriptions", "{refused}");
+    assert_eq!(ws_next(&mut ws).await, json!({"type": "complete", "id": refused["id"]}));
+    // A revoked key is refused on its open socket within a second.
+    assert!(app.keys.revoke(key_id).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let payload = ws_operation(&mut ws, "late", "{ viewer { scope } }", json!({})).await;
+    assert_eq!(error_code(&payload), "unauthenticated", "{payload}");
+    // A message larger than an HTTP body closes that socket, and only that one.
+    let (_, read) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let mut big = ws_connect(&app, &read).await;
+    let huge = format!("{{ viewer {{ scope }} }} #{}", "x".repeat(12 << 20));
+    assert!(ws_operation(&mut big, "big", &huge, json!({})).await.is_null(), "a 12 MiB message is refused");
+    let mut again = ws_connect(&app, &read).await;
+    let payload = ws_operation(&mut again, "ok", "{ viewer { scope } }", json!({})).await;
+    assert_eq!(payload["data"]["viewer"]["scope"], "read", "{payload}");
+
+    // Still serving, within bounded memory.
+    let health = client.get(format!("{}/healthz", app.base)).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    app.data(&read, "{ viewer { scope } }", json!({})).await;
+    let grown = rss().saturating_sub(rss_before);
+    assert!(grown < 512, "the process grew by {grown} MiB");
     app.stop().await;
 }

@@ -2,6 +2,7 @@
 //! command service, the `operationUpdates` subscription, and the limits every request runs
 //! under.
 
+pub mod guard;
 pub mod loaders;
 pub mod mutation;
 pub mod query;
@@ -30,11 +31,25 @@ pub struct Limits {
     pub recursive_depth: usize,
     pub aliases: usize,
     pub introspection: bool,
+    /// WebSocket connections one API key may hold open at once.
+    pub ws_connections_per_key: usize,
+    /// Subscriptions running at once on one WebSocket connection, and for one key in all.
+    pub subscriptions_per_connection: usize,
+    pub subscriptions_per_key: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { depth: 10, complexity: 10_000, recursive_depth: 32, aliases: 30, introspection: false }
+        Self {
+            depth: 10,
+            complexity: 10_000,
+            recursive_depth: 32,
+            aliases: 30,
+            introspection: false,
+            ws_connections_per_key: 16,
+            subscriptions_per_connection: 16,
+            subscriptions_per_key: 32,
+        }
     }
 }
 

@@ -195,7 +195,7 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<Vec<MutationPayload>> {
         principal(ctx).require(Scope::Admin)?; // before parsing: a read key learns nothing
-        let declared = manifest::parse(&manifest)?;
+        let declared = manifest::parse_off_runtime(manifest).await?;
         let mut out = Vec::with_capacity(declared.len());
         for integration in &declared {
             let command = command_ctx(ctx, Scope::Admin, Some(&integration.name))?;
@@ -223,7 +223,7 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Admin, None)?;
-        let mut declared = manifest::parse(&manifest)?;
+        let mut declared = manifest::parse_off_runtime(manifest).await?;
         if declared.len() != 1 {
             return Err(ApiError::bad_request("manifest.invalid", "a revision's manifest must hold one integration"));
         }
@@ -345,15 +345,33 @@ impl Mutation {
     ) -> Result<Vec<MutationPayload>> {
         let check = command_ctx(ctx, Scope::Write, None)?;
         let service = &app(ctx).service;
-        let objects = match objects {
-            Some(objects) if !objects.is_empty() => objects,
-            _ => {
-                let loaded = service.load::<amplog_domain::installation::Installation>(&check, installation_id).await?;
-                if !loaded.state.exists {
-                    return Err(ApiError::NotFound("installation"));
+        let loaded = service.load::<amplog_domain::installation::Installation>(&check, installation_id).await?;
+        if !loaded.state.exists {
+            return Err(ApiError::NotFound("installation"));
+        }
+        let configured = &loaded.state.objects;
+        let objects: Vec<String> = match objects {
+            Some(named) if !named.is_empty() => {
+                if named.len() > configured.len().max(1) * 2 {
+                    return Err(ApiError::bad_request(
+                        "too_many_objects",
+                        format!("the installation has {} objects; {} were named", configured.len(), named.len()),
+                    ));
                 }
-                loaded.state.objects.iter().filter(|(_, c)| c.enabled).map(|(name, _)| name.clone()).collect()
+                let mut unique = Vec::with_capacity(named.len());
+                for object in named {
+                    if !configured.contains_key(&object) {
+                        // Refused before any read is requested: all of them or none.
+                        let unknown = amplog_domain::installation::InstallationError::UnknownObject(object);
+                        return Err(amplog_commands::CommandError::Domain(unknown.into()).into());
+                    }
+                    if !unique.contains(&object) {
+                        unique.push(object);
+                    }
+                }
+                unique
             }
+            _ => configured.iter().filter(|(_, c)| c.enabled).map(|(name, _)| name.clone()).collect(),
         };
         let mut out = Vec::with_capacity(objects.len());
         for object in objects {
