@@ -131,6 +131,10 @@ struct SinkState {
     secret: String,
     /// Answer 503 to this many requests before accepting.
     fail_next: u64,
+    /// Statuses to answer the next requests with, in order (a 3xx points at `/elsewhere`).
+    answer_next: std::collections::VecDeque<u16>,
+    /// Requests that arrived at `/elsewhere` (followed redirects), with or without a body.
+    redirected: u64,
     refused: u64,
     rejected_signatures: u64,
     received: Vec<Received>,
@@ -146,6 +150,7 @@ pub struct SinkReport {
     pub distinct_records: usize,
     pub refused: u64,
     pub rejected_signatures: u64,
+    pub redirected: u64,
 }
 
 /// A webhook receiver that verifies signatures and keeps what it got. `POST /hooks/{name}`.
@@ -160,7 +165,11 @@ impl Sink {
     }
 
     pub fn router(&self) -> Router {
-        Router::new().route("/hooks/{name}", post(receive)).route("/hooks", get(report)).with_state(self.clone())
+        Router::new()
+            .route("/hooks/{name}", post(receive))
+            .route("/hooks", get(report))
+            .route("/elsewhere", axum::routing::any(elsewhere))
+            .with_state(self.clone())
     }
 
     /// Serves on `addr` until the returned handle is aborted.
@@ -177,6 +186,12 @@ impl Sink {
     /// Refuse the next `n` deliveries with 503.
     pub fn fail_next(&self, n: u64) {
         self.state.lock().expect("sink").fail_next = n;
+    }
+
+    /// Answer the next requests with these statuses, in order (redirects to `/elsewhere`,
+    /// which answers 200 to anything, as a careless receiver would).
+    pub fn answer_next(&self, statuses: &[u16]) {
+        self.state.lock().expect("sink").answer_next.extend(statuses);
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -202,6 +217,7 @@ impl Sink {
             distinct_records: distinct.len(),
             refused: state.refused,
             rejected_signatures: state.rejected_signatures,
+            redirected: state.redirected,
         }
     }
 
@@ -217,19 +233,39 @@ impl Sink {
     }
 }
 
-async fn receive(State(sink): State<Sink>, Path(_name): Path<String>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn elsewhere(State(sink): State<Sink>) -> StatusCode {
+    sink.state.lock().expect("sink").redirected += 1;
+    StatusCode::OK
+}
+
+async fn receive(
+    State(sink): State<Sink>,
+    Path(_name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let mut state = sink.state.lock().expect("sink");
+    if let Some(status) = state.answer_next.pop_front() {
+        state.refused += 1;
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (status, [(axum::http::header::LOCATION, "/elsewhere")]).into_response();
+    }
+    receive_verified(&mut state, &headers, &body).into_response()
+}
+
+fn receive_verified(state: &mut SinkState, headers: &HeaderMap, body: &Bytes) -> StatusCode {
     if state.fail_next > 0 {
         state.fail_next -= 1;
         state.refused += 1;
         return StatusCode::SERVICE_UNAVAILABLE;
     }
     let now = chrono::Utc::now().timestamp();
-    let Ok(webhook_id) = verify(&state.secret, &headers, &body, now, 300) else {
+    let Ok(webhook_id) = verify(&state.secret, headers, body, now, 300) else {
         state.rejected_signatures += 1;
         return StatusCode::UNAUTHORIZED;
     };
-    let Ok(payload) = serde_json::from_slice::<Value>(&body) else { return StatusCode::BAD_REQUEST };
+    let Ok(payload) = serde_json::from_slice::<Value>(body) else { return StatusCode::BAD_REQUEST };
     let text = |key: &str| payload.get(key).and_then(Value::as_str).unwrap_or_default().to_string();
     let max_updated = payload
         .get("records")

@@ -554,3 +554,36 @@ async fn a_hostile_corpus_is_refused_with_codes_over_http_and_websocket_and_the_
     assert!(grown < 512, "the process grew by {grown} MiB");
     app.stop().await;
 }
+
+/// A request that cannot reach PostgreSQL (a restart, a failover, a pool that cannot
+/// connect) is a retryable 503 with a code, not a 500 `internal`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_database_answers_a_retryable_503_with_a_code() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // dropped: nothing listens
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(&format!("postgres://postgres@{closed}/amplog"))
+        .unwrap();
+    let service = amplog_commands::CommandService::new(
+        pool.clone(),
+        amplog_commands::EventStore::default(),
+        amplog_commands::testing::credential_store(),
+    );
+    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
+    let server =
+        amplog_gateways::server::Server::start(config, service, amplog_gateways::Keys::new(pool)).await.unwrap();
+    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let key = format!("amp_{}_secret", Uuid::now_v7().simple());
+    let response = client
+        .post(format!("http://{}/graphql", server.addr))
+        .header("x-api-key", key)
+        .json(&json!({"query": "{ viewer { scope } }"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(error_code(&body), "database_unavailable", "{body}");
+    assert_eq!(body["errors"][0]["extensions"]["status"], 503);
+    server.stop().await.unwrap();
+}

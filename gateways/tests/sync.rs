@@ -449,3 +449,36 @@ async fn a_read_whose_last_page_is_recorded_is_finished_without_reading_again() 
     assert_eq!(world.sim_stats().await.data_requests, 0, "nothing read again");
     assert_eq!(world.sink.report().deliveries, 0, "nothing delivered again");
 }
+
+/// Standard Webhooks: a 3xx is a failed delivery. A receiver answering 301/302/307 loses no
+/// page (a followed redirect would turn the POST into a bodyless GET answered 200), and a
+/// 410 Gone stops the read at once, its cursor kept, instead of retrying a dead endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_answering_redirects_loses_nothing_and_gone_stops_the_read() {
+    let world = SyncWorld::start(config(450)).await;
+    world.sink.answer_next(&[301, 302, 307, 308]);
+    let contacts = world.request_read("contacts").await;
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
+    assert_eq!(world.finished(contacts, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
+    let report = world.sink.report();
+    assert_eq!((report.refused, report.redirected), (4, 0), "{report:?}");
+    assert_eq!(report.distinct_records, 450, "{report:?}");
+    let statuses: Vec<Value> = world
+        .events_of("operation", contacts.0)
+        .await
+        .into_iter()
+        .filter(|(t, p)| t == "DeliveryAttempted" && p["delivery"]["delivered"] == json!(false))
+        .map(|(_, p)| p["delivery"]["status"].clone())
+        .collect();
+    assert_eq!(statuses, vec![json!(301), json!(302), json!(307), json!(308)]);
+
+    world.sink.answer_next(&[410]);
+    let companies = world.request_read("companies").await;
+    let failed = world.finished(companies, Duration::from_secs(60)).await;
+    dispatch.abort();
+    assert_eq!(failed.status, OperationStatus::Failed);
+    assert_eq!(failed.error_class, Some(ErrorClass::DestinationUnavailable));
+    let attempts = count(&world.events_of("operation", companies.0).await, "DeliveryAttempted");
+    assert_eq!(attempts, 1, "a 410 is not retried");
+    assert_eq!(world.sink.report().redirected, 0);
+}
