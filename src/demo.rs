@@ -227,7 +227,8 @@ async fn real_read(service: &CommandService, ctx: &CommandContext) -> Result<Ins
     let settings = [("simulator".to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() })]
         .into_iter()
         .collect();
-    let connectors = Connectors::new(&Catalog::builtin(), &settings);
+    let connectors =
+        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_gateways::egress::Egress::private());
     let manifest = Manifest { objects: vec![object("contacts", "@every 15m", Backfill::Full, &["email"])] };
     let integration = IntegrationId(id_of::<Integration>(&step(
         "declare integration (provider: simulator)",

@@ -4,6 +4,7 @@ use crate::config::App;
 use amplog_commands::CommandContext;
 use amplog_domain::project::Project;
 use amplog_domain::ProjectId;
+use amplog_gateways::egress::Egress;
 use amplog_gateways::{Keys, Scope, Server, ServerConfig};
 use amplog_projections::Runner;
 use anyhow::{bail, Context, Result};
@@ -68,7 +69,14 @@ pub fn server_config(file: Option<&Path>, listen: Option<SocketAddr>, dev: bool)
     Ok(config)
 }
 
-pub async fn run(app: &App, config: ServerConfig, run: InProcess, kafka: &crate::streams::KafkaArgs) -> Result<i32> {
+pub async fn run(
+    app: &App,
+    mut config: ServerConfig,
+    run: InProcess,
+    kafka: &crate::streams::KafkaArgs,
+) -> Result<i32> {
+    // The demo's simulator and sink are on loopback.
+    config.egress = if run.demo { Egress::private() } else { Egress::from_env() };
     let service = app.service()?;
     let keys = Keys::new(app.pool.clone());
     let listen = config.listen;

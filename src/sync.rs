@@ -180,6 +180,8 @@ pub async fn worker(
 
 /// `amplog destinations create`: prints the signing secret (the only time it is shown).
 pub async fn create_destination(app: &App, project: Uuid, name: &str, url: &str) -> Result<i32> {
+    amplog_gateways::egress::check_destination(url, amplog_gateways::egress::Egress::from_env())
+        .map_err(|e| anyhow::anyhow!(e))?;
     let service = app.service()?;
     let secret = destinations::put(&app.pool, service.credentials(), ProjectId(project), name, url, None).await?;
     eprintln!("destination {name} of project {project} → {url}; its signing secret is shown once:");
@@ -225,7 +227,8 @@ pub async fn start_demo(app: &App) -> Result<Demo> {
     let settings = [("simulator".to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() })]
         .into_iter()
         .collect();
-    let connectors = Connectors::new(&Catalog::builtin(), &settings);
+    let connectors =
+        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_gateways::egress::Egress::private());
     let connector = connectors.get("simulator").context("the simulator connector")?;
     let service = app.service()?;
     let ctx = CommandContext::new(ProjectId(DEMO_PROJECT), "demo");

@@ -32,6 +32,8 @@ fn spawn_worker(world: &SyncWorld, kafka: Option<&amplog_streams::KafkaConfig>) 
         .env("DATABASE_URL", &world.db.url)
         .env("AMPLOG_CREDENTIALS_KEY", key)
         .env("AMPLOG_PROVIDER_SIMULATOR_URL", world.sim.url())
+        // The simulator and the sink are on loopback.
+        .env("AMPLOG_ALLOW_PRIVATE_NETWORKS", "true")
         .env("AMPLOG_LOG", std::env::var("AMPLOG_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()));
     if let Some(config) = kafka {
         command

@@ -172,7 +172,8 @@ pub async fn run(report: &mut Report, pool: &PgPool, setup: Setup) -> Result<()>
     let settings = [("simulator".to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() })]
         .into_iter()
         .collect();
-    let connectors = Connectors::new(&Catalog::builtin(), &settings);
+    let connectors =
+        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_gateways::egress::Egress::private());
     let url = sim.url();
     for workers in [1usize, 4] {
         eprintln!("sync: {} installations × {} contacts, {workers} worker(s)...", setup.installations, setup.records);

@@ -2,6 +2,8 @@
 //! generic HTTP client reads pages (cursor-param or next-URL pagination, a query-param or
 //! SOQL modification filter), writes batches, and exchanges and refreshes OAuth2 tokens.
 //! Every failure comes back classified (`ErrorClass`), which decides the worker's policy.
+//! Every request goes only to the connector's hosts (its base URL's and the catalog's
+//! `allowedHosts`), through the deployment's `Egress` rule.
 
 use amplog_domain::operation::ErrorClass;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -25,6 +27,10 @@ pub struct Catalog {
 pub struct ProviderEntry {
     pub display_name: String,
     pub base_url: String,
+    /// Hosts besides the base URL's that calls may go to (`*.my.salesforce.com`): where a
+    /// token's `instance_url` or an absolute next-page URL may point.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
     pub auth: AuthSpec,
     pub read: ReadSpec,
     #[serde(default)]
@@ -190,6 +196,9 @@ pub struct Connector {
     pub entry: ProviderEntry,
     pub base_url: String,
     pub app: ClientApp,
+    /// The hosts calls may go to: the base URL's and the catalog's `allowedHosts`.
+    hosts: Vec<crate::egress::HostPattern>,
+    egress: crate::egress::Egress,
     http: reqwest::Client,
 }
 
@@ -197,6 +206,7 @@ pub struct Connector {
 #[derive(Clone, Debug, Default)]
 pub struct Connectors {
     by_name: BTreeMap<String, Arc<Connector>>,
+    egress: crate::egress::Egress,
 }
 
 /// An outbound HTTP client builder: TLS through rustls (ring, the platform's roots), the
@@ -242,18 +252,33 @@ impl ProviderSettings {
 }
 
 impl Connectors {
-    /// The catalog's connectors; `settings` (by provider) override URLs and clients.
+    /// The catalog's connectors under the environment's egress rule; `settings` (by
+    /// provider) override URLs and clients.
     pub fn new(catalog: &Catalog, settings: &BTreeMap<String, ProviderSettings>) -> Connectors {
-        let http = http_client().pool_max_idle_per_host(32).build().expect("the HTTP client builds");
+        Self::with_egress(catalog, settings, crate::egress::Egress::from_env())
+    }
+
+    pub fn with_egress(
+        catalog: &Catalog,
+        settings: &BTreeMap<String, ProviderSettings>,
+        egress: crate::egress::Egress,
+    ) -> Connectors {
+        let http = egress.client().pool_max_idle_per_host(32).build().expect("the HTTP client builds");
         let by_name = catalog
             .providers
             .iter()
             .map(|(name, entry)| {
                 let s = settings.get(name).cloned().unwrap_or_default();
+                let base_url = s.base_url.unwrap_or_else(|| entry.base_url.clone()).trim_end_matches('/').to_string();
+                let mut hosts: Vec<_> =
+                    entry.allowed_hosts.iter().map(|h| crate::egress::HostPattern::name(h)).collect();
+                hosts.extend(crate::egress::HostPattern::of_url(&base_url));
                 let connector = Connector {
                     name: name.clone(),
                     entry: entry.clone(),
-                    base_url: s.base_url.unwrap_or_else(|| entry.base_url.clone()).trim_end_matches('/').to_string(),
+                    base_url,
+                    hosts,
+                    egress,
                     app: ClientApp {
                         client_id: s.client_id.unwrap_or_else(|| "amplog-demo".into()),
                         client_secret: s.client_secret.unwrap_or_else(|| "amplog-demo-secret".into()),
@@ -263,7 +288,12 @@ impl Connectors {
                 (name.clone(), Arc::new(connector))
             })
             .collect();
-        Connectors { by_name }
+        Connectors { by_name, egress }
+    }
+
+    /// The outbound rule these connectors were built with (deliveries follow it too).
+    pub fn egress(&self) -> crate::egress::Egress {
+        self.egress
     }
 
     /// The built-in catalog with settings from the environment.
@@ -307,9 +337,28 @@ impl Connector {
         }
     }
 
+    /// Refuses a URL off the connector's hosts (a tenant's `instance_url`, a provider's
+    /// absolute next-page URL) or to an address the egress rule forbids. The message names
+    /// the host, never what answered there.
+    fn check_host(&self, url: &reqwest::Url) -> Result<(), ProviderError> {
+        if !self.hosts.iter().any(|h| h.matches(url)) {
+            let host = url.host_str().unwrap_or_default();
+            let allowed: Vec<String> = self.hosts.iter().map(ToString::to_string).collect();
+            return Err(ProviderError::new(
+                ErrorClass::BadRequest,
+                format!("`{host}` is not a host of provider {} (allowed: {})", self.name, allowed.join(", ")),
+            ));
+        }
+        self.egress.check(url).map_err(|e| ProviderError::new(ErrorClass::BadRequest, e))
+    }
+
     /// The provider's answer, classified: a success's JSON body or a `ProviderError`.
     async fn send(&self, request: reqwest::RequestBuilder, cursor_page: bool) -> Result<(Value, u64), ProviderError> {
-        let response = request.send().await.map_err(|e| {
+        let request = request
+            .build()
+            .map_err(|e| ProviderError::new(ErrorClass::BadRequest, format!("the request cannot be built: {e}")))?;
+        self.check_host(request.url())?;
+        let response = self.http.execute(request).await.map_err(|e| {
             let class = if e.is_timeout() || e.is_connect() { ErrorClass::Timeout } else { ErrorClass::Provider5xx };
             ProviderError::new(class, format!("request failed: {e}"))
         })?;

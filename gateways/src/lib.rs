@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod connector;
+pub mod egress;
 pub mod error;
 pub mod graphql;
 pub mod manifest;

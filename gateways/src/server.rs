@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub statement_timeout_ms: u64,
     /// A projector heartbeat older than this makes `/readyz` fail.
     pub projector_stale_after: Duration,
+    /// Where outbound requests (and so destinations) may point.
+    pub egress: crate::egress::Egress,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +60,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(10),
             statement_timeout_ms: 5_000,
             projector_stale_after: Duration::from_secs(30),
+            egress: crate::egress::Egress::default(),
         }
     }
 }

@@ -124,11 +124,9 @@ struct ReadPlan {
 impl SyncHandler {
     pub fn new(service: CommandService, connectors: Connectors) -> SyncHandler {
         // Standard Webhooks: a 3xx is a failed delivery. Followed, a 301/302 turns the POST
-        // into a bodyless GET that the target may well answer 200.
-        let http = crate::connector::http_client()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("the HTTP client builds");
+        // into a bodyless GET that the target may well answer 200: the egress client follows
+        // none, and connects only to addresses the deployment's rule allows.
+        let http = connectors.egress().client().build().expect("the HTTP client builds");
         SyncHandler { connectors, tokens: Tokens::new(service), http, policy: SyncPolicy::default() }
     }
 
@@ -343,6 +341,12 @@ impl SyncHandler {
         .map_err(internal)?;
         let policy = &self.policy.delivery;
         let seed = operation_id.0.as_u128() as u64 ^ page;
+        let refused = |why: String| {
+            let message = format!("destination `{}` may not be delivered to: {why}", plan.destination.name);
+            failure(ErrorClass::DestinationUnavailable, message, false)
+        };
+        let url = reqwest::Url::parse(&plan.destination.url).map_err(|e| refused(e.to_string()))?;
+        self.connectors.egress().check(&url).map_err(refused)?;
         for attempt in 1..=policy.max_attempts {
             let outcome =
                 deliver(&self.http, &plan.destination.url, &plan.destination.secret.0, &webhook_id, &body).await;

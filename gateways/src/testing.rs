@@ -162,7 +162,7 @@ impl SyncWorld {
             .map(|name| (name.to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() }))
             .into_iter()
             .collect();
-        let connectors = Connectors::new(&Catalog::builtin(), &settings);
+        let connectors = Connectors::with_egress(&Catalog::builtin(), &settings, crate::egress::Egress::private());
         let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "test");
         service.create_project(&ctx, "sync").await.expect("project");
         let object = |name: &str| ObjectDecl {

@@ -456,6 +456,22 @@ async fn a_hostile_corpus_is_refused_with_codes_over_http_and_websocket_and_the_
         let (_, body) = app.gql(&write, declare, json!({"m": m})).await;
         assert_eq!(error_code(&body), "manifest.invalid", "{what}: {body}");
     }
+    // Destinations: only well-formed https URLs to public addresses.
+    let create = "mutation($u: String!) { createDestination(name: \"hooks\", url: $u) { name } }";
+    for url in [
+        "http://127.0.0.1:8080/hooks",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/x",
+        "https://localhost/x",
+        "http://hooks.example.com/x",
+        "https://user:secret@hooks.example.com/x",
+        "not a url",
+        "file:///etc/passwd",
+    ] {
+        let (_, body) = app.gql(&write, create, json!({"u": url})).await;
+        assert_eq!(error_code(&body), "invalid_input", "{url}: {body}");
+    }
+    app.data(&write, create, json!({"u": "https://hooks.example.com/amplog"})).await;
     // Schedules in characters wider than a byte: refused, not a panic.
     for schedule in ["@every 1ü", "@every 5分", "@every 分"] {
         let (_, body) = app

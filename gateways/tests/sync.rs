@@ -286,8 +286,11 @@ async fn the_salesforce_shaped_connector_pages_by_next_records_url() {
     )]
     .into_iter()
     .collect();
-    let elsewhere =
-        amplog_gateways::connector::Connectors::new(&amplog_gateways::connector::Catalog::builtin(), &settings);
+    let elsewhere = amplog_gateways::connector::Connectors::with_egress(
+        &amplog_gateways::connector::Catalog::builtin(),
+        &settings,
+        amplog_gateways::egress::Egress::private(),
+    );
     let page = elsewhere.get("simulator-salesforce").unwrap().read_page(&token, "contacts", None, None).await.unwrap();
     assert_eq!(page.records.len(), 200);
 }
@@ -481,4 +484,57 @@ async fn a_receiver_answering_redirects_loses_nothing_and_gone_stops_the_read() 
     let attempts = count(&world.events_of("operation", companies.0).await, "DeliveryAttempted");
     assert_eq!(attempts, 1, "a 410 is not retried");
     assert_eq!(world.sink.report().redirected, 0);
+}
+
+/// SSRF: a tenant's `instance_url`, or a provider's absolute next-page URL, that points at
+/// another service is never called (the bearer token stays home) and nothing that service
+/// would say reaches the tenant; with private addresses refused (the production default),
+/// not even a connector configured at a loopback address is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_calls_go_only_to_the_connectors_hosts() {
+    use amplog_gateways::connector::{Catalog, Connectors, ProviderSettings, TokenSet};
+    use amplog_gateways::egress::Egress;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let victim = axum::Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal-secret-9f2")
+        }
+    });
+    // Another loopback host: not the simulator's (127.0.0.1).
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let victim_addr = listener.local_addr().unwrap();
+    let victim_task = tokio::spawn(async move { axum::serve(listener, victim).await.unwrap() });
+
+    let world = SyncWorld::start(config(10)).await;
+    let salesforce = world.connectors.get("simulator-salesforce").unwrap();
+    let tokens = |instance: Option<String>| TokenSet {
+        access_token: "bearer-that-must-stay-home".into(),
+        refresh_token: None,
+        expires_at: None,
+        instance_url: instance,
+    };
+    let elsewhere = format!("http://{victim_addr}");
+    for error in [
+        salesforce.read_page(&tokens(Some(elsewhere.clone())), "contacts", None, None).await.unwrap_err(),
+        salesforce.read_page(&tokens(None), "contacts", None, Some(&format!("{elsewhere}/next"))).await.unwrap_err(),
+    ] {
+        assert_eq!(error.class, ErrorClass::BadRequest, "{error:?}");
+        assert!(error.message.contains("is not a host of provider"), "{error:?}");
+        assert!(!error.message.contains("internal-secret"), "{error:?}");
+    }
+    // Production's rule: private addresses are refused even for a configured connector.
+    let settings = [("hubspot".to_string(), ProviderSettings { base_url: Some(elsewhere), ..Default::default() })]
+        .into_iter()
+        .collect();
+    let strict = Connectors::with_egress(&Catalog::builtin(), &settings, Egress::default());
+    let error = strict.get("hubspot").unwrap().read_page(&tokens(None), "contacts", None, None).await.unwrap_err();
+    assert_eq!(error.class, ErrorClass::BadRequest, "{error:?}");
+    assert!(error.message.contains("private"), "{error:?}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the other service was called");
+    victim_task.abort();
 }
