@@ -244,12 +244,18 @@ async fn execute_once(
     if state.config.dev {
         response.extensions.insert("sqlStatements".into(), async_graphql::Value::from(uses as i32));
     }
-    // Errors the executor raised itself (syntax, validation, limits) get a code too.
+    // Errors the executor raised itself (syntax, validation, limits) get a code too; in
+    // production they suggest no names ("Did you mean …" would map a hidden schema).
     for error in &mut response.errors {
         let extensions = error.extensions.get_or_insert_with(Default::default);
         if extensions.get("code").is_none() {
             extensions.set("code", "graphql_validation");
             extensions.set("status", 400);
+            if !state.config.dev {
+                if let Some(at) = error.message.find(" Did you mean") {
+                    error.message.truncate(at);
+                }
+            }
         }
     }
     Ok(response)
@@ -536,6 +542,7 @@ async fn export_events(
     let principal = authenticate(&state, &headers).await?;
     principal.require(Scope::Read)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_input", e.body_text()))?;
+    graphql::check_times(&[("from", params.from), ("to", params.to)])?;
     let id = Uuid::try_parse(&id).map_err(|_| ApiError::NotFound("installation"))?;
     let db = TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms);
     graphql::query::require_installation(&db, id).await?;

@@ -437,6 +437,20 @@ async fn a_hostile_corpus_is_refused_with_codes_over_http_and_websocket_and_the_
         assert_eq!(error_code(&response.json::<Value>().await.unwrap()), code, "{what}");
     }
 
+    // The export's times are checked before the stream begins.
+    let export = client
+        .get(format!("{}/v1/audit/installations/{installation}/events?to=-262143-01-01T00:00:00Z", app.base))
+        .header("x-api-key", &write)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(export.status(), 400);
+    assert_eq!(error_code(&export.json::<Value>().await.unwrap()), "invalid_input");
+    // Production mode names no field the query did not: no "Did you mean".
+    let (_, body) = app.gql(&write, "{ instalations { edges { node { id } } } }", json!({})).await;
+    assert_eq!(error_code(&body), "graphql_validation", "{body}");
+    assert!(!body.to_string().contains("installations"), "{body}");
+
     // Manifests: U+0000 in a name, nesting the YAML parser takes quadratic time on, an
     // alias bomb, a name too long, a provider that does not exist.
     let declare = "mutation($m: String!) { declareIntegrations(manifest: $m) { id } }";

@@ -95,6 +95,21 @@ pub(crate) fn loader<'a>(ctx: &Context<'a>) -> &'a DataLoader<Loaders> {
     ctx.data_unchecked::<DataLoader<Loaders>>()
 }
 
+/// Times a request may name: years 1 to 9999 (chrono takes more than PostgreSQL's
+/// `timestamptz`, which would fail the statement, or cut a stream already begun).
+pub fn check_times(times: &[(&str, Option<chrono::DateTime<chrono::Utc>>)]) -> Result<(), ApiError> {
+    use chrono::Datelike;
+    for (name, time) in times {
+        if let Some(t) = time.filter(|t| !(1..=9999).contains(&t.year())) {
+            return Err(ApiError::bad_request(
+                "invalid_input",
+                format!("`{name}` ({t}) must be a time between the years 1 and 9999"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Cursors are the ids of the read models' rows (UUIDv7: they sort by creation time).
 pub(crate) fn parse_cursor(s: &str) -> Result<Uuid, ApiError> {
     Uuid::try_parse(s).map_err(|_| ApiError::bad_request("invalid_cursor", format!("`{s}` is not a cursor")))

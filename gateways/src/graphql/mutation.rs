@@ -344,6 +344,7 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<Vec<MutationPayload>> {
         let check = command_ctx(ctx, Scope::Write, None)?;
+        super::check_times(&[("since", since), ("until", until)])?;
         let service = &app(ctx).service;
         let loaded = service.load::<amplog_domain::installation::Installation>(&check, installation_id).await?;
         if !loaded.state.exists {

@@ -199,6 +199,7 @@ impl Query {
         after: Option<String>,
         #[graphql(default = 1000)] first: i32,
     ) -> Result<HistoryPage> {
+        super::check_times(&[("from", from), ("to", to)])?;
         let db = db(ctx);
         require_installation(db, id).await?;
         let after = after.as_deref().map(parse_log_cursor).transpose()?.unwrap_or_default();
@@ -220,6 +221,7 @@ impl Query {
         at: Option<DateTime<Utc>>,
         position: Option<i64>,
     ) -> Result<InstallationAsOf> {
+        super::check_times(&[("at", at)])?;
         let bound = match (at, position) {
             (Some(t), None) => AsOf::Time(t),
             (None, Some(p)) => AsOf::Position(p),
