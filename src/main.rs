@@ -341,7 +341,8 @@ async fn projections(app: &mut config::App, command: ProjectionsCmd) -> Result<i
             Ok(0)
         }
         ProjectionsCmd::Metrics => {
-            print!("{}", amplog_projections::metrics::render(&app.pool).await?);
+            let text = amplog_projections::metrics::render(&app.pool, true).await?;
+            print!("{}", amplog_projections::metrics::as_prometheus_text(&text));
             Ok(0)
         }
     }

@@ -46,6 +46,8 @@ struct FileConfig {
     max_depth: Option<usize>,
     max_complexity: Option<usize>,
     max_aliases: Option<usize>,
+    metrics_token: Option<String>,
+    metrics_per_project: Option<bool>,
 }
 
 /// The server's settings: defaults, then the config file, then flags and variables.
@@ -66,6 +68,17 @@ pub fn server_config(file: Option<&Path>, listen: Option<SocketAddr>, dev: bool)
     config.limits.depth = from_file.max_depth.unwrap_or(config.limits.depth);
     config.limits.complexity = from_file.max_complexity.unwrap_or(config.limits.complexity);
     config.limits.aliases = from_file.max_aliases.unwrap_or(config.limits.aliases);
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    config.metrics_token = var("AMPLOG_METRICS_TOKEN").or(from_file.metrics_token);
+    config.metrics_per_project = var("AMPLOG_METRICS_PER_PROJECT")
+        .map(|v| matches!(v.as_str(), "1" | "true" | "yes"))
+        .or(from_file.metrics_per_project)
+        .unwrap_or(false);
+    if config.metrics_per_project && config.metrics_token.is_none() {
+        bail!(
+            "per-project metrics name every tenant: they need a metrics token (AMPLOG_METRICS_TOKEN or metrics_token)"
+        );
+    }
     Ok(config)
 }
 

@@ -48,6 +48,10 @@ pub struct ServerConfig {
     pub projector_stale_after: Duration,
     /// Where outbound requests (and so destinations) may point.
     pub egress: crate::egress::Egress,
+    /// When set, `/metrics` answers only `Authorization: Bearer <token>`.
+    pub metrics_token: Option<String>,
+    /// Whether metrics carry a `project` label (needs a token; the binary checks).
+    pub metrics_per_project: bool,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +65,8 @@ impl Default for ServerConfig {
             statement_timeout_ms: 5_000,
             projector_stale_after: Duration::from_secs(30),
             egress: crate::egress::Egress::default(),
+            metrics_token: None,
+            metrics_per_project: false,
         }
     }
 }
@@ -500,9 +506,30 @@ async fn readyz(State(shared): State<Shared>) -> Response {
     (status, Json(ready)).into_response()
 }
 
-async fn metrics(State(shared): State<Shared>) -> Result<Response, ApiError> {
-    let text = amplog_projections::metrics::render(shared.state.service.pool()).await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+/// Prometheus metrics: OpenMetrics to a client that asks for it (`Accept`), the
+/// Prometheus text format otherwise; behind the metrics token when one is configured.
+async fn metrics(State(shared): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let config = &shared.state.config;
+    if let Some(token) = &config.metrics_token {
+        use subtle::ConstantTimeEq;
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let digest = |s: &str| <sha2::Sha256 as sha2::Digest>::digest(s.as_bytes());
+        if !bool::from(digest(presented).ct_eq(&digest(token))) {
+            return Err(ApiError::Unauthenticated);
+        }
+    }
+    use amplog_projections::metrics::{self, OPENMETRICS, PROMETHEUS_TEXT};
+    let text = metrics::render(shared.state.service.pool(), config.metrics_per_project).await?;
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if accept.contains("application/openmetrics-text") {
+        Ok(([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response())
+    } else {
+        Ok(([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], metrics::as_prometheus_text(&text)).into_response())
+    }
 }
 
 #[derive(Deserialize)]

@@ -538,3 +538,64 @@ async fn provider_calls_go_only_to_the_connectors_hosts() {
     assert_eq!(hits.load(Ordering::SeqCst), 0, "the other service was called");
     victim_task.abort();
 }
+
+/// `/metrics` after a sync run: the Prometheus text format passes promtool (every counter
+/// has its HELP and TYPE under its series' name), OpenMetrics goes to a client that asks
+/// for it, and with a metrics token nothing is served without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_after_a_sync_run_passes_promtool_and_needs_the_token() {
+    use amplog_gateways::{Keys, Server, ServerConfig};
+    let world = SyncWorld::start(config(120)).await;
+    let contacts = world.request_read("contacts").await;
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
+    assert_eq!(world.finished(contacts, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
+    dispatch.abort();
+    world.project().await;
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_token: Some("scrape-token".into()),
+        metrics_per_project: true,
+        ..ServerConfig::default()
+    };
+    let server = Server::start(config, world.service.clone(), Keys::new(world.db.pool.clone())).await.unwrap();
+    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let url = format!("http://{}/metrics", server.addr);
+    for token in [None, Some("wrong")] {
+        let mut request = client.get(&url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 401, "{token:?}");
+    }
+    let scrape = client.get(&url).bearer_auth("scrape-token").send().await.unwrap();
+    assert_eq!(scrape.headers()["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    let text = scrape.text().await.unwrap();
+    assert!(text.contains(&format!("amplog_records_read_total{{project=\"{}\"}} 120", world.ctx.project_id)), "{text}");
+    let promtool = std::env::var("AMPLOG_TEST_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut check = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{promtool} (Debian's prometheus package; scripts/test installs it): {e}"));
+    use std::io::Write;
+    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let openmetrics = client
+        .get(&url)
+        .bearer_auth("scrape-token")
+        .header("accept", "application/openmetrics-text; version=1.0.0, text/plain;q=0.5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(openmetrics.headers()["content-type"], "application/openmetrics-text; version=1.0.0; charset=utf-8");
+    assert!(openmetrics.text().await.unwrap().ends_with("# EOF\n"));
+    server.stop().await.unwrap();
+}

@@ -1,6 +1,9 @@
 //! Prometheus metrics, derived at scrape time from the read models and the projector
 //! state in PostgreSQL — not from in-process counters — so they read the same after a
-//! restart and on every replica. Text exposition through `prometheus-client`.
+//! restart and on every replica. Encoded as OpenMetrics by `prometheus-client`, and as
+//! the Prometheus text format (`as_prometheus_text`) for clients that do not ask for
+//! OpenMetrics. Project ids appear as a `project` label only when asked (`per_project`):
+//! an open scrape says nothing of who the tenants are.
 
 use crate::runtime::{status, READ_MODELS};
 use crate::ProjectionError;
@@ -53,17 +56,28 @@ impl prometheus_client::collector::Collector for Snapshot {
     }
 }
 
+/// The labels of a series; `project` only with per-project metrics.
 fn labels(pairs: &[(&str, String)]) -> Labels {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    pairs.iter().filter(|(k, v)| *k != "project" || !v.is_empty()).map(|(k, v)| (k.to_string(), v.clone())).collect()
 }
 
-/// Renders every metric in the Prometheus text format.
-pub async fn render(pool: &PgPool) -> Result<String, ProjectionError> {
-    let mut snap = Snapshot::default();
+/// The OpenMetrics content type.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text format's content type.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-    let rows = sqlx::query("SELECT project_id::text AS p, op_type, status, count(*) AS n FROM operations GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
-        .fetch_all(pool)
-        .await?;
+/// Renders every metric as OpenMetrics text; with `per_project`, series are split by a
+/// `project` label.
+pub async fn render(pool: &PgPool, per_project: bool) -> Result<String, ProjectionError> {
+    let mut snap = Snapshot::default();
+    // Grouped by project, or by one empty key (then no `project` label).
+    let p = if per_project { "project_id::text" } else { "''::text" };
+
+    let rows = sqlx::query(&format!(
+        "SELECT {p} AS p, op_type, status, count(*) AS n FROM operations GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    ))
+    .fetch_all(pool)
+    .await?;
     snap.gauges.push((
         "amplog_operations",
         "Operations by project, type and current status",
@@ -75,12 +89,12 @@ pub async fn render(pool: &PgPool) -> Result<String, ProjectionError> {
             .collect(),
     ));
 
-    let rows = sqlx::query(
-        "SELECT project_id::text AS p, sum((doc->>'records_read')::bigint)::bigint AS read,
+    let rows = sqlx::query(&format!(
+        "SELECT {p} AS p, sum((doc->>'records_read')::bigint)::bigint AS read,
                 sum((doc->>'records_written')::bigint)::bigint AS written, sum((doc->>'bytes')::bigint)::bigint AS bytes,
                 sum((doc->>'proxy_calls')::bigint)::bigint AS proxy
-         FROM usage_daily GROUP BY 1 ORDER BY 1",
-    )
+         FROM usage_daily GROUP BY 1 ORDER BY 1"
+    ))
     .fetch_all(pool)
     .await?;
     for (name, help, column) in [
@@ -94,10 +108,10 @@ pub async fn render(pool: &PgPool) -> Result<String, ProjectionError> {
         snap.counters.push((name, help, series));
     }
 
-    let rows = sqlx::query(
-        "SELECT project_id::text AS p, split_part(kv.key, '.', 1) AS t, split_part(kv.key, '.', 2) AS s, sum(kv.value::bigint)::bigint AS n
-         FROM usage_daily, jsonb_each_text(doc->'operations') AS kv GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-    )
+    let rows = sqlx::query(&format!(
+        "SELECT {p} AS p, split_part(kv.key, '.', 1) AS t, split_part(kv.key, '.', 2) AS s, sum(kv.value::bigint)::bigint AS n
+         FROM usage_daily, jsonb_each_text(doc->'operations') AS kv GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    ))
     .fetch_all(pool)
     .await?;
     snap.counters.push((
@@ -114,7 +128,7 @@ pub async fn render(pool: &PgPool) -> Result<String, ProjectionError> {
     ));
 
     let rows =
-        sqlx::query("SELECT project_id::text AS p, status, count(*) AS n FROM connections GROUP BY 1, 2 ORDER BY 1, 2")
+        sqlx::query(&format!("SELECT {p} AS p, status, count(*) AS n FROM connections GROUP BY 1, 2 ORDER BY 1, 2"))
             .fetch_all(pool)
             .await?;
     snap.gauges.push((
@@ -125,10 +139,10 @@ pub async fn render(pool: &PgPool) -> Result<String, ProjectionError> {
             .collect(),
     ));
 
-    let rows = sqlx::query(
-        "SELECT project_id::text AS p, health, count(*) AS n FROM installations
-         WHERE NOT (doc->>'deleted')::boolean AND NOT paused GROUP BY 1, 2 ORDER BY 1, 2",
-    )
+    let rows = sqlx::query(&format!(
+        "SELECT {p} AS p, health, count(*) AS n FROM installations
+         WHERE NOT (doc->>'deleted')::boolean AND NOT paused GROUP BY 1, 2 ORDER BY 1, 2"
+    ))
     .fetch_all(pool)
     .await?;
     snap.gauges.push((
@@ -203,5 +217,34 @@ pub async fn render(pool: &PgPool) -> Result<String, ProjectionError> {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry)
         .map_err(|e| ProjectionError::Corrupt(e.to_string()))?;
-    Ok(out)
+    // A series without labels is written `name{} value`; drop the empty braces.
+    Ok(out
+        .lines()
+        .map(|l| match l.find('{') {
+            Some(at) if l[at..].starts_with("{} ") => format!("{}{}\n", &l[..at], &l[at + 2..]),
+            _ => format!("{l}\n"),
+        })
+        .collect())
+}
+
+/// OpenMetrics text as the Prometheus text format (0.0.4): a counter's `# HELP` and
+/// `# TYPE` name its `_total` series (OpenMetrics names the family without it), and there
+/// is no `# EOF`.
+pub fn as_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len() + counters.len() * 16);
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{tag}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }

@@ -537,7 +537,7 @@ async fn metrics_come_from_the_log_and_read_the_same_after_a_restart() {
     service.request_operation(&s.ctx, s.installation, &read_of("deals")).await.unwrap();
     Runner::new(db.pool.clone(), EventStore::default(), "m").catch_up().await.unwrap();
 
-    let text = amplog_projections::metrics::render(&db.pool).await.unwrap();
+    let text = amplog_projections::metrics::render(&db.pool, true).await.unwrap();
     let p = s.ctx.project_id;
     for line in [
         format!("amplog_records_read_total{{project=\"{p}\"}} 120"),
@@ -568,11 +568,21 @@ async fn metrics_come_from_the_log_and_read_the_same_after_a_restart() {
     assert_eq!(buckets[0], fast as u64);
     // Another process (a new pool) renders the same metrics: nothing lived in memory.
     let fresh = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&db.url).await.unwrap();
-    let again = amplog_projections::metrics::render(&fresh).await.unwrap();
+    let again = amplog_projections::metrics::render(&fresh, true).await.unwrap();
     let stable = |t: &str| {
         t.lines().filter(|l| !l.starts_with("amplog_projector_lag_seconds")).map(str::to_string).collect::<Vec<_>>()
     };
     assert_eq!(stable(&again), stable(&text));
+    // Without per-project series, no tenant id appears; the totals are the same.
+    let open = amplog_projections::metrics::render(&db.pool, false).await.unwrap();
+    assert!(!open.contains(&p.0.to_string()) && !open.contains("project="), "{open}");
+    assert!(open.lines().any(|l| l == "amplog_records_read_total 120"), "{open}");
+    // The Prometheus text format names counters' series in HELP and TYPE, without # EOF.
+    let prometheus = amplog_projections::metrics::as_prometheus_text(&open);
+    assert!(prometheus.contains("# TYPE amplog_records_read_total counter\n"), "{prometheus}");
+    assert!(prometheus.contains("# HELP amplog_records_read_total Records read"), "{prometheus}");
+    assert!(prometheus.contains("# TYPE amplog_operation_duration_seconds histogram\n"), "{prometheus}");
+    assert!(!prometheus.contains("# EOF") && open.ends_with("# EOF\n"));
 }
 
 #[tokio::test]
