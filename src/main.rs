@@ -92,7 +92,7 @@ enum Cmd {
         no_scheduler: bool,
         /// How long a worker's lease on an operation holds (renewed while it works); a
         /// dead worker's operation is taken over after it.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 10)]
         lease_secs: u64,
     },
     /// Destinations: a project's webhook endpoints that receive read results.

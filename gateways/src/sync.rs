@@ -92,28 +92,6 @@ fn recorded(result: Result<amplog_commands::CommandOutcome, CommandError>) -> Re
     }
 }
 
-/// Renews the job's lease once a third of it has passed, so a long read is not taken over
-/// while its worker lives.
-struct LeaseKeeper {
-    renewed: std::time::Instant,
-}
-
-impl LeaseKeeper {
-    fn new() -> Self {
-        Self { renewed: std::time::Instant::now() }
-    }
-
-    async fn keep(&mut self, job: &JobContext<'_>) -> Result<(), JobFailure> {
-        if self.renewed.elapsed() < job.lease_for / 3 {
-            return Ok(());
-        }
-        let lease_for = chrono::TimeDelta::from_std(job.lease_for).map_err(internal)?;
-        recorded(job.service.renew_lease(job.command, job.message.job.operation_id, job.lease, lease_for).await)?;
-        self.renewed = std::time::Instant::now();
-        Ok(())
-    }
-}
-
 /// What a read needs, loaded once per attempt.
 struct ReadPlan {
     connector: Arc<Connector>,
@@ -163,14 +141,13 @@ impl SyncHandler {
     }
 
     /// One provider call (`call` gets the connection's token set), through the policy every
-    /// call shares: a 429 parks until Retry-After (renewing the lease), a refused token is
+    /// call shares: a 429 parks until Retry-After (the worker renews the lease), a refused token is
     /// refreshed once, 5xx and timeouts retry with backoff and jitter; anything else is the
     /// job's failure, classified.
     async fn call_provider<T, F, Fut>(
         &self,
         job: &JobContext<'_>,
         connector: &Connector,
-        lease: &mut LeaseKeeper,
         call: F,
     ) -> Result<T, JobFailure>
     where
@@ -197,7 +174,6 @@ impl SyncHandler {
                     let wait = error.retry_after.unwrap_or(Duration::from_secs(1)).min(self.policy.max_park);
                     tracing::debug!(wait_ms = wait.as_millis() as u64, "rate limited: parked until Retry-After");
                     tokio::time::sleep(wait).await;
-                    lease.keep(job).await?;
                 }
                 ErrorClass::AuthInvalidated if rejected.as_deref() != Some(access_token.as_str()) => {
                     // Expired or revoked access token: refresh once, then try again.
@@ -220,10 +196,9 @@ impl SyncHandler {
         connector: &Connector,
         since: Option<DateTime<Utc>>,
         page_token: Option<&str>,
-        lease: &mut LeaseKeeper,
     ) -> Result<ProviderPage, JobFailure> {
         let object = &job.message.job.object;
-        self.call_provider(job, connector, lease, |tokens| async move {
+        self.call_provider(job, connector, |tokens| async move {
             connector.read_page(&tokens, object, since, page_token).await
         })
         .await
@@ -233,7 +208,6 @@ impl SyncHandler {
         let (service, ctx, lease) = (job.service, job.command, job.lease);
         let operation_id = job.message.job.operation_id;
         let plan = self.plan(&job).await?;
-        let mut lease_keeper = LeaseKeeper::new();
         let mut prefetched = None;
         let operation = service.load::<Operation>(ctx, operation_id.0).await.map_err(internal)?.state;
         let mut pages = operation.pages;
@@ -256,7 +230,7 @@ impl SyncHandler {
         loop {
             let fetched = match prefetched.take() {
                 Some(fetched) => fetched,
-                None => self.fetch(&job, &plan.connector, start, page_token.as_deref(), &mut lease_keeper).await,
+                None => self.fetch(&job, &plan.connector, start, page_token.as_deref()).await,
             };
             let page = match fetched {
                 Ok(page) => page,
@@ -294,10 +268,9 @@ impl SyncHandler {
             // this one is recorded, so a worker that dies still resumes from here.
             let (delivered, next_page) = tokio::join!(
                 self.deliver_page(&job, &plan, operation_id, lease, pages, &page, record),
-                self.fetch(&job, &plan.connector, start, Some(&next), &mut lease_keeper),
+                self.fetch(&job, &plan.connector, start, Some(&next)),
             );
             delivered?;
-            lease_keeper.keep(&job).await?;
             page_token = Some(next);
             prefetched = Some(next_page);
         }
@@ -347,7 +320,11 @@ impl SyncHandler {
         };
         let url = reqwest::Url::parse(&plan.destination.url).map_err(|e| refused(e.to_string()))?;
         self.connectors.egress().check(&url).map_err(refused)?;
-        for attempt in 1..=policy.max_attempts {
+        // A destination that is down is not a failed read: after `max_attempts` quick tries
+        // the read parks, retrying with a backoff that grows to `max_outage_backoff`, its
+        // cursor kept and every attempt recorded, until the receiver answers (or the
+        // operation is cancelled: the next record then fails).
+        for attempt in 1u32.. {
             let outcome =
                 deliver(&self.http, &plan.destination.url, &plan.destination.secret.0, &webhook_id, &body).await;
             let delivery = DeliveryAttempt {
@@ -373,15 +350,17 @@ impl SyncHandler {
                     false,
                 ));
             }
-            if attempt < policy.max_attempts {
-                tokio::time::sleep(backoff(policy.backoff, policy.max_backoff, attempt, seed)).await;
+            let cap = if attempt < policy.max_attempts { policy.max_backoff } else { policy.max_outage_backoff };
+            let wait = backoff(policy.backoff, cap, attempt, seed);
+            if attempt >= policy.max_attempts {
+                tracing::warn!(
+                    operation = %operation_id, page, attempt, wait_s = wait.as_secs(),
+                    destination = %plan.destination.name, "destination unavailable: the read is parked"
+                );
             }
+            tokio::time::sleep(wait).await;
         }
-        Err(failure(
-            ErrorClass::DestinationUnavailable,
-            format!("destination `{}` refused page {page} {} times", plan.destination.name, policy.max_attempts),
-            true,
-        ))
+        unreachable!("the delivery loop returns")
     }
 
     /// A write: the records the mutation stored are written to the provider; each record's
@@ -412,7 +391,7 @@ impl SyncHandler {
         let plan = self.plan(&job).await?;
         let (connector, object) = (&plan.connector, &job.message.job.object);
         let results = self
-            .call_provider(&job, connector, &mut LeaseKeeper::new(), |tokens| {
+            .call_provider(&job, connector, |tokens| {
                 let records = &records.0;
                 async move { connector.write(&tokens, object, records).await }
             })

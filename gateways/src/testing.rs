@@ -217,6 +217,7 @@ impl SyncWorld {
         handler.policy.backoff = Duration::from_millis(20);
         handler.policy.delivery.backoff = Duration::from_millis(50);
         handler.policy.delivery.max_backoff = Duration::from_millis(400);
+        handler.policy.delivery.max_outage_backoff = Duration::from_millis(800);
         handler
     }
 

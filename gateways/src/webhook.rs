@@ -296,17 +296,25 @@ async fn report(State(sink): State<Sink>) -> Json<SinkReport> {
     Json(sink.report())
 }
 
-/// How page deliveries are retried.
+/// How page deliveries are retried: `max_attempts` quick tries (backoff up to
+/// `max_backoff`), then, the destination being down, parked retries whose backoff grows to
+/// `max_outage_backoff`, for as long as the outage lasts.
 #[derive(Clone, Debug)]
 pub struct DeliveryPolicy {
     pub max_attempts: u32,
     pub backoff: Duration,
     pub max_backoff: Duration,
+    pub max_outage_backoff: Duration,
 }
 
 impl Default for DeliveryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 8, backoff: Duration::from_millis(250), max_backoff: Duration::from_secs(15) }
+        Self {
+            max_attempts: 8,
+            backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(15),
+            max_outage_backoff: Duration::from_secs(30 * 60),
+        }
     }
 }
 

@@ -599,3 +599,64 @@ async fn a_scrape_after_a_sync_run_passes_promtool_and_needs_the_token() {
     assert!(openmetrics.text().await.unwrap().ends_with("# EOF\n"));
     server.stop().await.unwrap();
 }
+
+/// A destination that is down is not a failed read: the read parks (its worker renewing
+/// the lease by itself, however long it waits), keeps its cursor, and goes on when the
+/// receiver recovers; every record arrives, and the job's own retries are not spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_outage_parks_the_read_and_nothing_is_dropped() {
+    let world = SyncWorld::start(config(450)).await;
+    world.sink.fail_next(20);
+    let mut worker = world.worker("worker-1", Duration::from_secs(2));
+    worker.policy.max_attempts = 1; // an outage must not need the job's retries
+    let dispatch = amplog_streams::jobs::InProcessDispatch::new(
+        std::sync::Arc::new(worker),
+        world.service.store().clone(),
+        "worker-1",
+    );
+    let dispatch = tokio::spawn(async move { dispatch.run(std::future::pending()).await.unwrap() });
+    let contacts = world.request_read("contacts").await;
+    let finished = world.finished(contacts, Duration::from_secs(90)).await;
+    dispatch.abort();
+    assert_eq!(finished.status, OperationStatus::Succeeded, "{finished:?}");
+    let report = world.sink.report();
+    assert_eq!((report.refused, report.distinct_records), (20, 450), "{report:?}");
+    let events = world.events_of("operation", contacts.0).await;
+    assert_eq!(count(&events, "Started"), 1, "never taken over: {:?}", types(&events));
+    assert_eq!(count(&events, "Failed") + count(&events, "Retried"), 0, "{:?}", types(&events));
+    assert!(count(&events, "LeaseRenewed") >= 3, "the parked worker renewed its lease: {:?}", types(&events));
+}
+
+/// One installation whose job cannot run (its operation leased by a worker that died)
+/// delays no other installation's reads; and the dead worker's operation is taken over
+/// once its lease (the default, 10 s) runs out, not after a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_installation_delays_no_other_and_a_dead_lease_is_taken_over() {
+    let world = SyncWorld::start(config(100)).await;
+    let lease_for = amplog_streams::jobs::WorkerPolicy::default().lease_for;
+    let connector = world.connectors.get("simulator").unwrap();
+    let (_, other) =
+        amplog_gateways::sim::install_customer(&world.service, &world.ctx, world.integration, &connector, "globex")
+            .await
+            .unwrap();
+    // A worker took this read and died holding its lease.
+    let stuck = world.request_read("contacts").await;
+    let dead = amplog_domain::LeaseId(uuid::Uuid::now_v7());
+    let dead_for = chrono::TimeDelta::from_std(lease_for).unwrap();
+    world.service.start_operation(&world.ctx, stuck, dead, dead_for).await.unwrap();
+    let dispatch = world.spawn_dispatch("worker-1", lease_for);
+    tokio::time::sleep(Duration::from_millis(500)).await; // the stuck job is being dispatched
+    let outcome = world
+        .service
+        .request_operation(&world.ctx, other, &amplog_commands::testing::read_of("contacts"))
+        .await
+        .unwrap();
+    let fine = amplog_domain::OperationId(outcome.id_of("operation").unwrap());
+    assert_eq!(world.finished(fine, lease_for / 2).await.status, OperationStatus::Succeeded);
+    let still = world.service.load::<amplog_domain::operation::Operation>(&world.ctx, stuck.0).await.unwrap().state;
+    assert_eq!(still.status, OperationStatus::Running, "the other read did not wait for this one");
+    assert_eq!(world.finished(stuck, lease_for * 3).await.status, OperationStatus::Succeeded);
+    dispatch.abort();
+    let events = world.events_of("operation", stuck.0).await;
+    assert_eq!(count(&events, "Started"), 2, "taken over once: {:?}", types(&events));
+}

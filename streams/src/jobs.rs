@@ -9,7 +9,7 @@
 use crate::envelope::{source, CloudEvent};
 use crate::{KafkaConfig, StreamsError};
 use amplog_commands::leader::{run_as_leader, Leadership};
-use amplog_commands::{CommandContext, CommandError, CommandService, EventStore, LogReader, RecordedEvent};
+use amplog_commands::{CommandContext, CommandError, CommandService, EventStore, LogCursor, LogReader, RecordedEvent};
 use amplog_domain::operation::{
     ErrorClass, Operation, OperationError, OperationEvent, OperationStatus, OperationType, Trigger,
 };
@@ -171,6 +171,8 @@ pub trait JobHandler: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct WorkerPolicy {
     /// How long a lease holds the operation; a crashed worker's job is taken over after it.
+    /// The holder renews it every third of that while the job runs, whatever the job is
+    /// waiting for, so a short lease costs a live worker nothing.
     pub lease_for: Duration,
     /// Attempts before a job that keeps failing is dead-lettered.
     pub max_attempts: u32,
@@ -182,7 +184,7 @@ pub struct WorkerPolicy {
 impl Default for WorkerPolicy {
     fn default() -> Self {
         Self {
-            lease_for: Duration::from_secs(60),
+            lease_for: Duration::from_secs(10),
             max_attempts: 5,
             backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
@@ -314,7 +316,7 @@ impl<H: JobHandler> Worker<H> {
                 service: &self.service,
                 command: &command,
             };
-            let failure = match self.handler.run(context).await {
+            let failure = match self.renewing(&command, id, lease, self.handler.run(context)).await {
                 Ok(()) => {
                     return self
                         .record(self.service.succeed_operation(&command, id, lease).await, Disposition::Succeeded)
@@ -334,6 +336,42 @@ impl<H: JobHandler> Worker<H> {
             }
             tokio::time::sleep(self.policy.delay(attempt, seed)).await;
         }
+    }
+
+    /// Runs `work` while renewing the lease every third of its length, so a holder that is
+    /// alive keeps its operation however long one step takes (a parked read, a slow page)
+    /// and a dead one loses it within one lease. A renewal is never cancelled halfway: the
+    /// renewer stops between renewals, and a lost lease is left to the outcome's fencing.
+    async fn renewing<T>(
+        &self,
+        command: &CommandContext,
+        id: OperationId,
+        lease: LeaseId,
+        work: impl Future<Output = T>,
+    ) -> T {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let every = self.policy.lease_for / 3;
+        let lease_for = chrono::TimeDelta::from_std(self.policy.lease_for).unwrap_or(chrono::TimeDelta::MAX);
+        let renewer = async {
+            loop {
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                match self.service.renew_lease(command, id, lease, lease_for).await {
+                    Ok(_) => {}
+                    Err(CommandError::Domain(DomainError::Operation(_))) => return, // lost or finished
+                    Err(error) => tracing::warn!(operation = %id, %error, "renewing the lease failed; retrying"),
+                }
+            }
+        };
+        let work = async {
+            let out = work.await;
+            stop.send(true).ok();
+            out
+        };
+        let (out, ()) = tokio::join!(work, renewer);
+        out
     }
 
     /// Whether the job is its operation's latest dispatch (its `Requested` event, or the
@@ -448,20 +486,30 @@ pub async fn run_kafka_worker<H: JobHandler>(
 }
 
 /// Job dispatch without Kafka: reads the log from its checkpoint as the `job_dispatch`
-/// leader, runs each batch's jobs (one lane per installation hash, so an installation's jobs
-/// stay in order), and moves the checkpoint only when all of them are recorded. Jobs that
-/// must be dead-lettered go to the `dead_letters` table.
+/// leader and runs its jobs, each installation's in order, up to `lanes` installations at
+/// once: one slow installation (a held lease, a parked delivery) never delays another's.
+/// The checkpoint moves to just before the oldest job not yet recorded, so a new leader
+/// redoes only unfinished work (a finished operation's job does nothing). At most
+/// `max_in_flight` jobs are read ahead. Jobs that must be dead-lettered go to the
+/// `dead_letters` table.
 pub struct InProcessDispatch<H> {
     worker: Arc<Worker<H>>,
     store: EventStore,
     holder: String,
     pub lanes: usize,
     pub batch_size: i64,
+    pub max_in_flight: usize,
+}
+
+/// A job read from the log, at its event's cursor.
+struct Queued {
+    job: JobMessage,
+    at: LogCursor,
 }
 
 impl<H: JobHandler> InProcessDispatch<H> {
     pub fn new(worker: Arc<Worker<H>>, store: EventStore, holder: impl Into<String>) -> Self {
-        Self { worker, store, holder: holder.into(), lanes: 4, batch_size: 500 }
+        Self { worker, store, holder: holder.into(), lanes: 4, batch_size: 500, max_in_flight: 2_000 }
     }
 
     /// Runs until `stop` resolves, leading whenever it can; after a failure it resumes
@@ -473,69 +521,117 @@ impl<H: JobHandler> InProcessDispatch<H> {
         Ok(())
     }
 
-    /// Records a dead letter at once (a job redone after a crash records it again: the
-    /// event id dedupes).
-    async fn dead_letter(&self, job: &JobMessage, code: &str, message: &str) -> Result<(), StreamsError> {
-        sqlx::query(
-            "INSERT INTO dead_letters (event_id, project_id, operation_id, installation_id, error_code,
-                                       error_message, worker, envelope)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind(job.event_id)
-        .bind(job.project.0)
-        .bind(job.job.operation_id.0)
-        .bind(job.job.installation_id.0)
-        .bind(code)
-        .bind(message)
-        .bind(&self.worker.name)
-        .bind(sqlx::types::Json(job.to_cloud_event()))
-        .execute(self.worker.service.pool())
-        .await?;
-        Ok(())
-    }
-
     async fn dispatch_while_leading(&self, mut leadership: Leadership) -> Result<(), StreamsError> {
+        use std::collections::{HashMap, VecDeque};
         let pool = self.worker.service.pool().clone();
         let start = LogReader::checkpoint(&mut *pool.acquire().await?, JOB_DISPATCH).await?;
         let mut subscription = LogReader::new(pool.clone()).subscribe(start).await?;
         subscription.batch_size = self.batch_size;
+        let (mut read_to, mut saved) = (start, start);
+        // Jobs waiting per installation, installations ready to run (in arrival order),
+        // unfinished jobs by cursor (with the cursor before each), running tasks.
+        let mut waiting: HashMap<InstallationId, VecDeque<Queued>> = HashMap::new();
+        let mut ready: VecDeque<InstallationId> = VecDeque::new();
+        let mut running: std::collections::HashSet<InstallationId> = Default::default();
+        let mut unfinished: BTreeMap<LogCursor, LogCursor> = BTreeMap::new();
+        let mut tasks: tokio::task::JoinSet<(InstallationId, LogCursor, Result<(), StreamsError>)> = Default::default();
+        let mut failed: Option<StreamsError> = None;
         loop {
-            let batch = subscription.next_batch_within(Duration::from_secs(2)).await?;
-            leadership.alive().await?;
-            let mut jobs = Vec::new();
-            if !batch.is_empty() {
-                let mut conn = pool.acquire().await?;
-                for event in &batch {
-                    if let Some(job) = job_for(&mut conn, &self.store, event).await? {
-                        jobs.push(job);
+            while failed.is_none() && tasks.len() < self.lanes.max(1) {
+                let Some(installation) = ready.pop_front() else { break };
+                let Some(queued) = waiting.get_mut(&installation).and_then(VecDeque::pop_front) else { continue };
+                running.insert(installation);
+                let (worker, pool) = (self.worker.clone(), pool.clone());
+                tasks.spawn(async move {
+                    let result = async {
+                        if let Disposition::DeadLetter { code, message } = worker.process(&queued.job).await? {
+                            record_dead_letter(&pool, &worker.name, &queued.job, &code, &message).await?;
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    (installation, queued.at, result)
+                });
+            }
+            if let Some(error) = failed.take_if(|_| tasks.is_empty()) {
+                return Err(error);
+            }
+            let read_more = failed.is_none() && unfinished.len() < self.max_in_flight;
+            tokio::select! {
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    let (installation, at, result) = done.map_err(|e| StreamsError::JobTask(e.to_string()))?;
+                    unfinished.remove(&at);
+                    running.remove(&installation);
+                    match result {
+                        Err(error) => failed = Some(error),
+                        Ok(()) if waiting.get(&installation).is_some_and(|q| !q.is_empty()) => ready.push_back(installation),
+                        Ok(()) => {
+                            waiting.remove(&installation);
+                        }
                     }
                 }
-            }
-            let mut lanes: Vec<Vec<JobMessage>> = vec![Vec::new(); self.lanes.max(1)];
-            for job in jobs {
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                job.job.installation_id.hash(&mut hasher);
-                let lane = (hasher.finish() % lanes.len() as u64) as usize;
-                lanes[lane].push(job);
-            }
-            let results = futures::future::join_all(lanes.iter().map(|lane| async move {
-                for job in lane {
-                    if let Disposition::DeadLetter { code, message } = self.worker.process(job).await? {
-                        self.dead_letter(job, &code, &message).await?;
+                batch = subscription.next_batch_within(Duration::from_secs(2)), if read_more => {
+                    let batch = batch?;
+                    leadership.alive().await?;
+                    if !batch.is_empty() {
+                        let mut conn = pool.acquire().await?;
+                        for event in &batch {
+                            let before = read_to;
+                            read_to = event.cursor();
+                            let Some(job) = job_for(&mut conn, &self.store, event).await? else { continue };
+                            let installation = job.job.installation_id;
+                            unfinished.insert(read_to, before);
+                            let queue = waiting.entry(installation).or_default();
+                            if queue.is_empty() && !running.contains(&installation) {
+                                ready.push_back(installation);
+                            }
+                            queue.push_back(Queued { job, at: read_to });
+                        }
                     }
                 }
-                Ok::<_, StreamsError>(())
-            }))
-            .await;
-            results.into_iter().collect::<Result<Vec<()>, _>>()?;
-            let mut tx = pool.begin().await?;
-            if !leadership.fence(&mut tx).await? {
-                return Err(StreamsError::Fenced(JOB_DISPATCH.into()));
+                else => {
+                    // Nothing to read (at the in-flight bound) and nothing running: cannot happen
+                    // with jobs unfinished, as each is queued or running; wait a little.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
-            if let Some(last) = batch.last() {
-                LogReader::save_checkpoint(&mut tx, JOB_DISPATCH, last.cursor()).await?;
+            // Everything before the oldest unfinished job is done.
+            let safe = unfinished.values().next().copied().unwrap_or(read_to);
+            if safe > saved {
+                let mut tx = pool.begin().await?;
+                if !leadership.fence(&mut tx).await? {
+                    return Err(StreamsError::Fenced(JOB_DISPATCH.into()));
+                }
+                LogReader::save_checkpoint(&mut tx, JOB_DISPATCH, safe).await?;
+                tx.commit().await?;
+                saved = safe;
             }
-            tx.commit().await?;
         }
     }
+}
+
+/// Records a dead letter (a job redone after a crash records it again: the event id dedupes).
+async fn record_dead_letter(
+    pool: &sqlx::PgPool,
+    worker: &str,
+    job: &JobMessage,
+    code: &str,
+    message: &str,
+) -> Result<(), StreamsError> {
+    sqlx::query(
+        "INSERT INTO dead_letters (event_id, project_id, operation_id, installation_id, error_code,
+                                   error_message, worker, envelope)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(job.event_id)
+    .bind(job.project.0)
+    .bind(job.job.operation_id.0)
+    .bind(job.job.installation_id.0)
+    .bind(code)
+    .bind(message)
+    .bind(worker)
+    .bind(sqlx::types::Json(job.to_cloud_event()))
+    .execute(pool)
+    .await?;
+    Ok(())
 }

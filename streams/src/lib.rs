@@ -43,6 +43,9 @@ pub enum StreamsError {
     /// A stage of the relay ended abnormally (a panic, or the stage it feeds stopped).
     #[error("the relay's {0}")]
     RelayStage(String),
+    /// A job's task ended abnormally (a panic in its handler).
+    #[error("a job's task ended abnormally: {0}")]
+    JobTask(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -59,6 +62,7 @@ impl StreamsError {
             StreamsError::Envelope(_) => "malformed_envelope".into(),
             StreamsError::Fenced(_) => "fenced".into(),
             StreamsError::RelayStage(_) => "relay_stage".into(),
+            StreamsError::JobTask(_) => "job_task".into(),
             StreamsError::Io(_) => "io".into(),
         }
     }
