@@ -150,6 +150,9 @@ pub struct TokenSet {
     pub access_token: String,
     pub refresh_token: Option<String>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// When amplog got it: with `expires_at`, its lifetime (refreshes come a fraction of it early).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub obtained_at: Option<DateTime<Utc>>,
     /// Where this customer's data lives, when the provider says (Salesforce).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_url: Option<String>,
@@ -558,6 +561,7 @@ impl Connector {
             access_token: access_token.into(),
             refresh_token: body.get("refresh_token").and_then(Value::as_str).map(str::to_string),
             expires_at: body.get("expires_in").and_then(Value::as_i64).map(|s| now + chrono::Duration::seconds(s)),
+            obtained_at: Some(now),
             instance_url: body.get("instance_url").and_then(Value::as_str).map(str::to_string),
         })
     }

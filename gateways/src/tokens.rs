@@ -13,7 +13,8 @@ use chrono::Utc;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A token is refreshed this long before it expires.
+/// A token is refreshed this long before it expires, or a fifth of its lifetime when that
+/// is shorter (a 20 s token is used for 16 s, not refreshed on every call).
 const EARLY: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 
 #[derive(Clone)]
@@ -36,8 +37,13 @@ impl Tokens {
         }
     }
 
-    fn usable(set: &TokenSet) -> bool {
-        set.expires_at.is_none_or(|t| t - EARLY > Utc::now())
+    fn usable(set: &TokenSet, now: chrono::DateTime<Utc>) -> bool {
+        let Some(expires) = set.expires_at else { return true };
+        let early = match set.obtained_at {
+            Some(obtained) => ((expires - obtained) / 5).clamp(chrono::TimeDelta::zero(), EARLY),
+            None => EARLY,
+        };
+        expires - early > now
     }
 
     /// A usable token set of `connection` (its access token, and where its data lives). `rejected`: a token the provider just refused
@@ -50,7 +56,7 @@ impl Tokens {
         connector: &Connector,
         rejected: Option<&str>,
     ) -> Result<Arc<TokenSet>, ProviderError> {
-        let fresh = |set: &TokenSet| Self::usable(set) && Some(set.access_token.as_str()) != rejected;
+        let fresh = |set: &TokenSet| Self::usable(set, Utc::now()) && Some(set.access_token.as_str()) != rejected;
         if let Some(set) = self.cache.get(&connection).filter(|s| fresh(s)) {
             return Ok(set);
         }
@@ -112,5 +118,32 @@ impl Tokens {
             }
             Err(error) => Err(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_refreshed_a_fraction_of_their_lifetime_early() {
+        let now = Utc::now();
+        let set = |lifetime: i64, left: i64, known: bool| TokenSet {
+            access_token: "a".into(),
+            refresh_token: None,
+            expires_at: Some(now + chrono::TimeDelta::seconds(left)),
+            obtained_at: known.then(|| now + chrono::TimeDelta::seconds(left - lifetime)),
+            instance_url: None,
+        };
+        // A 20 s token is used for its first 16 s.
+        assert!(Tokens::usable(&set(20, 20, true), now));
+        assert!(Tokens::usable(&set(20, 5, true), now));
+        assert!(!Tokens::usable(&set(20, 3, true), now));
+        // An hour-long one until 30 s before it expires.
+        assert!(Tokens::usable(&set(3600, 31, true), now));
+        assert!(!Tokens::usable(&set(3600, 29, true), now));
+        // A set stored without its lifetime keeps the 30 s margin.
+        assert!(!Tokens::usable(&set(20, 20, false), now));
+        assert!(Tokens::usable(&TokenSet { expires_at: None, ..set(1, 1, true) }, now));
     }
 }

@@ -516,6 +516,7 @@ async fn provider_calls_go_only_to_the_connectors_hosts() {
         access_token: "bearer-that-must-stay-home".into(),
         refresh_token: None,
         expires_at: None,
+        obtained_at: None,
         instance_url: instance,
     };
     let elsewhere = format!("http://{victim_addr}");
@@ -659,4 +660,17 @@ async fn a_stuck_installation_delays_no_other_and_a_dead_lease_is_taken_over() {
     dispatch.abort();
     let events = world.events_of("operation", stuck.0).await;
     assert_eq!(count(&events, "Started"), 2, "taken over once: {:?}", types(&events));
+}
+
+/// A provider whose tokens live 20 s: a short read refreshes at most once, not on every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_tokens_are_not_refreshed_on_every_call() {
+    let world =
+        SyncWorld::start(SimConfig { records: 600, token_ttl: Duration::from_secs(20), ..SimConfig::default() }).await;
+    let contacts = world.request_read("contacts").await;
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(10));
+    assert_eq!(world.finished(contacts, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
+    dispatch.abort();
+    let stats = world.sim_stats().await;
+    assert!(stats.token_refreshes <= 1, "{} refreshes for a 6-page read", stats.token_refreshes);
 }
