@@ -63,7 +63,7 @@ async fn relay_processes_killed_with_sigkill_lose_and_reorder_nothing() {
                         if round == 0 {
                             service.start_operation(&ctx, *op, lease, chrono::Duration::hours(1)).await.unwrap();
                         } else {
-                            let page = PageRecord { records: 10, bytes: 1000, cursor: Cursor::default() };
+                            let page = PageRecord { records: 10, bytes: 1000, cursor: Cursor::default(), reread: 0 };
                             service.record_pages(&ctx, *op, lease, &vec![page; 14]).await.unwrap();
                         }
                     }

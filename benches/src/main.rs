@@ -268,6 +268,7 @@ fn page(i: u64) -> PageRecord {
         records: 100,
         bytes: 51_200,
         cursor: Cursor { watermark: None, page_token: Some(format!("after-{i}")) },
+        reread: 0,
     }
 }
 

@@ -319,7 +319,7 @@ async fn e2e_latency(
             next += 1;
             let (svc, ctx, committed) = (svc.clone(), ctx.clone(), committed.clone());
             inflight.push(tokio::spawn(async move {
-                let page = PageRecord { records: 10, bytes: 100, cursor: Cursor::default() };
+                let page = PageRecord { records: 10, bytes: 100, cursor: Cursor::default(), reread: 0 };
                 let outcome = svc.record_pages(&ctx, op, lease, &[page]).await?;
                 let now = Instant::now();
                 let mut map = committed.lock().unwrap();

@@ -84,11 +84,20 @@ pub struct DeliveryAttempt {
 }
 
 /// One page of a read or write, as a worker reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PageRecord {
     pub records: u64,
     pub bytes: u64,
     pub cursor: Cursor,
+    /// Of `records`, those read again: modified no later than the read state's watermark
+    /// (an incremental read re-reads an overlap window for late writes). Usage counts
+    /// `records - reread`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reread: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
@@ -190,6 +199,9 @@ pub enum OperationEvent {
         bytes: u64,
         cursor: Cursor,
         at: DateTime<Utc>,
+        /// Of `records`, those read again (see `PageRecord::reread`); absent when none.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        reread: u64,
     },
     DeliveryAttempted {
         lease_id: LeaseId,
@@ -391,6 +403,7 @@ impl Aggregate for Operation {
                     bytes: *bytes,
                     cursor: cursor.clone(),
                     at: *at,
+                    reread: 0,
                 }])
             }
             C::RecordPages { lease_id, pages, at } => {
@@ -406,6 +419,7 @@ impl Aggregate for Operation {
                         bytes: p.bytes,
                         cursor: p.cursor.clone(),
                         at: *at,
+                        reread: p.reread.min(p.records),
                     })
                     .collect())
             }
@@ -432,6 +446,7 @@ impl Aggregate for Operation {
                         bytes: page.bytes,
                         cursor: page.cursor.clone(),
                         at: *at,
+                        reread: page.reread.min(page.records),
                     },
                 ])
             }

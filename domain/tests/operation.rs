@@ -33,6 +33,7 @@ fn page(records: u64) -> OperationEvent {
         bytes: records * 100,
         cursor: Cursor { watermark: Some(t(2)), page_token: Some("p2".into()) },
         at: t(2),
+        reread: 0,
     }
 }
 
@@ -87,7 +88,7 @@ fn commands(lease: u128) -> Vec<(&'static str, OperationCommand)> {
             "record_pages",
             OperationCommand::RecordPages {
                 lease_id: id(lease),
-                pages: vec![PageRecord { records: 1, bytes: 2, cursor: Cursor::default() }; 2],
+                pages: vec![PageRecord { records: 1, bytes: 2, cursor: Cursor::default(), reread: 0 }; 2],
                 at: t(10),
             },
         ),
@@ -219,6 +220,7 @@ fn page_recorded_v1_upcasts_to_v2() {
             bytes: 0,
             cursor: Cursor { watermark: None, page_token: Some("after-42".into()) },
             at: t(2),
+            reread: 0,
         }
     );
 }
@@ -235,7 +237,7 @@ fn deliveries_are_recorded_for_the_next_page_only() {
         delivered,
     };
     let running = vec![requested(), started(LEASE, 30), page(10)];
-    let next = PageRecord { records: 7, bytes: 70, cursor: Cursor::default() };
+    let next = PageRecord { records: 7, bytes: 70, cursor: Cursor::default(), reread: 0 };
     given::<Operation>(&running)
         .when(OperationCommand::RecordDeliveryFailure { lease_id: id(LEASE), delivery: attempt(2, 1, false), at: t(4) })
         .then(&[OperationEvent::DeliveryAttempted { lease_id: id(LEASE), delivery: attempt(2, 1, false), at: t(4) }]);
@@ -254,6 +256,7 @@ fn deliveries_are_recorded_for_the_next_page_only() {
                 bytes: 70,
                 cursor: Cursor::default(),
                 at: t(5),
+                reread: 0,
             },
         ]);
     // Page 1 is already recorded; page 3 would skip page 2.

@@ -92,6 +92,26 @@ fn recorded(result: Result<amplog_commands::CommandOutcome, CommandError>) -> Re
     }
 }
 
+/// A record as delivered, with `idempotencyKey`: the same for every delivery of this
+/// version of the record (installation, object, id, modification time), whichever page or
+/// read carries it, so a receiver dedupes records re-read by an overlap window.
+fn delivered_record(job: &JobContext<'_>, record: &crate::connector::ProviderRecord) -> Value {
+    use sha2::Digest;
+    let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
+    let identity = format!(
+        "{}\n{}\n{}\n{}",
+        job.message.job.installation_id,
+        job.message.job.object,
+        record.id,
+        record.updated.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    );
+    let digest = sha2::Sha256::digest(identity.as_bytes());
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("idempotencyKey".into(), Value::String(format!("rec_{}", hex::encode(&digest[..16]))));
+    }
+    value
+}
+
 /// What a read needs, loaded once per attempt.
 struct ReadPlan {
     connector: Arc<Connector>,
@@ -255,10 +275,14 @@ impl SyncHandler {
                 watermark = Some(watermark.map_or(max, |w| w.max(max)));
             }
             pages += 1;
+            // Records no newer than the read state's watermark were delivered by an earlier
+            // read (the overlap window re-reads them for late writes): not counted again.
+            let reread = page.records.iter().filter(|r| state_watermark.is_some_and(|w| r.updated <= w)).count();
             let record = PageRecord {
                 records: page.records.len() as u64,
                 bytes: page.bytes,
                 cursor: Cursor { watermark, page_token: page.next.clone() },
+                reread: reread as u64,
             };
             let Some(next) = page.next.clone() else {
                 self.deliver_page(&job, &plan, operation_id, lease, pages, &page, record).await?;
@@ -309,7 +333,7 @@ impl SyncHandler {
             "object": job.message.job.object,
             "operationId": operation_id,
             "page": page,
-            "records": read.records,
+            "records": read.records.iter().map(|r| delivered_record(job, r)).collect::<Vec<_>>(),
         }))
         .map_err(internal)?;
         let policy = &self.policy.delivery;

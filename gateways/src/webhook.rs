@@ -122,6 +122,9 @@ pub struct Received {
     pub operation_id: String,
     pub page: u64,
     pub record_ids: Vec<String>,
+    /// Each record's `idempotencyKey`, in the same order.
+    #[serde(default)]
+    pub record_keys: Vec<String>,
     /// The latest `updatedAt` among the page's records.
     pub max_updated: Option<chrono::DateTime<chrono::Utc>>,
 }
@@ -275,11 +278,11 @@ fn receive_verified(state: &mut SinkState, headers: &HeaderMap, body: &Bytes) ->
         .filter_map(|r| r.get("updatedAt").and_then(Value::as_str))
         .filter_map(|t| chrono::DateTime::parse_from_rfc3339(t).ok().map(|t| t.to_utc()))
         .max();
-    let record_ids = payload
-        .get("records")
-        .and_then(Value::as_array)
-        .map(|records| records.iter().filter_map(|r| r.get("id").and_then(Value::as_str).map(str::to_string)).collect())
-        .unwrap_or_default();
+    let field = |name: &str| -> Vec<String> {
+        let records = payload.get("records").and_then(Value::as_array).into_iter().flatten();
+        records.filter_map(|r| r.get(name).and_then(Value::as_str).map(str::to_string)).collect()
+    };
+    let (record_ids, record_keys) = (field("id"), field("idempotencyKey"));
     state.received.push(Received {
         webhook_id,
         installation_id: text("installationId"),
@@ -287,6 +290,7 @@ fn receive_verified(state: &mut SinkState, headers: &HeaderMap, body: &Bytes) ->
         operation_id: text("operationId"),
         page: payload.get("page").and_then(Value::as_u64).unwrap_or_default(),
         record_ids,
+        record_keys,
         max_updated,
     });
     StatusCode::NO_CONTENT

@@ -26,6 +26,7 @@ async fn an_auditor_reads_the_timeline_replays_the_past_verifies_and_exports() {
             records: 10,
             bytes: 100,
             cursor: Cursor { watermark: None, page_token: Some(format!("p{i}")) },
+            reread: 0,
         })
         .collect();
     let recorded = app.service.record_pages(&s.ctx, op, lease, &pages).await.unwrap();

@@ -121,6 +121,31 @@ async fn an_incremental_read_delivers_only_what_changed_since_the_watermark() {
     assert!(second_ids.len() >= 7 && second_ids.len() < 50, "{} records re-read", second_ids.len());
     let read: HashSet<&String> = second_ids.iter().collect();
     assert!(touched.iter().all(|id| read.contains(id)), "{touched:?} not all in {second_ids:?}");
+    // What the overlap window read again is not counted again: usage and the read state
+    // count 507 records, and a record re-delivered unchanged carries the idempotency key
+    // it had the first time (a changed one, a new key).
+    world.project().await;
+    let usage: i64 = sqlx::query_scalar("SELECT sum((doc->>'records_read')::bigint)::bigint FROM usage_daily")
+        .fetch_one(&world.db.pool)
+        .await
+        .unwrap();
+    let state: i64 =
+        sqlx::query_scalar("SELECT (doc->>'records_read')::bigint FROM read_states WHERE key LIKE '%/companies'")
+            .fetch_one(&world.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((usage, state), (507, 507));
+    let keys = |op: amplog_domain::OperationId| -> BTreeMap<String, String> {
+        let pages = world.sink.received();
+        let pages = pages.iter().filter(|r| r.operation_id == op.to_string());
+        pages.flat_map(|r| r.record_ids.clone().into_iter().zip(r.record_keys.clone())).collect()
+    };
+    let (before, after) = (keys(first), keys(second));
+    assert_eq!(before.len(), 500, "every record has a key");
+    let reread: Vec<&String> = after.keys().filter(|id| !touched.contains(id)).collect();
+    assert!(reread.iter().all(|id| before[*id] == after[*id]), "unchanged records keep their keys");
+    assert!(touched.iter().all(|id| before[id] != after[id]), "changed records get new keys");
+    println!("{} records re-read unchanged by the overlap", reread.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

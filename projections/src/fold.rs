@@ -571,21 +571,24 @@ impl Fold {
         let (installation, object, op_type, status) =
             (op.installation_id, op.object.clone(), op.op_type.clone(), op.status.clone());
 
-        if let E::PageRecorded { records, bytes, cursor, .. } = event {
+        if let E::PageRecorded { records, bytes, cursor, reread, .. } = event {
+            // What is new: records read again (an incremental read's overlap) are not
+            // counted twice.
+            let new = records - reread.min(records);
             if op_type == "read" {
                 if let Some(state) = self.read_states.get(&format!("{installation}/{object}")) {
                     if cursor.watermark.is_some() {
                         state.watermark = cursor.watermark;
                     }
                     state.page_token = cursor.page_token.clone();
-                    state.records_read += records;
+                    state.records_read += new;
                 }
             }
             let usage = self.usage_doc(project, installation, at);
             if op_type == "write" {
                 usage.records_written += records;
             } else {
-                usage.records_read += records;
+                usage.records_read += new;
             }
             usage.bytes += bytes;
         }

@@ -80,7 +80,8 @@ async fn random_command(w: &Workload, rng: &mut StdRng) -> Result<Option<(usize,
                 let cursor =
                     Cursor { watermark: Some(chrono::Utc::now()), page_token: Some(format!("t{}", rng.gen::<u32>())) };
                 if rng.gen_bool(0.2) {
-                    let pages = vec![PageRecord { records, bytes: records * 10, cursor }; rng.gen_range(1..5)];
+                    let pages =
+                        vec![PageRecord { records, bytes: records * 10, cursor, reread: 0 }; rng.gen_range(1..5)];
                     w.service.record_pages(ctx, op, lease, &pages).await?;
                 } else {
                     w.service.record_page(ctx, op, lease, records, records * 10, &cursor).await?;
