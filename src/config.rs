@@ -58,11 +58,21 @@ impl App {
         }
         let path = self.data_dir.join("credentials.key");
         if !path.exists() {
+            // Written whole, then linked into place: a process starting beside this one
+            // either links first (and both use its key) or finds the complete file.
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
-            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            let staged = self.data_dir.join(format!("credentials.key.{}", std::process::id()));
+            let mut file =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&staged)?;
             writeln!(file, "{}", b64.encode(CredentialKey::generate()))?;
-            tracing::info!(path = %path.display(), "generated the credential encryption key");
+            file.sync_all()?;
+            match std::fs::hard_link(&staged, &path) {
+                Ok(()) => tracing::info!(path = %path.display(), "generated the credential encryption key"),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e.into()),
+            }
+            std::fs::remove_file(&staged)?;
         }
         let encoded = std::fs::read_to_string(&path)?;
         let bytes = b64.decode(encoded.trim()).with_context(|| format!("{} is not base64", path.display()))?;

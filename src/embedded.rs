@@ -1,7 +1,11 @@
 //! The embedded default: with no DATABASE_URL, amplog initialises (once) and starts its own
-//! PostgreSQL from the binaries on PATH in `<data dir>/pg`, listening on a Unix socket only,
-//! and stops it on exit. PostgreSQL refuses to run as root, so as root the server runs as
-//! the `postgres` user.
+//! PostgreSQL from the binaries on PATH in `<data dir>/pg`, listening on a Unix socket only.
+//! Several amplog processes may share it (`serve` beside `worker`, two `migrate`s started
+//! together): starting and stopping happen under an exclusive lock file, each process holds
+//! a shared lock on another for as long as it uses the server, and the last one to exit
+//! stops it, whoever started it (a crashed process's locks go with it, so a server it left
+//! behind is stopped by the next last user). PostgreSQL refuses to run as root, so as root
+//! the server runs as the `postgres` user.
 
 use anyhow::{bail, Context, Result};
 use sqlx::postgres::PgConnectOptions;
@@ -17,7 +21,24 @@ pub struct EmbeddedPostgres {
     socket_dir: PathBuf,
     bin: PathBuf,
     run_as: Option<String>,
-    started_here: bool,
+    /// Where the lock files are.
+    home: PathBuf,
+    /// This process's shared lock on `users.lock`, held while it uses the server.
+    using: Option<std::fs::File>,
+}
+
+/// Starting and stopping happen under this exclusive lock; users hold `USERS_LOCK` shared.
+const START_LOCK: &str = "amplog-start.lock";
+const USERS_LOCK: &str = "amplog-users.lock";
+
+fn lock_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening the lock file {}", path.display()))
 }
 
 impl EmbeddedPostgres {
@@ -58,9 +79,16 @@ impl EmbeddedPostgres {
                 run(Command::new("chown").arg("-R").arg(format!("{user}:")).arg(dir))?;
             }
         }
-        let pg = Self { pgdata, socket_dir, bin, run_as, started_here: false };
+        let starting = lock_file(&home.join(START_LOCK))?;
+        starting.lock().context("waiting for another amplog process starting or stopping PostgreSQL")?;
+        let mut pg = Self { pgdata, socket_dir, bin, run_as, home, using: None };
         pg.init_once()?;
-        pg.start_server()
+        pg.start_server()?;
+        let users = lock_file(&pg.home.join(USERS_LOCK))?;
+        users.lock_shared()?;
+        pg.using = Some(users);
+        drop(starting);
+        Ok(pg)
     }
 
     fn command(&self, program: &str) -> Command {
@@ -96,10 +124,10 @@ impl EmbeddedPostgres {
         self.command("pg_ctl").arg("status").arg("-D").arg(&self.pgdata).output().is_ok_and(|o| o.status.success())
     }
 
-    fn start_server(mut self) -> Result<Self> {
+    fn start_server(&mut self) -> Result<()> {
         if self.running() {
             tracing::info!("the embedded PostgreSQL is already running; using it");
-            return Ok(self);
+            return Ok(());
         }
         let options = format!("-c listen_addresses='' -k {} -p {PORT}", self.socket_dir.display());
         let log = self.socket_dir.join("postgres.log");
@@ -114,9 +142,8 @@ impl EmbeddedPostgres {
             .arg("-o")
             .arg(options))
         .with_context(|| format!("starting the embedded PostgreSQL (its log: {})", log.display()))?;
-        self.started_here = true;
         tracing::info!(socket = %self.socket_dir.display(), "embedded PostgreSQL started");
-        Ok(self)
+        Ok(())
     }
 
     /// Options for a database on this server.
@@ -132,22 +159,40 @@ impl EmbeddedPostgres {
             .fetch_one(&mut admin)
             .await?;
         if !exists {
-            sqlx::raw_sql("CREATE DATABASE amplog").execute(&mut admin).await?;
+            // Another amplog process starting beside this one may create it first.
+            if let Err(error) = sqlx::raw_sql("CREATE DATABASE amplog").execute(&mut admin).await {
+                let created: bool =
+                    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'amplog')")
+                        .fetch_one(&mut admin)
+                        .await?;
+                if !created {
+                    return Err(error.into());
+                }
+            }
         }
         admin.close().await?;
         Ok(self.options("amplog"))
     }
 
-    /// Stops the server if this process started it; the data stays for the next run.
+    /// Stops using the server, and stops the server if no other amplog process uses it;
+    /// the data stays for the next run.
     pub fn stop(&mut self) {
-        if !self.started_here {
+        let Some(using) = self.using.take() else { return };
+        let stopping = match lock_file(&self.home.join(START_LOCK)).and_then(|f| Ok(f.lock().map(|()| f)?)) {
+            Ok(lock) => lock,
+            Err(error) => return tracing::warn!(%error, "cannot take the start lock; leaving PostgreSQL running"),
+        };
+        drop(using);
+        let last = lock_file(&self.home.join(USERS_LOCK)).map(|users| users.try_lock().is_ok());
+        if !matches!(last, Ok(true)) {
+            tracing::info!("another amplog process uses the embedded PostgreSQL; leaving it running");
             return;
         }
-        self.started_here = false;
         match run(self.command("pg_ctl").arg("stop").arg("-w").args(["-m", "fast"]).arg("-D").arg(&self.pgdata)) {
             Ok(()) => tracing::info!("embedded PostgreSQL stopped"),
             Err(error) => tracing::warn!(%error, "stopping the embedded PostgreSQL failed"),
         }
+        drop(stopping);
     }
 }
 

@@ -419,3 +419,48 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Several processes on one embedded data folder: two started together both work; a
+/// command coming and going beside `serve` leaves its PostgreSQL running; the last process
+/// to exit stops it, even when the one that started it was killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn amplog_processes_share_the_embedded_postgres_and_the_last_one_stops_it() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    let data_dir = data.to_str().unwrap();
+    let env = [("AMPLOG_DATA_DIR", data_dir)];
+    let pid_file = data.join("pg/postmaster.pid");
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_amplog"))
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("AMPLOG_CREDENTIALS_KEY")
+            .env("AMPLOG_LOG", "warn")
+            .env("AMPLOG_DATA_DIR", data_dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (spawn(&["migrate"]), spawn(&["migrate"]));
+    ok(first.wait_with_output().unwrap());
+    ok(second.wait_with_output().unwrap());
+    assert!(!pid_file.exists(), "the last of the two stopped the server");
+
+    let mut serve = spawn(&["serve", "--listen", "127.0.0.1:0", "--workers", "off"]);
+    let mut first_line = String::new();
+    BufReader::new(serve.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
+    let base = first_line.trim().strip_prefix("amplog serving on ").expect("the bound address").to_string();
+    ok(amplog(&["migrate"], &env));
+    assert!(pid_file.exists(), "a command beside serve left the server running");
+    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let ready: serde_json::Value = client.get(format!("{base}/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["database"], true, "{ready}");
+    serve.kill().unwrap(); // SIGKILL: it cannot stop what it started
+    serve.wait().unwrap();
+    assert!(pid_file.exists(), "the killed process left its server behind");
+    ok(amplog(&["migrate"], &env));
+    assert!(!pid_file.exists(), "the next last user stopped the server it found");
+}
