@@ -375,7 +375,7 @@ async fn catch_up(pool: &PgPool, report: &mut Report, target: i64) -> Result<()>
         }
         have += 8 * 10 * 100;
         round += 1;
-        if round % 20 == 0 {
+        if round.is_multiple_of(20) {
             eprintln!("  {have} events");
         }
     }
