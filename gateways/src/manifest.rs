@@ -294,4 +294,29 @@ integrations:
         let both = SAMPLE.replace("fullHistory: true", "fullHistory: true\n              days: 3");
         assert_eq!(parse(&both).unwrap_err().code(), "manifest.invalid");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 1_000, ..Default::default() })]
+
+        /// Any text is refused or parsed without panicking, and what parses holds only
+        /// names within the limits.
+        #[test]
+        fn any_text_is_parsed_or_refused(text in "(specVersion: 1\\.0\\.0\n)?[-\\[\\]{}:,&*!|>'\"#?a-z0-9 \n\u{0}\u{7f}\u{fffd}\u{10000}]{0,300}") {
+            if let Ok(parsed) = parse(&text) {
+                for integration in parsed {
+                    proptest::prop_assert!(integration.name.chars().count() <= MAX_NAME);
+                    proptest::prop_assert!(!integration.name.contains('\0'));
+                }
+            }
+        }
+
+        /// Mutations of a valid manifest: parsed or refused, never a panic.
+        #[test]
+        fn mutated_manifests_are_parsed_or_refused(at in 0usize..600, insert in "[-\\[\\]{}:&* \n\u{0}a]{0,8}") {
+            let mut text = SAMPLE.to_string();
+            let at = text.char_indices().map(|(i, _)| i).nth(at % SAMPLE.chars().count()).unwrap_or(0);
+            text.insert_str(at, &insert);
+            let _ = parse(&text);
+        }
+    }
 }

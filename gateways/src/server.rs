@@ -617,3 +617,25 @@ async fn export_events(
     });
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(pages)).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2_000, ..Default::default() })]
+
+        /// The export's query string: any text is parsed or refused, and what parses holds
+        /// only times the edge accepts or refuses with a code.
+        #[test]
+        fn any_export_query_string_is_parsed_or_refused(query in "((from|to|x)=[-+0-9TZ:.%a-z]{0,40}&?){0,3}") {
+            let uri: axum::http::Uri = match format!("/x?{query}").parse() {
+                Ok(uri) => uri,
+                Err(_) => return Ok(()),
+            };
+            if let Ok(Query(params)) = Query::<ExportParams>::try_from_uri(&uri) {
+                let _ = graphql::check_times(&[("from", params.from), ("to", params.to)]);
+            }
+        }
+    }
+}
