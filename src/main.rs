@@ -137,6 +137,11 @@ enum Cmd {
         #[arg(long, default_value = "streams/schemas")]
         out: PathBuf,
     },
+    /// Print the GraphQL schema (`--sdl`: as SDL, the form committed in gateways/schema.graphql).
+    Schema {
+        #[arg(long)]
+        sdl: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -217,6 +222,10 @@ async fn main() -> Result<()> {
     // Commands that need no database.
     let done = match &cli.command {
         Cmd::Schemas { out } => Some(streams::schemas(out)),
+        Cmd::Schema { .. } => {
+            print!("{}", amplog_gateways::graphql::sdl());
+            Some(Ok(0))
+        }
         Cmd::ProviderSim(args) => Some(sync::provider_sim(args).await),
         Cmd::Tail { topic, from_beginning, max } => {
             let options =
@@ -245,7 +254,9 @@ async fn run(app: &mut config::App, command: Cmd, kafka: &streams::KafkaArgs) ->
             println!("{}", serde_json::to_string_pretty(&st)?);
             Ok(0)
         }
-        Cmd::Schemas { .. } | Cmd::Tail { .. } | Cmd::ProviderSim(_) => unreachable!("handled before connecting"),
+        Cmd::Schemas { .. } | Cmd::Schema { .. } | Cmd::Tail { .. } | Cmd::ProviderSim(_) => {
+            unreachable!("handled before connecting")
+        }
         Cmd::Worker { concurrency, no_scheduler, lease_secs } => {
             let lease = std::time::Duration::from_secs(lease_secs.max(1));
             sync::worker(app, kafka, sync::WorkerOptions { concurrency, lease }, !no_scheduler).await

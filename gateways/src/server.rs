@@ -95,6 +95,8 @@ struct Shared {
     schema: AmplogSchema,
     /// The limits in force (introspection on in `--dev`).
     limits: Arc<Limits>,
+    /// In `--dev`: the schema that answers introspection-only queries (deeper nesting).
+    introspection: Option<AmplogSchema>,
 }
 
 /// A running server.
@@ -163,8 +165,9 @@ async fn listen_projected(pool: &sqlx::PgPool, ticks: &broadcast::Sender<()>) ->
 pub fn router(state: Arc<AppState>) -> Router {
     let limits = Limits { introspection: state.config.dev, ..state.config.limits.clone() };
     let schema = graphql::build(state.clone(), &limits);
+    let introspection = limits.introspection.then(|| graphql::build_introspection(state.clone(), &limits));
     let body_limit = state.config.body_limit;
-    let shared = Shared { state, schema, limits: Arc::new(limits) };
+    let shared = Shared { state, schema, limits: Arc::new(limits), introspection };
     Router::new()
         .route("/graphql", get(graphiql).post(graphql_http))
         .route("/graphql/ws", get(graphql_ws))
@@ -216,7 +219,7 @@ async fn graphql_http(
                 .to_string(),
         ),
     };
-    let response = execute_once(&shared, principal, checked.request, idempotency_key).await?;
+    let response = execute_once(&shared, principal, checked, idempotency_key).await?;
     Ok(Json(response).into_response())
 }
 
@@ -224,10 +227,15 @@ async fn graphql_http(
 async fn execute_once(
     shared: &Shared,
     principal: Principal,
-    request: async_graphql::Request,
+    checked: guard::Checked,
     idempotency_key: Option<String>,
 ) -> Result<async_graphql::Response, ApiError> {
     let state = &shared.state;
+    let schema = match (&shared.introspection, checked.introspection_only) {
+        (Some(introspection), true) => introspection.clone(),
+        _ => shared.schema.clone(),
+    };
+    let request = checked.request;
     let db =
         Arc::new(TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms));
     let request = graphql::request_data(request, principal, db.clone(), idempotency_key);
@@ -235,7 +243,6 @@ async fn execute_once(
     // never cancels it halfway through a PostgreSQL exchange (a connection must not go back
     // to the pool in the middle of a BEGIN). statement_timeout bounds what keeps running.
     // The response goes back before the read-only transaction is rolled back.
-    let schema = shared.schema.clone();
     let (done, answer) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let response = schema.execute(request).await;
@@ -423,7 +430,7 @@ async fn ws_operation(
     let principal = state.keys.authenticate(&session.key).await?;
     let checked = guard::check(request, &shared.limits, &state.parsed)?;
     if !checked.subscription {
-        let response = execute_once(&shared, principal, checked.request, None).await?;
+        let response = execute_once(&shared, principal, checked, None).await?;
         return Ok(futures::stream::iter([response]).boxed());
     }
     let too_many = |n: usize, per: &str| {

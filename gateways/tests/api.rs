@@ -380,3 +380,68 @@ async fn an_admin_creates_destinations_whose_secret_is_shown_once_and_stored_enc
     let (_, body) = app.gql(&p.admin, create, json!({"n": "ok", "u": "ftp://x.example"})).await;
     assert_eq!(error_code(&body), "invalid_input", "{body}");
 }
+
+/// Relay's algorithm with `first` and `last` together (the first N edges, then the last M
+/// of them), and 64-bit numbers: positions past 2^31 are accepted, counts are `Int64`.
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_follow_relay_with_first_and_last_and_numbers_are_64_bit() {
+    use amplog_commands::credentials::Secret;
+    use amplog_commands::service::NewInstallation;
+    let app = TestApp::spawn().await;
+    let s = amplog_commands::testing::seed(&app.service).await;
+    for i in 2..=5 {
+        let group = format!("group-{i}");
+        let secret = Secret(amplog_commands::testing::SEED_SECRET.into());
+        let connection = app.service.create_connection(&s.ctx, s.integration, &group, &secret).await.unwrap();
+        let new = NewInstallation {
+            integration_id: s.integration,
+            revision: None,
+            group_ref: group.clone(),
+            consumer_ref: format!("{group}-consumer"),
+            connection_id: amplog_domain::ConnectionId(connection.id_of("connection").unwrap()),
+            objects: None,
+        };
+        app.service.create_installation(&s.ctx, &new).await.unwrap();
+    }
+    app.projected().await;
+    let (_, key) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let page = |args: &str| {
+        let query = format!("{{ installations({args}) {{ edges {{ node {{ groupRef }} }} pageInfo {{ hasPreviousPage hasNextPage }} }} }}");
+        let (app, key) = (&app, &key);
+        async move {
+            let data = app.data(key, &query, json!({})).await;
+            let groups: Vec<String> = data["installations"]["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["node"]["groupRef"].as_str().unwrap().to_string())
+                .collect();
+            (groups, data["installations"]["pageInfo"].clone())
+        }
+    };
+    let (all, _) = page("first: 10").await;
+    assert_eq!(all.len(), 5);
+    let (groups, info) = page("first: 5, last: 2").await;
+    assert_eq!(groups, all[3..5].to_vec(), "the last 2 of the first 5");
+    assert_eq!(info, json!({"hasPreviousPage": true, "hasNextPage": false}));
+    let (groups, _) = page("first: 3, last: 2").await;
+    assert_eq!(groups, all[1..3].to_vec());
+
+    let sdl = amplog_gateways::graphql::sdl();
+    assert!(sdl.contains("scalar Int64"), "{sdl}");
+    for field in ["position: Int64!", "bytes: Int64!", "recordsRead: Int64!", "sequence: Int64!"] {
+        assert!(sdl.contains(field), "{field}");
+    }
+    let far = "query($id: UUID!) { installationAsOf(id: $id, position: 3000000000) { events } }";
+    let data = app.data(&key, far, json!({"id": s.installation.0})).await;
+    assert!(data["installationAsOf"]["events"].as_i64().unwrap() > 0, "{data}");
+    let (_, body) = app
+        .gql(
+            &key,
+            "{ installationAsOf(id: \"00000000-0000-0000-0000-000000000000\", position: 1.5) { events } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(error_code(&body), "graphql_validation", "{body}");
+    app.stop().await;
+}

@@ -217,6 +217,14 @@ async fn limits_and_production_mode_refuse_expensive_or_revealing_requests() {
     // Development mode: both on.
     let dev = TestApp::spawn_with(ServerConfig { dev: true, ..ServerConfig::default() }, true).await;
     let p = dev.project("Acme").await;
+    // The standard introspection query (graphql-core's, as gql, codegen tools and IDEs
+    // send it) runs under the default limits; a data query as deep is still refused.
+    let data = dev.data(&p.read, INTROSPECTION_QUERY, json!({})).await;
+    let types: Vec<&str> =
+        data["__schema"]["types"].as_array().unwrap().iter().filter_map(|t| t["name"].as_str()).collect();
+    assert!(types.contains(&"Installation") && types.contains(&"Int64"), "{types:?}");
+    let (_, body) = dev.gql(&p.read, &format!("{{ {nested} }}"), json!({})).await;
+    assert_eq!(error_code(&body), "graphql_validation", "{body}");
     let data = dev.data(&p.read, "{ __type(name: \"Installation\") { fields { name } } }", json!({})).await;
     assert!(data["__type"]["fields"].as_array().unwrap().iter().any(|f| f["name"] == "operations"));
     let page = reqwest::get(format!("{}/graphql", dev.base)).await.unwrap();
@@ -272,6 +280,101 @@ async fn nested_lists_are_batched_not_queried_per_item() {
     assert!(statements < 16, "{statements} statements for 16 installations");
     app.stop().await;
 }
+
+/// graphql-core's `get_introspection_query()`, verbatim.
+const INTROSPECTION_QUERY: &str = "
+    query IntrospectionQuery {
+      __schema {
+        queryType { name }
+        mutationType { name }
+        subscriptionType { name }
+        types {
+          ...FullType
+        }
+        directives {
+          name
+          description
+          locations
+          args {
+            ...InputValue
+          }
+        }
+      }
+    }
+
+    fragment FullType on __Type {
+      kind
+      name
+      description
+      fields(includeDeprecated: true) {
+        name
+        description
+        args {
+          ...InputValue
+        }
+        type {
+          ...TypeRef
+        }
+        isDeprecated
+        deprecationReason
+      }
+      inputFields {
+        ...InputValue
+      }
+      interfaces {
+        ...TypeRef
+      }
+      enumValues(includeDeprecated: true) {
+        name
+        description
+        isDeprecated
+        deprecationReason
+      }
+      possibleTypes {
+        ...TypeRef
+      }
+    }
+
+    fragment InputValue on __InputValue {
+      name
+      description
+      type { ...TypeRef }
+      defaultValue
+    }
+
+    fragment TypeRef on __Type {
+      kind
+      name
+      ofType {
+        kind
+        name
+        ofType {
+          kind
+          name
+          ofType {
+            kind
+            name
+            ofType {
+              kind
+              name
+              ofType {
+                kind
+                name
+                ofType {
+                  kind
+                  name
+                  ofType {
+                    kind
+                    name
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+";
 
 /// Opens `/graphql/ws` with graphql-transport-ws and `connection_init` carrying `key`.
 async fn ws_connect(app: &TestApp, key: &str) -> WsClient {

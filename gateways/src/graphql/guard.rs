@@ -26,10 +26,11 @@ pub fn parsed_cache(bytes: u64) -> ParsedCache {
         .build()
 }
 
-/// A request that passed, and whether it is a subscription.
+/// A request that passed, whether it is a subscription, and whether it only introspects.
 pub struct Checked {
     pub request: Request,
     pub subscription: bool,
+    pub introspection_only: bool,
 }
 
 /// Checks a request's shape before it is executed. `introspection` says whether this server
@@ -54,7 +55,7 @@ pub fn check(mut request: Request, limits: &Limits, cache: &ParsedCache) -> Resu
     }
     let operation = request.operation_name.clone();
     let Ok(doc) = request.parsed_query() else {
-        return Ok(Checked { request, subscription: false });
+        return Ok(Checked { request, subscription: false, introspection_only: false });
     };
     let shape = super::shape(doc);
     if shape.aliases > limits.aliases {
@@ -67,7 +68,8 @@ pub fn check(mut request: Request, limits: &Limits, cache: &ParsedCache) -> Resu
         return Err(ApiError::bad_request("introspection_disabled", "schema introspection is off in production mode"));
     }
     let subscription = is_subscription(doc, operation.as_deref());
-    Ok(Checked { request, subscription })
+    let introspection_only = shape.introspection_only && limits.introspection;
+    Ok(Checked { request, subscription, introspection_only })
 }
 
 fn too_deep(what: &str) -> ApiError {

@@ -53,16 +53,35 @@ impl Default for Limits {
     }
 }
 
+/// How deep an introspection-only query may nest: the standard introspection query
+/// (graphql-core's, which gql, codegen tools and IDEs send) nests its type references
+/// deeper than the depth limit of data queries; it reads no data.
+pub const INTROSPECTION_DEPTH: usize = 20;
+
 pub fn build(state: Arc<AppState>, limits: &Limits) -> AmplogSchema {
+    build_with_depth(state, limits, limits.depth)
+}
+
+/// The schema that answers introspection-only queries where introspection is on.
+pub fn build_introspection(state: Arc<AppState>, limits: &Limits) -> AmplogSchema {
+    build_with_depth(state, limits, INTROSPECTION_DEPTH.max(limits.depth))
+}
+
+fn build_with_depth(state: Arc<AppState>, limits: &Limits, depth: usize) -> AmplogSchema {
     let mut builder = Schema::build(query::Query, mutation::Mutation, subscription::Subscription)
         .data(state)
-        .limit_depth(limits.depth)
+        .limit_depth(depth)
         .limit_complexity(limits.complexity)
         .limit_recursive_depth(limits.recursive_depth);
     if !limits.introspection {
         builder = builder.disable_introspection();
     }
     builder.finish()
+}
+
+/// The schema as SDL (committed as `gateways/schema.graphql`; a test keeps the two equal).
+pub fn sdl() -> String {
+    Schema::build(query::Query, mutation::Mutation, subscription::Subscription).finish().sdl()
 }
 
 /// What one request brings to its resolvers.
@@ -148,6 +167,8 @@ pub struct QueryShape {
     /// Whether it selects `__schema` or `__type` (refused outright in production, rather
     /// than answered with nulls as async-graphql does).
     pub introspection: bool,
+    /// Whether its operations select nothing but `__schema`, `__type` and `__typename`.
+    pub introspection_only: bool,
 }
 
 pub fn shape(doc: &ExecutableDocument) -> QueryShape {
@@ -165,11 +186,27 @@ pub fn shape(doc: &ExecutableDocument) -> QueryShape {
         }
     }
     let mut shape = QueryShape::default();
+    shape.introspection_only = true;
     for (_, op) in doc.operations.iter() {
         walk(&op.node.selection_set.node, &mut shape);
+        shape.introspection_only &= op.node.selection_set.node.items.iter().all(|item| match &item.node {
+            Selection::Field(f) => f.node.name.node.starts_with("__"),
+            _ => false,
+        });
     }
     for fragment in doc.fragments.values() {
         walk(&fragment.node.selection_set.node, &mut shape);
     }
     shape
+}
+
+#[cfg(test)]
+mod tests {
+    /// The committed SDL is the schema: a change to the API shows up in review as a change
+    /// of this file (`amplog schema --sdl > gateways/schema.graphql`).
+    #[test]
+    fn the_committed_sdl_is_the_schema() {
+        let committed = include_str!("../../schema.graphql");
+        assert!(super::sdl() == committed, "the schema changed: run `amplog schema --sdl > gateways/schema.graphql`");
+    }
 }

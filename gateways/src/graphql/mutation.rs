@@ -85,9 +85,9 @@ pub struct AppendedEventRef {
     pub event_id: Uuid,
     pub aggregate_type: String,
     pub aggregate_id: String,
-    pub sequence: i64,
+    pub sequence: Int64,
     pub event_type: String,
-    pub position: i64,
+    pub position: Int64,
     pub hash: String,
 }
 
@@ -165,9 +165,9 @@ async fn finish(
                 event_id: e.event_id,
                 aggregate_type: e.aggregate_type,
                 aggregate_id: e.aggregate_id,
-                sequence: e.sequence,
+                sequence: Int64::from(e.sequence),
                 event_type: e.event_type,
-                position: e.position,
+                position: Int64::from(e.position),
                 hash: e.hash,
             })
             .collect(),

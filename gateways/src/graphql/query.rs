@@ -108,7 +108,14 @@ impl Query {
             if backwards {
                 nodes.reverse();
             }
-            let (has_previous, has_next) = if backwards { (more, before.is_some()) } else { (after.is_some(), more) };
+            let (mut has_previous, has_next) =
+                if backwards { (more, before.is_some()) } else { (after.is_some(), more) };
+            // Relay's algorithm with both: the first `first` edges, then the last `last` of them.
+            if let (Some(_), Some(last)) = (first, last) {
+                let cut = nodes.len().saturating_sub(last);
+                has_previous |= cut > 0;
+                nodes.drain(..cut);
+            }
             let mut page = Relay::new(has_previous, has_next);
             page.edges.extend(nodes.into_iter().map(|(key, doc)| Edge::new(key, Installation::from(doc))));
             Ok::<_, ApiError>(page)
@@ -219,12 +226,12 @@ impl Query {
         ctx: &Context<'_>,
         id: Uuid,
         at: Option<DateTime<Utc>>,
-        position: Option<i64>,
+        position: Option<Int64>,
     ) -> Result<InstallationAsOf> {
         super::check_times(&[("at", at)])?;
         let bound = match (at, position) {
             (Some(t), None) => AsOf::Time(t),
-            (None, Some(p)) => AsOf::Position(p),
+            (None, Some(p)) => AsOf::Position(p.0),
             _ => return Err(ApiError::bad_request("invalid_input", "give exactly one of `at` or `position`")),
         };
         let db = db(ctx);
@@ -245,8 +252,8 @@ impl Query {
                     Ok(Json(value))
                 })
                 .collect::<Result<_, serde_json::Error>>()?,
-            events: state.events,
-            last_position: state.last_position,
+            events: Int64::from(state.events),
+            last_position: (state.last_position).map(Int64::from),
             last_recorded_at: state.last_recorded_at,
         })
     }
@@ -260,15 +267,15 @@ impl Query {
         let report = audit::verify(&mut conn, Some(&streams), |_| {}).await?;
         Ok(Verification {
             intact: report.is_intact(),
-            streams: report.streams,
-            events: report.events,
+            streams: Int64::from(report.streams),
+            events: Int64::from(report.events),
             heads: report
                 .heads
                 .into_iter()
                 .map(|(aggregate_type, aggregate_id, sequence, hash)| StreamHead {
                     aggregate_type,
                     aggregate_id,
-                    sequence,
+                    sequence: Int64::from(sequence),
                     hash,
                 })
                 .collect(),
@@ -397,14 +404,14 @@ pub struct AuditEvent {
     pub event_id: Uuid,
     pub aggregate_type: String,
     pub aggregate_id: String,
-    pub sequence: i64,
+    pub sequence: Int64,
     pub event_type: String,
     pub event_version: String,
     pub payload: Json<serde_json::Value>,
     pub metadata: Json<serde_json::Value>,
     /// Who sent the command (from the metadata).
     pub actor: Option<String>,
-    pub position: i64,
+    pub position: Int64,
     pub transaction_id: String,
     pub recorded_at: DateTime<Utc>,
     /// The stream's chain hash at this event (hex).
@@ -418,12 +425,12 @@ impl From<amplog_commands::RecordedEvent> for AuditEvent {
             event_id: e.event_id,
             aggregate_type: e.aggregate_type,
             aggregate_id: e.aggregate_id,
-            sequence: e.sequence,
+            sequence: Int64::from(e.sequence),
             event_type: e.event_type,
             event_version: e.event_version,
             payload: Json(e.payload),
             metadata: Json(e.metadata),
-            position: e.position,
+            position: Int64::from(e.position),
             transaction_id: e.transaction_id.to_string(),
             recorded_at: e.recorded_at,
             hash: e.hash.map(hex::encode),
@@ -445,8 +452,8 @@ pub struct InstallationAsOf {
     pub connection: Option<Json<serde_json::Value>>,
     pub operations: Vec<Json<serde_json::Value>>,
     /// How many events were replayed, and the last one's position and time.
-    pub events: u64,
-    pub last_position: Option<i64>,
+    pub events: Int64,
+    pub last_position: Option<Int64>,
     pub last_recorded_at: Option<DateTime<Utc>>,
 }
 
@@ -454,15 +461,15 @@ pub struct InstallationAsOf {
 pub struct StreamHead {
     pub aggregate_type: String,
     pub aggregate_id: String,
-    pub sequence: i64,
+    pub sequence: Int64,
     pub hash: String,
 }
 
 #[derive(SimpleObject)]
 pub struct Verification {
     pub intact: bool,
-    pub streams: u64,
-    pub events: u64,
+    pub streams: Int64,
+    pub events: Int64,
     pub heads: Vec<StreamHead>,
     pub breaks: Vec<Json<serde_json::Value>>,
 }

@@ -1,9 +1,45 @@
 //! The GraphQL output types: read-model documents as builders see them.
 
 use amplog_projections::docs::*;
-use async_graphql::{Enum, SimpleObject};
+use async_graphql::{Enum, InputValueError, InputValueResult, Scalar, ScalarType, SimpleObject, Value};
 use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
+
+/// A 64-bit signed integer: counts, bytes, durations, log positions and sequences, which
+/// can pass GraphQL's 32-bit `Int`. Serialized as a JSON number; accepted as a number or a
+/// string of digits. (JavaScript clients read values above 2^53 exactly only as BigInt.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Int64(pub i64);
+
+/// A 64-bit signed integer (counts, bytes, log positions), serialized as a JSON number;
+/// GraphQL's `Int` is 32-bit.
+#[Scalar(name = "Int64")]
+impl ScalarType for Int64 {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        let parsed = match &value {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.parse().ok(),
+            _ => return Err(InputValueError::expected_type(value)),
+        };
+        parsed.map(Int64).ok_or_else(|| InputValueError::custom("not a 64-bit integer"))
+    }
+
+    fn to_value(&self) -> Value {
+        Value::Number(self.0.into())
+    }
+}
+
+impl From<i64> for Int64 {
+    fn from(n: i64) -> Self {
+        Int64(n)
+    }
+}
+
+impl From<u64> for Int64 {
+    fn from(n: u64) -> Self {
+        Int64(i64::try_from(n).unwrap_or(i64::MAX))
+    }
+}
 
 #[derive(SimpleObject, Clone, Debug)]
 pub struct ObjectDeclaration {
@@ -203,20 +239,20 @@ pub struct Operation {
     /// `pending`, `running`, `succeeded`, `failed` or `cancelled`.
     pub status: String,
     pub attempts: u32,
-    pub pages: u64,
-    pub records: u64,
-    pub bytes: u64,
+    pub pages: Int64,
+    pub records: Int64,
+    pub bytes: Int64,
     pub error_class: Option<String>,
     pub error_message: Option<String>,
     pub requested_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub duration_ms: Option<i64>,
+    pub duration_ms: Option<Int64>,
     /// Page deliveries to the destination: every attempt, and the failed ones.
-    pub delivery_attempts: u64,
-    pub delivery_failures: u64,
+    pub delivery_attempts: Int64,
+    pub delivery_failures: Int64,
     /// The operation stream's sequence this state reflects.
-    pub version: i64,
+    pub version: Int64,
 }
 
 /// One record's outcome in a write operation.
@@ -242,18 +278,18 @@ impl From<OperationDoc> for Operation {
             until: d.until,
             status: d.status,
             attempts: d.attempts,
-            pages: d.pages,
-            records: d.records,
-            bytes: d.bytes,
+            pages: Int64::from(d.pages),
+            records: Int64::from(d.records),
+            bytes: Int64::from(d.bytes),
             error_class: d.error_class,
             error_message: d.error_message,
             requested_at: d.requested_at,
             started_at: d.started_at,
             finished_at: d.finished_at,
-            duration_ms: d.duration_ms,
-            delivery_attempts: d.delivery_attempts,
-            delivery_failures: d.delivery_failures,
-            version: d.version,
+            duration_ms: (d.duration_ms).map(Int64::from),
+            delivery_attempts: Int64::from(d.delivery_attempts),
+            delivery_failures: Int64::from(d.delivery_failures),
+            version: Int64::from(d.version),
         }
     }
 }
@@ -265,7 +301,7 @@ pub struct ReadState {
     pub page_token: Option<String>,
     /// `backfill` until the first successful read, then `incremental`.
     pub mode: String,
-    pub records_read: u64,
+    pub records_read: Int64,
     pub last_success_at: Option<DateTime<Utc>>,
 }
 
@@ -276,7 +312,7 @@ impl From<ReadStateDoc> for ReadState {
             watermark: d.watermark,
             page_token: d.page_token,
             mode: d.mode,
-            records_read: d.records_read,
+            records_read: Int64::from(d.records_read),
             last_success_at: d.last_success_at,
         }
     }
@@ -285,17 +321,17 @@ impl From<ReadStateDoc> for ReadState {
 #[derive(SimpleObject, Clone, Debug)]
 pub struct Count {
     pub key: String,
-    pub count: i64,
+    pub count: Int64,
 }
 
 #[derive(SimpleObject, Clone, Debug)]
 pub struct UsageDay {
     pub installation_id: Uuid,
     pub day: NaiveDate,
-    pub records_read: u64,
-    pub records_written: u64,
-    pub bytes: u64,
-    pub proxy_calls: u64,
+    pub records_read: Int64,
+    pub records_written: Int64,
+    pub bytes: Int64,
+    pub proxy_calls: Int64,
     /// Finished operations by `<type>.<status>`.
     pub operations: Vec<Count>,
 }
@@ -305,11 +341,11 @@ impl From<UsageDoc> for UsageDay {
         UsageDay {
             installation_id: d.installation_id,
             day: d.day,
-            records_read: d.records_read,
-            records_written: d.records_written,
-            bytes: d.bytes,
-            proxy_calls: d.proxy_calls,
-            operations: d.operations.into_iter().map(|(key, n)| Count { key, count: n as i64 }).collect(),
+            records_read: Int64::from(d.records_read),
+            records_written: Int64::from(d.records_written),
+            bytes: Int64::from(d.bytes),
+            proxy_calls: Int64::from(d.proxy_calls),
+            operations: d.operations.into_iter().map(|(key, n)| Count { key, count: Int64::from(n as i64) }).collect(),
         }
     }
 }
@@ -319,25 +355,25 @@ impl From<UsageDoc> for UsageDay {
 pub struct BillingMonth {
     /// `YYYY-MM`.
     pub month: String,
-    pub records_read: i64,
-    pub records_written: i64,
-    pub bytes: i64,
-    pub proxy_calls: i64,
+    pub records_read: Int64,
+    pub records_written: Int64,
+    pub bytes: Int64,
+    pub proxy_calls: Int64,
     pub operations: Vec<Count>,
     /// Installations with any activity in the month.
-    pub active_installations: i64,
+    pub active_installations: Int64,
 }
 
 impl From<amplog_projections::usage::MonthlyUsage> for BillingMonth {
     fn from(m: amplog_projections::usage::MonthlyUsage) -> Self {
         BillingMonth {
             month: m.month,
-            records_read: m.records_read,
-            records_written: m.records_written,
-            bytes: m.bytes,
-            proxy_calls: m.proxy_calls,
-            operations: m.operations.into_iter().map(|(key, count)| Count { key, count }).collect(),
-            active_installations: m.active_installations,
+            records_read: Int64::from(m.records_read),
+            records_written: Int64::from(m.records_written),
+            bytes: Int64::from(m.bytes),
+            proxy_calls: Int64::from(m.proxy_calls),
+            operations: m.operations.into_iter().map(|(key, count)| Count { key, count: Int64::from(count) }).collect(),
+            active_installations: Int64::from(m.active_installations),
         }
     }
 }
