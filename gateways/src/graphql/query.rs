@@ -18,6 +18,17 @@ use uuid::Uuid;
 
 const DEFAULT_PAGE: usize = 20;
 const MAX_PAGE: usize = 100;
+/// The largest history page.
+const MAX_HISTORY_PAGE: i32 = 1000;
+/// What a replay of a whole installation (`installationAsOf`, `verifyInstallation`) costs
+/// in the complexity budget (10,000): a request holds at most four.
+const REPLAY_COMPLEXITY: usize = 2_500;
+
+/// A history page costs 4 per event asked for: two 1,000-event pages fit in a request,
+/// thirty aliased ones do not.
+fn history_complexity(first: i32) -> usize {
+    first.clamp(1, MAX_HISTORY_PAGE) as usize * 4
+}
 
 #[derive(InputObject, Default)]
 pub struct InstallationFilter {
@@ -197,6 +208,7 @@ impl Query {
 
     /// Every event of the installation, its connection and its operations, in log order,
     /// with hashes and actors. Page with `after` (a previous page's `endCursor`).
+    #[graphql(complexity = "history_complexity(first)")]
     async fn installation_history(
         &self,
         ctx: &Context<'_>,
@@ -207,10 +219,16 @@ impl Query {
         #[graphql(default = 1000)] first: i32,
     ) -> Result<HistoryPage> {
         super::check_times(&[("from", from), ("to", to)])?;
+        if !(1..=MAX_HISTORY_PAGE).contains(&first) {
+            return Err(ApiError::bad_request(
+                "invalid_input",
+                format!("`first` must be 1 to {MAX_HISTORY_PAGE}; page with `after`"),
+            ));
+        }
         let db = db(ctx);
         require_installation(db, id).await?;
         let after = after.as_deref().map(parse_log_cursor).transpose()?.unwrap_or_default();
-        let first = first.clamp(1, 10_000) as i64;
+        let first = first as i64;
         let range = HistoryRange { after, from, to, limit: first + 1 };
         let mut events = audit::installation_history_in(&mut *db.conn().await?, &id.to_string(), range).await?;
         let has_next_page = events.len() as i64 > first;
@@ -221,6 +239,7 @@ impl Query {
 
     /// The installation, its connection and its operations as they stood at `at` (a time)
     /// or `position` (a log position), replayed from the log.
+    #[graphql(complexity = "REPLAY_COMPLEXITY")]
     async fn installation_as_of(
         &self,
         ctx: &Context<'_>,
@@ -259,6 +278,7 @@ impl Query {
     }
 
     /// Recomputes the hash chains of the installation's streams.
+    #[graphql(complexity = "REPLAY_COMPLEXITY")]
     async fn verify_installation(&self, ctx: &Context<'_>, id: Uuid) -> Result<Verification> {
         let db = db(ctx);
         require_installation(db, id).await?;
