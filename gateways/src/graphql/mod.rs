@@ -185,8 +185,7 @@ pub fn shape(doc: &ExecutableDocument) -> QueryShape {
             }
         }
     }
-    let mut shape = QueryShape::default();
-    shape.introspection_only = true;
+    let mut shape = QueryShape { introspection_only: true, ..QueryShape::default() };
     for (_, op) in doc.operations.iter() {
         walk(&op.node.selection_set.node, &mut shape);
         shape.introspection_only &= op.node.selection_set.node.items.iter().all(|item| match &item.node {
