@@ -113,6 +113,13 @@ pub async fn deliver(client: &reqwest::Client, url: &str, secret: &str, id: &str
     }
 }
 
+/// A delivery byte for byte, for checks by other implementations of the signature.
+#[derive(Clone, Debug, Default)]
+pub struct RawDelivery {
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
 /// One delivery as a sink received it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Received {
@@ -138,6 +145,8 @@ struct SinkState {
     answer_next: std::collections::VecDeque<u16>,
     /// Requests that arrived at `/elsewhere` (followed redirects), with or without a body.
     redirected: u64,
+    /// The last accepted delivery as it arrived: its Standard Webhooks headers and body.
+    last_raw: Option<RawDelivery>,
     refused: u64,
     rejected_signatures: u64,
     received: Vec<Received>,
@@ -195,6 +204,11 @@ impl Sink {
     /// which answers 200 to anything, as a careless receiver would).
     pub fn answer_next(&self, statuses: &[u16]) {
         self.state.lock().expect("sink").answer_next.extend(statuses);
+    }
+
+    /// The last delivery it accepted, as it arrived.
+    pub fn last_raw(&self) -> Option<RawDelivery> {
+        self.state.lock().expect("sink").last_raw.clone()
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -269,6 +283,12 @@ fn receive_verified(state: &mut SinkState, headers: &HeaderMap, body: &Bytes) ->
         return StatusCode::UNAUTHORIZED;
     };
     let Ok(payload) = serde_json::from_slice::<Value>(body) else { return StatusCode::BAD_REQUEST };
+    let standard = ["webhook-id", "webhook-timestamp", "webhook-signature"];
+    let headers = standard
+        .iter()
+        .filter_map(|name| Some((name.to_string(), headers.get(*name)?.to_str().ok()?.to_string())))
+        .collect();
+    state.last_raw = Some(RawDelivery { headers, body: body.to_vec() });
     let text = |key: &str| payload.get(key).and_then(Value::as_str).unwrap_or_default().to_string();
     let max_updated = payload
         .get("records")

@@ -511,6 +511,47 @@ async fn a_receiver_answering_redirects_loses_nothing_and_gone_stops_the_read() 
     assert_eq!(world.sink.report().redirected, 0);
 }
 
+/// The Standard Webhooks reference implementation (the `standardwebhooks` package from
+/// PyPI, installed by the test command) verifies a delivery byte for byte, and refuses it
+/// once the body is altered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_webhooks_reference_library_verifies_deliveries() {
+    let world = SyncWorld::start(config(50)).await;
+    let contacts = world.request_read("contacts").await;
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(10));
+    assert_eq!(world.finished(contacts, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
+    dispatch.abort();
+    let delivery = world.sink.last_raw().expect("a delivery");
+    let verify = |body: &[u8]| {
+        let python = std::env::var("AMPLOG_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = "import json, sys\n\
+from standardwebhooks.webhooks import Webhook\n\
+case = json.load(sys.stdin)\n\
+Webhook(case['secret']).verify(case['body'].encode(), case['headers'])\n";
+        let case = json!({
+            "secret": amplog_gateways::testing::SINK_SECRET,
+            "headers": delivery.headers,
+            "body": String::from_utf8(body.to_vec()).unwrap(),
+        });
+        let mut child = std::process::Command::new(&python)
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{python}: {e}"));
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(case.to_string().as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let verified = verify(&delivery.body);
+    assert!(verified.status.success(), "standardwebhooks refused it: {}", String::from_utf8_lossy(&verified.stderr));
+    let mut altered = delivery.body.clone();
+    altered.push(b' ');
+    let refused = verify(&altered);
+    assert!(!refused.status.success(), "an altered body verified");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("WebhookVerificationError"), "{refused:?}");
+}
+
 /// SSRF: a tenant's `instance_url`, or a provider's absolute next-page URL, that points at
 /// another service is never called (the bearer token stays home) and nothing that service
 /// would say reaches the tenant; with private addresses refused (the production default),
