@@ -84,6 +84,8 @@ pub struct AppState {
     pub parsed: ParsedCache,
     /// Open WebSocket connections and running subscriptions per API key.
     pub sockets: Arc<SocketCounts>,
+    /// The `operationUpdates` feeds, one per installation with subscribers.
+    pub feeds: graphql::subscription::Feeds,
 }
 
 /// Bytes of query text the parsed-document cache holds at most (weighed as guard.rs says).
@@ -115,9 +117,9 @@ impl Server {
         let (projected, _) = broadcast::channel(16);
         tokio::spawn(relay_projected(service.pool().clone(), projected.clone(), shutdown.clone()));
         let parsed = guard::parsed_cache(PARSED_CACHE_BYTES);
-        let sockets = Arc::default();
+        let (sockets, feeds) = (Arc::default(), Default::default());
         let state =
-            Arc::new(AppState { service, keys, config, projected, shutdown: shutdown.clone(), parsed, sockets });
+            Arc::new(AppState { service, keys, config, projected, shutdown: shutdown.clone(), parsed, sockets, feeds });
         let router = router(state);
         let mut until = shutdown;
         let task = tokio::spawn(async move {

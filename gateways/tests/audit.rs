@@ -229,3 +229,57 @@ async fn operation_updates_arrive_over_websocket_for_the_keys_project_only() {
     assert!(matches!(closed, Some(Ok(Message::Close(_))) | None | Some(Err(_))), "{closed:?}");
     app.stop().await;
 }
+
+/// Many subscribers of one installation (one feed re-reads for all of them): each gets
+/// every change once, and one that leaves does not stop the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_subscribers_of_one_installation_each_get_every_change() {
+    let app = TestApp::spawn().await;
+    let s = seed(&app.service).await;
+    let (_, key) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    app.projected().await;
+    let mut sockets = Vec::new();
+    for _ in 0..2 {
+        let mut request =
+            format!("ws://{}/graphql/ws", app.base.trim_start_matches("http://")).into_client_request().unwrap();
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        ws.send(Message::text(json!({"type": "connection_init", "payload": {"apiKey": key}}).to_string()))
+            .await
+            .unwrap();
+        assert_eq!(next_message(&mut ws).await["type"], "connection_ack");
+        for i in 0..8 {
+            let subscribe = json!({"type": "subscribe", "id": format!("s{i}"), "payload": {
+                "query": "subscription($id: UUID!) { operationUpdates(installationId: $id) { id status } }",
+                "variables": {"id": s.installation.0}}});
+            ws.send(Message::text(subscribe.to_string())).await.unwrap();
+        }
+        sockets.push(ws);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // the subscriptions take their snapshot
+    let (op, _) = start_read(&app.service, &s, "deals").await;
+    for ws in &mut sockets {
+        let mut got = std::collections::BTreeMap::new();
+        while got.len() < 8 {
+            let update = next_message(ws).await;
+            assert_eq!(update["type"], "next", "{update}");
+            assert_eq!(update["payload"]["data"]["operationUpdates"]["id"], op.0.to_string());
+            got.insert(
+                update["id"].as_str().unwrap().to_string(),
+                update["payload"]["data"]["operationUpdates"]["status"].clone(),
+            );
+        }
+        assert!(got.values().all(|status| status == "running" || status == "pending"), "{got:?}");
+    }
+    drop(sockets.pop());
+    app.service.cancel_operation(&s.ctx, op, "enough").await.unwrap();
+    let ws = &mut sockets[0];
+    let mut cancelled = 0;
+    while cancelled < 8 {
+        let update = next_message(ws).await;
+        if update["payload"]["data"]["operationUpdates"]["status"] == "cancelled" {
+            cancelled += 1;
+        }
+    }
+    app.stop().await;
+}

@@ -1,66 +1,135 @@
 //! `operationUpdates(installationId)`: every change of the installation's operations as the
-//! read models show it. Woken by the projector's NOTIFY after each batch (a one-second poll
-//! covers a lost notification); each poll is a short tenant-scoped transaction.
+//! read models show it. One feed per installation re-reads its operations when a projector
+//! batch commits (`NOTIFY`; a one-second poll covers a lost notification), in a short
+//! tenant-scoped transaction, and every subscriber to that installation shares it: a
+//! thousand subscribers cost one read per change, not a thousand.
 
 use super::loaders::decode;
 use super::principal;
 use super::query::require_installation;
 use super::types::Operation;
+use crate::error::ApiError;
 use crate::server::AppState;
 use crate::tenant::TenantDb;
+use amplog_domain::ProjectId;
 use amplog_projections::docs::OperationDoc;
 use async_graphql::{Context, Result, Subscription};
 use futures::{Stream, StreamExt};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 pub struct Subscription;
 
+/// An installation's operations as last read.
+type Snapshot = Arc<Vec<OperationDoc>>;
+
+/// The live feeds, one per (project, installation) with subscribers.
+#[derive(Default)]
+pub struct Feeds(Mutex<HashMap<(ProjectId, Uuid), Arc<watch::Sender<Snapshot>>>>);
+
+impl Feeds {
+    /// A receiver of the installation's feed, starting the feed (with a first read) when
+    /// none runs.
+    async fn subscribe(
+        &self,
+        app: &Arc<AppState>,
+        project: ProjectId,
+        installation: Uuid,
+    ) -> Result<watch::Receiver<Snapshot>, ApiError> {
+        if let Some(feed) = self.lock().get(&(project, installation)) {
+            return Ok(feed.subscribe());
+        }
+        let db = TenantDb::new(app.service.pool().clone(), project, app.config.statement_timeout_ms);
+        let first = read(&db, installation).await?;
+        let mut feeds = self.lock();
+        if let Some(feed) = feeds.get(&(project, installation)) {
+            return Ok(feed.subscribe()); // another subscriber started it meanwhile
+        }
+        let (feed, receiver) = watch::channel(Arc::new(first));
+        let feed = Arc::new(feed);
+        feeds.insert((project, installation), feed.clone());
+        tokio::spawn(run_feed(app.clone(), db, installation, feed));
+        Ok(receiver)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ProjectId, Uuid), Arc<watch::Sender<Snapshot>>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+async fn read(db: &TenantDb, installation: Uuid) -> Result<Vec<OperationDoc>, ApiError> {
+    let rows = sqlx::query(
+        "SELECT doc::text AS doc FROM operations WHERE project_id = $1 AND installation_id = $2 ORDER BY key",
+    )
+    .bind(db.project.0)
+    .bind(installation.to_string())
+    .fetch_all(&mut *db.conn().await?)
+    .await;
+    db.release().await;
+    rows?.iter().map(decode::<OperationDoc>).collect()
+}
+
+/// Re-reads on each projector batch (or every second) and publishes what changed, until
+/// the last subscriber has gone (checked under the feeds' lock, so none joins a feed that
+/// is ending) or the server stops.
+async fn run_feed(app: Arc<AppState>, db: TenantDb, installation: Uuid, feed: Arc<watch::Sender<Snapshot>>) {
+    let key = (db.project, installation);
+    let mut wake = app.projected.subscribe();
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = crate::server::stopped(&mut shutdown) => break,
+            _ = wake.recv() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        {
+            let mut feeds = app.feeds.lock();
+            if feed.receiver_count() == 0 {
+                feeds.remove(&key);
+                return;
+            }
+        }
+        match read(&db, installation).await {
+            Ok(docs) => {
+                let versions =
+                    |docs: &[OperationDoc]| docs.iter().map(|d| (d.operation_id, d.version)).collect::<Vec<_>>();
+                feed.send_if_modified(|current| {
+                    let changed = versions(current) != versions(&docs);
+                    if changed {
+                        *current = Arc::new(docs);
+                    }
+                    changed
+                });
+            }
+            Err(error) => tracing::warn!(%error, "operationUpdates: reading the operations failed; retrying"),
+        }
+    }
+    app.feeds.lock().remove(&key);
+}
+
+/// One subscriber: the versions it has seen, the changes since.
 struct Watch {
-    app: Arc<AppState>,
-    db: TenantDb,
-    installation: Uuid,
+    feed: watch::Receiver<Snapshot>,
     seen: HashMap<Uuid, i64>,
-    wake: tokio::sync::broadcast::Receiver<()>,
 }
 
 impl Watch {
-    async fn operations(&self) -> Result<Vec<OperationDoc>, crate::error::ApiError> {
-        let rows = sqlx::query(
-            "SELECT doc::text AS doc FROM operations WHERE project_id = $1 AND installation_id = $2 ORDER BY key",
-        )
-        .bind(self.db.project.0)
-        .bind(self.installation.to_string())
-        .fetch_all(&mut *self.db.conn().await?)
-        .await?;
-        let docs = rows.iter().map(decode::<OperationDoc>).collect();
-        self.db.release().await;
-        docs
-    }
-
-    /// Waits for the next change and returns the operations that changed.
+    /// Waits for the feed to change and returns the operations changed since last seen.
     async fn next_changes(&mut self) -> Option<Vec<Operation>> {
         loop {
-            let mut shutdown = self.app.shutdown.clone();
-            tokio::select! {
-                _ = crate::server::stopped(&mut shutdown) => return None,
-                _ = self.wake.recv() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            match self.operations().await {
-                Ok(docs) => {
-                    let changed: Vec<Operation> = docs
-                        .into_iter()
-                        .filter(|d| self.seen.insert(d.operation_id, d.version) != Some(d.version))
-                        .map(Into::into)
-                        .collect();
-                    if !changed.is_empty() {
-                        return Some(changed);
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "operationUpdates: poll failed; retrying"),
+            self.feed.changed().await.ok()?;
+            let snapshot = self.feed.borrow_and_update().clone();
+            let changed: Vec<Operation> = snapshot
+                .iter()
+                .filter(|d| self.seen.insert(d.operation_id, d.version) != Some(d.version))
+                .cloned()
+                .map(Into::into)
+                .collect();
+            if !changed.is_empty() {
+                return Some(changed);
             }
         }
     }
@@ -76,13 +145,13 @@ impl Subscription {
         installation_id: Uuid,
     ) -> Result<impl Stream<Item = Operation> + use<>> {
         let app: Arc<AppState> = ctx.data_unchecked::<Arc<AppState>>().clone();
-        let db = TenantDb::new(app.service.pool().clone(), principal(ctx).project_id, app.config.statement_timeout_ms);
+        let project = principal(ctx).project_id;
+        let db = TenantDb::new(app.service.pool().clone(), project, app.config.statement_timeout_ms);
         require_installation(&db, installation_id).await?;
-        let wake = app.projected.subscribe();
-        let mut watch = Watch { app, db, installation: installation_id, seen: HashMap::new(), wake };
-        for doc in watch.operations().await? {
-            watch.seen.insert(doc.operation_id, doc.version);
-        }
+        db.release().await;
+        let mut feed = app.feeds.subscribe(&app, project, installation_id).await?;
+        let seen = feed.borrow_and_update().iter().map(|d| (d.operation_id, d.version)).collect();
+        let watch = Watch { feed, seen };
         Ok(futures::stream::unfold(watch, |mut watch| async move {
             let changed = watch.next_changes().await?;
             Some((futures::stream::iter(changed), watch))
