@@ -28,7 +28,9 @@ type Snapshot = Arc<Vec<OperationDoc>>;
 
 /// The live feeds, one per (project, installation) with subscribers.
 #[derive(Default)]
-pub struct Feeds(Mutex<HashMap<(ProjectId, Uuid), Arc<watch::Sender<Snapshot>>>>);
+pub struct Feeds(Mutex<FeedMap>);
+
+type FeedMap = HashMap<(ProjectId, Uuid), Arc<watch::Sender<Snapshot>>>;
 
 impl Feeds {
     /// A receiver of the installation's feed, starting the feed (with a first read) when
@@ -55,7 +57,7 @@ impl Feeds {
         Ok(receiver)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ProjectId, Uuid), Arc<watch::Sender<Snapshot>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedMap> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
