@@ -6,6 +6,7 @@ pub mod auth;
 pub mod connector;
 pub mod egress;
 pub mod error;
+pub mod graphiql;
 pub mod graphql;
 pub mod manifest;
 pub mod server;

@@ -8,7 +8,7 @@ use crate::graphql::{self, AmplogSchema, Limits};
 use crate::tenant::TenantDb;
 use amplog_commands::audit::{self, HistoryRange};
 use amplog_commands::{CommandService, LogCursor};
-use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
 use async_graphql::{Data, Executor};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::{Body, Bytes};
@@ -173,6 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/graphql", get(graphiql).post(graphql_http))
         .route("/graphql/ws", get(graphql_ws))
+        .route("/graphql/assets/{name}", get(graphiql_asset))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -278,9 +279,16 @@ async fn execute_once(
 
 async fn graphiql(State(shared): State<Shared>) -> Response {
     if shared.state.config.dev {
-        Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql/ws").finish()).into_response()
+        Html(crate::graphiql::PAGE).into_response()
     } else {
         ApiError::NotFound("route").into_response()
+    }
+}
+
+async fn graphiql_asset(State(shared): State<Shared>, Path(name): Path<String>) -> Response {
+    match crate::graphiql::asset(&name) {
+        Some(asset) if shared.state.config.dev => asset,
+        _ => ApiError::NotFound("route").into_response(),
     }
 }
 
