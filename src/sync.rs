@@ -190,8 +190,8 @@ pub async fn create_destination(app: &App, project: Uuid, name: &str, url: &str)
 }
 
 pub async fn list_destinations(app: &App, project: Uuid) -> Result<i32> {
-    for (name, url) in destinations::list(&app.pool, ProjectId(project)).await? {
-        println!("{}", serde_json::json!({"name": name, "url": url}));
+    for (name, url, disabled) in destinations::list(&app.pool, ProjectId(project)).await? {
+        println!("{}", serde_json::json!({"name": name, "url": url, "disabled": disabled}));
     }
     Ok(0)
 }

@@ -13,6 +13,8 @@ pub struct Destination {
     pub name: String,
     pub url: String,
     pub secret: Secret,
+    /// Why deliveries to it stopped (it answered 410 Gone), when they did.
+    pub disabled: Option<String>,
 }
 
 /// The destination an object's reads go to when its manifest names none.
@@ -29,8 +31,8 @@ pub fn new_secret() -> Secret {
     Secret(format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(random_bytes::<24>())))
 }
 
-/// Creates or replaces destination `name` of `project`; returns its signing secret (shown
-/// once by the CLI). `secret` is generated when not given.
+/// Creates or replaces destination `name` of `project` (enabled again if it was disabled);
+/// returns its signing secret (shown once by the CLI). `secret` is generated when not given.
 pub async fn put(
     pool: &PgPool,
     store: &CredentialStore,
@@ -56,7 +58,8 @@ pub async fn put(
     sqlx::query(
         "INSERT INTO destinations (project_id, name, url, key_id, nonce, ciphertext) VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (project_id, name) DO UPDATE
-           SET url = EXCLUDED.url, key_id = EXCLUDED.key_id, nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext",
+           SET url = EXCLUDED.url, key_id = EXCLUDED.key_id, nonce = EXCLUDED.nonce, ciphertext = EXCLUDED.ciphertext,
+               disabled_at = NULL, disabled_reason = NULL",
     )
     .bind(project.0)
     .bind(name)
@@ -76,21 +79,36 @@ pub async fn get(
     project: ProjectId,
     name: &str,
 ) -> Result<Option<Destination>, CommandError> {
-    let row =
-        sqlx::query("SELECT url, key_id, nonce, ciphertext FROM destinations WHERE project_id = $1 AND name = $2")
-            .bind(project.0)
-            .bind(name)
-            .fetch_optional(pool)
-            .await?;
+    let row = sqlx::query(
+        "SELECT url, key_id, nonce, ciphertext, disabled_reason FROM destinations WHERE project_id = $1 AND name = $2",
+    )
+    .bind(project.0)
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
     let Some(row) = row else { return Ok(None) };
     let sealed = Sealed { key_id: row.get("key_id"), nonce: row.get("nonce"), ciphertext: row.get("ciphertext") };
     let secret = store.open(&aad(project, name), &sealed)?;
-    Ok(Some(Destination { name: name.into(), url: row.get("url"), secret }))
+    Ok(Some(Destination { name: name.into(), url: row.get("url"), secret, disabled: row.get("disabled_reason") }))
 }
 
-/// Names and URLs of a project's destinations.
-pub async fn list(pool: &PgPool, project: ProjectId) -> Result<Vec<(String, String)>, CommandError> {
-    Ok(sqlx::query_as("SELECT name, url FROM destinations WHERE project_id = $1 ORDER BY name")
+/// Stops deliveries to destination `name` of `project` until it is created again.
+pub async fn disable(pool: &PgPool, project: ProjectId, name: &str, reason: &str) -> Result<(), CommandError> {
+    sqlx::query(
+        "UPDATE destinations SET disabled_at = now(), disabled_reason = $3
+         WHERE project_id = $1 AND name = $2 AND disabled_at IS NULL",
+    )
+    .bind(project.0)
+    .bind(name)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Names, URLs and (when disabled) why, of a project's destinations.
+pub async fn list(pool: &PgPool, project: ProjectId) -> Result<Vec<(String, String, Option<String>)>, CommandError> {
+    Ok(sqlx::query_as("SELECT name, url, disabled_reason FROM destinations WHERE project_id = $1 ORDER BY name")
         .bind(project.0)
         .fetch_all(pool)
         .await?)

@@ -342,6 +342,9 @@ impl SyncHandler {
             let message = format!("destination `{}` may not be delivered to: {why}", plan.destination.name);
             failure(ErrorClass::DestinationUnavailable, message, false)
         };
+        if let Some(why) = &plan.destination.disabled {
+            return Err(refused(format!("it is disabled ({why}); create it again to enable it")));
+        }
         let url = reqwest::Url::parse(&plan.destination.url).map_err(|e| refused(e.to_string()))?;
         self.connectors.egress().check(&url).map_err(refused)?;
         // A destination that is down is not a failed read: after `max_attempts` quick tries
@@ -367,7 +370,12 @@ impl SyncHandler {
             }
             recorded(job.service.record_delivery_failure(job.command, operation_id, lease, &delivery).await)?;
             if outcome.status == Some(410) {
-                // Gone: the receiver says the endpoint will not come back; retrying is noise.
+                // Gone: the receiver says the endpoint will not come back; retrying is noise,
+                // and so are other reads' deliveries: the destination is disabled.
+                let reason = format!("answered 410 Gone to page {page} of operation {operation_id}");
+                destinations::disable(job.service.pool(), job.command.project_id, &plan.destination.name, &reason)
+                    .await
+                    .map_err(internal)?;
                 return Err(failure(
                     ErrorClass::DestinationUnavailable,
                     format!("destination `{}` answered 410 Gone for page {page}", plan.destination.name),

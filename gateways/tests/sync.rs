@@ -509,6 +509,32 @@ async fn a_receiver_answering_redirects_loses_nothing_and_gone_stops_the_read() 
     let attempts = count(&world.events_of("operation", companies.0).await, "DeliveryAttempted");
     assert_eq!(attempts, 1, "a 410 is not retried");
     assert_eq!(world.sink.report().redirected, 0);
+    // The destination is disabled: the next read fails at once, delivering nothing, until
+    // the destination is created again.
+    let listed = amplog_commands::destinations::list(&world.db.pool, world.ctx.project_id).await.unwrap();
+    assert!(listed[0].2.as_deref().is_some_and(|why| why.contains("410 Gone")), "{listed:?}");
+    let deals = world.request_read("deals").await;
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
+    let failed = world.finished(deals, Duration::from_secs(60)).await;
+    assert_eq!(
+        (failed.status, failed.error_class),
+        (OperationStatus::Failed, Some(ErrorClass::DestinationUnavailable))
+    );
+    assert_eq!(count(&world.events_of("operation", deals.0).await, "DeliveryAttempted"), 0);
+    let url = listed[0].1.clone();
+    amplog_commands::destinations::put(
+        &world.db.pool,
+        world.service.credentials(),
+        world.ctx.project_id,
+        "default",
+        &url,
+        Some(amplog_commands::credentials::Secret(amplog_gateways::testing::SINK_SECRET.into())),
+    )
+    .await
+    .unwrap();
+    let again = world.request_read("deals").await;
+    assert_eq!(world.finished(again, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
+    dispatch.abort();
 }
 
 /// The Standard Webhooks reference implementation (the `standardwebhooks` package from

@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 5, name: "dead_letters", sql: include_str!("../sql/0005_dead_letters.sql") },
     Migration { version: 6, name: "destinations", sql: include_str!("../sql/0006_destinations.sql") },
     Migration { version: 7, name: "events_by_position", sql: include_str!("../sql/0007_events_by_position.sql") },
+    Migration { version: 8, name: "destinations_disabled", sql: include_str!("../sql/0008_destinations_disabled.sql") },
 ];
 
 #[derive(Debug, thiserror::Error)]

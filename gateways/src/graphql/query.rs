@@ -307,7 +307,7 @@ impl Query {
     async fn destinations(&self, ctx: &Context<'_>) -> Result<Vec<Destination>> {
         let project = principal(ctx).project_id;
         let listed = amplog_commands::destinations::list(app(ctx).service.pool(), project).await?;
-        Ok(listed.into_iter().map(|(name, url)| Destination { name, url }).collect())
+        Ok(listed.into_iter().map(|(name, url, disabled)| Destination { name, url, disabled }).collect())
     }
 
     /// Who is asking: the key's project and scope.
@@ -321,6 +321,8 @@ impl Query {
 pub struct Destination {
     pub name: String,
     pub url: String,
+    /// Why deliveries to it stopped (it answered 410 Gone); `createDestination` enables it again.
+    pub disabled: Option<String>,
 }
 
 #[derive(SimpleObject)]
