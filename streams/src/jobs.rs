@@ -529,7 +529,8 @@ impl<H: JobHandler> InProcessDispatch<H> {
         subscription.batch_size = self.batch_size;
         let (mut read_to, mut saved) = (start, start);
         // Jobs waiting per installation, installations ready to run (in arrival order),
-        // unfinished jobs by cursor (with the cursor before each), running tasks.
+        // unfinished jobs by cursor (with the cursor before each; a job that failed to be
+        // recorded stays unfinished), running tasks.
         let mut waiting: HashMap<InstallationId, VecDeque<Queued>> = HashMap::new();
         let mut ready: VecDeque<InstallationId> = VecDeque::new();
         let mut running: std::collections::HashSet<InstallationId> = Default::default();
@@ -560,9 +561,13 @@ impl<H: JobHandler> InProcessDispatch<H> {
             tokio::select! {
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     let (installation, at, result) = done.map_err(|e| StreamsError::JobTask(e.to_string()))?;
-                    unfinished.remove(&at);
                     running.remove(&installation);
+                    if result.is_ok() {
+                        unfinished.remove(&at);
+                    }
                     match result {
+                        // Not recorded (the database went away): the checkpoint stays before
+                        // it, and the next leadership runs it again.
                         Err(error) => failed = Some(error),
                         Ok(()) if waiting.get(&installation).is_some_and(|q| !q.is_empty()) => ready.push_back(installation),
                         Ok(()) => {
