@@ -95,21 +95,25 @@ fn recorded(result: Result<amplog_commands::CommandOutcome, CommandError>) -> Re
 /// A record as delivered, with `idempotencyKey`: the same for every delivery of this
 /// version of the record (installation, object, id, modification time), whichever page or
 /// read carries it, so a receiver dedupes records re-read by an overlap window.
-fn delivered_record(job: &JobContext<'_>, record: &crate::connector::ProviderRecord) -> Value {
+#[derive(serde::Serialize)]
+struct DeliveredRecord<'a> {
+    #[serde(flatten)]
+    record: &'a crate::connector::ProviderRecord,
+    #[serde(rename = "idempotencyKey")]
+    idempotency_key: String,
+}
+
+fn delivered_record<'a>(job: &JobContext<'_>, record: &'a crate::connector::ProviderRecord) -> DeliveredRecord<'a> {
     use sha2::Digest;
-    let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
-    let identity = format!(
-        "{}\n{}\n{}\n{}",
-        job.message.job.installation_id,
-        job.message.job.object,
-        record.id,
-        record.updated.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    );
-    let digest = sha2::Sha256::digest(identity.as_bytes());
-    if let Some(fields) = value.as_object_mut() {
-        fields.insert("idempotencyKey".into(), Value::String(format!("rec_{}", hex::encode(&digest[..16]))));
+    let mut identity = sha2::Sha256::new();
+    identity.update(job.message.job.installation_id.0.as_bytes());
+    for part in [job.message.job.object.as_str(), record.id.as_str()] {
+        identity.update((part.len() as u64).to_be_bytes());
+        identity.update(part.as_bytes());
     }
-    value
+    identity.update(record.updated.timestamp_micros().to_be_bytes());
+    let digest = identity.finalize();
+    DeliveredRecord { record, idempotency_key: format!("rec_{}", hex::encode(&digest[..16])) }
 }
 
 /// What a read needs, loaded once per attempt.
