@@ -296,6 +296,16 @@ impl SyncWorld {
         })
     }
 
+    /// Reads `object` once with a dispatch of its own and waits until the read succeeded.
+    pub async fn read_once(&self, object: &str) -> amplog_domain::OperationId {
+        let op = self.request_read(object).await;
+        let dispatch = self.spawn_dispatch("worker-1", Duration::from_secs(10));
+        let state = self.finished(op, Duration::from_secs(60)).await;
+        dispatch.abort();
+        assert_eq!(state.status, amplog_domain::operation::OperationStatus::Succeeded, "{state:?}");
+        op
+    }
+
     /// Waits (up to `within`) until the operation has finished; returns its state.
     pub async fn finished(
         &self,

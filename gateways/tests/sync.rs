@@ -543,10 +543,7 @@ async fn a_receiver_answering_redirects_loses_nothing_and_gone_stops_the_read() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standard_webhooks_reference_library_verifies_deliveries() {
     let world = SyncWorld::start(config(50)).await;
-    let contacts = world.request_read("contacts").await;
-    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(10));
-    assert_eq!(world.finished(contacts, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
-    dispatch.abort();
+    world.read_once("contacts").await;
     let delivery = world.sink.last_raw().expect("a delivery");
     let verify = |body: &[u8]| {
         let python = std::env::var("AMPLOG_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -639,10 +636,7 @@ async fn provider_calls_go_only_to_the_connectors_hosts() {
 async fn a_scrape_after_a_sync_run_passes_promtool_and_needs_the_token() {
     use amplog_gateways::{Keys, Server, ServerConfig};
     let world = SyncWorld::start(config(120)).await;
-    let contacts = world.request_read("contacts").await;
-    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(60));
-    assert_eq!(world.finished(contacts, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
-    dispatch.abort();
+    world.read_once("contacts").await;
     world.project().await;
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -759,10 +753,7 @@ async fn a_stuck_installation_delays_no_other_and_a_dead_lease_is_taken_over() {
 async fn short_lived_tokens_are_not_refreshed_on_every_call() {
     let world =
         SyncWorld::start(SimConfig { records: 600, token_ttl: Duration::from_secs(20), ..SimConfig::default() }).await;
-    let contacts = world.request_read("contacts").await;
-    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(10));
-    assert_eq!(world.finished(contacts, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
-    dispatch.abort();
+    world.read_once("contacts").await;
     let stats = world.sim_stats().await;
     assert!(stats.token_refreshes <= 1, "{} refreshes for a 6-page read", stats.token_refreshes);
 }
