@@ -720,3 +720,107 @@ async fn an_unreachable_database_answers_a_retryable_503_with_a_code() {
     assert_eq!(body["errors"][0]["extensions"]["status"], 503);
     server.stop().await.unwrap();
 }
+
+/// PostgreSQL's server binaries: on PATH, else the newest /usr/lib/postgresql/N/bin.
+fn postgres_bin() -> std::path::PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path).find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
+    });
+    on_path.unwrap_or_else(|| {
+        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries (scripts/test installs them)")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|bin| bin.join("initdb").is_file())
+            .collect();
+        found.sort();
+        found.pop().expect("initdb")
+    })
+}
+
+/// A PostgreSQL restart under a running server: a request that meets it answers a
+/// retryable 503 `database_unavailable`, and the server answers again once PostgreSQL is
+/// back, without a restart of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_restart_answers_503_and_the_server_recovers() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+    let bin = postgres_bin();
+    let root = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap().trim() == "0";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pg = |program: &str| {
+        let mut command = if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin.join(program));
+            c
+        } else {
+            Command::new(bin.join(program))
+        };
+        command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        command
+    };
+    let data = dir.path().join("data");
+    let initdb = pg("initdb").arg("-D").arg(&data).args(["-U", "postgres", "-A", "trust", "--no-sync"]).status();
+    assert!(initdb.unwrap().success(), "initdb");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let options = format!("-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off", dir.path().display());
+    let ctl = |action: &str| {
+        let mut command = pg("pg_ctl");
+        command.arg(action).arg("-D").arg(&data).args(["-w", "-m", "fast"]);
+        if action == "start" {
+            command.arg("-l").arg(dir.path().join("log")).arg("-o").arg(&options);
+        }
+        assert!(command.status().unwrap().success(), "pg_ctl {action}");
+    };
+    ctl("start");
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect(&url)
+        .await
+        .unwrap();
+    amplog_migrations::migrate(&mut pool.acquire().await.unwrap()).await.unwrap();
+    let service = amplog_commands::CommandService::new(
+        pool.clone(),
+        amplog_commands::EventStore::default(),
+        amplog_commands::testing::credential_store(),
+    );
+    let ctx = amplog_commands::CommandContext::new(amplog_domain::ProjectId(Uuid::now_v7()), "test");
+    service.create_project(&ctx, "Acme").await.unwrap();
+    let keys = amplog_gateways::Keys::new(pool.clone());
+    let (_, key) = keys.create(ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
+    let server = amplog_gateways::server::Server::start(config, service, keys).await.unwrap();
+    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let ask = || async {
+        let response = client
+            .post(format!("http://{}/graphql", server.addr))
+            .header("x-api-key", &key)
+            .json(&json!({"query": "{ viewer { scope } installations { edges { node { id } } } }"}))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json::<Value>().await.unwrap())
+    };
+    assert_eq!(ask().await.0, 200);
+    ctl("stop");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the key cache
+    let (status, body) = ask().await;
+    assert_eq!((status, error_code(&body)), (503, "database_unavailable"), "{body}");
+    ctl("start");
+    let mut back = None;
+    for _ in 0..50 {
+        let (status, body) = ask().await;
+        if status == 200 && body.get("errors").is_none() {
+            back = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(back.expect("the server answers again")["data"]["viewer"]["scope"], "read");
+    server.stop().await.unwrap();
+    pool.close().await;
+    ctl("stop");
+}
