@@ -136,6 +136,20 @@ impl SyncHandler {
         &self.tokens
     }
 
+    /// Whether a read may deliver to its destination: checked once per attempt, before any
+    /// page is read (a write delivers nothing and is not checked).
+    fn deliverable(&self, destination: &Destination) -> Result<(), JobFailure> {
+        let refused = |why: String| {
+            let message = format!("destination `{}` may not be delivered to: {why}", destination.name);
+            failure(ErrorClass::DestinationUnavailable, message, false)
+        };
+        if let Some(why) = &destination.disabled {
+            return Err(refused(format!("it is disabled ({why}); create it again to enable it")));
+        }
+        let url = reqwest::Url::parse(&destination.url).map_err(|e| refused(e.to_string()))?;
+        self.connectors.egress().check(&url).map_err(refused)
+    }
+
     async fn plan(&self, job: &JobContext<'_>) -> Result<ReadPlan, JobFailure> {
         let (service, ctx) = (job.service, job.command);
         let installation =
@@ -232,6 +246,7 @@ impl SyncHandler {
         let (service, ctx, lease) = (job.service, job.command, job.lease);
         let operation_id = job.message.job.operation_id;
         let plan = self.plan(&job).await?;
+        self.deliverable(&plan.destination)?;
         let mut prefetched = None;
         let operation = service.load::<Operation>(ctx, operation_id.0).await.map_err(internal)?.state;
         let mut pages = operation.pages;
@@ -342,15 +357,6 @@ impl SyncHandler {
         .map_err(internal)?;
         let policy = &self.policy.delivery;
         let seed = operation_id.0.as_u128() as u64 ^ page;
-        let refused = |why: String| {
-            let message = format!("destination `{}` may not be delivered to: {why}", plan.destination.name);
-            failure(ErrorClass::DestinationUnavailable, message, false)
-        };
-        if let Some(why) = &plan.destination.disabled {
-            return Err(refused(format!("it is disabled ({why}); create it again to enable it")));
-        }
-        let url = reqwest::Url::parse(&plan.destination.url).map_err(|e| refused(e.to_string()))?;
-        self.connectors.egress().check(&url).map_err(refused)?;
         // A destination that is down is not a failed read: after `max_attempts` quick tries
         // the read parks, retrying with a backoff that grows to `max_outage_backoff`, its
         // cursor kept and every attempt recorded, until the receiver answers (or the

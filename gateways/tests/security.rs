@@ -211,6 +211,8 @@ async fn limits_and_production_mode_refuse_expensive_or_revealing_requests() {
     assert_eq!((status, error_code(&body)), (400, "introspection_disabled"), "{body}");
     let page = reqwest::get(format!("{}/graphql", app.base)).await.unwrap();
     assert_eq!(page.status(), 404);
+    let asset = reqwest::get(format!("{}/graphql/assets/graphiql.min.js", app.base)).await.unwrap();
+    assert_eq!(asset.status(), 404, "GraphiQL's assets are dev-only too");
     assert!(!page.text().await.unwrap().contains("graphiql"));
     app.stop().await;
 
@@ -229,6 +231,10 @@ async fn limits_and_production_mode_refuse_expensive_or_revealing_requests() {
     assert!(data["__type"]["fields"].as_array().unwrap().iter().any(|f| f["name"] == "operations"));
     let page = reqwest::get(format!("{}/graphql", dev.base)).await.unwrap();
     assert_eq!(page.status(), 200);
+    for name in ["..%2F..%2Fetc%2Fpasswd", "graphiql.min.js%00", "index.html", "GRAPHIQL.MIN.JS"] {
+        let asset = reqwest::get(format!("{}/graphql/assets/{name}", dev.base)).await.unwrap();
+        assert_eq!(asset.status(), 404, "{name}");
+    }
     assert!(page.text().await.unwrap().to_lowercase().contains("graphiql"));
     dev.stop().await;
 
