@@ -170,7 +170,7 @@ pub async fn worker(
     let workers = run_workers(&service, Connectors::from_env(), config, options, wait(rx.clone()));
     let signal = async {
         crate::serve::shutdown_signal().await;
-        tracing::info!("stopping: finishing the jobs in hand");
+        tracing::info!("stopping: releasing the jobs in hand");
         tx.send(true).ok();
     };
     let (result, _, _) = tokio::join!(workers, schedule, signal);

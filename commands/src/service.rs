@@ -765,6 +765,21 @@ impl CommandService {
         .await
     }
 
+    /// Gives the holder's lease up: the operation is left running for another worker to
+    /// start at once (a worker stopping cleanly).
+    pub async fn release_lease(
+        &self,
+        ctx: &CommandContext,
+        id: OperationId,
+        lease_id: LeaseId,
+    ) -> Result<CommandOutcome, CommandError> {
+        let at = Utc::now();
+        self.single::<Operation>(ctx, "operation.release_lease", id.0, &(id, lease_id), |_| {
+            OperationCommand::ReleaseLease { lease_id, at }
+        })
+        .await
+    }
+
     /// Records a failed delivery attempt of the operation's next page.
     pub async fn record_delivery_failure(
         &self,

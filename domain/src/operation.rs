@@ -137,6 +137,12 @@ pub enum OperationCommand {
         lease_until: DateTime<Utc>,
         at: DateTime<Utc>,
     },
+    /// The holder gives the operation up unfinished (its worker is stopping cleanly): another
+    /// worker may start it at once instead of waiting for the lease to end.
+    ReleaseLease {
+        lease_id: LeaseId,
+        at: DateTime<Utc>,
+    },
     /// A delivery attempt that failed (the page is not recorded yet).
     RecordDeliveryFailure {
         lease_id: LeaseId,
@@ -211,6 +217,12 @@ pub enum OperationEvent {
     LeaseRenewed {
         lease_id: LeaseId,
         lease_until: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
+    /// The holder gave the operation up unfinished; it stays running, held by nobody, and
+    /// the next `Started` continues from its cursor.
+    LeaseReleased {
+        lease_id: LeaseId,
         at: DateTime<Utc>,
     },
     Succeeded {
@@ -430,6 +442,10 @@ impl Aggregate for Operation {
                 }
                 Ok(vec![E::LeaseRenewed { lease_id: *lease_id, lease_until: *lease_until, at: *at }])
             }
+            C::ReleaseLease { lease_id, at } => {
+                self.holder(*lease_id)?;
+                Ok(vec![E::LeaseReleased { lease_id: *lease_id, at: *at }])
+            }
             C::RecordDeliveryFailure { lease_id, delivery, at } => {
                 self.holder(*lease_id)?;
                 self.next_page(delivery, false)?;
@@ -511,6 +527,7 @@ impl Aggregate for Operation {
             E::LeaseRenewed { lease_id, lease_until, .. } => {
                 self.lease = Some(Lease { id: *lease_id, until: *lease_until });
             }
+            E::LeaseReleased { .. } => self.lease = None,
             E::Succeeded { at, .. } => {
                 self.status = OperationStatus::Succeeded;
                 self.lease = None;

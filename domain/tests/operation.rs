@@ -48,6 +48,10 @@ fn states() -> Vec<(&'static str, Vec<OperationEvent>)> {
         ("running", vec![requested(), started(LEASE, 30)]),
         ("running_expired_lease", vec![requested(), started(LEASE, 4)]),
         (
+            "running_released",
+            vec![requested(), started(LEASE, 30), OperationEvent::LeaseReleased { lease_id: id(LEASE), at: t(3) }],
+        ),
+        (
             "succeeded",
             vec![requested(), started(LEASE, 30), OperationEvent::Succeeded { records: 0, pages: 0, at: t(3) }],
         ),
@@ -105,6 +109,7 @@ fn commands(lease: u128) -> Vec<(&'static str, OperationCommand)> {
         ),
         ("retry", OperationCommand::Retry { at: t(10) }),
         ("cancel", OperationCommand::Cancel { reason: "user".into(), at: t(10) }),
+        ("release", OperationCommand::ReleaseLease { lease_id: id(lease), at: t(10) }),
     ]
 }
 
@@ -114,17 +119,18 @@ fn every_command_in_every_state_as_the_lease_holder() {
     use OperationStatus::*;
     let done = |s| Err(AlreadyFinished(s));
     const PAGES: &[&str] = &["PageRecorded", "PageRecorded"];
-    // columns: request, start, record_page, record_pages, succeed, fail, retry, cancel
+    // columns: request, start, record_page, record_pages, succeed, fail, retry, cancel, release
     #[rustfmt::skip]
     let table: Vec<(&str, Vec<Expect<OperationError>>)> = vec![
-        ("none", vec![Ok(&["Requested"]), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound)]),
-        ("pending", vec![Err(AlreadyExists), Ok(&["Started"]), Err(NotRunning), Err(NotRunning), Err(NotRunning), Err(NotRunning), Err(NotFailed), Ok(&["Cancelled"])]),
-        ("running", vec![Err(AlreadyExists), Err(LeaseHeld), Ok(&["PageRecorded"]), Ok(PAGES), Ok(&["Succeeded"]), Ok(&["Failed"]), Err(NotFailed), Ok(&["Cancelled"])]),
-        ("running_expired_lease", vec![Err(AlreadyExists), Ok(&["Started"]), Ok(&["PageRecorded"]), Ok(PAGES), Ok(&["Succeeded"]), Ok(&["Failed"]), Err(NotFailed), Ok(&["Cancelled"])]),
-        ("succeeded", vec![Err(AlreadyExists), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), Err(NotFailed), done(Succeeded)]),
-        ("failed_retryable", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Ok(&["Retried"]), done(Failed)]),
-        ("failed_permanent", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Err(NotRetryable), done(Failed)]),
-        ("cancelled", vec![Err(AlreadyExists), done(Cancelled), done(Cancelled), done(Cancelled), done(Cancelled), done(Cancelled), Err(NotFailed), done(Cancelled)]),
+        ("none", vec![Ok(&["Requested"]), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound)]),
+        ("pending", vec![Err(AlreadyExists), Ok(&["Started"]), Err(NotRunning), Err(NotRunning), Err(NotRunning), Err(NotRunning), Err(NotFailed), Ok(&["Cancelled"]), Err(NotRunning)]),
+        ("running", vec![Err(AlreadyExists), Err(LeaseHeld), Ok(&["PageRecorded"]), Ok(PAGES), Ok(&["Succeeded"]), Ok(&["Failed"]), Err(NotFailed), Ok(&["Cancelled"]), Ok(&["LeaseReleased"])]),
+        ("running_expired_lease", vec![Err(AlreadyExists), Ok(&["Started"]), Ok(&["PageRecorded"]), Ok(PAGES), Ok(&["Succeeded"]), Ok(&["Failed"]), Err(NotFailed), Ok(&["Cancelled"]), Ok(&["LeaseReleased"])]),
+        ("running_released", vec![Err(AlreadyExists), Ok(&["Started"]), Err(StaleLease), Err(StaleLease), Err(StaleLease), Err(StaleLease), Err(NotFailed), Ok(&["Cancelled"]), Err(StaleLease)]),
+        ("succeeded", vec![Err(AlreadyExists), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), Err(NotFailed), done(Succeeded), done(Succeeded)]),
+        ("failed_retryable", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Ok(&["Retried"]), done(Failed), done(Failed)]),
+        ("failed_permanent", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Err(NotRetryable), done(Failed), done(Failed)]),
+        ("cancelled", vec![Err(AlreadyExists), done(Cancelled), done(Cancelled), done(Cancelled), done(Cancelled), done(Cancelled), Err(NotFailed), done(Cancelled), done(Cancelled)]),
     ];
     check_matrix::<Operation>(&states(), &commands(LEASE), &table);
 }
@@ -280,6 +286,27 @@ fn deliveries_are_recorded_for_the_next_page_only() {
         .then_err(OperationError::DeliveryMismatch);
     given::<Operation>(&running)
         .when(OperationCommand::RecordDeliveryFailure { lease_id: id(99), delivery: attempt(2, 1, false), at: t(4) })
+        .then_err(OperationError::StaleLease);
+}
+
+#[test]
+fn a_released_lease_is_taken_at_once_and_only_its_holder_releases_it() {
+    let running = vec![requested(), started(LEASE, 30)];
+    given::<Operation>(&running)
+        .when(OperationCommand::ReleaseLease { lease_id: id(99), at: t(5) })
+        .then_err(OperationError::StaleLease);
+    given::<Operation>(&running)
+        .when(OperationCommand::ReleaseLease { lease_id: id(LEASE), at: t(5) })
+        .then(&[OperationEvent::LeaseReleased { lease_id: id(LEASE), at: t(5) }]);
+    let mut released = running.clone();
+    released.push(OperationEvent::LeaseReleased { lease_id: id(LEASE), at: t(5) });
+    // Long before the released lease would have ended.
+    given::<Operation>(&released)
+        .when(OperationCommand::Start { lease_id: id(71), lease_until: t(60), at: t(6) })
+        .then(&[OperationEvent::Started { attempt: 2, lease_id: id(71), lease_until: t(60), at: t(6) }]);
+    // The old holder can no longer record anything.
+    given::<Operation>(&released)
+        .when(OperationCommand::Succeed { lease_id: id(LEASE), at: t(6) })
         .then_err(OperationError::StaleLease);
 }
 

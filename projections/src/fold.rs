@@ -206,6 +206,7 @@ fn at_of(event: &OperationEvent) -> DateTime<Utc> {
         | E::PageRecorded { at, .. }
         | E::DeliveryAttempted { at, .. }
         | E::LeaseRenewed { at, .. }
+        | E::LeaseReleased { at, .. }
         | E::Succeeded { at, .. }
         | E::Failed { at, .. }
         | E::Retried { at, .. }
@@ -549,7 +550,7 @@ impl Fold {
                     op.delivery_failures += 1;
                 }
             }
-            E::LeaseRenewed { .. } => {}
+            E::LeaseRenewed { .. } | E::LeaseReleased { .. } => {}
             E::Succeeded { .. } => finished = Some("succeeded"),
             E::Failed { error_class, message, .. } => {
                 op.error_class = Some(name_of(error_class));

@@ -219,6 +219,9 @@ pub enum Disposition {
     AlreadyFinished,
     /// Another worker took the operation over (this one's lease had expired).
     Superseded,
+    /// The worker is stopping: the job was given up unfinished (its lease released, so
+    /// another worker starts it at once) and must not be acknowledged.
+    Released,
     /// Kept failing (the operation is recorded failed), or cannot be run at all: goes to the
     /// dead-letter topic (or table) with its error.
     DeadLetter {
@@ -233,21 +236,73 @@ pub struct Worker<H> {
     handler: Arc<H>,
     pub policy: WorkerPolicy,
     pub name: String,
+    /// Set once by `stop`: jobs in hand are given up (leases released), no new one starts.
+    stopping: tokio::sync::watch::Sender<bool>,
+    /// Jobs in `process` right now.
+    in_hand: tokio::sync::watch::Sender<usize>,
+}
+
+/// Counts a job in hand while it lives.
+struct InHand<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl<'a> InHand<'a> {
+    fn new(count: &'a tokio::sync::watch::Sender<usize>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self(count)
+    }
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl<H: JobHandler> Worker<H> {
     pub fn new(service: CommandService, handler: Arc<H>, name: impl Into<String>) -> Self {
-        Self { service, handler, policy: WorkerPolicy::default(), name: name.into() }
+        Self {
+            service,
+            handler,
+            policy: WorkerPolicy::default(),
+            name: name.into(),
+            stopping: tokio::sync::watch::Sender::new(false),
+            in_hand: tokio::sync::watch::Sender::new(0),
+        }
     }
 
     pub fn service(&self) -> &CommandService {
         &self.service
     }
 
+    /// Stops cleanly: every job in hand releases its lease at its next step (a job's work is
+    /// cancelled between or inside pages; what was recorded stays, what was delivered but
+    /// not recorded is delivered again under the same idempotency identity, as after a
+    /// crash) and `process` answers `Released` from now on. `drained` says when it is done.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once `stop` was called.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Resolves when no job is in hand.
+    pub async fn drained(&self) {
+        let _ = self.in_hand.subscribe().wait_for(|n| *n == 0).await;
+    }
+
     /// Leases the job's operation, runs it, records its outcome. Infrastructure errors
     /// (database unreachable) come back as `Err`: the caller retries the same job later and
     /// must not acknowledge it.
     pub async fn process(&self, message: &JobMessage) -> Result<Disposition, StreamsError> {
+        let _in_hand = InHand::new(&self.in_hand);
+        if *self.stopping.borrow() {
+            return Ok(Disposition::Released);
+        }
         let command = CommandContext::new(message.project, format!("worker:{}", self.name));
         let id = message.job.operation_id;
         let lease = LeaseId(Uuid::now_v7());
@@ -295,7 +350,10 @@ impl<H: JobHandler> Worker<H> {
                     let until = state.lease.as_ref().map(|l| l.until).unwrap_or_else(Utc::now);
                     let wait = (until - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50);
                     tracing::info!(operation = %id, wait_ms = wait.as_millis() as u64, "operation leased elsewhere; waiting for the lease to expire");
-                    tokio::time::sleep(wait.min(self.policy.lease_for)).await;
+                    tokio::select! {
+                        _ = self.stopped() => return Ok(Disposition::Released),
+                        _ = tokio::time::sleep(wait.min(self.policy.lease_for)) => {}
+                    }
                 }
                 Err(CommandError::Conflict { .. }) => {}
                 Err(CommandError::Domain(DomainError::Operation(OperationError::AlreadyFinished(_)))) => {
@@ -316,7 +374,13 @@ impl<H: JobHandler> Worker<H> {
                 service: &self.service,
                 command: &command,
             };
-            let failure = match self.renewing(&command, id, lease, self.handler.run(context)).await {
+            let run = tokio::select! {
+                biased;
+                _ = self.stopped() => None,
+                run = self.renewing(&command, id, lease, self.handler.run(context)) => Some(run),
+            };
+            let Some(run) = run else { return self.release(&command, id, lease).await };
+            let failure = match run {
                 Ok(()) => {
                     return self
                         .record(self.service.succeed_operation(&command, id, lease).await, Disposition::Succeeded)
@@ -334,7 +398,24 @@ impl<H: JobHandler> Worker<H> {
                 let outcome = self.service.fail_operation(&command, id, lease, failure.class, &message, true).await;
                 return self.record(outcome, Disposition::DeadLetter { code: class_code(failure.class), message });
             }
-            tokio::time::sleep(self.policy.delay(attempt, seed)).await;
+            tokio::select! {
+                _ = self.stopped() => return self.release(&command, id, lease).await,
+                _ = tokio::time::sleep(self.policy.delay(attempt, seed)) => {}
+            }
+        }
+    }
+
+    /// Gives a job in hand up: its lease released, so another worker starts it at once.
+    async fn release(
+        &self,
+        command: &CommandContext,
+        id: OperationId,
+        lease: LeaseId,
+    ) -> Result<Disposition, StreamsError> {
+        tracing::info!(operation = %id, "stopping: the operation's lease is released");
+        match self.service.release_lease(command, id, lease).await {
+            Ok(_) | Err(CommandError::Domain(DomainError::Operation(_))) => Ok(Disposition::Released),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -420,22 +501,37 @@ pub fn dead_letter(original: &CloudEvent, code: &str, message: &str, worker: &st
 
 /// A sync worker in consumer group `group`: takes jobs from the jobs topic one at a time (in
 /// order per partition), and commits a job's offset only after its outcome is recorded (or
-/// it was dead-lettered and the dead letter delivered). Returns when `stop` resolves.
+/// it was dead-lettered and the dead letter delivered). Returns when `stop` resolves (or the
+/// worker is stopped): a job in hand is released and left unacknowledged, so the partition's
+/// next owner runs it at once.
 pub async fn run_kafka_worker<H: JobHandler>(
     worker: &Worker<H>,
     config: &KafkaConfig,
     group: &str,
     stop: impl Future<Output = ()>,
 ) -> Result<(), StreamsError> {
+    let consuming = consume_jobs(worker, config, group);
+    tokio::pin!(consuming);
+    tokio::select! {
+        result = &mut consuming => return result,
+        _ = stop => worker.stop(),
+    }
+    consuming.await
+}
+
+async fn consume_jobs<H: JobHandler>(
+    worker: &Worker<H>,
+    config: &KafkaConfig,
+    group: &str,
+) -> Result<(), StreamsError> {
     crate::topics::ensure_topics(config, &[config.jobs_topic(), config.dead_letter_topic()]).await?;
     let consumer: StreamConsumer = config.consumer(group).create()?;
     consumer.subscribe(&[&config.jobs_topic()])?;
     let producer: FutureProducer = config.producer()?.create()?;
     let dead_letters = config.dead_letter_topic();
-    tokio::pin!(stop);
     loop {
         let message = tokio::select! {
-            _ = &mut stop => return Ok(()),
+            _ = worker.stopped() => return Ok(()),
             message = consumer.recv() => match message {
                 Ok(message) => message,
                 Err(error) => {
@@ -454,12 +550,13 @@ pub async fn run_kafka_worker<H: JobHandler>(
         let disposition = match &job {
             Ok(job) => loop {
                 match worker.process(job).await {
+                    Ok(Disposition::Released) => return Ok(()),
                     Ok(disposition) => break disposition,
                     Err(error) => {
                         // Not acknowledged: the same job again once the database is back.
                         tracing::warn!(%error, operation = %job.job.operation_id, "job not recorded; retrying");
                         tokio::select! {
-                            _ = &mut stop => return Ok(()),
+                            _ = worker.stopped() => return Ok(()),
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                     }
@@ -513,10 +610,18 @@ impl<H: JobHandler> InProcessDispatch<H> {
     }
 
     /// Runs until `stop` resolves, leading whenever it can; after a failure it resumes
-    /// from its checkpoint (jobs already recorded are not run again).
+    /// from its checkpoint (jobs already recorded are not run again). On `stop` the worker
+    /// stops and the jobs in hand release their leases before this returns; the checkpoint
+    /// stays before them, so the next leader runs them at once.
     pub async fn run(&self, stop: impl Future<Output = ()>) -> Result<(), StreamsError> {
         let pool = self.worker.service.pool();
         let pause = |_: &StreamsError| Duration::from_secs(1);
+        // The dispatch keeps running (its tasks releasing) until the worker is drained.
+        let stop = async {
+            stop.await;
+            self.worker.stop();
+            self.worker.drained().await;
+        };
         run_as_leader(pool, JOB_DISPATCH, &self.holder, stop, pause, |l| self.dispatch_while_leading(l)).await;
         Ok(())
     }
@@ -535,7 +640,9 @@ impl<H: JobHandler> InProcessDispatch<H> {
         let mut ready: VecDeque<InstallationId> = VecDeque::new();
         let mut running: std::collections::HashSet<InstallationId> = Default::default();
         let mut unfinished: BTreeMap<LogCursor, LogCursor> = BTreeMap::new();
-        let mut tasks: tokio::task::JoinSet<(InstallationId, LogCursor, Result<(), StreamsError>)> = Default::default();
+        // A task's result: whether its job is finished (recorded, or dead-lettered).
+        let mut tasks: tokio::task::JoinSet<(InstallationId, LogCursor, Result<bool, StreamsError>)> =
+            Default::default();
         let mut failed: Option<StreamsError> = None;
         loop {
             while failed.is_none() && tasks.len() < self.lanes.max(1) {
@@ -545,10 +652,14 @@ impl<H: JobHandler> InProcessDispatch<H> {
                 let (worker, pool) = (self.worker.clone(), pool.clone());
                 tasks.spawn(async move {
                     let result = async {
-                        if let Disposition::DeadLetter { code, message } = worker.process(&queued.job).await? {
-                            record_dead_letter(&pool, &worker.name, &queued.job, &code, &message).await?;
+                        match worker.process(&queued.job).await? {
+                            Disposition::DeadLetter { code, message } => {
+                                record_dead_letter(&pool, &worker.name, &queued.job, &code, &message).await?;
+                            }
+                            Disposition::Released => return Ok(false),
+                            _ => {}
                         }
-                        Ok(())
+                        Ok(true)
                     }
                     .await;
                     (installation, queued.at, result)
@@ -562,15 +673,17 @@ impl<H: JobHandler> InProcessDispatch<H> {
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     let (installation, at, result) = done.map_err(|e| StreamsError::JobTask(e.to_string()))?;
                     running.remove(&installation);
-                    if result.is_ok() {
+                    if let Ok(true) = result {
                         unfinished.remove(&at);
                     }
                     match result {
                         // Not recorded (the database went away): the checkpoint stays before
                         // it, and the next leadership runs it again.
                         Err(error) => failed = Some(error),
-                        Ok(()) if waiting.get(&installation).is_some_and(|q| !q.is_empty()) => ready.push_back(installation),
-                        Ok(()) => {
+                        // Released by a stopping worker: the next leader runs it.
+                        Ok(false) => {}
+                        Ok(true) if waiting.get(&installation).is_some_and(|q| !q.is_empty()) => ready.push_back(installation),
+                        Ok(true) => {
                             waiting.remove(&installation);
                         }
                     }
