@@ -9,6 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod api;
 mod cpu;
+mod history;
 mod relay;
 mod sync;
 
@@ -41,8 +42,8 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     catchup_events: i64,
     /// Which benchmarks: `write` (commands, reader, projections), `api`, `relay` (Kafka),
-    /// `sync` (workers, simulator → webhook sink), or `all`.
-    #[arg(long, default_value = "all", value_parser = ["write", "api", "relay", "sync", "all"])]
+    /// `sync` (workers, simulator → webhook sink), `history` (audit pages), or `all`.
+    #[arg(long, default_value = "all", value_parser = ["write", "api", "relay", "sync", "history", "all"])]
     suite: String,
     /// The sync benchmark: installations read per round, and contacts each reads.
     #[arg(long, default_value_t = 16)]
@@ -60,11 +61,16 @@ struct Args {
     api_installations: usize,
     #[arg(long, default_value_t = 1_000_000)]
     api_operations: usize,
+    /// Read operations of each installation in the history benchmark (measured at a
+    /// quarter of it and at all of it).
+    #[arg(long, default_value_t = 2_000)]
+    history_operations: usize,
     /// The `amplog` binary the API benchmark serves with.
     #[arg(long, default_value = "target/release/amplog")]
     amplog_bin: String,
 }
 
+#[derive(Default)]
 struct Stats {
     ops: u64,
     events: u64,
@@ -549,6 +555,17 @@ async fn main() -> Result<()> {
         let pool = fresh_database(&args.database_url, "amplog_bench_sync").await?;
         let setup = sync::Setup { installations: args.sync_installations, records: args.sync_records };
         sync::run(&mut report, &pool, setup).await?;
+        pool.close().await;
+    }
+    if wants("history") {
+        let pool = fresh_database(&args.database_url, "amplog_bench_history").await?;
+        let options = PgConnectOptions::from_str(&args.database_url)?
+            .database("amplog_bench_history")
+            .options([("synchronous_commit", "off")])
+            .disable_statement_logging();
+        let seed_pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect_with(options).await?;
+        history::run(&mut report, &pool, &seed_pool, args.history_operations).await?;
+        seed_pool.close().await;
         pool.close().await;
     }
     if wants("api") {

@@ -40,35 +40,68 @@ pub async fn installation_history(
 }
 
 /// The part of an installation's timeline `range` selects, in log order.
+///
+/// A page reads about a page of events, not the whole timeline: it is bounded by the
+/// transaction of the k-th operation requested after the cursor (operations requested later
+/// have no event before it), and every stream is read from the cursor to that bound through
+/// `events_by_stream_log_order`. When the bound holds fewer than `limit` events, k grows
+/// and the page is read again; without a bound (fewer than k operations left) the page is
+/// the rest of the timeline.
 pub async fn installation_history_in(
     conn: &mut PgConnection,
     installation_id: &str,
     range: HistoryRange,
 ) -> Result<Vec<RecordedEvent>, CommandError> {
-    let rows = sqlx::query(&format!(
-        "WITH inst AS (
-             SELECT event_type, payload FROM events
-             WHERE aggregate_type = 'installation' AND aggregate_id = $1),
-         streams AS (
-             SELECT 'installation'::text AS t, $1::text AS id
-             UNION SELECT 'connection', payload->>'connection_id' FROM inst WHERE event_type = 'Created'
-             UNION SELECT 'operation', payload->>'operation_id' FROM inst WHERE event_type = 'OperationRequested')
-         SELECT {EVENT_COLUMNS} FROM events e JOIN streams s ON e.aggregate_type = s.t AND e.aggregate_id = s.id
-         WHERE (e.transaction_id, e.position) > ($2::text::xid8, $3)
-           AND ($4::timestamptz IS NULL OR e.recorded_at >= $4)
-           AND ($5::timestamptz IS NULL OR e.recorded_at <= $5)
-         ORDER BY e.transaction_id, e.position
-         LIMIT $6"
-    ))
-    .bind(installation_id)
-    .bind(range.after.transaction_id.to_string())
-    .bind(range.after.position)
-    .bind(range.from)
-    .bind(range.to)
-    .bind(range.limit)
-    .fetch_all(conn)
-    .await?;
-    rows.iter().map(|row| StoredEvent::from_row(row)?.parse()).collect()
+    // The whole timeline (no page) needs no bound.
+    let mut operations: i64 = if range.limit > 100_000 { i64::MAX } else { 64 };
+    loop {
+        let bound: Option<String> = sqlx::query_scalar(
+            "SELECT transaction_id::text FROM events
+             WHERE aggregate_type = 'installation' AND aggregate_id = $1 AND event_type = 'OperationRequested'
+               AND (transaction_id, position) > ($2::text::xid8, $3)
+             ORDER BY transaction_id, position OFFSET $4 LIMIT 1",
+        )
+        .bind(installation_id)
+        .bind(range.after.transaction_id.to_string())
+        .bind(range.after.position)
+        .bind(operations - 1)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let rows = sqlx::query(&format!(
+            "WITH inst AS (
+                 SELECT event_type, payload FROM events
+                 WHERE aggregate_type = 'installation' AND aggregate_id = $1
+                   AND ($7::text IS NULL OR transaction_id <= $7::text::xid8)),
+             streams AS (
+                 SELECT 'installation'::text AS t, $1::text AS id
+                 UNION SELECT 'connection', payload->>'connection_id' FROM inst WHERE event_type = 'Created'
+                 UNION SELECT 'operation', payload->>'operation_id' FROM inst WHERE event_type = 'OperationRequested')
+             SELECT e.* FROM streams s CROSS JOIN LATERAL (
+                 SELECT {EVENT_COLUMNS} FROM events
+                 WHERE aggregate_type = s.t AND aggregate_id = s.id
+                   AND (transaction_id, position) > ($2::text::xid8, $3)
+                   AND ($7::text IS NULL OR transaction_id <= $7::text::xid8)
+                   AND ($4::timestamptz IS NULL OR recorded_at >= $4)
+                   AND ($5::timestamptz IS NULL OR recorded_at <= $5)
+                 ORDER BY transaction_id, position
+                 LIMIT $6) e
+             ORDER BY e.transaction_id, e.position
+             LIMIT $6"
+        ))
+        .bind(installation_id)
+        .bind(range.after.transaction_id.to_string())
+        .bind(range.after.position)
+        .bind(range.from)
+        .bind(range.to)
+        .bind(range.limit)
+        .bind(&bound)
+        .fetch_all(&mut *conn)
+        .await?;
+        if bound.is_none() || rows.len() as i64 >= range.limit {
+            return rows.iter().map(|row| StoredEvent::from_row(row)?.parse()).collect();
+        }
+        operations = operations.saturating_mul(4);
+    }
 }
 
 /// What is wrong at one event of a stream.

@@ -1,6 +1,6 @@
 //! Auditors: an installation's timeline, and hash chains that reveal any alteration.
 
-use amplog_commands::audit::{installation_history, installation_streams, verify, BreakKind};
+use amplog_commands::audit::{installation_history, installation_history_in, installation_streams, verify, BreakKind, HistoryRange};
 use amplog_commands::testing::{read_of, seed, start_read, test_db};
 
 #[tokio::test]
@@ -38,6 +38,85 @@ async fn history_is_the_installation_its_connection_and_its_operations_in_log_or
     let report = verify(&mut conn, Some(&streams), |_| {}).await.unwrap();
     assert!(report.is_intact());
     assert_eq!((report.streams, report.events), (3, 7));
+}
+
+/// The timeline as a plain join of every stream of the installation, from `from` on.
+async fn timeline(
+    conn: &mut sqlx::PgConnection,
+    id: &str,
+    from: Option<chrono::DateTime<chrono::Utc>>,
+) -> Vec<(i64, i64)> {
+    sqlx::query_as(
+        "WITH inst AS (SELECT event_type, payload FROM events WHERE aggregate_type = 'installation' AND aggregate_id = $1),
+              streams AS (SELECT 'installation' AS t, $1 AS id
+                          UNION SELECT 'connection', payload->>'connection_id' FROM inst WHERE event_type = 'Created'
+                          UNION SELECT 'operation', payload->>'operation_id' FROM inst WHERE event_type = 'OperationRequested')
+         SELECT transaction_id::text::bigint, position FROM events e JOIN streams s
+             ON e.aggregate_type = s.t AND e.aggregate_id = s.id
+         WHERE $2::timestamptz IS NULL OR e.recorded_at >= $2
+         ORDER BY transaction_id, position",
+    )
+    .bind(id)
+    .bind(from)
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
+
+/// Paging by cursor returns exactly the timeline (checked against a plain join of every
+/// stream), whatever the page size and time range: with a long read whose pages interleave
+/// with hundreds of short operations after it (a page bound by a few operations holds too
+/// few events, and is widened), and another installation's operations in between.
+#[tokio::test]
+async fn history_pages_by_cursor_are_exactly_the_timeline() {
+    use amplog_domain::OperationId;
+    let db = test_db().await;
+    let service = db.service();
+    let s = seed(&service).await;
+    let other = seed(&service).await;
+    let (long, lease) = start_read(&service, &s, "contacts").await;
+    let mut middle = None;
+    for i in 0..300u64 {
+        let outcome = service.request_operation(&s.ctx, s.installation, &read_of("deals")).await.unwrap();
+        let op = OperationId(outcome.id_of("operation").unwrap());
+        service.cancel_operation(&s.ctx, op, "test").await.unwrap();
+        if i % 10 == 0 {
+            let cursor = amplog_domain::operation::Cursor { watermark: None, page_token: Some(format!("p{i}")) };
+            service.record_page(&s.ctx, long, lease, 1, 1, &cursor).await.unwrap();
+            service.request_operation(&other.ctx, other.installation, &read_of("deals")).await.unwrap();
+        }
+        if i == 150 {
+            middle = Some(chrono::Utc::now());
+        }
+    }
+    service.succeed_operation(&s.ctx, long, lease).await.unwrap();
+
+    let mut conn = db.pool.acquire().await.unwrap();
+    let id = s.installation.to_string();
+    let everything = timeline(&mut conn, &id, None).await;
+    let after_middle = timeline(&mut conn, &id, middle).await;
+    assert!(everything.len() > 900, "{} events", everything.len());
+    let full = installation_history(&mut conn, &id).await.unwrap();
+    let cursors = |events: &[amplog_commands::RecordedEvent]| -> Vec<(i64, i64)> {
+        events.iter().map(|e| (e.transaction_id as i64, e.position)).collect()
+    };
+    assert_eq!(cursors(&full), everything);
+    for (limit, from, want) in
+        [(1, None, &everything), (7, None, &everything), (100, None, &everything), (1000, None, &everything), (50, middle, &after_middle)]
+    {
+        let mut range = HistoryRange { limit, from, ..HistoryRange::default() };
+        let mut paged = Vec::new();
+        loop {
+            let page = installation_history_in(&mut conn, &id, range).await.unwrap();
+            assert!(page.len() as i64 <= limit);
+            paged.extend(cursors(&page));
+            match page.last() {
+                Some(last) if page.len() as i64 == limit => range.after = last.cursor(),
+                _ => break,
+            }
+        }
+        assert_eq!(&paged, want, "pages of {limit} from {from:?}");
+    }
 }
 
 /// Alters the log as an attacker with table-owner rights would (triggers off).

@@ -454,3 +454,26 @@ async fn two_processes_writing_one_stream_each_see_the_others_events() {
     let err = a.record_page(&s.ctx, op, lease, 1, 0, &Cursor::default()).await.unwrap_err();
     assert_eq!(err.code(), "operation.already_finished");
 }
+
+/// A migration that builds an index without blocking appends (`CONCURRENTLY`, outside a
+/// transaction) and was interrupted — its index left invalid, the migration not recorded —
+/// is run again from its start by the next `migrate`, which leaves a valid index.
+#[tokio::test]
+async fn an_interrupted_concurrent_index_build_is_built_again() {
+    let db = test_db().await;
+    let valid = "SELECT count(*) FROM pg_index WHERE indexrelid = 'events_by_stream_log_order'::regclass AND indisvalid";
+    assert_eq!(count(&db.pool, valid).await, 1);
+    let version = amplog_migrations::MIGRATIONS.iter().find(|m| !m.in_transaction()).unwrap().version;
+    sqlx::raw_sql(&format!(
+        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'events_by_stream_log_order'::regclass;
+         DELETE FROM amplog_migrations WHERE version = {version}"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(count(&db.pool, valid).await, 0);
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert_eq!(amplog_migrations::migrate(&mut conn).await.unwrap(), 1);
+    assert_eq!(count(&db.pool, valid).await, 1);
+    assert!(amplog_migrations::is_current(&mut conn).await.unwrap());
+}

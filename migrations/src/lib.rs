@@ -11,9 +11,32 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
+/// The first line of a migration that cannot run in a transaction (`CREATE INDEX
+/// CONCURRENTLY`, which does not block appends). Its statements, one per `;` at a line's
+/// end, run one by one; each must be safe to run again, as an interrupted migration is run
+/// again from its start. It is recorded applied only once all have run.
+pub const NO_TRANSACTION: &str = "-- amplog:no-transaction";
+
 impl Migration {
     pub fn checksum(&self) -> String {
         hex::encode(Sha256::digest(self.sql.as_bytes()))
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        !self.sql.starts_with(NO_TRANSACTION)
+    }
+
+    /// The statements of a migration run outside a transaction.
+    fn statements(&self) -> impl Iterator<Item = String> + '_ {
+        let mut statement = String::new();
+        self.sql.lines().filter_map(move |line| {
+            if line.trim_start().starts_with("--") {
+                return None;
+            }
+            statement.push_str(line);
+            statement.push('\n');
+            line.trim_end().ends_with(';').then(|| std::mem::take(&mut statement))
+        })
     }
 }
 
@@ -31,6 +54,11 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 6, name: "destinations", sql: include_str!("../sql/0006_destinations.sql") },
     Migration { version: 7, name: "events_by_position", sql: include_str!("../sql/0007_events_by_position.sql") },
     Migration { version: 8, name: "destinations_disabled", sql: include_str!("../sql/0008_destinations_disabled.sql") },
+    Migration {
+        version: 9,
+        name: "events_by_stream_log_order",
+        sql: include_str!("../sql/0009_events_by_stream_log_order.sql"),
+    },
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +125,15 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<usize, MigrationError
             }
             continue;
         }
+        if !migration.in_transaction() {
+            for statement in migration.statements() {
+                sqlx::raw_sql(&statement).execute(&mut *conn).await?;
+            }
+        }
         let mut tx = conn.begin().await?;
-        sqlx::raw_sql(migration.sql).execute(&mut *tx).await?;
+        if migration.in_transaction() {
+            sqlx::raw_sql(migration.sql).execute(&mut *tx).await?;
+        }
         sqlx::query("INSERT INTO amplog_migrations (version, name, checksum) VALUES ($1, $2, $3)")
             .bind(migration.version)
             .bind(migration.name)
