@@ -1,6 +1,8 @@
 //! Auditors: an installation's timeline, and hash chains that reveal any alteration.
 
-use amplog_commands::audit::{installation_history, installation_history_in, installation_streams, verify, BreakKind, HistoryRange};
+use amplog_commands::audit::{
+    installation_history, installation_history_in, installation_streams, verify, BreakKind, HistoryRange,
+};
 use amplog_commands::testing::{read_of, seed, start_read, test_db};
 
 #[tokio::test]
@@ -101,9 +103,13 @@ async fn history_pages_by_cursor_are_exactly_the_timeline() {
         events.iter().map(|e| (e.transaction_id as i64, e.position)).collect()
     };
     assert_eq!(cursors(&full), everything);
-    for (limit, from, want) in
-        [(1, None, &everything), (7, None, &everything), (100, None, &everything), (1000, None, &everything), (50, middle, &after_middle)]
-    {
+    for (limit, from, want) in [
+        (1, None, &everything),
+        (7, None, &everything),
+        (100, None, &everything),
+        (1000, None, &everything),
+        (50, middle, &after_middle),
+    ] {
         let mut range = HistoryRange { limit, from, ..HistoryRange::default() };
         let mut paged = Vec::new();
         loop {

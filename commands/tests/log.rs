@@ -461,7 +461,8 @@ async fn two_processes_writing_one_stream_each_see_the_others_events() {
 #[tokio::test]
 async fn an_interrupted_concurrent_index_build_is_built_again() {
     let db = test_db().await;
-    let valid = "SELECT count(*) FROM pg_index WHERE indexrelid = 'events_by_stream_log_order'::regclass AND indisvalid";
+    let valid =
+        "SELECT count(*) FROM pg_index WHERE indexrelid = 'events_by_stream_log_order'::regclass AND indisvalid";
     assert_eq!(count(&db.pool, valid).await, 1);
     let version = amplog_migrations::MIGRATIONS.iter().find(|m| !m.in_transaction()).unwrap().version;
     sqlx::raw_sql(&format!(

@@ -85,7 +85,13 @@ const LOCK_KEY: i64 = 0x616d_706c_6f67_0001; // "amplog" + 1
 /// Applies the migrations not yet applied; returns how many were. Safe to call from several
 /// processes at once.
 pub async fn migrate(conn: &mut PgConnection) -> Result<usize, MigrationError> {
-    sqlx::query("SELECT pg_advisory_lock($1)").bind(LOCK_KEY).execute(&mut *conn).await?;
+    // Waited for between statements, not inside one: a session blocked in
+    // `pg_advisory_lock` holds a snapshot, which `CREATE INDEX CONCURRENTLY` in the lock
+    // holder's migration waits for (PostgreSQL reports the cycle as a deadlock).
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut *conn).await?
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let result = migrate_locked(conn).await;
     let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(LOCK_KEY).execute(&mut *conn).await;
     let applied = result?;
