@@ -206,13 +206,14 @@ pub async fn run(service: &CommandService) -> Result<()> {
 /// through OAuth, one read job run by a sync worker (pages fetched, delivered signed,
 /// recorded with their cursors).
 async fn real_read(service: &CommandService, ctx: &CommandContext) -> Result<InstallationId> {
-    use amplog_gateways::connector::{Catalog, Connectors, ProviderSettings};
-    use amplog_streams::jobs::{Job, JobMessage, Worker};
+    use amplog_providers::connector::{Catalog, Connectors, ProviderSettings};
+    use amplog_providers::worker::Worker;
+    use amplog_streams::jobs::{Job, JobMessage};
     println!();
     println!("a real read, from the provider simulator to a webhook sink:");
-    let sim = amplog_gateways::sim::Simulator::start("127.0.0.1:0".parse()?, Default::default()).await?;
+    let sim = amplog_simulator::sim::Simulator::start("127.0.0.1:0".parse()?, Default::default()).await?;
     let secret = amplog_commands::destinations::new_secret();
-    let sink = amplog_gateways::webhook::Sink::new(&secret.0);
+    let sink = amplog_simulator::Sink::new(&secret.0);
     let (sink_addr, sink_task) = sink.serve("127.0.0.1:0".parse()?).await?;
     let url = format!("http://{sink_addr}/hooks/default");
     amplog_commands::destinations::put(
@@ -228,7 +229,7 @@ async fn real_read(service: &CommandService, ctx: &CommandContext) -> Result<Ins
         .into_iter()
         .collect();
     let connectors =
-        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_gateways::egress::Egress::private());
+        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_providers::egress::Egress::private());
     let manifest = Manifest { objects: vec![object("contacts", "@every 15m", Backfill::Full, &["email"])] };
     let integration = IntegrationId(id_of::<Integration>(&step(
         "declare integration (provider: simulator)",
@@ -236,7 +237,7 @@ async fn real_read(service: &CommandService, ctx: &CommandContext) -> Result<Ins
     ))?);
     let connector = connectors.get("simulator").context("the simulator connector")?;
     let (connection, installation) =
-        amplog_gateways::sim::install_customer(service, ctx, integration, &connector, "customer-99").await?;
+        amplog_simulator::sim::install_customer(service, ctx, integration, &connector, "customer-99").await?;
     println!("connect customer-99 through OAuth (code exchanged; tokens stored encrypted) and install");
     let new = NewOperation {
         op_type: OperationType::Read,
@@ -262,7 +263,7 @@ async fn real_read(service: &CommandService, ctx: &CommandContext) -> Result<Ins
         event_id: requested.event_id,
         time: Utc::now(),
     };
-    let handler = std::sync::Arc::new(amplog_gateways::sync::SyncHandler::new(service.clone(), connectors));
+    let handler = std::sync::Arc::new(amplog_providers::sync::SyncHandler::new(service.clone(), connectors));
     let disposition = Worker::new(service.clone(), handler, "demo-worker").process(&message).await?;
     let state = service.load::<Operation>(ctx, message.job.operation_id.0).await?.state;
     let report = sink.report();

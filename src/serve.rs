@@ -4,9 +4,9 @@ use crate::config::App;
 use amplog_commands::CommandContext;
 use amplog_domain::project::Project;
 use amplog_domain::ProjectId;
-use amplog_gateways::egress::Egress;
 use amplog_gateways::{Keys, Scope, Server, ServerConfig};
 use amplog_projections::Runner;
+use amplog_providers::egress::Egress;
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -116,7 +116,7 @@ pub async fn run(
     if run.demo || run.workers.enabled(app.is_embedded()) {
         let connectors = match &demo {
             Some(demo) => demo.connectors.clone(),
-            None => amplog_gateways::connector::Connectors::from_env(),
+            None => amplog_providers::connector::Connectors::from_env(),
         };
         let kafka = kafka.brokers.as_ref().map(|_| kafka.config()).transpose()?;
         let (workers, until) = (service.clone(), wait());

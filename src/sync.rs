@@ -6,12 +6,12 @@ use amplog_commands::destinations;
 use amplog_commands::{CommandContext, CommandService, EventStore};
 use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
 use amplog_domain::{IntegrationId, ProjectId};
-use amplog_gateways::connector::{Catalog, Connectors, ProviderSettings};
-use amplog_gateways::sim::{Faults, SimConfig, Simulator};
-use amplog_gateways::sync::SyncHandler;
-use amplog_gateways::webhook::Sink;
-use amplog_streams::jobs::{InProcessDispatch, Worker};
-use amplog_streams::scheduler::Scheduler;
+use amplog_providers::connector::{Catalog, Connectors, ProviderSettings};
+use amplog_providers::scheduler::Scheduler;
+use amplog_providers::sync::SyncHandler;
+use amplog_providers::worker::{InProcessDispatch, Worker};
+use amplog_simulator::sim::{Faults, SimConfig, Simulator};
+use amplog_simulator::Sink;
 use anyhow::{Context, Result};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -180,7 +180,7 @@ pub async fn worker(
 
 /// `amplog destinations create`: prints the signing secret (the only time it is shown).
 pub async fn create_destination(app: &App, project: Uuid, name: &str, url: &str) -> Result<i32> {
-    amplog_gateways::egress::check_destination(url, amplog_gateways::egress::Egress::from_env())
+    amplog_providers::egress::check_destination(url, amplog_providers::egress::Egress::from_env())
         .map_err(|e| anyhow::anyhow!(e))?;
     let service = app.service()?;
     let secret = destinations::put(&app.pool, service.credentials(), ProjectId(project), name, url, None).await?;
@@ -228,7 +228,7 @@ pub async fn start_demo(app: &App) -> Result<Demo> {
         .into_iter()
         .collect();
     let connectors =
-        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_gateways::egress::Egress::private());
+        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_providers::egress::Egress::private());
     let connector = connectors.get("simulator").context("the simulator connector")?;
     let service = app.service()?;
     let ctx = CommandContext::new(ProjectId(DEMO_PROJECT), "demo");
@@ -259,13 +259,13 @@ pub async fn start_demo(app: &App) -> Result<Demo> {
         let outcome = service.declare_integration_with(&ctx, "crm-sync", "simulator", Some(&manifest)).await?;
         let integration = IntegrationId(outcome.id_of("integration").context("no integration")?);
         for customer in DEMO_CUSTOMERS {
-            amplog_gateways::sim::install_customer(&service, &ctx, integration, &connector, customer).await?;
+            amplog_simulator::sim::install_customer(&service, &ctx, integration, &connector, customer).await?;
         }
     } else {
         for id in existing {
             let id = amplog_domain::ConnectionId(id.parse()?);
             let state = service.load::<amplog_domain::connection::Connection>(&ctx, id.0).await?.state;
-            let tokens = amplog_gateways::sim::connect_customer(&connector, &state.group_ref).await?;
+            let tokens = amplog_simulator::sim::connect_customer(&connector, &state.group_ref).await?;
             let secret = amplog_commands::credentials::Secret(serde_json::to_string(&tokens)?);
             service.reconnect(&ctx, id, &secret).await?;
         }

@@ -278,7 +278,7 @@ async fn serve_with_projects_and_keys_from_the_cli() {
     let mut first_line = String::new();
     BufReader::new(server.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
     let base = first_line.trim().strip_prefix("amplog serving on ").expect("the bound address").to_string();
-    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let client = amplog_providers::connector::http_client().build().unwrap();
     assert_eq!(client.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
     let mut ready = serde_json::Value::Null;
     for _ in 0..100 {
@@ -370,7 +370,7 @@ async fn serve_demo_syncs_three_customers_from_the_simulator_to_the_sink() {
     let (base, api_key) = (base.unwrap(), api_key.unwrap());
     let query = "{ installations(first: 5) { nodes { groupRef health readStates { object watermark recordsRead } } } }";
     let started = std::time::Instant::now();
-    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let client = amplog_providers::connector::http_client().build().unwrap();
     let mut body = serde_json::Value::Null;
     // Contacts have a full backfill (2,000 records each), companies 30 days, deals none.
     let synced = |body: &serde_json::Value| {
@@ -455,7 +455,7 @@ async fn amplog_processes_share_the_embedded_postgres_and_the_last_one_stops_it(
     let base = first_line.trim().strip_prefix("amplog serving on ").expect("the bound address").to_string();
     ok(amplog(&["migrate"], &env));
     assert!(pid_file.exists(), "a command beside serve left the server running");
-    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let client = amplog_providers::connector::http_client().build().unwrap();
     let ready: serde_json::Value = client.get(format!("{base}/readyz")).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["database"], true, "{ready}");
     serve.kill().unwrap(); // SIGKILL: it cannot stop what it started

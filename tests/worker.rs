@@ -6,8 +6,8 @@
 //! is not read from the start again.
 
 use amplog_domain::operation::{Operation, OperationStatus};
-use amplog_gateways::sim::{Faults, SimConfig};
-use amplog_gateways::testing::SyncWorld;
+use amplog_simulator::sim::{Faults, SimConfig};
+use amplog_simulator::testing::SyncWorld;
 use amplog_streams::Relay;
 use base64::Engine;
 use std::process::{Child, Command};

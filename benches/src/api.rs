@@ -277,7 +277,7 @@ fn pick(seeded: &Seeded, i: u64) -> (&ProjectId, &str, InstallationId) {
 pub async fn run(report: &mut Report, pool: &PgPool, seeded: Seeded, bin: &str, url: &str, secs: u64) -> Result<()> {
     let server = ServerProcess::start(bin, url)?;
     let seeded = Arc::new(seeded);
-    let client = amplog_gateways::connector::http_client().pool_max_idle_per_host(512).build()?;
+    let client = amplog_providers::connector::http_client().pool_max_idle_per_host(512).build()?;
     let api: Arc<dyn Fn(u64) -> BoxFuture<'static, Result<bool>> + Send + Sync> = {
         let (seeded, client, endpoint) = (seeded.clone(), client.clone(), format!("{}/graphql", server.base));
         Arc::new(move |i| {

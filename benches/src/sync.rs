@@ -9,11 +9,11 @@ use amplog_commands::{CommandContext, CommandService, EventStore};
 use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
 use amplog_domain::operation::{Operation, OperationStatus};
 use amplog_domain::{IntegrationId, OperationId, ProjectId};
-use amplog_gateways::connector::{Catalog, Connectors, ProviderSettings};
-use amplog_gateways::sim::{SimConfig, Simulator};
-use amplog_gateways::sync::SyncHandler;
-use amplog_gateways::webhook::Sink;
-use amplog_streams::jobs::{InProcessDispatch, Worker};
+use amplog_providers::connector::{Catalog, Connectors, ProviderSettings};
+use amplog_providers::sync::SyncHandler;
+use amplog_providers::worker::{InProcessDispatch, Worker};
+use amplog_simulator::sim::{SimConfig, Simulator};
+use amplog_simulator::Sink;
 use anyhow::{Context, Result};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -29,8 +29,8 @@ pub struct Setup {
 /// Pages through `contacts` with a fresh token, as fast as one client can; returns records.
 async fn raw_client(sim: &str, connectors: &Connectors, customer: &str) -> Result<u64> {
     let connector = connectors.get("simulator").context("connector")?;
-    let token = amplog_gateways::sim::connect_customer(&connector, customer).await?.access_token;
-    let http = amplog_gateways::connector::http_client().build().unwrap();
+    let token = amplog_simulator::sim::connect_customer(&connector, customer).await?.access_token;
+    let http = amplog_providers::connector::http_client().build().unwrap();
     let (mut records, mut after) = (0u64, None::<String>);
     loop {
         let mut request =
@@ -91,7 +91,7 @@ async fn provision(
     let mut installations = Vec::new();
     for i in 0..n {
         let (_, installation) =
-            amplog_gateways::sim::install_customer(service, &ctx, integration, &connector, &format!("customer-{i}"))
+            amplog_simulator::sim::install_customer(service, &ctx, integration, &connector, &format!("customer-{i}"))
                 .await?;
         installations.push(installation);
     }
@@ -173,7 +173,7 @@ pub async fn run(report: &mut Report, pool: &PgPool, setup: Setup) -> Result<()>
         .into_iter()
         .collect();
     let connectors =
-        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_gateways::egress::Egress::private());
+        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_providers::egress::Egress::private());
     let url = sim.url();
     for workers in [1usize, 4] {
         eprintln!("sync: {} installations × {} contacts, {workers} worker(s)...", setup.installations, setup.records);

@@ -3,20 +3,14 @@
 //! the auditor's endpoints, health, readiness and metrics.
 
 pub mod auth;
-pub mod connector;
-pub mod egress;
 pub mod error;
 pub mod graphiql;
 pub mod graphql;
 pub mod manifest;
 pub mod server;
-pub mod sim;
-pub mod sync;
 pub mod tenant;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod tokens;
-pub mod webhook;
 
 pub use auth::{Keys, Principal, Scope};
 pub use error::ApiError;

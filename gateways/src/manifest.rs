@@ -192,11 +192,11 @@ pub fn parse(yaml: &str) -> Result<Vec<DeclaredIntegration>, ApiError> {
         .map(|spec| {
             name(&spec.name, "an integration's name")?;
             let provider = name(&spec.provider, &format!("integration {}: provider", spec.name))?;
-            if !crate::connector::is_known_provider(provider) {
+            if !amplog_providers::connector::is_known_provider(provider) {
                 return Err(invalid(format!(
                     "integration {}: provider `{provider}` is not in the connector catalog ({})",
                     spec.name,
-                    crate::connector::known_providers().join(", ")
+                    amplog_providers::connector::known_providers().join(", ")
                 )));
             }
             let objects = spec

@@ -47,7 +47,7 @@ pub struct ServerConfig {
     /// A projector heartbeat older than this makes `/readyz` fail.
     pub projector_stale_after: Duration,
     /// Where outbound requests (and so destinations) may point.
-    pub egress: crate::egress::Egress,
+    pub egress: amplog_providers::egress::Egress,
     /// When set, `/metrics` answers only `Authorization: Bearer <token>`.
     pub metrics_token: Option<String>,
     /// Whether metrics carry a `project` label (needs a token; the binary checks).
@@ -64,7 +64,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(10),
             statement_timeout_ms: 5_000,
             projector_stale_after: Duration::from_secs(30),
-            egress: crate::egress::Egress::default(),
+            egress: amplog_providers::egress::Egress::default(),
             metrics_token: None,
             metrics_per_project: false,
         }

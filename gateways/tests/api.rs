@@ -330,7 +330,7 @@ async fn bad_input_gets_a_typed_client_error_and_changes_nothing() {
     assert!(body["errors"][0]["message"].as_str().unwrap().contains("line"), "the manifest error says where: {body}");
 
     // Not GraphQL at all.
-    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let client = amplog_providers::connector::http_client().build().unwrap();
     let response = client
         .post(format!("{}/graphql", app.base))
         .header("x-api-key", &p.read)
@@ -463,7 +463,7 @@ async fn graphiql_runs_a_query_in_headless_chromium_from_amplogs_own_assets() {
     use amplog_gateways::ServerConfig;
     let dev = TestApp::spawn_with(ServerConfig { dev: true, ..ServerConfig::default() }, true).await;
     let p = dev.project("Acme").await;
-    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let client = amplog_providers::connector::http_client().build().unwrap();
     let page = client.get(format!("{}/graphql", dev.base)).send().await.unwrap().text().await.unwrap();
     assert!(page.contains("/graphql/assets/graphiql.min.js"), "{page}");
     assert!(!page.contains("http://") && !page.contains("https://"), "the page loads nothing from elsewhere");

@@ -94,7 +94,7 @@ async fn an_auditor_reads_the_timeline_replays_the_past_verifies_and_exports() {
     assert_eq!(error_code(&body), "not_found", "nothing existed then: {body}");
 
     // The export streams the same events as NDJSON (more than one page of them).
-    let response = amplog_gateways::connector::http_client()
+    let response = amplog_providers::connector::http_client()
         .build()
         .unwrap()
         .get(format!("{}/v1/audit/installations/{id}/events", app.base))
@@ -109,7 +109,7 @@ async fn an_auditor_reads_the_timeline_replays_the_past_verifies_and_exports() {
     let exported: Vec<&str> = lines.iter().map(|l| l["event_id"].as_str().unwrap()).collect();
     assert_eq!(exported, expected);
     assert_eq!(lines[0]["hash"], events[0]["hash"]);
-    let response = amplog_gateways::connector::http_client()
+    let response = amplog_providers::connector::http_client()
         .build()
         .unwrap()
         .get(format!("{}/v1/audit/installations/{id}/events?from=not-a-time", app.base))

@@ -73,7 +73,7 @@ async fn another_projects_objects_are_not_found_by_id_by_list_or_nested() {
     assert_eq!(data["installations"]["edges"][0]["node"]["operations"]["nodes"][0]["id"], b_op.0.to_string());
 
     // The audit export and the subscription answer alike.
-    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let client = amplog_providers::connector::http_client().build().unwrap();
     for id in [b.installation.0, Uuid::now_v7()] {
         let response = client
             .get(format!("{}/v1/audit/installations/{id}/events", app.base))
@@ -507,7 +507,7 @@ async fn a_hostile_corpus_is_refused_with_codes_over_http_and_websocket_and_the_
     let s = seed(&app.service).await;
     let (key_id, write) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Admin, None).await.unwrap();
     let installation = s.installation.0.to_string();
-    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let client = amplog_providers::connector::http_client().build().unwrap();
     let rss = || {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_string();
@@ -711,7 +711,7 @@ async fn an_unreachable_database_answers_a_retryable_503_with_a_code() {
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
     let server =
         amplog_gateways::server::Server::start(config, service, amplog_gateways::Keys::new(pool)).await.unwrap();
-    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let client = amplog_providers::connector::http_client().build().unwrap();
     let key = format!("amp_{}_secret", Uuid::now_v7().simple());
     let response = client
         .post(format!("http://{}/graphql", server.addr))
@@ -799,7 +799,7 @@ async fn a_postgresql_restart_answers_503_and_the_server_recovers() {
     let (_, key) = keys.create(ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
     let server = amplog_gateways::server::Server::start(config, service, keys).await.unwrap();
-    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let client = amplog_providers::connector::http_client().build().unwrap();
     let ask = || async {
         let response = client
             .post(format!("http://{}/graphql", server.addr))

@@ -3,8 +3,8 @@
 
 use amplog_domain::connection::{Connection, ConnectionStatus};
 use amplog_domain::operation::{ErrorClass, OperationStatus};
-use amplog_gateways::sim::{Faults, SimConfig};
-use amplog_gateways::testing::SyncWorld;
+use amplog_simulator::sim::{Faults, SimConfig};
+use amplog_simulator::testing::SyncWorld;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -219,7 +219,7 @@ async fn a_revoked_refresh_token_turns_the_connection_bad_credentials_and_stops_
         .await;
     assert_eq!(refused.unwrap_err().code(), "installation.needs_reauth");
     world.project().await;
-    let scheduler = amplog_streams::scheduler::Scheduler::new(world.service.clone(), "test");
+    let scheduler = amplog_providers::scheduler::Scheduler::new(world.service.clone(), "test");
     let tick = scheduler.tick_once(chrono::Utc::now() + chrono::Duration::hours(2)).await.unwrap();
     assert_eq!((tick.scheduled, tick.backfills), (0, 0));
     let health: String = sqlx::query_scalar("SELECT health FROM installations WHERE key = $1")
@@ -276,7 +276,7 @@ async fn a_failing_webhook_endpoint_recovers_and_pages_arrive_in_order() {
 async fn the_salesforce_shaped_connector_pages_by_next_records_url() {
     let world = SyncWorld::start(config(450)).await;
     let connector = world.connectors.get("simulator-salesforce").unwrap();
-    let token = amplog_gateways::sim::connect_customer(&connector, "globex").await.unwrap();
+    let token = amplog_simulator::sim::connect_customer(&connector, "globex").await.unwrap();
     assert_eq!(token.instance_url.as_deref(), Some(world.sim.url().as_str()));
     let mut ids = Vec::new();
     let mut next: Option<String> = None;
@@ -304,17 +304,17 @@ async fn the_salesforce_shaped_connector_pages_by_next_records_url() {
     // URL answers nothing still reads.
     let settings = [(
         "simulator-salesforce".to_string(),
-        amplog_gateways::connector::ProviderSettings {
+        amplog_providers::connector::ProviderSettings {
             base_url: Some("http://127.0.0.1:9".into()),
             ..Default::default()
         },
     )]
     .into_iter()
     .collect();
-    let elsewhere = amplog_gateways::connector::Connectors::with_egress(
-        &amplog_gateways::connector::Catalog::builtin(),
+    let elsewhere = amplog_providers::connector::Connectors::with_egress(
+        &amplog_providers::connector::Catalog::builtin(),
         &settings,
-        amplog_gateways::egress::Egress::private(),
+        amplog_providers::egress::Egress::private(),
     );
     let page = elsewhere.get("simulator-salesforce").unwrap().read_page(&token, "contacts", None, None).await.unwrap();
     assert_eq!(page.records.len(), 200);
@@ -331,7 +331,7 @@ async fn a_write_from_a_mutation_reports_a_result_per_record() {
     let gql = |query: &'static str, variables: Value| {
         let (url, key) = (format!("http://{}/graphql", server.addr), key.clone());
         async move {
-            let response = amplog_gateways::connector::http_client()
+            let response = amplog_providers::connector::http_client()
                 .build()
                 .unwrap()
                 .post(url)
@@ -384,7 +384,7 @@ async fn the_scheduler_backfills_new_objects_then_requests_each_slot_once() {
     let world = SyncWorld::start(config(10)).await;
     world.project().await;
     let now = chrono::Utc::now();
-    let a = amplog_streams::scheduler::Scheduler::new(world.service.clone(), "a");
+    let a = amplog_providers::scheduler::Scheduler::new(world.service.clone(), "a");
     let tick = a.tick_once(now).await.unwrap();
     assert_eq!((tick.backfills, tick.scheduled), (0, 3), "no backfill window: first reads since the installation");
     // Open reads are not requested again.
@@ -419,7 +419,7 @@ async fn the_scheduler_backfills_new_objects_then_requests_each_slot_once() {
     world.project().await;
     // A slot later: one read per object, however many schedulers tick.
     let later = now + chrono::Duration::minutes(15);
-    let b = amplog_streams::scheduler::Scheduler::new(world.service.clone(), "b");
+    let b = amplog_providers::scheduler::Scheduler::new(world.service.clone(), "b");
     let (ta, tb) = (a.tick_once(later).await.unwrap(), b.tick_once(later).await.unwrap());
     assert_eq!(ta.scheduled + tb.scheduled, 3);
     let per_object: BTreeMap<String, i64> = sqlx::query_as(
@@ -436,7 +436,7 @@ async fn the_scheduler_backfills_new_objects_then_requests_each_slot_once() {
     world.service.pause_installation(&world.ctx, world.installation).await.unwrap();
     world.project().await;
     let tick = a.tick_once(later + chrono::Duration::hours(1)).await.unwrap();
-    assert_eq!(tick, amplog_streams::scheduler::Tick::default());
+    assert_eq!(tick, amplog_providers::scheduler::Tick::default());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,7 +528,7 @@ async fn a_receiver_answering_redirects_loses_nothing_and_gone_stops_the_read() 
         world.ctx.project_id,
         "default",
         &url,
-        Some(amplog_commands::credentials::Secret(amplog_gateways::testing::SINK_SECRET.into())),
+        Some(amplog_commands::credentials::Secret(amplog_simulator::testing::SINK_SECRET.into())),
     )
     .await
     .unwrap();
@@ -552,7 +552,7 @@ from standardwebhooks.webhooks import Webhook\n\
 case = json.load(sys.stdin)\n\
 Webhook(case['secret']).verify(case['body'].encode(), case['headers'])\n";
         let case = json!({
-            "secret": amplog_gateways::testing::SINK_SECRET,
+            "secret": amplog_simulator::testing::SINK_SECRET,
             "headers": delivery.headers,
             "body": String::from_utf8(body.to_vec()).unwrap(),
         });
@@ -581,8 +581,8 @@ Webhook(case['secret']).verify(case['body'].encode(), case['headers'])\n";
 /// not even a connector configured at a loopback address is called.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_calls_go_only_to_the_connectors_hosts() {
-    use amplog_gateways::connector::{Catalog, Connectors, ProviderSettings, TokenSet};
-    use amplog_gateways::egress::Egress;
+    use amplog_providers::connector::{Catalog, Connectors, ProviderSettings, TokenSet};
+    use amplog_providers::egress::Egress;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     let hits = Arc::new(AtomicUsize::new(0));
@@ -645,7 +645,7 @@ async fn a_scrape_after_a_sync_run_passes_promtool_and_needs_the_token() {
         ..ServerConfig::default()
     };
     let server = Server::start(config, world.service.clone(), Keys::new(world.db.pool.clone())).await.unwrap();
-    let client = amplog_gateways::connector::http_client().build().unwrap();
+    let client = amplog_providers::connector::http_client().build().unwrap();
     let url = format!("http://{}/metrics", server.addr);
     for token in [None, Some("wrong")] {
         let mut request = client.get(&url);
@@ -696,7 +696,7 @@ async fn a_destination_outage_parks_the_read_and_nothing_is_dropped() {
     world.sink.fail_next(20);
     let mut worker = world.worker("worker-1", Duration::from_secs(2));
     worker.policy.max_attempts = 1; // an outage must not need the job's retries
-    let dispatch = amplog_streams::jobs::InProcessDispatch::new(
+    let dispatch = amplog_providers::worker::InProcessDispatch::new(
         std::sync::Arc::new(worker),
         world.service.store().clone(),
         "worker-1",
@@ -720,10 +720,10 @@ async fn a_destination_outage_parks_the_read_and_nothing_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_installation_delays_no_other_and_a_dead_lease_is_taken_over() {
     let world = SyncWorld::start(config(100)).await;
-    let lease_for = amplog_streams::jobs::WorkerPolicy::default().lease_for;
+    let lease_for = amplog_providers::worker::WorkerPolicy::default().lease_for;
     let connector = world.connectors.get("simulator").unwrap();
     let (_, other) =
-        amplog_gateways::sim::install_customer(&world.service, &world.ctx, world.integration, &connector, "globex")
+        amplog_simulator::sim::install_customer(&world.service, &world.ctx, world.integration, &connector, "globex")
             .await
             .unwrap();
     // A worker took this read and died holding its lease.

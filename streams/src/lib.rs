@@ -1,14 +1,12 @@
 //! Kafka for amplog, and the only crate that knows it: the relay that publishes the log (the
-//! outbox) to CloudEvents topics and sync jobs to the jobs topic, the job dispatch (Kafka
-//! consumer groups, or in-process from the log when no broker is configured), the worker
-//! loop with its retry and dead-letter policy, the read scheduler, `tail`, and the event
-//! JSON Schemas.
+//! outbox) to CloudEvents topics and sync jobs to the jobs topic, the consumer-group
+//! transport of jobs (`jobs::run_kafka_worker`, over the providers' worker), `tail`, and
+//! the event JSON Schemas.
 
 pub mod config;
 pub mod envelope;
 pub mod jobs;
 pub mod relay;
-pub mod scheduler;
 pub mod schema;
 pub mod tail;
 #[cfg(feature = "testing")]
@@ -43,9 +41,6 @@ pub enum StreamsError {
     /// A stage of the relay ended abnormally (a panic, or the stage it feeds stopped).
     #[error("the relay's {0}")]
     RelayStage(String),
-    /// A job's task ended abnormally (a panic in its handler).
-    #[error("a job's task ended abnormally: {0}")]
-    JobTask(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -62,7 +57,6 @@ impl StreamsError {
             StreamsError::Envelope(_) => "malformed_envelope".into(),
             StreamsError::Fenced(_) => "fenced".into(),
             StreamsError::RelayStage(_) => "relay_stage".into(),
-            StreamsError::JobTask(_) => "job_task".into(),
             StreamsError::Io(_) => "io".into(),
         }
     }

@@ -391,7 +391,7 @@ impl Mutation {
     /// others go to `default`.
     async fn create_destination(&self, ctx: &Context<'_>, name: String, url: String) -> Result<DestinationCreated> {
         let command = command_ctx(ctx, Scope::Admin, None)?;
-        crate::egress::check_destination(&url, app(ctx).config.egress)
+        amplog_providers::egress::check_destination(&url, app(ctx).config.egress)
             .map_err(|e| ApiError::bad_request("invalid_input", e))?;
         let service = &app(ctx).service;
         let secret = amplog_commands::destinations::put(

@@ -7,7 +7,7 @@
 //! was created). Installations paused, deleted or needing re-auth are skipped, and so is an
 //! object whose last read is still pending or running.
 
-use crate::StreamsError;
+use crate::SyncError;
 use amplog_commands::leader::{run_as_leader, Leadership};
 use amplog_commands::service::NewOperation;
 use amplog_commands::{CommandContext, CommandError, CommandService};
@@ -63,11 +63,11 @@ impl Scheduler {
     /// Runs until `stop` resolves, leading whenever it can.
     pub async fn run(&self, stop: impl Future<Output = ()>) {
         let pool = self.service.pool().clone();
-        let pause = |_: &StreamsError| Duration::from_secs(1);
+        let pause = |_: &SyncError| Duration::from_secs(1);
         run_as_leader(&pool, SCHEDULER, &self.holder, stop, pause, |l| self.lead(l)).await;
     }
 
-    async fn lead(&self, mut leadership: Leadership) -> Result<(), StreamsError> {
+    async fn lead(&self, mut leadership: Leadership) -> Result<(), SyncError> {
         loop {
             leadership.alive().await?;
             let tick = self.tick_once(Utc::now()).await?;
@@ -85,7 +85,7 @@ impl Scheduler {
 
     /// Requests what is due at `now` (from the read models: a lagging projection can only
     /// make a request late, the keys keep it single).
-    pub async fn tick_once(&self, now: DateTime<Utc>) -> Result<Tick, StreamsError> {
+    pub async fn tick_once(&self, now: DateTime<Utc>) -> Result<Tick, SyncError> {
         let pool = self.service.pool();
         let installations: Vec<(Uuid, sqlx::types::Json<InstallationDoc>)> = sqlx::query_as(
             "SELECT project_id, doc FROM installations

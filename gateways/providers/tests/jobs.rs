@@ -6,9 +6,8 @@ use amplog_commands::testing::{read_of, seed, test_db, Seeded};
 use amplog_commands::{CommandContext, CommandService, EventStore};
 use amplog_domain::operation::{ErrorClass, Operation, OperationStatus};
 use amplog_domain::OperationId;
-use amplog_streams::jobs::{
-    run_kafka_worker, InProcessDispatch, Job, JobContext, JobFailure, JobHandler, JobMessage, Worker, WorkerPolicy,
-};
+use amplog_providers::worker::{InProcessDispatch, JobContext, JobFailure, JobHandler, Worker, WorkerPolicy};
+use amplog_streams::jobs::{run_kafka_worker, Job, JobMessage};
 use amplog_streams::testing::{kafka_config, Collector};
 use amplog_streams::{KafkaConfig, Relay};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -81,7 +80,7 @@ fn spawn_relay(service: &CommandService, config: &KafkaConfig) -> JoinHandle<()>
 
 fn spawn_worker(worker: Arc<Worker<TestHandler>>, config: &KafkaConfig, group: &str) -> JoinHandle<()> {
     let (config, group) = (config.clone(), group.to_string());
-    tokio::spawn(async move { run_kafka_worker(&worker, &config, &group, std::future::pending()).await.unwrap() })
+    tokio::spawn(async move { run_kafka_worker(&*worker, &config, &group, std::future::pending()).await.unwrap() })
 }
 
 async fn request(service: &CommandService, s: &Seeded, object: &str) -> OperationId {
@@ -325,7 +324,7 @@ async fn a_retried_operation_dispatches_its_job_again_as_requested() {
     // committed), runs nothing: only the latest dispatch of an operation runs it.
     let handler = Arc::new(TestHandler::default());
     let worker = worker(&service, &handler, "late");
-    assert_eq!(worker.process(requested).await.unwrap(), amplog_streams::jobs::Disposition::Superseded);
+    assert_eq!(worker.process(requested).await.unwrap(), amplog_providers::worker::Disposition::Superseded);
     assert_eq!(handler.deals.load(Ordering::SeqCst), 0);
     assert_eq!(events_of(&service, op).await.last().map(String::as_str), Some("Retried"));
 }

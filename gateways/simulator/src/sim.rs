@@ -731,14 +731,17 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Json<SimStats> {
 /// provider's authorize URL (the simulator approves at once and redirects with a code), and
 /// the code is exchanged for a token set.
 pub async fn connect_customer(
-    connector: &crate::connector::Connector,
+    connector: &amplog_providers::connector::Connector,
     customer: &str,
-) -> Result<crate::connector::TokenSet, crate::connector::ProviderError> {
-    use crate::connector::ProviderError;
+) -> Result<amplog_providers::connector::TokenSet, amplog_providers::connector::ProviderError> {
     use amplog_domain::operation::ErrorClass;
+    use amplog_providers::connector::ProviderError;
     let redirect = "http://127.0.0.1/oauth/callback";
     let url = format!("{}&customer={customer}", connector.authorize_url(redirect, "amplog"));
-    let client = crate::connector::http_client().redirect(reqwest::redirect::Policy::none()).build().expect("a client");
+    let client = amplog_providers::connector::http_client()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("a client");
     let response = client.get(url).send().await.map_err(|e| ProviderError::new(ErrorClass::Timeout, e.to_string()))?;
     let location = response.headers().get("location").and_then(|l| l.to_str().ok()).unwrap_or_default().to_string();
     let code = reqwest::Url::parse(&location)
@@ -756,17 +759,15 @@ pub async fn install_customer(
     service: &amplog_commands::CommandService,
     ctx: &amplog_commands::CommandContext,
     integration: amplog_domain::IntegrationId,
-    connector: &crate::connector::Connector,
+    connector: &amplog_providers::connector::Connector,
     customer: &str,
-) -> Result<(amplog_domain::ConnectionId, amplog_domain::InstallationId), crate::ApiError> {
+) -> Result<(amplog_domain::ConnectionId, amplog_domain::InstallationId), crate::SimError> {
     use amplog_domain::{ConnectionId, InstallationId};
-    let tokens = connect_customer(connector, customer)
-        .await
-        .map_err(|e| crate::ApiError::Internal(format!("connecting {customer}: {e}")))?;
-    let secret = amplog_commands::credentials::Secret(serde_json::to_string(&tokens)?);
+    let tokens =
+        connect_customer(connector, customer).await.map_err(|e| crate::SimError::Connect(customer.to_string(), e))?;
+    let secret = amplog_commands::credentials::Secret(serde_json::to_string(&tokens).expect("token sets serialise"));
     let outcome = service.create_connection(ctx, integration, customer, &secret).await?;
-    let connection =
-        ConnectionId(outcome.id_of("connection").ok_or_else(|| crate::ApiError::Internal("no connection".into()))?);
+    let connection = ConnectionId(outcome.id_of("connection").ok_or(crate::SimError::Missing("connection"))?);
     let new = amplog_commands::service::NewInstallation {
         integration_id: integration,
         revision: None,
@@ -776,8 +777,6 @@ pub async fn install_customer(
         objects: None,
     };
     let outcome = service.create_installation(ctx, &new).await?;
-    let installation = InstallationId(
-        outcome.id_of("installation").ok_or_else(|| crate::ApiError::Internal("no installation".into()))?,
-    );
+    let installation = InstallationId(outcome.id_of("installation").ok_or(crate::SimError::Missing("installation"))?);
     Ok((connection, installation))
 }

@@ -15,13 +15,13 @@
 use crate::connector::{Connector, Connectors, ProviderError, ProviderPage, TokenSet, WriteResult};
 use crate::tokens::Tokens;
 use crate::webhook::{deliver, DeliveryPolicy};
+use crate::worker::{backoff, JobContext, JobFailure, JobHandler};
 use amplog_commands::destinations::{self, Destination, DEFAULT_DESTINATION};
 use amplog_commands::{CommandError, CommandService};
 use amplog_domain::installation::Installation;
 use amplog_domain::integration::Integration;
 use amplog_domain::operation::{Cursor, DeliveryAttempt, ErrorClass, Operation, OperationType, PageRecord};
 use amplog_domain::{DomainError, LeaseId, OperationId};
-use amplog_streams::jobs::{backoff, JobContext, JobFailure, JobHandler};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use std::sync::Arc;
