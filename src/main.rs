@@ -137,7 +137,7 @@ enum Cmd {
         #[arg(long, default_value = "streams/schemas")]
         out: PathBuf,
     },
-    /// Print the GraphQL schema (`--sdl`: as SDL, the form committed in gateways/schema.graphql).
+    /// Print the GraphQL schema (`--sdl`: as SDL, the form committed in gateways/api/schema.graphql).
     Schema {
         #[arg(long)]
         sdl: bool,
@@ -223,7 +223,7 @@ async fn main() -> Result<()> {
     let done = match &cli.command {
         Cmd::Schemas { out } => Some(streams::schemas(out)),
         Cmd::Schema { .. } => {
-            print!("{}", amplog_gateways::graphql::sdl());
+            print!("{}", amplog_api::graphql::sdl());
             Some(Ok(0))
         }
         Cmd::ProviderSim(args) => Some(sync::provider_sim(args).await),

@@ -1,10 +1,10 @@
 //! `amplog serve` and the admin commands around it (projects, API keys).
 
 use crate::config::App;
+use amplog_api::{Keys, Scope, Server, ServerConfig};
 use amplog_commands::CommandContext;
 use amplog_domain::project::Project;
 use amplog_domain::ProjectId;
-use amplog_gateways::{Keys, Scope, Server, ServerConfig};
 use amplog_projections::Runner;
 use amplog_providers::egress::Egress;
 use anyhow::{bail, Context, Result};

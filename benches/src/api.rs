@@ -31,7 +31,7 @@ const WRITERS: usize = 32;
 /// evenly over them, all through the command service; then the projector catches up.
 pub async fn seed(pool: &PgPool, seed_pool: &PgPool, installations: usize, operations: usize) -> Result<Seeded> {
     let svc = service(seed_pool);
-    let keys = amplog_gateways::Keys::new(pool.clone());
+    let keys = amplog_api::Keys::new(pool.clone());
     let started = Instant::now();
     let mut projects = Vec::new();
     for p in 0..PROJECTS {
@@ -84,7 +84,7 @@ pub async fn seed(pool: &PgPool, seed_pool: &PgPool, installations: usize, opera
         for t in tasks {
             ids.extend(t.await??);
         }
-        let (_, key) = keys.create(ctx.project_id, amplog_gateways::Scope::Read, Some("bench")).await?;
+        let (_, key) = keys.create(ctx.project_id, amplog_api::Scope::Read, Some("bench")).await?;
         projects.push((ctx.project_id, key, ids));
     }
     eprintln!("seeded {installations} installations in {:.0} s", started.elapsed().as_secs_f64());

@@ -79,7 +79,7 @@ fn build_with_depth(state: Arc<AppState>, limits: &Limits, depth: usize) -> Ampl
     builder.finish()
 }
 
-/// The schema as SDL (committed as `gateways/schema.graphql`; a test keeps the two equal).
+/// The schema as SDL (committed as `gateways/api/schema.graphql`; a test keeps the two equal).
 pub fn sdl() -> String {
     Schema::build(query::Query, mutation::Mutation, subscription::Subscription).finish().sdl()
 }
@@ -202,10 +202,13 @@ pub fn shape(doc: &ExecutableDocument) -> QueryShape {
 #[cfg(test)]
 mod tests {
     /// The committed SDL is the schema: a change to the API shows up in review as a change
-    /// of this file (`amplog schema --sdl > gateways/schema.graphql`).
+    /// of this file (`amplog schema --sdl > gateways/api/schema.graphql`).
     #[test]
     fn the_committed_sdl_is_the_schema() {
         let committed = include_str!("../../schema.graphql");
-        assert!(super::sdl() == committed, "the schema changed: run `amplog schema --sdl > gateways/schema.graphql`");
+        assert!(
+            super::sdl() == committed,
+            "the schema changed: run `amplog schema --sdl > gateways/api/schema.graphql`"
+        );
     }
 }

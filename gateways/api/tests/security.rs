@@ -1,9 +1,9 @@
 //! Tenancy (twice), scopes, key revocation and the request limits.
 
+use amplog_api::server::ServerConfig;
+use amplog_api::tenant::TenantDb;
+use amplog_api::testing::{error_code, TestApp};
 use amplog_commands::testing::{seed, start_read};
-use amplog_gateways::server::ServerConfig;
-use amplog_gateways::tenant::TenantDb;
-use amplog_gateways::testing::{error_code, TestApp};
 use serde_json::{json, Value};
 use std::time::Duration;
 use uuid::Uuid;
@@ -66,7 +66,7 @@ async fn another_projects_objects_are_not_found_by_id_by_list_or_nested() {
     assert_eq!(data["usage"], json!([]));
     assert_eq!(data["billing"], json!([]));
     // While B's own key sees its rows.
-    let (_, b_key) = app.keys.create(b.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let (_, b_key) = app.keys.create(b.ctx.project_id, amplog_api::Scope::Read, None).await.unwrap();
     let data =
         app.data(&b_key, "{ installations { edges { node { id operations { nodes { id } } } } } }", json!({})).await;
     assert_eq!(data["installations"]["edges"][0]["node"]["id"], b.installation.0.to_string());
@@ -168,7 +168,7 @@ async fn scopes_limit_what_a_key_does_and_a_revoked_key_is_refused_within_a_seco
     // Revoked elsewhere (another replica, the CLI): this server refuses it within a second.
     let key_id: Uuid = id_part.trim_start_matches("amp_").parse().unwrap();
     app.data(&p.read, "{ viewer { scope } }", json!({})).await; // now cached as valid
-    let elsewhere = amplog_gateways::Keys::new(app.db.pool.clone());
+    let elsewhere = amplog_api::Keys::new(app.db.pool.clone());
     assert!(elsewhere.revoke(key_id).await.unwrap());
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, body) = app.gql(&p.read, "{ viewer { scope } }", json!({})).await;
@@ -271,7 +271,7 @@ async fn nested_lists_are_batched_not_queried_per_item() {
         seeded.push(s);
     }
     app.projected().await;
-    let (_, key) = app.keys.create(first.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let (_, key) = app.keys.create(first.ctx.project_id, amplog_api::Scope::Read, None).await.unwrap();
     let query = "{ installations(first: 20) { edges { node { id connection { status } integration { name }
         operations(first: 5) { nodes { status } } readStates { object mode } usage { day } } } } }";
     let (_, body) = app.gql(&key, query, json!({})).await;
@@ -505,7 +505,7 @@ fn hostile_queries(installation: &str) -> Vec<(&'static str, String, Value, &'st
 async fn a_hostile_corpus_is_refused_with_codes_over_http_and_websocket_and_the_process_lives() {
     let app = TestApp::spawn().await;
     let s = seed(&app.service).await;
-    let (key_id, write) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Admin, None).await.unwrap();
+    let (key_id, write) = app.keys.create(s.ctx.project_id, amplog_api::Scope::Admin, None).await.unwrap();
     let installation = s.installation.0.to_string();
     let client = amplog_providers::connector::http_client().build().unwrap();
     let rss = || {
@@ -677,7 +677,7 @@ async fn a_hostile_corpus_is_refused_with_codes_over_http_and_websocket_and_the_
     let payload = ws_operation(&mut ws, "late", "{ viewer { scope } }", json!({})).await;
     assert_eq!(error_code(&payload), "unauthenticated", "{payload}");
     // A message larger than an HTTP body closes that socket, and only that one.
-    let (_, read) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let (_, read) = app.keys.create(s.ctx.project_id, amplog_api::Scope::Read, None).await.unwrap();
     let mut big = ws_connect(&app, &read).await;
     let huge = format!("{{ viewer {{ scope }} }} #{}", "x".repeat(12 << 20));
     assert!(ws_operation(&mut big, "big", &huge, json!({})).await.is_null(), "a 12 MiB message is refused");
@@ -709,8 +709,7 @@ async fn an_unreachable_database_answers_a_retryable_503_with_a_code() {
         amplog_commands::testing::credential_store(),
     );
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
-    let server =
-        amplog_gateways::server::Server::start(config, service, amplog_gateways::Keys::new(pool)).await.unwrap();
+    let server = amplog_api::server::Server::start(config, service, amplog_api::Keys::new(pool)).await.unwrap();
     let client = amplog_providers::connector::http_client().build().unwrap();
     let key = format!("amp_{}_secret", Uuid::now_v7().simple());
     let response = client
@@ -795,10 +794,10 @@ async fn a_postgresql_restart_answers_503_and_the_server_recovers() {
     );
     let ctx = amplog_commands::CommandContext::new(amplog_domain::ProjectId(Uuid::now_v7()), "test");
     service.create_project(&ctx, "Acme").await.unwrap();
-    let keys = amplog_gateways::Keys::new(pool.clone());
-    let (_, key) = keys.create(ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let keys = amplog_api::Keys::new(pool.clone());
+    let (_, key) = keys.create(ctx.project_id, amplog_api::Scope::Read, None).await.unwrap();
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
-    let server = amplog_gateways::server::Server::start(config, service, keys).await.unwrap();
+    let server = amplog_api::server::Server::start(config, service, keys).await.unwrap();
     let client = amplog_providers::connector::http_client().build().unwrap();
     let ask = || async {
         let response = client

@@ -322,7 +322,7 @@ async fn the_salesforce_shaped_connector_pages_by_next_records_url() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_from_a_mutation_reports_a_result_per_record() {
-    use amplog_gateways::{Keys, Scope, Server, ServerConfig};
+    use amplog_api::{Keys, Scope, Server, ServerConfig};
     let world = SyncWorld::start(config(10)).await;
     let keys = Keys::new(world.db.pool.clone());
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
@@ -634,7 +634,7 @@ async fn provider_calls_go_only_to_the_connectors_hosts() {
 /// for it, and with a metrics token nothing is served without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_after_a_sync_run_passes_promtool_and_needs_the_token() {
-    use amplog_gateways::{Keys, Server, ServerConfig};
+    use amplog_api::{Keys, Server, ServerConfig};
     let world = SyncWorld::start(config(120)).await;
     world.read_once("contacts").await;
     world.project().await;

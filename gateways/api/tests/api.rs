@@ -1,6 +1,6 @@
 //! The builder's API end to end: a real server on a real PostgreSQL, driven over HTTP.
 
-use amplog_gateways::testing::{error_code, TestApp, TestProject};
+use amplog_api::testing::{error_code, TestApp, TestProject};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -405,7 +405,7 @@ async fn pages_follow_relay_with_first_and_last_and_numbers_are_64_bit() {
         app.service.create_installation(&s.ctx, &new).await.unwrap();
     }
     app.projected().await;
-    let (_, key) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let (_, key) = app.keys.create(s.ctx.project_id, amplog_api::Scope::Read, None).await.unwrap();
     let page = |args: &str| {
         let query = format!("{{ installations({args}) {{ edges {{ node {{ groupRef }} }} pageInfo {{ hasPreviousPage hasNextPage }} }} }}");
         let (app, key) = (&app, &key);
@@ -428,7 +428,7 @@ async fn pages_follow_relay_with_first_and_last_and_numbers_are_64_bit() {
     let (groups, _) = page("first: 3, last: 2").await;
     assert_eq!(groups, all[1..3].to_vec());
 
-    let sdl = amplog_gateways::graphql::sdl();
+    let sdl = amplog_api::graphql::sdl();
     assert!(sdl.contains("scalar Int64"), "{sdl}");
     for field in ["position: Int64!", "bytes: Int64!", "recordsRead: Int64!", "sequence: Int64!"] {
         assert!(sdl.contains(field), "{field}");
@@ -460,7 +460,7 @@ async fn webdriver(client: &reqwest::Client, method: reqwest::Method, url: &str,
 /// given in its headers.
 #[tokio::test(flavor = "multi_thread")]
 async fn graphiql_runs_a_query_in_headless_chromium_from_amplogs_own_assets() {
-    use amplog_gateways::ServerConfig;
+    use amplog_api::ServerConfig;
     let dev = TestApp::spawn_with(ServerConfig { dev: true, ..ServerConfig::default() }, true).await;
     let p = dev.project("Acme").await;
     let client = amplog_providers::connector::http_client().build().unwrap();

@@ -1,9 +1,9 @@
 //! What auditors get over the API: the timeline, past states by replay, chain verification,
 //! the NDJSON export; and builders' live operation updates over WebSocket.
 
+use amplog_api::testing::{error_code, TestApp};
 use amplog_commands::testing::{read_of, seed, start_read};
 use amplog_domain::operation::{Cursor, PageRecord};
-use amplog_gateways::testing::{error_code, TestApp};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -19,7 +19,7 @@ const HISTORY: &str = "query($id: UUID!, $after: String, $first: Int!, $to: Date
 async fn an_auditor_reads_the_timeline_replays_the_past_verifies_and_exports() {
     let app = TestApp::spawn().await;
     let s = seed(&app.service).await;
-    let (_, key) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let (_, key) = app.keys.create(s.ctx.project_id, amplog_api::Scope::Read, None).await.unwrap();
     let (op, lease) = start_read(&app.service, &s, "contacts").await;
     let pages: Vec<PageRecord> = (0..1100)
         .map(|i| PageRecord {
@@ -162,7 +162,7 @@ async fn operation_updates_arrive_over_websocket_for_the_keys_project_only() {
     let app = TestApp::spawn().await;
     let s = seed(&app.service).await;
     let other = seed(&app.service).await;
-    let (_, key) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let (_, key) = app.keys.create(s.ctx.project_id, amplog_api::Scope::Read, None).await.unwrap();
     app.projected().await;
 
     let mut request =
@@ -236,7 +236,7 @@ async fn operation_updates_arrive_over_websocket_for_the_keys_project_only() {
 async fn many_subscribers_of_one_installation_each_get_every_change() {
     let app = TestApp::spawn().await;
     let s = seed(&app.service).await;
-    let (_, key) = app.keys.create(s.ctx.project_id, amplog_gateways::Scope::Read, None).await.unwrap();
+    let (_, key) = app.keys.create(s.ctx.project_id, amplog_api::Scope::Read, None).await.unwrap();
     app.projected().await;
     let mut sockets = Vec::new();
     for _ in 0..2 {
