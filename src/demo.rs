@@ -180,17 +180,14 @@ pub async fn run(service: &CommandService) -> Result<()> {
     // Project the log into the read models and show what builders will query.
     let runner = amplog_projections::Runner::new(service.pool().clone(), service.store().clone(), "demo");
     if runner.catch_up().await? {
-        let rows: Vec<(String, String, bool, String)> = sqlx::query_as(
-            "SELECT key, health, paused, doc->'last_operation'->>'status' FROM installations
-             WHERE project_id = $1 ORDER BY key",
-        )
-        .bind(ctx.project_id.0)
-        .fetch_all(service.pool())
-        .await?;
+        let query = amplog_projections::queries::InstallationQuery { limit: 1_000, ..Default::default() };
+        let mut conn = service.pool().acquire().await?;
+        let rows = amplog_projections::queries::installations(&mut conn, ctx.project_id.0, &query).await?;
         println!();
         println!("read models (projected from the log):");
-        for (id, health, paused, last) in rows {
-            println!("  installation {id}: health {health}, paused {paused}, last operation {last}");
+        for (id, doc) in rows {
+            let last = doc.last_operation.map(|op| op.status).unwrap_or_default();
+            println!("  installation {id}: health {}, paused {}, last operation {last}", doc.health, doc.paused);
         }
     }
 

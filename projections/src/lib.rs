@@ -6,6 +6,7 @@
 pub mod docs;
 pub mod fold;
 pub mod metrics;
+pub mod queries;
 pub mod runtime;
 pub mod usage;
 

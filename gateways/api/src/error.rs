@@ -43,7 +43,12 @@ impl From<CommandError> for ApiError {
 
 impl From<ProjectionError> for ApiError {
     fn from(e: ProjectionError) -> Self {
-        ApiError::Projection(Arc::new(e))
+        match e {
+            // A read-model query's database error is the API's own (503 when the database
+            // is unreachable, a timeout, ...).
+            ProjectionError::Database(e) => ApiError::Database(Arc::new(e)),
+            e => ApiError::Projection(Arc::new(e)),
+        }
     }
 }
 

@@ -23,6 +23,8 @@ pub enum SyncError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Streams(#[from] amplog_streams::StreamsError),
+    #[error(transparent)]
+    ReadModel(#[from] amplog_projections::ProjectionError),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("{0} lost its leadership (fenced)")]
@@ -39,6 +41,7 @@ impl SyncError {
             SyncError::Log(e) => e.code(),
             SyncError::Database(_) => "database".into(),
             SyncError::Streams(e) => e.code(),
+            SyncError::ReadModel(_) => "read_model".into(),
             SyncError::Config(_) => "invalid_config".into(),
             SyncError::Fenced(_) => "fenced".into(),
             SyncError::JobTask(_) => "job_task".into(),

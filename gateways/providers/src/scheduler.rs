@@ -15,9 +15,9 @@ use amplog_domain::integration::Backfill;
 use amplog_domain::operation::{OperationType, Trigger};
 use amplog_domain::schedule::Schedule;
 use amplog_domain::{InstallationId, ProjectId};
+use amplog_projections::queries::{self, Schedulable};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 use uuid::Uuid;
@@ -31,20 +31,6 @@ pub struct Tick {
     pub scheduled: usize,
     /// Objects whose last read is still open.
     pub busy: usize,
-}
-
-#[derive(Deserialize)]
-struct ObjectDoc {
-    enabled: bool,
-    schedule: String,
-    backfill: Backfill,
-}
-
-#[derive(Deserialize)]
-struct InstallationDoc {
-    installation_id: Uuid,
-    objects: BTreeMap<String, ObjectDoc>,
-    created_at: Option<DateTime<Utc>>,
 }
 
 pub struct Scheduler {
@@ -86,29 +72,15 @@ impl Scheduler {
     /// Requests what is due at `now` (from the read models: a lagging projection can only
     /// make a request late, the keys keep it single).
     pub async fn tick_once(&self, now: DateTime<Utc>) -> Result<Tick, SyncError> {
-        let pool = self.service.pool();
-        let installations: Vec<(Uuid, sqlx::types::Json<InstallationDoc>)> = sqlx::query_as(
-            "SELECT project_id, doc FROM installations
-             WHERE NOT paused AND NOT (doc->>'deleted')::boolean AND health <> 'needs_reauth'",
-        )
-        .fetch_all(pool)
-        .await?;
-        let read_states: HashSet<String> =
-            sqlx::query_scalar("SELECT key FROM read_states").fetch_all(pool).await?.into_iter().collect();
-        let open: HashSet<(String, String)> = sqlx::query_as(
-            "SELECT installation_id, doc->>'object' FROM operations
-             WHERE op_type = 'read' AND status IN ('pending', 'running')",
-        )
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .collect();
+        let Schedulable { installations, read_states, open_reads: open } =
+            queries::schedulable(self.service.pool()).await?;
         let mut tick = Tick::default();
         let mut requested = self.requested.lock().await;
-        for (project, sqlx::types::Json(doc)) in installations {
+        for doc in installations {
+            let project = doc.project_id;
             for (object, config) in doc.objects.iter().filter(|(_, c)| c.enabled) {
                 let id = doc.installation_id;
-                if open.contains(&(id.to_string(), object.clone())) {
+                if open.contains(&(id, object.clone())) {
                     tick.busy += 1;
                     continue;
                 }

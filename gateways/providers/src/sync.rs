@@ -320,15 +320,11 @@ impl SyncHandler {
     }
 
     async fn read_state_watermark(&self, job: &JobContext<'_>) -> Result<Option<DateTime<Utc>>, JobFailure> {
-        let key = format!("{}/{}", job.message.job.installation_id, job.message.job.object);
-        let watermark: Option<Option<String>> =
-            sqlx::query_scalar("SELECT doc->>'watermark' FROM read_states WHERE key = $1 AND project_id = $2")
-                .bind(&key)
-                .bind(job.command.project_id.0)
-                .fetch_optional(job.service.pool())
-                .await
-                .map_err(internal)?;
-        Ok(watermark.flatten().and_then(|w| DateTime::parse_from_rfc3339(&w).ok()).map(|w| w.to_utc()))
+        let (project, pool) = (job.command.project_id.0, job.service.pool());
+        let job = &job.message.job;
+        amplog_projections::queries::read_watermark(pool, project, job.installation_id.0, &job.object)
+            .await
+            .map_err(internal)
     }
 
     /// Delivers page `page` until the destination takes it, recording every attempt; the

@@ -1,4 +1,4 @@
-//! Read-model access for resolvers: one DataLoader per request batches what nested fields
+//! Read-model access for resolvers (the queries are `amplog_projections::queries`): one DataLoader per request batches what nested fields
 //! ask for (an installation list's connections, operations, read states, ...) into one
 //! query per kind, so a page of N installations costs a fixed number of queries, not N.
 //! Every query names the project (first line of tenancy) and runs in the request's
@@ -7,36 +7,15 @@
 use crate::error::ApiError;
 use crate::tenant::TenantDb;
 use amplog_projections::docs::*;
+use amplog_projections::queries;
 use async_graphql::dataloader::Loader;
-use serde::de::DeserializeOwned;
-use sqlx::postgres::PgRow;
-use sqlx::Row;
 use std::collections::HashMap;
 use std::sync::Arc;
 use uuid::Uuid;
 
-pub fn decode<D: DeserializeOwned>(row: &PgRow) -> Result<D, ApiError> {
-    let doc: String = row.get("doc");
-    serde_json::from_str(&doc).map_err(|e| ApiError::from(amplog_projections::ProjectionError::Corrupt(e.to_string())))
-}
-
-/// Documents of `table` by key, for the request's project.
-pub async fn docs_by_key<D: DeserializeOwned>(
-    db: &TenantDb,
-    table: &'static str,
-    keys: &[String],
-) -> Result<HashMap<String, D>, ApiError> {
-    let sql = format!("SELECT key, doc::text AS doc FROM {table} WHERE project_id = $1 AND key = ANY($2)");
-    let rows = sqlx::query(&sql).bind(db.project.0).bind(keys).fetch_all(&mut *db.conn().await?).await?;
-    rows.iter().map(|r| Ok((r.get::<String, _>("key"), decode(r)?))).collect()
-}
-
-pub async fn doc_by_id<D: DeserializeOwned>(
-    db: &TenantDb,
-    table: &'static str,
-    id: Uuid,
-) -> Result<Option<D>, ApiError> {
-    Ok(docs_by_key(db, table, &[id.to_string()]).await?.into_values().next())
+/// One document by id, in the request's project.
+pub async fn doc_by_id<D: queries::Document>(db: &TenantDb, id: Uuid) -> Result<Option<D>, ApiError> {
+    Ok(queries::by_id(&mut *db.conn().await?, db.project.0, id).await?)
 }
 
 pub struct Loaders {
@@ -74,7 +53,8 @@ impl Loader<ConnectionKey> for Loaders {
 
     async fn load(&self, keys: &[ConnectionKey]) -> Result<HashMap<ConnectionKey, ConnectionDoc>, Self::Error> {
         let ids: Vec<String> = keys.iter().map(|k| k.0.to_string()).collect();
-        let docs: HashMap<String, ConnectionDoc> = docs_by_key(&self.db, "connections", &ids).await?;
+        let docs: HashMap<String, ConnectionDoc> =
+            queries::by_key(&mut *self.db.conn().await?, self.db.project.0, &ids).await?;
         Ok(docs.into_values().map(|d| (ConnectionKey(d.connection_id), d)).collect())
     }
 }
@@ -85,7 +65,8 @@ impl Loader<IntegrationKey> for Loaders {
 
     async fn load(&self, keys: &[IntegrationKey]) -> Result<HashMap<IntegrationKey, IntegrationDoc>, Self::Error> {
         let ids: Vec<String> = keys.iter().map(|k| k.0.to_string()).collect();
-        let docs: HashMap<String, IntegrationDoc> = docs_by_key(&self.db, "integrations", &ids).await?;
+        let docs: HashMap<String, IntegrationDoc> =
+            queries::by_key(&mut *self.db.conn().await?, self.db.project.0, &ids).await?;
         Ok(docs.into_values().map(|d| (IntegrationKey(d.integration_id), d)).collect())
     }
 }
@@ -96,16 +77,9 @@ impl Loader<ReadStatesKey> for Loaders {
 
     async fn load(&self, keys: &[ReadStatesKey]) -> Result<HashMap<ReadStatesKey, Vec<ReadStateDoc>>, Self::Error> {
         let ids: Vec<String> = keys.iter().map(|k| k.0.to_string()).collect();
-        let rows = sqlx::query(
-            "SELECT doc::text AS doc FROM read_states WHERE project_id = $1 AND installation_id = ANY($2) ORDER BY key",
-        )
-        .bind(self.db.project.0)
-        .bind(&ids)
-        .fetch_all(&mut *self.db.conn().await?)
-        .await?;
+        let docs = queries::read_states_of(&mut *self.db.conn().await?, self.db.project.0, &ids).await?;
         let mut out: HashMap<ReadStatesKey, Vec<ReadStateDoc>> = keys.iter().map(|k| (*k, Vec::new())).collect();
-        for row in &rows {
-            let doc: ReadStateDoc = decode(row)?;
+        for doc in docs {
             out.entry(ReadStatesKey(doc.installation_id)).or_default().push(doc);
         }
         Ok(out)
@@ -126,29 +100,19 @@ impl Loader<OperationsKey> for Loaders {
         }
         let mut out = HashMap::new();
         for ((first, status, op_type), group) in groups {
-            let installations: Vec<String> = group.iter().map(|k| k.installation.to_string()).collect();
-            let afters: Vec<Option<String>> = group.iter().map(|k| k.after.map(|a| a.to_string())).collect();
-            let rows = sqlx::query(
-                "SELECT k.i AS installation, o.doc::text AS doc
-                 FROM UNNEST($2::text[], $3::text[]) AS k(i, after)
-                 CROSS JOIN LATERAL (
-                     SELECT key, doc FROM operations
-                     WHERE project_id = $1 AND installation_id = k.i AND (k.after IS NULL OR key < k.after)
-                       AND ($4::text IS NULL OR status = $4) AND ($5::text IS NULL OR op_type = $5)
-                     ORDER BY key DESC LIMIT $6) AS o
-                 ORDER BY k.i, o.key DESC",
+            let wanted: Vec<(Uuid, Option<Uuid>)> = group.iter().map(|k| (k.installation, k.after)).collect();
+            let rows = queries::operations_per_installation(
+                &mut *self.db.conn().await?,
+                self.db.project.0,
+                &wanted,
+                status.as_deref(),
+                op_type.as_deref(),
+                first + 1,
             )
-            .bind(self.db.project.0)
-            .bind(&installations)
-            .bind(&afters)
-            .bind(&status)
-            .bind(&op_type)
-            .bind(first + 1)
-            .fetch_all(&mut *self.db.conn().await?)
             .await?;
             let mut pages: HashMap<String, Vec<OperationDoc>> = HashMap::new();
-            for row in &rows {
-                pages.entry(row.get("installation")).or_default().push(decode(row)?);
+            for (installation, doc) in rows {
+                pages.entry(installation).or_default().push(doc);
             }
             for key in group {
                 let mut page = pages.remove(&key.installation.to_string()).unwrap_or_default();
@@ -173,21 +137,17 @@ impl Loader<UsageKey> for Loaders {
         let mut out = HashMap::new();
         for ((from, to), group) in groups {
             let ids: Vec<String> = group.iter().map(|k| k.installation.to_string()).collect();
-            let rows = sqlx::query(
-                "SELECT doc::text AS doc FROM usage_daily
-                 WHERE project_id = $1 AND installation_id = ANY($2)
-                   AND ($3::text IS NULL OR day >= $3) AND ($4::text IS NULL OR day <= $4)
-                 ORDER BY day, key",
+            let docs = queries::usage_days(
+                &mut *self.db.conn().await?,
+                self.db.project.0,
+                Some(&ids),
+                from.as_deref(),
+                to.as_deref(),
+                i64::MAX,
             )
-            .bind(self.db.project.0)
-            .bind(&ids)
-            .bind(&from)
-            .bind(&to)
-            .fetch_all(&mut *self.db.conn().await?)
             .await?;
             let mut by_installation: HashMap<Uuid, Vec<UsageDoc>> = HashMap::new();
-            for row in &rows {
-                let doc: UsageDoc = decode(row)?;
+            for doc in docs {
                 by_installation.entry(doc.installation_id).or_default().push(doc);
             }
             for key in group {

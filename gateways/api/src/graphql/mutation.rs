@@ -114,12 +114,12 @@ impl MutationPayload {
     }
 
     async fn installation(&self, ctx: &Context<'_>) -> Result<Option<Installation>> {
-        let doc: Option<InstallationDoc> = doc_by_id(db(ctx), "installations", self.id).await?;
+        let doc: Option<InstallationDoc> = doc_by_id(db(ctx), self.id).await?;
         Ok(doc.map(Into::into))
     }
 
     async fn operation(&self, ctx: &Context<'_>) -> Result<Option<Operation>> {
-        let doc: Option<OperationDoc> = doc_by_id(db(ctx), "operations", self.id).await?;
+        let doc: Option<OperationDoc> = doc_by_id(db(ctx), self.id).await?;
         Ok(doc.map(Into::into))
     }
 }

@@ -8,12 +8,12 @@ use crate::error::ApiError;
 use amplog_commands::audit::{self, AsOf, HistoryRange};
 use amplog_commands::LogCursor;
 use amplog_projections::docs::*;
+use amplog_projections::queries;
 use async_graphql::connection::{query, Connection as Relay, Edge};
 use async_graphql::{ComplexObject, Context, InputObject, Json, Object, SimpleObject};
 
 type Result<T, E = ApiError> = std::result::Result<T, E>;
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::Row;
 use uuid::Uuid;
 
 const DEFAULT_PAGE: usize = 20;
@@ -57,11 +57,8 @@ impl Query {
     /// The project's integrations, by name.
     async fn integrations(&self, ctx: &Context<'_>) -> Result<Vec<Integration>> {
         let db = db(ctx);
-        let rows = sqlx::query("SELECT doc::text AS doc FROM integrations WHERE project_id = $1 ORDER BY name, key")
-            .bind(db.project.0)
-            .fetch_all(&mut *db.conn().await?)
-            .await?;
-        rows.iter().map(|r| decode::<IntegrationDoc>(r).map(Into::into)).collect()
+        let docs = queries::integrations(&mut *db.conn().await?, db.project.0).await?;
+        Ok(docs.into_iter().map(Into::into).collect())
     }
 
     async fn integration(&self, ctx: &Context<'_>, id: Uuid) -> Result<Integration> {
@@ -87,35 +84,20 @@ impl Query {
             let before = before.as_deref().map(parse_cursor).transpose()?;
             let backwards = last.is_some() && first.is_none();
             let limit = first.or(last).unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
-            let sql = format!(
-                "SELECT key, doc::text AS doc FROM installations
-                 WHERE project_id = $1
-                   AND ($2::text IS NULL OR key > $2) AND ($3::text IS NULL OR key < $3)
-                   AND ($4::text IS NULL OR integration_id = $4) AND ($5::text IS NULL OR group_ref = $5)
-                   AND ($6::text IS NULL OR health = $6) AND ($7::boolean IS NULL OR paused = $7)
-                   AND ($8 OR (doc->>'deleted')::boolean IS NOT TRUE)
-                 ORDER BY key {} LIMIT $9",
-                if backwards { "DESC" } else { "ASC" }
-            );
-            let rows = sqlx::query(&sql)
-                .bind(db.project.0)
-                .bind(after.map(|a| a.to_string()))
-                .bind(before.map(|b| b.to_string()))
-                .bind(filter.integration_id.map(|i| i.to_string()))
-                .bind(&filter.group_ref)
-                .bind(filter.health.map(Health::as_str))
-                .bind(filter.paused)
-                .bind(filter.include_deleted)
-                .bind(limit as i64 + 1)
-                .fetch_all(&mut *db.conn().await?)
-                .await
-                .map_err(ApiError::from)?;
-            let more = rows.len() > limit;
-            let mut nodes = rows
-                .iter()
-                .take(limit)
-                .map(|r| Ok((r.get::<String, _>("key"), decode::<InstallationDoc>(r)?)))
-                .collect::<Result<Vec<_>, ApiError>>()?;
+            let q = queries::InstallationQuery {
+                after,
+                before,
+                integration_id: filter.integration_id,
+                group_ref: filter.group_ref.as_deref(),
+                health: filter.health.map(Health::as_str),
+                paused: filter.paused,
+                include_deleted: filter.include_deleted,
+                backwards,
+                limit: limit as i64 + 1,
+            };
+            let mut nodes = queries::installations(&mut *db.conn().await?, db.project.0, &q).await?;
+            let more = nodes.len() > limit;
+            nodes.truncate(limit);
             if backwards {
                 nodes.reverse();
             }
@@ -135,7 +117,7 @@ impl Query {
     }
 
     async fn installation(&self, ctx: &Context<'_>, id: Uuid) -> Result<Installation> {
-        let doc: Option<InstallationDoc> = doc_by_id(db(ctx), "installations", id).await?;
+        let doc: Option<InstallationDoc> = doc_by_id(db(ctx), id).await?;
         Ok(doc.ok_or(ApiError::NotFound("installation"))?.into())
     }
 
@@ -145,7 +127,7 @@ impl Query {
     }
 
     async fn operation(&self, ctx: &Context<'_>, id: Uuid) -> Result<Operation> {
-        let doc: Option<OperationDoc> = doc_by_id(db(ctx), "operations", id).await?;
+        let doc: Option<OperationDoc> = doc_by_id(db(ctx), id).await?;
         Ok(doc.ok_or(ApiError::NotFound("operation"))?.into())
     }
 
@@ -162,39 +144,25 @@ impl Query {
         let db = db(ctx);
         let first = page_size(first)?;
         let after = after.as_deref().map(parse_cursor).transpose()?;
-        let rows = sqlx::query(
-            "SELECT key, doc::text AS doc FROM operations
-             WHERE project_id = $1 AND ($2::text IS NULL OR installation_id = $2)
-               AND ($3::text IS NULL OR status = $3) AND ($4::text IS NULL OR op_type = $4)
-               AND ($5::text IS NULL OR key < $5)
-             ORDER BY key DESC LIMIT $6",
-        )
-        .bind(db.project.0)
-        .bind(filter.installation_id.map(|i| i.to_string()))
-        .bind(&filter.status)
-        .bind(&filter.op_type)
-        .bind(after.map(|a| a.to_string()))
-        .bind(first + 1)
-        .fetch_all(&mut *db.conn().await?)
-        .await?;
-        let docs = rows.iter().map(decode::<OperationDoc>).collect::<Result<Vec<_>, _>>()?;
+        let q = queries::OperationQuery {
+            installation: filter.installation_id,
+            status: filter.status.as_deref(),
+            op_type: filter.op_type.as_deref(),
+            after,
+            limit: first + 1,
+        };
+        let docs = queries::operations(&mut *db.conn().await?, db.project.0, &q).await?;
         Ok(Page::of(docs, first, |d| d.operation_id))
     }
 
     /// Daily usage in `[from, to]` (UTC days), all installations of the project.
     async fn usage(&self, ctx: &Context<'_>, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Vec<UsageDay>> {
         let db = db(ctx);
-        let rows = sqlx::query(
-            "SELECT doc::text AS doc FROM usage_daily WHERE project_id = $1
-               AND ($2::text IS NULL OR day >= $2) AND ($3::text IS NULL OR day <= $3)
-             ORDER BY day, key LIMIT 10000",
-        )
-        .bind(db.project.0)
-        .bind(from.map(|d| d.to_string()))
-        .bind(to.map(|d| d.to_string()))
-        .fetch_all(&mut *db.conn().await?)
-        .await?;
-        rows.iter().map(|r| decode::<UsageDoc>(r).map(Into::into)).collect()
+        let (from, to) = (from.map(|d| d.to_string()), to.map(|d| d.to_string()));
+        let days =
+            queries::usage_days(&mut *db.conn().await?, db.project.0, None, from.as_deref(), to.as_deref(), 10_000)
+                .await?;
+        Ok(days.into_iter().map(Into::into).collect())
     }
 
     /// The monthly billing summary, oldest month first.

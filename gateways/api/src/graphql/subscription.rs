@@ -4,7 +4,6 @@
 //! tenant-scoped transaction, and every subscriber to that installation shares it: a
 //! thousand subscribers cost one read per change, not a thousand.
 
-use super::loaders::decode;
 use super::principal;
 use super::query::require_installation;
 use super::types::Operation;
@@ -63,15 +62,9 @@ impl Feeds {
 }
 
 async fn read(db: &TenantDb, installation: Uuid) -> Result<Vec<OperationDoc>, ApiError> {
-    let rows = sqlx::query(
-        "SELECT doc::text AS doc FROM operations WHERE project_id = $1 AND installation_id = $2 ORDER BY key",
-    )
-    .bind(db.project.0)
-    .bind(installation.to_string())
-    .fetch_all(&mut *db.conn().await?)
-    .await;
+    let docs = amplog_projections::queries::operations_of(&mut *db.conn().await?, db.project.0, installation).await;
     db.release().await;
-    rows?.iter().map(decode::<OperationDoc>).collect()
+    Ok(docs?)
 }
 
 /// Re-reads on each projector batch (or every second) and publishes what changed, until
