@@ -120,6 +120,23 @@ pub enum ConnectionError {
     InvalidCredential,
 }
 
+impl ConnectionError {
+    /// The variant's stable code (part of the public `extensions.code`: renaming a variant
+    /// must not change it).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ConnectionError::AlreadyExists => "already_exists",
+            ConnectionError::NotFound => "not_found",
+            ConnectionError::Revoked => "revoked",
+            ConnectionError::NeedsReconnect => "needs_reconnect",
+            ConnectionError::AlreadyBadCredentials => "already_bad_credentials",
+            ConnectionError::InvalidGroupRef => "invalid_group_ref",
+            ConnectionError::InvalidProvider => "invalid_provider",
+            ConnectionError::InvalidCredential => "invalid_credential",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Connection {
     pub exists: bool,

@@ -23,28 +23,97 @@ pub enum DomainError {
 impl DomainError {
     /// A stable, machine-readable code (`installation.paused`, ...), for APIs and logs.
     pub fn code(&self) -> String {
-        fn snake(debug: String) -> String {
-            let name = debug.split(['(', ' ', '{']).next().unwrap_or_default();
-            let mut out = String::new();
-            for (i, c) in name.chars().enumerate() {
-                if c.is_ascii_uppercase() {
-                    if i > 0 {
-                        out.push('_');
-                    }
-                    out.push(c.to_ascii_lowercase());
-                } else {
-                    out.push(c);
-                }
-            }
-            out
-        }
         let (aggregate, variant) = match self {
-            DomainError::Project(e) => ("project", format!("{e:?}")),
-            DomainError::Integration(e) => ("integration", format!("{e:?}")),
-            DomainError::Connection(e) => ("connection", format!("{e:?}")),
-            DomainError::Installation(e) => ("installation", format!("{e:?}")),
-            DomainError::Operation(e) => ("operation", format!("{e:?}")),
+            DomainError::Project(e) => ("project", e.code()),
+            DomainError::Integration(e) => ("integration", e.code()),
+            DomainError::Connection(e) => ("connection", e.code()),
+            DomainError::Installation(e) => ("installation", e.code()),
+            DomainError::Operation(e) => ("operation", e.code()),
         };
-        format!("{aggregate}.{}", snake(variant))
+        format!("{aggregate}.{variant}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code the API can answer with for a refused command: a change here is a change
+    /// of the public API.
+    #[test]
+    fn every_domain_error_code() {
+        let codes: Vec<(String, &str)> = vec![
+            (DomainError::from(ProjectError::AlreadyExists).code(), "project.already_exists"),
+            (DomainError::from(ProjectError::NotFound).code(), "project.not_found"),
+            (DomainError::from(ProjectError::InvalidName).code(), "project.invalid_name"),
+            (DomainError::from(IntegrationError::AlreadyDeclared).code(), "integration.already_declared"),
+            (DomainError::from(IntegrationError::NotFound).code(), "integration.not_found"),
+            (DomainError::from(IntegrationError::InvalidName).code(), "integration.invalid_name"),
+            (DomainError::from(IntegrationError::InvalidProvider).code(), "integration.invalid_provider"),
+            (DomainError::from(IntegrationError::EmptyManifest).code(), "integration.empty_manifest"),
+            (
+                DomainError::from(IntegrationError::DuplicateObject(String::new())).code(),
+                "integration.duplicate_object",
+            ),
+            (
+                DomainError::from(IntegrationError::InvalidObjectName(String::new())).code(),
+                "integration.invalid_object_name",
+            ),
+            (
+                DomainError::from(IntegrationError::InvalidSchedule(String::new())).code(),
+                "integration.invalid_schedule",
+            ),
+            (DomainError::from(ConnectionError::AlreadyExists).code(), "connection.already_exists"),
+            (DomainError::from(ConnectionError::NotFound).code(), "connection.not_found"),
+            (DomainError::from(ConnectionError::Revoked).code(), "connection.revoked"),
+            (DomainError::from(ConnectionError::NeedsReconnect).code(), "connection.needs_reconnect"),
+            (DomainError::from(ConnectionError::AlreadyBadCredentials).code(), "connection.already_bad_credentials"),
+            (DomainError::from(ConnectionError::InvalidGroupRef).code(), "connection.invalid_group_ref"),
+            (DomainError::from(ConnectionError::InvalidProvider).code(), "connection.invalid_provider"),
+            (DomainError::from(ConnectionError::InvalidCredential).code(), "connection.invalid_credential"),
+            (DomainError::from(InstallationError::AlreadyExists).code(), "installation.already_exists"),
+            (DomainError::from(InstallationError::NotFound).code(), "installation.not_found"),
+            (DomainError::from(InstallationError::Deleted).code(), "installation.deleted"),
+            (DomainError::from(InstallationError::Paused).code(), "installation.paused"),
+            (DomainError::from(InstallationError::AlreadyPaused).code(), "installation.already_paused"),
+            (DomainError::from(InstallationError::NotPaused).code(), "installation.not_paused"),
+            (DomainError::from(InstallationError::IntegrationNotFound).code(), "installation.integration_not_found"),
+            (DomainError::from(InstallationError::UnknownRevision(0)).code(), "installation.unknown_revision"),
+            (DomainError::from(InstallationError::UnknownObject(String::new())).code(), "installation.unknown_object"),
+            (
+                DomainError::from(InstallationError::ObjectDisabled(String::new())).code(),
+                "installation.object_disabled",
+            ),
+            (
+                DomainError::from(InstallationError::InvalidSchedule(String::new())).code(),
+                "installation.invalid_schedule",
+            ),
+            (DomainError::from(InstallationError::ConnectionNotFound).code(), "installation.connection_not_found"),
+            (DomainError::from(InstallationError::ConnectionMismatch).code(), "installation.connection_mismatch"),
+            (DomainError::from(InstallationError::ConnectionRevoked).code(), "installation.connection_revoked"),
+            (DomainError::from(InstallationError::NeedsReauth).code(), "installation.needs_reauth"),
+            (DomainError::from(InstallationError::InvalidRef).code(), "installation.invalid_ref"),
+            (DomainError::from(InstallationError::NoObjects).code(), "installation.no_objects"),
+            (DomainError::from(OperationError::AlreadyExists).code(), "operation.already_exists"),
+            (DomainError::from(OperationError::NotFound).code(), "operation.not_found"),
+            (DomainError::from(OperationError::LeaseHeld).code(), "operation.lease_held"),
+            (DomainError::from(OperationError::NotRunning).code(), "operation.not_running"),
+            (DomainError::from(OperationError::StaleLease).code(), "operation.stale_lease"),
+            (
+                DomainError::from(OperationError::AlreadyFinished(crate::operation::OperationStatus::Failed)).code(),
+                "operation.already_finished",
+            ),
+            (DomainError::from(OperationError::NotFailed).code(), "operation.not_failed"),
+            (DomainError::from(OperationError::NotRetryable).code(), "operation.not_retryable"),
+            (DomainError::from(OperationError::InvalidWindow).code(), "operation.invalid_window"),
+            (DomainError::from(OperationError::MissingObject).code(), "operation.missing_object"),
+            (DomainError::from(OperationError::InvalidLease).code(), "operation.invalid_lease"),
+            (DomainError::from(OperationError::NoPages).code(), "operation.no_pages"),
+            (DomainError::from(OperationError::WrongPage { expected: 0 }).code(), "operation.wrong_page"),
+            (DomainError::from(OperationError::DeliveryMismatch).code(), "operation.delivery_mismatch"),
+        ];
+        for (got, want) in codes {
+            assert_eq!(got, want);
+        }
     }
 }

@@ -153,6 +153,32 @@ pub enum InstallationError {
     NoObjects,
 }
 
+impl InstallationError {
+    /// The variant's stable code (part of the public `extensions.code`: renaming a variant
+    /// must not change it).
+    pub fn code(&self) -> &'static str {
+        match self {
+            InstallationError::AlreadyExists => "already_exists",
+            InstallationError::NotFound => "not_found",
+            InstallationError::Deleted => "deleted",
+            InstallationError::Paused => "paused",
+            InstallationError::AlreadyPaused => "already_paused",
+            InstallationError::NotPaused => "not_paused",
+            InstallationError::IntegrationNotFound => "integration_not_found",
+            InstallationError::UnknownRevision(_) => "unknown_revision",
+            InstallationError::UnknownObject(_) => "unknown_object",
+            InstallationError::ObjectDisabled(_) => "object_disabled",
+            InstallationError::InvalidSchedule(_) => "invalid_schedule",
+            InstallationError::ConnectionNotFound => "connection_not_found",
+            InstallationError::ConnectionMismatch => "connection_mismatch",
+            InstallationError::ConnectionRevoked => "connection_revoked",
+            InstallationError::NeedsReauth => "needs_reauth",
+            InstallationError::InvalidRef => "invalid_ref",
+            InstallationError::NoObjects => "no_objects",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Installation {
     pub exists: bool,

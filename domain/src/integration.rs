@@ -79,6 +79,23 @@ pub enum IntegrationError {
     InvalidSchedule(String),
 }
 
+impl IntegrationError {
+    /// The variant's stable code (part of the public `extensions.code`: renaming a variant
+    /// must not change it).
+    pub fn code(&self) -> &'static str {
+        match self {
+            IntegrationError::AlreadyDeclared => "already_declared",
+            IntegrationError::NotFound => "not_found",
+            IntegrationError::InvalidName => "invalid_name",
+            IntegrationError::InvalidProvider => "invalid_provider",
+            IntegrationError::EmptyManifest => "empty_manifest",
+            IntegrationError::DuplicateObject(_) => "duplicate_object",
+            IntegrationError::InvalidObjectName(_) => "invalid_object_name",
+            IntegrationError::InvalidSchedule(_) => "invalid_schedule",
+        }
+    }
+}
+
 /// A deployed revision with its objects by name.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Revision {

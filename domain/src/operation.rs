@@ -286,6 +286,29 @@ pub enum OperationError {
     DeliveryMismatch,
 }
 
+impl OperationError {
+    /// The variant's stable code (part of the public `extensions.code`: renaming a variant
+    /// must not change it).
+    pub fn code(&self) -> &'static str {
+        match self {
+            OperationError::AlreadyExists => "already_exists",
+            OperationError::NotFound => "not_found",
+            OperationError::LeaseHeld => "lease_held",
+            OperationError::NotRunning => "not_running",
+            OperationError::StaleLease => "stale_lease",
+            OperationError::AlreadyFinished(_) => "already_finished",
+            OperationError::NotFailed => "not_failed",
+            OperationError::NotRetryable => "not_retryable",
+            OperationError::InvalidWindow => "invalid_window",
+            OperationError::MissingObject => "missing_object",
+            OperationError::InvalidLease => "invalid_lease",
+            OperationError::NoPages => "no_pages",
+            OperationError::WrongPage { .. } => "wrong_page",
+            OperationError::DeliveryMismatch => "delivery_mismatch",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Lease {
     pub id: LeaseId,

@@ -34,6 +34,18 @@ pub enum ProjectError {
     InvalidName,
 }
 
+impl ProjectError {
+    /// The variant's stable code (part of the public `extensions.code`: renaming a variant
+    /// must not change it).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProjectError::AlreadyExists => "already_exists",
+            ProjectError::NotFound => "not_found",
+            ProjectError::InvalidName => "invalid_name",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Project {
     pub exists: bool,
