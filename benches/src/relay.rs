@@ -141,7 +141,7 @@ async fn raw_produce(config: &KafkaConfig, envelopes: &[(String, String, Vec<u8>
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     record = returned;
-                    tokio::time::sleep(Duration::from_millis(2)).await
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((error, _)) => return Err(error.into()),
             }

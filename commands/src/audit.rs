@@ -191,7 +191,7 @@ pub async fn verify(
                 aggregate_id: aggregate_id.clone(),
                 sequence,
                 kind,
-            })
+            });
         };
         if sequence != *last_sequence + 1 {
             fail(BreakKind::SequenceGap { expected: *last_sequence + 1 });

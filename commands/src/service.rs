@@ -400,7 +400,7 @@ impl CommandService {
         };
         let integration = self.load_in::<Integration>(&mut uow, integration_id.0).await?;
         if !integration.state.exists {
-            return Err(DomainError::from(amplog_domain::integration::IntegrationError::NotFound).into());
+            return Err(DomainError::from(integration::IntegrationError::NotFound).into());
         }
         let id = ConnectionId(Uuid::now_v7());
         let credential = self
@@ -426,7 +426,7 @@ impl CommandService {
         name: &'static str,
         id: ConnectionId,
         secret: &Secret,
-        command: impl FnOnce(amplog_domain::connection::CredentialRef) -> ConnectionCommand,
+        command: impl FnOnce(connection::CredentialRef) -> ConnectionCommand,
     ) -> Result<CommandOutcome, CommandError> {
         let request = (id, self.credentials.key().fingerprint(secret));
         let mut uow = match self.begin(ctx, name, &request).await? {
@@ -435,7 +435,7 @@ impl CommandService {
         };
         let loaded = self.load_in::<Connection>(&mut uow, id.0).await?;
         // Decide before storing, so a refused command leaves no orphan ciphertext behind.
-        let probe = command(amplog_domain::connection::CredentialRef {
+        let probe = command(connection::CredentialRef {
             id: CredentialId(Uuid::nil()),
             fingerprint: self.credentials.key().fingerprint(secret),
         });

@@ -310,7 +310,7 @@ async fn no_secret_enters_the_log() {
         assert!(stored.iter().all(|c| !String::from_utf8_lossy(c).contains(token)), "{token} is stored in clear");
     }
     // The events carry the reference and fingerprint, and the latest secret decrypts.
-    let state = service.load::<amplog_domain::connection::Connection>(&s.ctx, s.connection.0).await.unwrap().state;
+    let state = service.load::<connection::Connection>(&s.ctx, s.connection.0).await.unwrap().state;
     let credential = state.credential.expect("a credential reference");
     assert_eq!(credential.fingerprint, service.credentials().key().fingerprint(&reconnected));
     let mut conn = db.pool.acquire().await.unwrap();
@@ -425,7 +425,7 @@ async fn commands_on_an_unknown_id_are_typed_not_found() {
         service.retry_operation(&ctx, OperationId(missing)).await.unwrap_err().code(),
         service.revoke_connection(&ctx, ConnectionId(missing)).await.unwrap_err().code(),
         service
-            .deploy_revision(&ctx, IntegrationId(missing), &amplog_domain::integration::Manifest { objects: vec![] })
+            .deploy_revision(&ctx, IntegrationId(missing), &integration::Manifest { objects: vec![] })
             .await
             .unwrap_err()
             .code(),

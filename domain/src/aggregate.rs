@@ -23,9 +23,8 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Debug + PartialEq 
     fn to_parts(&self) -> EventParts {
         let value = serde_json::to_value(self).expect("domain events always serialise");
         let Value::Object(mut map) = value else { unreachable!("adjacently tagged enums serialise to objects") };
-        let event_type = match map.remove("type") {
-            Some(Value::String(s)) => s,
-            _ => unreachable!("adjacently tagged enums carry a string tag"),
+        let Some(Value::String(event_type)) = map.remove("type") else {
+            unreachable!("adjacently tagged enums carry a string tag")
         };
         EventParts {
             event_type,

@@ -162,7 +162,7 @@ async fn run_workload(w: &mut Workload, seed: u64, rounds: usize) -> (usize, usi
             match result {
                 Ok(Some(op)) => w.operations.push(op),
                 Ok(None) => {}
-                Err(CommandError::Domain(_)) | Err(CommandError::Conflict { .. }) => refused += 1,
+                Err(CommandError::Domain(_) | CommandError::Conflict { .. }) => refused += 1,
                 Err(other) => panic!("unexpected error {other:?}"),
             }
         }

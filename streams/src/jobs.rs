@@ -204,7 +204,7 @@ async fn consume_jobs<P: JobProcessor>(worker: &P, config: &KafkaConfig, group: 
         let envelope = CloudEvent::parse(message.payload().unwrap_or_default());
         let job = envelope
             .as_ref()
-            .map_err(|e| e.to_string())
+            .map_err(ToString::to_string)
             .and_then(|e| JobMessage::from_cloud_event(e).map_err(|e| e.to_string()));
         let ack = match &job {
             Ok(job) => loop {

@@ -421,7 +421,7 @@ async fn send_one(
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 record = returned;
-                tokio::time::sleep(Duration::from_millis(2)).await
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
             Err((error, _)) => return Err(error.into()),
         }

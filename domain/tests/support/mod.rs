@@ -81,7 +81,7 @@ pub fn check_matrix<A: Aggregate>(
             let got: Result<Vec<String>, A::Error> =
                 result.map(|events| events.iter().map(|e| e.to_parts().event_type).collect());
             let want: Result<Vec<String>, A::Error> =
-                expected.clone().map(|types| types.iter().map(|s| s.to_string()).collect());
+                expected.clone().map(|types| types.iter().map(ToString::to_string).collect());
             assert_eq!(got, want, "{command_name} in state {state}");
         }
     }

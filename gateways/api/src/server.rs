@@ -343,7 +343,7 @@ async fn graphql_ws(
                     Ok(data)
                 })
                 .serve()
-                .await
+                .await;
         },
     )
 }
@@ -370,7 +370,7 @@ pub struct SocketCounts(std::sync::Mutex<HashMap<Uuid, [usize; 2]>>);
 impl SocketCounts {
     /// Counts one more, unless `max` are already counted; the slot gives it back on drop.
     pub fn acquire(self: &Arc<Self>, key: Uuid, what: Counted, max: usize) -> Option<Slot> {
-        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = &mut counts.entry(key).or_default()[what as usize];
         if *count >= max {
             return None;
@@ -389,7 +389,7 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.counts.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(entry) = counts.get_mut(&self.key) {
             entry[self.what as usize] -= 1;
             if entry == &[0, 0] {
@@ -608,7 +608,9 @@ async fn export_events(
             }
             Ok(events) if events.is_empty() => None,
             Ok(events) => {
-                let next = (events.len() as i64 == EXPORT_PAGE).then(|| events.last().map(|e| e.cursor())).flatten();
+                let next = (events.len() as i64 == EXPORT_PAGE)
+                    .then(|| events.last().map(amplog_commands::RecordedEvent::cursor))
+                    .flatten();
                 let mut lines = Vec::with_capacity(events.len() * 512);
                 for e in events {
                     let line = ExportedEvent {

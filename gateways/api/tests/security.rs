@@ -411,7 +411,7 @@ async fn ws_next(ws: &mut WsClient) -> Value {
                     return value;
                 }
             }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Value::Null,
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return Value::Null,
             Some(Ok(_)) => {}
         }
     }

@@ -411,7 +411,7 @@ async fn the_scheduler_backfills_new_objects_then_requests_each_slot_once() {
     let watermarks: Vec<Option<String>> =
         sqlx::query_scalar("SELECT doc->>'watermark' FROM read_states").fetch_all(&world.db.pool).await.unwrap();
     assert_eq!(watermarks.len(), 3);
-    assert!(watermarks.iter().all(|w| w.is_some()), "{watermarks:?}");
+    assert!(watermarks.iter().all(Option::is_some), "{watermarks:?}");
     world.sim_control("/_sim/touch/deals/2", None).await;
     let deals = world.request_read("deals").await;
     assert_eq!(world.finished(deals, Duration::from_secs(30)).await.records, 2, "only the two changed deals");

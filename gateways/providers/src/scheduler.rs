@@ -116,7 +116,7 @@ impl Scheduler {
                     // The read model lagged behind a pause, a delete or lost credentials:
                     // the domain refuses, nothing to do.
                     Err(CommandError::Domain(error)) => {
-                        tracing::debug!(installation = %id, object, code = error.code(), "read not requested")
+                        tracing::debug!(installation = %id, object, code = error.code(), "read not requested");
                     }
                     Err(CommandError::Conflict { .. }) => {}
                     Err(error) => return Err(error.into()),

@@ -141,7 +141,7 @@ impl Sink {
     /// The pages each (installation, object) received, in arrival order.
     pub fn pages_by_stream(&self) -> BTreeMap<(String, String), Vec<(String, u64)>> {
         let mut out: BTreeMap<(String, String), Vec<(String, u64)>> = BTreeMap::new();
-        for r in self.state.lock().expect("sink").received.iter() {
+        for r in &self.state.lock().expect("sink").received {
             out.entry((r.installation_id.clone(), r.object.clone()))
                 .or_default()
                 .push((r.operation_id.clone(), r.page));

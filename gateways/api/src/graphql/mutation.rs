@@ -241,7 +241,7 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
-        if input.credentials.0.as_object().is_none_or(|o| o.is_empty()) {
+        if input.credentials.0.as_object().is_none_or(serde_json::Map::is_empty) {
             return Err(ApiError::bad_request("invalid_input", "`credentials` must be a non-empty object"));
         }
         let secret = Secret(input.credentials.0.to_string());
@@ -287,7 +287,7 @@ impl Mutation {
         let revision = match revision {
             Some(r) => r,
             None => {
-                let loaded = service.load::<amplog_domain::installation::Installation>(&command, id).await?;
+                let loaded = service.load::<installation::Installation>(&command, id).await?;
                 if !loaded.state.exists {
                     return Err(ApiError::NotFound("installation"));
                 }
@@ -346,7 +346,7 @@ impl Mutation {
         let check = command_ctx(ctx, Scope::Write, None)?;
         super::check_times(&[("since", since), ("until", until)])?;
         let service = &app(ctx).service;
-        let loaded = service.load::<amplog_domain::installation::Installation>(&check, installation_id).await?;
+        let loaded = service.load::<installation::Installation>(&check, installation_id).await?;
         if !loaded.state.exists {
             return Err(ApiError::NotFound("installation"));
         }
@@ -363,7 +363,7 @@ impl Mutation {
                 for object in named {
                     if !configured.contains_key(&object) {
                         // Refused before any read is requested: all of them or none.
-                        let unknown = amplog_domain::installation::InstallationError::UnknownObject(object);
+                        let unknown = installation::InstallationError::UnknownObject(object);
                         return Err(amplog_commands::CommandError::Domain(unknown.into()).into());
                     }
                     if !unique.contains(&object) {

@@ -57,7 +57,7 @@ impl Feeds {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FeedMap> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
