@@ -1,8 +1,6 @@
-mod support;
-
+use crate::support::*;
 use amplog_domain::connection::*;
 use amplog_domain::*;
-use support::*;
 
 fn cred(n: u128) -> CredentialRef {
     CredentialRef { id: id(n), fingerprint: format!("sha256:{n:04}") }

@@ -1,9 +1,7 @@
-mod support;
-
+use crate::support::*;
 use amplog_domain::integration::*;
 use amplog_domain::project::*;
 use amplog_domain::Aggregate;
-use support::*;
 
 #[test]
 fn project_every_command_in_every_state() {

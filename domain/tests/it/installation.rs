@@ -1,12 +1,10 @@
-mod support;
-
+use crate::support::*;
 use amplog_domain::connection::*;
 use amplog_domain::installation::*;
 use amplog_domain::integration::*;
 use amplog_domain::operation::{OperationType, Trigger};
 use amplog_domain::*;
 use std::collections::BTreeMap;
-use support::*;
 
 fn integration() -> IntegrationFacts {
     let state = Integration::replay(&[

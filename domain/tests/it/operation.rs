@@ -1,10 +1,8 @@
-mod support;
-
+use crate::support::*;
 use amplog_domain::operation::*;
 use amplog_domain::upcast::page_recorded_v1_to_v2;
 use amplog_domain::*;
 use serde_json::json;
-use support::*;
 
 fn requested() -> OperationEvent {
     OperationEvent::Requested {
