@@ -122,7 +122,7 @@ impl ProducerContext for Deliveries {
 /// sleeps out its current 100 ms wait: 0 to 0.1 s of nothing, drawn anew in every run).
 /// It asks for every topic's metadata first, as the relay does: else librdkafka's
 /// idempotent producer waits up to 500 ms for its producer id, and a message for a topic
-/// without metadata waits for librdkafka's own request (BENCHMARKS.md).
+/// without metadata waits for librdkafka's own request (docs/benchmarks-history.md).
 async fn raw_produce(config: &KafkaConfig, envelopes: &[(String, String, Vec<u8>)], header: bool) -> Result<Duration> {
     let topics: HashMap<&str, String> =
         envelopes.iter().map(|(kind, ..)| (kind.as_str(), config.aggregate_topic(kind))).collect();

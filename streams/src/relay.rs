@@ -33,9 +33,8 @@ pub struct Relay {
     config: KafkaConfig,
     pub holder: String,
     pub batch_size: i64,
-    /// Batches sent but not yet acknowledged, at most. Enough to keep the broker busy
-    /// while acknowledgements come back (at 8 x 5,000 the sending stage waited on them for
-    /// a third of a catch-up; BENCHMARKS.md).
+    /// Batches sent but not yet acknowledged, at most: enough that the sending stage does
+    /// not wait for acknowledgements while the broker is busy.
     pub batches_in_flight: usize,
 }
 
@@ -147,8 +146,7 @@ impl Relay {
         // then the producer asks for every topic's metadata: librdkafka's idempotent
         // producer requests its producer id when a metadata response arrives, else on a
         // 500 ms timer, and holds every message until it has one; and a message for a topic
-        // it has no metadata for waits for its own request (catch-ups waited 0.1 to 1 s for
-        // their first acknowledgement; BENCHMARKS.md). The sending stage waits for both, so
+        // it has no metadata for waits for its own request. The sending stage waits for both, so
         // the producer holds no message before the connecting threads let go of its handle
         // (an error's drop still purges the queue).
         let producer: Arc<RelayProducer> = Arc::new(self.config.producer()?.create_with_context(Acknowledging)?);

@@ -38,7 +38,7 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<()
 /// Asks for each topic's metadata, all at once, and waits for the answers (blocking: call it
 /// off the async threads). A producer that has them sends a topic's first message without
 /// waiting for librdkafka's own request, and its idempotent producer asks for its producer
-/// id at the first answer instead of on a 500 ms timer (BENCHMARKS.md).
+/// id at the first answer instead of on a 500 ms timer (docs/benchmarks-history.md).
 pub fn fetch_metadata<C: ClientContext>(client: &Client<C>, topics: &[String]) -> Result<(), KafkaError> {
     std::thread::scope(|scope| {
         let asks: Vec<_> = topics
