@@ -8,10 +8,12 @@ pub mod graphiql;
 pub mod graphql;
 pub mod manifest;
 pub mod server;
+pub mod state;
 pub mod tenant;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use auth::{Keys, Principal, Scope};
 pub use error::ApiError;
-pub use server::{Server, ServerConfig};
+pub use server::Server;
+pub use state::ServerConfig;

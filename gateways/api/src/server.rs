@@ -3,8 +3,8 @@
 
 use crate::auth::{Keys, Principal, Scope};
 use crate::error::ApiError;
-use crate::graphql::guard::{self, ParsedCache};
-use crate::graphql::{self, AmplogSchema, Limits};
+use crate::graphql::{self, guard, AmplogSchema};
+use crate::state::{stopped, AppState, Counted, Limits, ServerConfig, Slot, SocketCounts};
 use crate::tenant::TenantDb;
 use amplog_commands::audit::{self, HistoryRange};
 use amplog_commands::{CommandService, LogCursor};
@@ -24,69 +24,12 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::any::TypeId;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
-
-/// How the server runs. `dev` turns on GraphiQL and introspection.
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub dev: bool,
-    pub limits: Limits,
-    /// Largest request body accepted, in bytes.
-    pub body_limit: usize,
-    /// How long one GraphQL request may run.
-    pub request_timeout: Duration,
-    /// PostgreSQL's `statement_timeout` for API reads, in milliseconds.
-    pub statement_timeout_ms: u64,
-    /// A projector heartbeat older than this makes `/readyz` fail.
-    pub projector_stale_after: Duration,
-    /// Where outbound requests (and so destinations) may point.
-    pub egress: amplog_providers::egress::Egress,
-    /// When set, `/metrics` answers only `Authorization: Bearer <token>`.
-    pub metrics_token: Option<String>,
-    /// Whether metrics carry a `project` label (needs a token; the binary checks).
-    pub metrics_per_project: bool,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            dev: false,
-            limits: Limits::default(),
-            body_limit: 256 * 1024,
-            request_timeout: Duration::from_secs(10),
-            statement_timeout_ms: 5_000,
-            projector_stale_after: Duration::from_secs(30),
-            egress: amplog_providers::egress::Egress::default(),
-            metrics_token: None,
-            metrics_per_project: false,
-        }
-    }
-}
-
-/// What every handler shares.
-pub struct AppState {
-    pub service: CommandService,
-    pub keys: Keys,
-    pub config: ServerConfig,
-    /// Ticks when a projector batch commits (subscriptions re-read then).
-    pub projected: broadcast::Sender<()>,
-    /// Becomes true on shutdown: long-lived subscriptions end.
-    pub shutdown: watch::Receiver<bool>,
-    /// Parsed GraphQL documents by query text, weighed by size.
-    pub parsed: ParsedCache,
-    /// Open WebSocket connections and running subscriptions per API key.
-    pub sockets: Arc<SocketCounts>,
-    /// The `operationUpdates` feeds, one per installation with subscribers.
-    pub feeds: graphql::subscription::Feeds,
-}
 
 /// Bytes of query text the parsed-document cache holds at most (weighed as guard.rs says).
 const PARSED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -134,11 +77,6 @@ impl Server {
         self.stop.send(true).ok();
         self.task.await.map_err(std::io::Error::other)?
     }
-}
-
-/// Resolves once `shutdown` turns true (or its sender is gone).
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Turns the projectors' NOTIFYs into ticks for subscriptions.
@@ -357,48 +295,6 @@ struct WsSession {
 }
 
 /// What is counted per API key.
-#[derive(Clone, Copy)]
-pub enum Counted {
-    Connections,
-    Subscriptions,
-}
-
-/// Open WebSocket connections and running subscriptions per key.
-#[derive(Default)]
-pub struct SocketCounts(std::sync::Mutex<HashMap<Uuid, [usize; 2]>>);
-
-impl SocketCounts {
-    /// Counts one more, unless `max` are already counted; the slot gives it back on drop.
-    pub fn acquire(self: &Arc<Self>, key: Uuid, what: Counted, max: usize) -> Option<Slot> {
-        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = &mut counts.entry(key).or_default()[what as usize];
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(Slot { counts: self.clone(), key, what })
-    }
-}
-
-/// One counted connection or subscription.
-pub struct Slot {
-    counts: Arc<SocketCounts>,
-    key: Uuid,
-    what: Counted,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(entry) = counts.get_mut(&self.key) {
-            entry[self.what as usize] -= 1;
-            if entry == &[0, 0] {
-                counts.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// Runs WebSocket operations the way HTTP requests run: the same checks, the same per-request
 /// data (tenant transaction, DataLoader), the same timeout for queries and mutations.
 #[derive(Clone)]

@@ -2,7 +2,8 @@
 //! the read-model projector running in-process, and a small GraphQL client.
 
 use crate::auth::{Keys, Scope};
-use crate::server::{Server, ServerConfig};
+use crate::server::Server;
+use crate::state::ServerConfig;
 use amplog_commands::testing::{test_db_with, TestDb};
 use amplog_commands::{CommandContext, CommandService};
 use amplog_domain::ProjectId;

@@ -3,18 +3,14 @@
 //! parser recurses on values without a limit, so a 4 KB `[[[…]]]` overflows a worker's
 //! stack), the parse itself (cached by query text), the alias count and introspection.
 
-use super::Limits;
 use crate::error::ApiError;
+use crate::state::{Limits, ParsedCache};
 use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType};
 use async_graphql::{Request, Value as ConstValue};
 
 /// Deepest nesting of `{`, `[` and `(` in a query, and of lists and objects in variables.
 /// The depth limit (10 fields) and the recursion limit (32) are far below it.
 pub const MAX_NESTING: usize = 64;
-
-/// The parsed documents by query text, weighed by size: a parsed document takes about
-/// forty times its text, so entries are weighed at 48 bytes per byte of query.
-pub type ParsedCache = moka::sync::Cache<String, ExecutableDocument>;
 
 /// Longer queries are parsed every time rather than cached.
 const MAX_CACHED_QUERY: usize = 16 * 1024;

@@ -11,7 +11,8 @@ pub mod types;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::server::AppState;
+use crate::state::AppState;
+pub use crate::state::Limits;
 use crate::tenant::TenantDb;
 use async_graphql::connection::PageInfo;
 use async_graphql::dataloader::DataLoader;
@@ -22,36 +23,6 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub type AmplogSchema = Schema<query::Query, mutation::Mutation, subscription::Subscription>;
-
-/// The limits every request runs under (async-graphql ships with none).
-#[derive(Clone, Debug)]
-pub struct Limits {
-    pub depth: usize,
-    pub complexity: usize,
-    pub recursive_depth: usize,
-    pub aliases: usize,
-    pub introspection: bool,
-    /// WebSocket connections one API key may hold open at once.
-    pub ws_connections_per_key: usize,
-    /// Subscriptions running at once on one WebSocket connection, and for one key in all.
-    pub subscriptions_per_connection: usize,
-    pub subscriptions_per_key: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            depth: 10,
-            complexity: 10_000,
-            recursive_depth: 32,
-            aliases: 30,
-            introspection: false,
-            ws_connections_per_key: 16,
-            subscriptions_per_connection: 16,
-            subscriptions_per_key: 32,
-        }
-    }
-}
 
 /// How deep an introspection-only query may nest: the standard introspection query
 /// (graphql-core's, which gql, codegen tools and IDEs send) nests its type references

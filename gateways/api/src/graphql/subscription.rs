@@ -8,28 +8,19 @@ use super::principal;
 use super::query::require_installation;
 use super::types::Operation;
 use crate::error::ApiError;
-use crate::server::AppState;
+use crate::state::{stopped, AppState, FeedMap, Feeds, Snapshot};
 use crate::tenant::TenantDb;
 use amplog_domain::ProjectId;
 use amplog_projections::docs::OperationDoc;
 use async_graphql::{Context, Result, Subscription};
 use futures::{Stream, StreamExt};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use uuid::Uuid;
 
 pub struct Subscription;
-
-/// An installation's operations as last read.
-type Snapshot = Arc<Vec<OperationDoc>>;
-
-/// The live feeds, one per (project, installation) with subscribers.
-#[derive(Default)]
-pub struct Feeds(Mutex<FeedMap>);
-
-type FeedMap = HashMap<(ProjectId, Uuid), Arc<watch::Sender<Snapshot>>>;
 
 impl Feeds {
     /// A receiver of the installation's feed, starting the feed (with a first read) when
@@ -76,7 +67,7 @@ async fn run_feed(app: Arc<AppState>, db: TenantDb, installation: Uuid, feed: Ar
     let mut shutdown = app.shutdown.clone();
     loop {
         tokio::select! {
-            _ = crate::server::stopped(&mut shutdown) => break,
+            _ = stopped(&mut shutdown) => break,
             _ = wake.recv() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }

@@ -1,8 +1,8 @@
 //! Tenancy (twice), scopes, key revocation and the request limits.
 
-use amplog_api::server::ServerConfig;
 use amplog_api::tenant::TenantDb;
 use amplog_api::testing::{error_code, TestApp};
+use amplog_api::ServerConfig;
 use amplog_commands::testing::{seed, start_read};
 use serde_json::{json, Value};
 use std::time::Duration;
