@@ -1,6 +1,7 @@
 //! `amplog serve` and the admin commands around it (projects, API keys).
 
 use crate::config::App;
+use crate::settings::InProcess;
 use amplog_api::{Keys, Scope, Server, ServerConfig};
 use amplog_commands::CommandContext;
 use amplog_domain::project::Project;
@@ -8,85 +9,13 @@ use amplog_domain::ProjectId;
 use amplog_projections::Runner;
 use amplog_providers::egress::Egress;
 use anyhow::{bail, Context, Result};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::time::Duration;
 use uuid::Uuid;
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum Projectors {
-    Auto,
-    On,
-    Off,
-}
-
-impl Projectors {
-    fn enabled(self, embedded: bool) -> bool {
-        matches!((self, embedded), (Projectors::On, _) | (Projectors::Auto, true))
-    }
-}
-
-/// What `serve` runs beside the API.
-#[derive(Clone, Copy, Debug)]
-pub struct InProcess {
-    pub projectors: Projectors,
-    pub workers: Projectors,
-    pub demo: bool,
-}
-
-/// `serve --config FILE`: every key optional, unknown keys refused (with their place).
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    dev: Option<bool>,
-    body_limit_bytes: Option<usize>,
-    request_timeout_ms: Option<u64>,
-    statement_timeout_ms: Option<u64>,
-    max_depth: Option<usize>,
-    max_complexity: Option<usize>,
-    max_aliases: Option<usize>,
-    metrics_token: Option<String>,
-    metrics_per_project: Option<bool>,
-}
-
-/// The server's settings: defaults, then the config file, then flags and variables.
-pub fn server_config(file: Option<&Path>, listen: Option<SocketAddr>, dev: bool) -> Result<ServerConfig> {
-    let from_file: FileConfig = match file {
-        None => FileConfig::default(),
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str(&text).with_context(|| format!("{} is not a valid amplog config", path.display()))?
-        }
-    };
-    let mut config = ServerConfig::default();
-    config.listen = listen.or(from_file.listen).unwrap_or(config.listen);
-    config.dev = dev || from_file.dev.unwrap_or(false);
-    config.body_limit = from_file.body_limit_bytes.unwrap_or(config.body_limit);
-    config.request_timeout = from_file.request_timeout_ms.map(Duration::from_millis).unwrap_or(config.request_timeout);
-    config.statement_timeout_ms = from_file.statement_timeout_ms.unwrap_or(config.statement_timeout_ms);
-    config.limits.depth = from_file.max_depth.unwrap_or(config.limits.depth);
-    config.limits.complexity = from_file.max_complexity.unwrap_or(config.limits.complexity);
-    config.limits.aliases = from_file.max_aliases.unwrap_or(config.limits.aliases);
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    config.metrics_token = var("AMPLOG_METRICS_TOKEN").or(from_file.metrics_token);
-    config.metrics_per_project = var("AMPLOG_METRICS_PER_PROJECT")
-        .map(|v| matches!(v.as_str(), "1" | "true" | "yes"))
-        .or(from_file.metrics_per_project)
-        .unwrap_or(false);
-    if config.metrics_per_project && config.metrics_token.is_none() {
-        bail!(
-            "per-project metrics name every tenant: they need a metrics token (AMPLOG_METRICS_TOKEN or metrics_token)"
-        );
-    }
-    Ok(config)
-}
 
 pub async fn run(
     app: &App,
     mut config: ServerConfig,
     run: InProcess,
-    kafka: &crate::streams::KafkaArgs,
+    kafka: &crate::settings::KafkaArgs,
 ) -> Result<i32> {
     // The demo's simulator and sink are on loopback.
     config.egress = if run.demo { Egress::private() } else { Egress::from_env() };
@@ -144,7 +73,7 @@ pub async fn run(
             Ok(())
         }));
     }
-    shutdown_signal().await;
+    crate::shutdown::signal().await;
     tracing::info!("shutting down: finishing in-flight requests");
     server.stop().await?;
     stop.send(true).ok();
@@ -155,14 +84,6 @@ pub async fn run(
         demo.stop().await;
     }
     Ok(0)
-}
-
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 pub async fn create_project(app: &App, name: &str) -> Result<i32> {
@@ -198,28 +119,5 @@ pub async fn revoke_key(app: &App, id: Uuid) -> Result<i32> {
         Ok(0)
     } else {
         bail!("no live key {id}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flags_win_over_the_file_which_wins_over_defaults() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("amplog.toml");
-        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\nmax_aliases = 5\nrequest_timeout_ms = 2500\n").unwrap();
-        let config = server_config(Some(&path), None, false).unwrap();
-        assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap());
-        assert_eq!(config.limits.aliases, 5);
-        assert_eq!(config.request_timeout, Duration::from_millis(2500));
-        assert_eq!(config.limits.depth, ServerConfig::default().limits.depth);
-        let config = server_config(Some(&path), Some("127.0.0.1:1".parse().unwrap()), true).unwrap();
-        assert_eq!(config.listen, "127.0.0.1:1".parse().unwrap());
-        assert!(config.dev);
-        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\nmax_alias = 5\n").unwrap();
-        let error = format!("{:#}", server_config(Some(&path), None, false).unwrap_err());
-        assert!(error.contains("max_alias"), "{error}");
     }
 }

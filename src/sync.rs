@@ -2,6 +2,7 @@
 //! `destinations`, and the pieces `serve` runs in-process (workers, scheduler, `--demo`).
 
 use crate::config::App;
+use crate::settings::{SimArgs, WorkerOptions};
 use amplog_commands::destinations;
 use amplog_commands::{CommandContext, CommandService, EventStore};
 use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
@@ -10,85 +11,25 @@ use amplog_providers::connector::{Catalog, Connectors, ProviderSettings};
 use amplog_providers::scheduler::Scheduler;
 use amplog_providers::sync::SyncHandler;
 use amplog_providers::worker::{InProcessDispatch, Worker};
-use amplog_simulator::sim::{Faults, SimConfig, Simulator};
+use amplog_simulator::sim::{SimConfig, Simulator};
 use amplog_simulator::Sink;
 use anyhow::{Context, Result};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-#[derive(clap::Args, Clone, Debug)]
-pub struct SimArgs {
-    #[arg(long, env = "AMPLOG_SIM_LISTEN", default_value = "127.0.0.1:8091")]
-    pub listen: SocketAddr,
-    /// Records per object (contacts, companies, deals).
-    #[arg(long, default_value_t = 2_000)]
-    pub records: usize,
-    #[arg(long, default_value_t = 7)]
-    pub seed: u64,
-    /// Access-token lifetime.
-    #[arg(long, default_value_t = 1800)]
-    pub token_ttl_secs: u64,
-    /// Fraction of data requests answered 429 (with Retry-After).
-    #[arg(long, default_value_t = 0.0)]
-    pub rate_limited: f64,
-    #[arg(long, default_value_t = 1)]
-    pub retry_after_secs: u64,
-    /// Fraction answered 503.
-    #[arg(long, default_value_t = 0.0)]
-    pub server_error: f64,
-    /// Fraction answered after `slow_ms`.
-    #[arg(long, default_value_t = 0.0)]
-    pub slow: f64,
-    #[arg(long, default_value_t = 200)]
-    pub slow_ms: u64,
-}
-
-impl SimArgs {
-    fn config(&self) -> SimConfig {
-        SimConfig {
-            records: self.records,
-            seed: self.seed,
-            token_ttl: Duration::from_secs(self.token_ttl_secs),
-            faults: Faults {
-                rate_limited: self.rate_limited,
-                retry_after_secs: self.retry_after_secs,
-                server_error: self.server_error,
-                slow: self.slow,
-                slow_ms: self.slow_ms,
-            },
-            ..SimConfig::default()
-        }
-    }
-}
-
-/// `amplog provider-sim`: serves the simulator until Ctrl-C or SIGTERM.
 pub async fn provider_sim(args: &SimArgs) -> Result<i32> {
     let sim =
         Simulator::start(args.listen, args.config()).await.with_context(|| format!("listening on {}", args.listen))?;
     println!("provider simulator on {} (client id amplog-demo)", sim.url());
-    crate::serve::shutdown_signal().await;
+    crate::shutdown::signal().await;
     sim.stop().await;
     Ok(0)
 }
 
 fn holder(role: &str) -> String {
     format!("{role}:{}:{}", crate::hostname(), std::process::id())
-}
-
-/// How many jobs run at once, and how long their leases hold.
-#[derive(Clone, Copy, Debug)]
-pub struct WorkerOptions {
-    pub concurrency: usize,
-    pub lease: Duration,
-}
-
-impl Default for WorkerOptions {
-    fn default() -> Self {
-        Self { concurrency: 4, lease: Duration::from_secs(60) }
-    }
 }
 
 /// Runs sync workers until `stop`: a Kafka consumer group (`concurrency` members, group
@@ -152,7 +93,7 @@ pub async fn run_scheduler(service: &CommandService, stop: impl Future<Output = 
 /// `amplog worker`: sync workers and the scheduler until Ctrl-C or SIGTERM.
 pub async fn worker(
     app: &App,
-    kafka: &crate::streams::KafkaArgs,
+    kafka: &crate::settings::KafkaArgs,
     options: WorkerOptions,
     scheduler: bool,
 ) -> Result<i32> {
@@ -169,7 +110,7 @@ pub async fn worker(
     };
     let workers = run_workers(&service, Connectors::from_env(), config, options, wait(rx.clone()));
     let signal = async {
-        crate::serve::shutdown_signal().await;
+        crate::shutdown::signal().await;
         tracing::info!("stopping: releasing the jobs in hand");
         tx.send(true).ok();
     };

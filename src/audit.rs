@@ -1,0 +1,81 @@
+//! The auditors' and operators' commands on the log and the read models: `history`,
+//! `verify`, `projections run|status|rebuild|metrics`.
+
+use crate::cli::ProjectionsCmd;
+use crate::config::App;
+use crate::output;
+use anyhow::{Context, Result};
+use uuid::Uuid;
+
+/// `amplog history`: an installation's timeline.
+pub async fn history(app: &App, installation: Uuid, json: bool) -> Result<i32> {
+    let mut conn = app.pool.acquire().await?;
+    let events = amplog_commands::audit::installation_history(&mut conn, &installation.to_string()).await?;
+    if events.is_empty() {
+        anyhow::bail!("installation {installation} has no events");
+    }
+    output::history(&events, json);
+    Ok(0)
+}
+
+/// `amplog verify`: recomputes the hash chains; exit status 1 when one is broken.
+pub async fn verify(app: &App, installation: Option<Uuid>) -> Result<i32> {
+    let mut conn = app.pool.acquire().await?;
+    let streams = match installation {
+        Some(id) => Some(amplog_commands::audit::installation_streams(&mut conn, &id.to_string()).await?),
+        None => None,
+    };
+    let report =
+        amplog_commands::audit::verify(&mut conn, streams.as_deref(), |n| tracing::info!(events = n, "verifying"))
+            .await
+            .context("verifying hash chains")?;
+    output::verify(&report);
+    Ok(if report.is_intact() { 0 } else { 1 })
+}
+
+/// `amplog projections …`.
+pub async fn projections(app: &App, command: ProjectionsCmd) -> Result<i32> {
+    use amplog_projections::{rebuild, status, Runner, READ_MODELS};
+    match command {
+        ProjectionsCmd::Run { batch_size } => {
+            let holder = format!("{}:{}", hostname(), std::process::id());
+            let mut runner = Runner::new(app.pool.clone(), amplog_commands::EventStore::default(), holder);
+            runner.batch_size = batch_size.clamp(1, 100_000);
+            runner.run(crate::shutdown::signal()).await?;
+            Ok(0)
+        }
+        ProjectionsCmd::Status => {
+            let st = status(&app.pool, READ_MODELS).await?;
+            println!("{}", serde_json::to_string_pretty(&st)?);
+            Ok(0)
+        }
+        ProjectionsCmd::Rebuild { name } => {
+            anyhow::ensure!(name == READ_MODELS, "unknown projector `{name}` (there is one: {READ_MODELS})");
+            let started = std::time::Instant::now();
+            let mut last_report = std::time::Instant::now();
+            let events = rebuild(&app.pool, &amplog_commands::EventStore::default(), |done, total| {
+                if last_report.elapsed() >= std::time::Duration::from_secs(1) || done == total {
+                    last_report = std::time::Instant::now();
+                    let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
+                    eprintln!("rebuild: {done}/{total} events ({pct:.0}%)");
+                }
+            })
+            .await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "rebuilt {name} from {events} events in {secs:.1} s ({:.0} events/s)",
+                events as f64 / secs.max(1e-9)
+            );
+            Ok(0)
+        }
+        ProjectionsCmd::Metrics => {
+            let text = amplog_projections::metrics::render(&app.pool, true).await?;
+            print!("{}", amplog_projections::metrics::as_prometheus_text(&text));
+            Ok(0)
+        }
+    }
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "amplog".into())
+}

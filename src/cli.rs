@@ -1,0 +1,266 @@
+//! The command line: every command and its flags (clap), and what each runs. One module
+//! per command group does the work: `serve` (the API, projects, keys), `sync` (workers,
+//! the simulator, destinations), `streams` (Kafka), `audit` (history, verify, projections).
+
+use crate::settings::{InProcess, InProcessMode, KafkaArgs, SimArgs, WorkerOptions};
+use crate::{audit, config, demo, serve, streams, sync};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "amplog", version, about = "Event-sourced backbone of a product-integration platform")]
+pub struct Cli {
+    /// PostgreSQL to use. Unset: amplog runs its own, in the data folder.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Where the embedded PostgreSQL and the generated credential key live.
+    #[arg(long, env = "AMPLOG_DATA_DIR", global = true, default_value = ".amplog")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Apply the database migrations.
+    Migrate,
+    /// Run a realistic scripted scenario through the command layer and print what it appended.
+    Demo,
+    /// The auditor's timeline of an installation: its events, its connection's and its
+    /// operations', in log order.
+    History {
+        #[arg(long)]
+        installation: uuid::Uuid,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute the hash chains (of one installation's streams, or of the whole log) and
+    /// report any break. Exits with status 1 when a chain is broken.
+    Verify {
+        #[arg(long)]
+        installation: Option<uuid::Uuid>,
+    },
+    /// Serve the API: GraphQL at /graphql (WebSocket subscriptions at /graphql/ws), the
+    /// audit export, /healthz, /readyz and /metrics. Stops gracefully on Ctrl-C or SIGTERM.
+    Serve {
+        /// Address to listen on [default: the config file's `listen`, else 127.0.0.1:8080].
+        #[arg(long, env = "AMPLOG_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+        /// A TOML file of server settings (listen, dev, limits); flags and variables win.
+        #[arg(long, env = "AMPLOG_CONFIG")]
+        config: Option<PathBuf>,
+        /// Development mode: GraphiQL at GET /graphql and schema introspection.
+        #[arg(long, env = "AMPLOG_DEV")]
+        dev: bool,
+        /// Run the read-model projector in this process (default: only on the embedded
+        /// PostgreSQL; with DATABASE_URL run `amplog projections run` beside the API).
+        #[arg(long, value_enum, default_value_t = InProcessMode::Auto)]
+        projectors: InProcessMode,
+        /// Run the sync workers and the scheduler in this process (default: only on the
+        /// embedded PostgreSQL; otherwise run `amplog worker`).
+        #[arg(long, value_enum, default_value_t = InProcessMode::Auto)]
+        workers: InProcessMode,
+        /// Also run the provider simulator and a webhook sink, with a demo project of three
+        /// customers syncing from it (implies in-process workers).
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Serve the provider simulator: a CRM-like API (OAuth2, paged objects, writes) with
+    /// fault injection, for tests and demos.
+    ProviderSim(SimArgs),
+    /// Run sync workers (a Kafka consumer group when AMPLOG_KAFKA_BROKERS is set, else the
+    /// in-process dispatch from the log) and the read scheduler, until Ctrl-C or SIGTERM.
+    Worker {
+        /// Jobs run at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Do not run the scheduler here.
+        #[arg(long)]
+        no_scheduler: bool,
+        /// How long a worker's lease on an operation holds (renewed while it works); a
+        /// dead worker's operation is taken over after it.
+        #[arg(long, default_value_t = 10)]
+        lease_secs: u64,
+    },
+    /// Destinations: a project's webhook endpoints that receive read results.
+    Destinations {
+        #[command(subcommand)]
+        command: DestinationsCmd,
+    },
+    /// Projects (tenants).
+    Projects {
+        #[command(subcommand)]
+        command: ProjectsCmd,
+    },
+    /// API keys: create (printed once), list, revoke.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCmd,
+    },
+    /// The read-model projector: run it, see where it stands, rebuild, or print metrics.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCmd,
+    },
+    /// Relay the log to Kafka (AMPLOG_KAFKA_BROKERS): every event to its aggregate's topic,
+    /// every dispatched job to the jobs topic; one leader at a time. Stops on Ctrl-C/SIGTERM.
+    Relay,
+    /// Where the relay stands: checkpoint, lag, leader.
+    RelayStatus,
+    /// Print a Kafka topic's messages, one JSON object per line.
+    Tail {
+        /// The topic, e.g. amplog.installation.v1.
+        #[arg(long)]
+        topic: String,
+        /// Start at the oldest retained message instead of new ones.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many messages.
+        #[arg(long)]
+        max: Option<u64>,
+    },
+    /// Write the JSON Schemas of every published event type into a folder.
+    Schemas {
+        #[arg(long, default_value = "streams/schemas")]
+        out: PathBuf,
+    },
+    /// Print the GraphQL schema (`--sdl`: as SDL, the form committed in gateways/api/schema.graphql).
+    Schema {
+        #[arg(long)]
+        sdl: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DestinationsCmd {
+    /// Create (or re-point) a destination; prints its signing secret once.
+    Create {
+        #[arg(long)]
+        project: uuid::Uuid,
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[arg(long)]
+        url: String,
+    },
+    /// A project's destinations (names and URLs, never secrets).
+    List {
+        #[arg(long)]
+        project: uuid::Uuid,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ProjectsCmd {
+    /// Create a project; prints its id.
+    Create { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Create a key for a project and print it (the only time it is shown).
+    Create {
+        #[arg(long)]
+        project: uuid::Uuid,
+        #[arg(long, value_parser = ["read", "write", "admin"], default_value = "read")]
+        scope: String,
+        /// A note to recognise the key by.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List a project's keys (ids, scopes, dates; never the keys).
+    List {
+        #[arg(long)]
+        project: uuid::Uuid,
+    },
+    /// Revoke a key by its id: refused everywhere within a second.
+    Revoke { id: uuid::Uuid },
+}
+
+#[derive(Subcommand)]
+pub enum ProjectionsCmd {
+    /// Project the log into the read models until interrupted (one leader at a time).
+    Run {
+        /// Events per batch.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: i64,
+    },
+    /// Position, lag and leader of each projector.
+    Status,
+    /// Rebuild the read models from the whole log into shadow tables and swap them in.
+    Rebuild {
+        /// The projector to rebuild (there is one: read_models).
+        #[arg(default_value = amplog_projections::READ_MODELS)]
+        name: String,
+    },
+    /// Print the Prometheus metrics derived from the read models.
+    Metrics,
+}
+
+/// Runs a command that needs no database; `None` when it needs one.
+pub async fn run_offline(cli: &Cli) -> Option<Result<i32>> {
+    match &cli.command {
+        Cmd::Schemas { out } => Some(streams::schemas(out)),
+        Cmd::Schema { .. } => {
+            print!("{}", amplog_api::graphql::sdl());
+            Some(Ok(0))
+        }
+        Cmd::ProviderSim(args) => Some(sync::provider_sim(args).await),
+        Cmd::Tail { topic, from_beginning, max } => {
+            let options =
+                amplog_streams::tail::TailOptions { topic: topic.clone(), from_beginning: *from_beginning, max: *max };
+            Some(streams::tail(&cli.kafka, options).await)
+        }
+        _ => None,
+    }
+}
+
+/// Runs a command on the database.
+pub async fn run(app: &mut config::App, command: Cmd, kafka: &KafkaArgs) -> Result<i32> {
+    match command {
+        Cmd::Relay => streams::relay(app, kafka).await,
+        Cmd::RelayStatus => {
+            let st = amplog_projections::status(&app.pool, amplog_streams::RELAY).await?;
+            println!("{}", serde_json::to_string_pretty(&st)?);
+            Ok(0)
+        }
+        Cmd::Schemas { .. } | Cmd::Schema { .. } | Cmd::Tail { .. } | Cmd::ProviderSim(_) => {
+            unreachable!("handled before connecting")
+        }
+        Cmd::Worker { concurrency, no_scheduler, lease_secs } => {
+            let lease = std::time::Duration::from_secs(lease_secs.max(1));
+            sync::worker(app, kafka, WorkerOptions { concurrency, lease }, !no_scheduler).await
+        }
+        Cmd::Destinations { command } => match command {
+            DestinationsCmd::Create { project, name, url } => sync::create_destination(app, project, &name, &url).await,
+            DestinationsCmd::List { project } => sync::list_destinations(app, project).await,
+        },
+        Cmd::Migrate => {
+            println!("migrations applied; schema is current");
+            Ok(0)
+        }
+        Cmd::Demo => {
+            let service = app.service()?;
+            demo::run(&service).await?;
+            Ok(0)
+        }
+        Cmd::History { installation, json } => audit::history(app, installation, json).await,
+        Cmd::Projections { command } => audit::projections(app, command).await,
+        Cmd::Serve { listen, config, dev, projectors, workers, demo } => {
+            let config = crate::settings::server_config(config.as_deref(), listen, dev)?;
+            serve::run(app, config, InProcess { projectors, workers, demo }, kafka).await
+        }
+        Cmd::Projects { command: ProjectsCmd::Create { name } } => serve::create_project(app, &name).await,
+        Cmd::Keys { command } => match command {
+            KeysCmd::Create { project, scope, label } => {
+                serve::create_key(app, project, &scope, label.as_deref()).await
+            }
+            KeysCmd::List { project } => serve::list_keys(app, project).await,
+            KeysCmd::Revoke { id } => serve::revoke_key(app, id).await,
+        },
+        Cmd::Verify { installation } => audit::verify(app, installation).await,
+    }
+}
