@@ -25,10 +25,16 @@ pub async fn verify(app: &App, installation: Option<Uuid>) -> Result<i32> {
         Some(id) => Some(amplog_commands::audit::installation_streams(&mut conn, &id.to_string()).await?),
         None => None,
     };
-    let report =
-        amplog_commands::audit::verify(&mut conn, streams.as_deref(), |n| tracing::info!(events = n, "verifying"))
-            .await
-            .context("verifying hash chains")?;
+    // About the whole log's size, for the bar (its last position, read from an index).
+    let total: i64 = match streams {
+        Some(_) => 0,
+        None => sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events").fetch_one(&mut *conn).await?,
+    };
+    let bar = output::progress(total as u64, "verify");
+    let report = amplog_commands::audit::verify(&mut conn, streams.as_deref(), |n| bar.set_position(n))
+        .await
+        .context("verifying hash chains")?;
+    bar.finish_and_clear();
     output::verify(&report);
     Ok(if report.is_intact() { 0 } else { 1 })
 }
@@ -52,15 +58,13 @@ pub async fn projections(app: &App, command: ProjectionsCmd) -> Result<i32> {
         ProjectionsCmd::Rebuild { name } => {
             anyhow::ensure!(name == READ_MODELS, "unknown projector `{name}` (there is one: {READ_MODELS})");
             let started = std::time::Instant::now();
-            let mut last_report = std::time::Instant::now();
+            let bar = output::progress(0, "rebuild");
             let events = rebuild(&app.pool, &amplog_commands::EventStore::default(), |done, total| {
-                if last_report.elapsed() >= std::time::Duration::from_secs(1) || done == total {
-                    last_report = std::time::Instant::now();
-                    let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
-                    eprintln!("rebuild: {done}/{total} events ({pct:.0}%)");
-                }
+                bar.set_length(total);
+                bar.set_position(done);
             })
             .await?;
+            bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "rebuilt {name} from {events} events in {secs:.1} s ({:.0} events/s)",

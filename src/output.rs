@@ -93,3 +93,16 @@ pub fn verify(report: &VerifyReport) {
         report.breaks.len()
     );
 }
+
+/// A progress bar on stderr for a job of `total` steps (hidden when stderr is not a
+/// terminal; the job's summary line is printed either way).
+pub fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec}, {eta} left)")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}

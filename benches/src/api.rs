@@ -116,14 +116,17 @@ pub async fn seed(pool: &PgPool, seed_pool: &PgPool, installations: usize, opera
             })
         })
         .collect();
+    let bar = indicatif::ProgressBar::new((per_installation * all.len()) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("seeding operations [{bar:30}] {pos}/{len} ({per_sec}, {eta} left)")
+            .expect("a valid template"),
+    );
     let progress = {
-        let done = done.clone();
+        let (done, bar) = (done.clone(), bar.clone());
         tokio::spawn(async move {
-            let started = Instant::now();
             loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                let n = done.load(std::sync::atomic::Ordering::Relaxed);
-                eprintln!("  {n} operations requested ({:.0}/s)", n as f64 / started.elapsed().as_secs_f64());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                bar.set_position(done.load(std::sync::atomic::Ordering::Relaxed));
             }
         })
     };
@@ -131,6 +134,7 @@ pub async fn seed(pool: &PgPool, seed_pool: &PgPool, installations: usize, opera
         t.await??;
     }
     progress.abort();
+    bar.finish_and_clear();
     eprintln!("seeded {} operations; projecting...", done.load(std::sync::atomic::Ordering::Relaxed));
     let runner = amplog_projections::Runner::new(pool.clone(), svc.store().clone(), "bench-seed");
     let projecting = Instant::now();
