@@ -10,7 +10,7 @@ use uuid::Uuid;
 /// `amplog history`: an installation's timeline.
 pub async fn history(app: &App, installation: Uuid, json: bool) -> Result<i32> {
     let mut conn = app.pool.acquire().await?;
-    let events = amplog_commands::audit::installation_history(&mut conn, &installation.to_string()).await?;
+    let events = amplog_log::audit::installation_history(&mut conn, &installation.to_string()).await?;
     if events.is_empty() {
         anyhow::bail!("installation {installation} has no events");
     }
@@ -22,7 +22,7 @@ pub async fn history(app: &App, installation: Uuid, json: bool) -> Result<i32> {
 pub async fn verify(app: &App, installation: Option<Uuid>) -> Result<i32> {
     let mut conn = app.pool.acquire().await?;
     let streams = match installation {
-        Some(id) => Some(amplog_commands::audit::installation_streams(&mut conn, &id.to_string()).await?),
+        Some(id) => Some(amplog_log::audit::installation_streams(&mut conn, &id.to_string()).await?),
         None => None,
     };
     // About the whole log's size, for the bar (its last position, read from an index).
@@ -31,7 +31,7 @@ pub async fn verify(app: &App, installation: Option<Uuid>) -> Result<i32> {
         None => sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events").fetch_one(&mut *conn).await?,
     };
     let bar = output::progress(total as u64, "verify");
-    let report = amplog_commands::audit::verify(&mut conn, streams.as_deref(), |n| bar.set_position(n))
+    let report = amplog_log::audit::verify(&mut conn, streams.as_deref(), |n| bar.set_position(n))
         .await
         .context("verifying hash chains")?;
     bar.finish_and_clear();
@@ -45,7 +45,7 @@ pub async fn projections(app: &App, command: ProjectionsCmd) -> Result<i32> {
     match command {
         ProjectionsCmd::Run { batch_size } => {
             let holder = format!("{}:{}", hostname(), std::process::id());
-            let mut runner = Runner::new(app.pool.clone(), amplog_commands::EventStore::default(), holder);
+            let mut runner = Runner::new(app.pool.clone(), amplog_log::EventStore::default(), holder);
             runner.batch_size = batch_size.clamp(1, 100_000);
             runner.run(crate::shutdown::signal()).await?;
             Ok(0)
@@ -59,7 +59,7 @@ pub async fn projections(app: &App, command: ProjectionsCmd) -> Result<i32> {
             anyhow::ensure!(name == READ_MODELS, "unknown projector `{name}` (there is one: {READ_MODELS})");
             let started = std::time::Instant::now();
             let bar = output::progress(0, "rebuild");
-            let events = rebuild(&app.pool, &amplog_commands::EventStore::default(), |done, total| {
+            let events = rebuild(&app.pool, &amplog_log::EventStore::default(), |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
             })

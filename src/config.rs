@@ -4,7 +4,8 @@
 
 use crate::embedded::EmbeddedPostgres;
 use amplog_commands::credentials::{CredentialKey, CredentialStore};
-use amplog_commands::{CommandService, EventStore};
+use amplog_commands::CommandService;
+use amplog_log::EventStore;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use sqlx::postgres::PgConnectOptions;

@@ -1,7 +1,7 @@
 //! How the CLI prints the log for people (tables) and for tools (JSON lines).
 
-use amplog_commands::audit::{BreakKind, VerifyReport};
-use amplog_commands::{AppendedEvent, RecordedEvent};
+use amplog_log::audit::{BreakKind, VerifyReport};
+use amplog_log::{AppendedEvent, RecordedEvent};
 
 fn short(hash: &str) -> &str {
     &hash[..hash.len().min(16)]

@@ -2,7 +2,7 @@
 
 use crate::config::App;
 use crate::settings::KafkaArgs;
-use amplog_commands::EventStore;
+use amplog_log::EventStore;
 use amplog_streams::tail::TailOptions;
 use amplog_streams::Relay;
 use anyhow::{Context, Result};

@@ -4,9 +4,10 @@
 use crate::config::App;
 use crate::settings::{SimArgs, WorkerOptions};
 use amplog_commands::destinations;
-use amplog_commands::{CommandContext, CommandService, EventStore};
+use amplog_commands::{CommandContext, CommandService};
 use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
 use amplog_domain::{IntegrationId, ProjectId};
+use amplog_log::EventStore;
 use amplog_providers::connector::{Catalog, Connectors, ProviderSettings};
 use amplog_providers::scheduler::Scheduler;
 use amplog_providers::sync::SyncHandler;

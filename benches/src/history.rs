@@ -5,11 +5,11 @@
 //! sizes, so a page that costs more as an installation's history grows shows.
 
 use crate::{service, setup_writers, Report, Stats, Writer};
-use amplog_commands::audit::{installation_history_in, HistoryRange};
 use amplog_commands::service::NewOperation;
-use amplog_commands::LogCursor;
 use amplog_domain::operation::{OperationType, Trigger};
 use amplog_domain::*;
+use amplog_log::audit::{installation_history_in, HistoryRange};
+use amplog_log::LogCursor;
 use anyhow::{Context, Result};
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
@@ -88,7 +88,7 @@ async fn page_log(pool: &PgPool, events: u64) -> Result<Stats> {
     let started = Instant::now();
     while stats.events < events {
         let t0 = Instant::now();
-        let page = amplog_commands::reader::read_batch_in(&mut conn, after, PAGE).await?;
+        let page = amplog_log::reader::read_batch_in(&mut conn, after, PAGE).await?;
         stats.latencies.push(t0.elapsed());
         stats.ops += 1;
         stats.events += page.len() as u64;

@@ -15,10 +15,11 @@ mod sync;
 
 use amplog_commands::credentials::{CredentialKey, CredentialStore, Secret};
 use amplog_commands::service::{NewInstallation, NewOperation};
-use amplog_commands::{CommandContext, CommandService, EventStore, LogCursor, LogReader};
+use amplog_commands::{CommandContext, CommandService};
 use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
 use amplog_domain::operation::{Cursor, OperationType, PageRecord, Trigger};
 use amplog_domain::*;
+use amplog_log::{EventStore, LogCursor, LogReader};
 use anyhow::{Context, Result};
 use clap::Parser;
 use futures::TryStreamExt;

@@ -5,9 +5,10 @@
 
 use crate::cpu::CpuSnapshot;
 use crate::{Report, Stats};
-use amplog_commands::{CommandContext, CommandService, EventStore, LogCursor, LogReader};
+use amplog_commands::{CommandContext, CommandService};
 use amplog_domain::operation::{Cursor, OperationType, PageRecord, Trigger};
 use amplog_domain::{InstallationId, LeaseId, OperationId};
+use amplog_log::{EventStore, LogCursor, LogReader};
 use amplog_streams::{CloudEvent, KafkaConfig, Relay, RELAY};
 use anyhow::{Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions};

@@ -5,10 +5,11 @@
 
 use crate::Report;
 use amplog_commands::destinations;
-use amplog_commands::{CommandContext, CommandService, EventStore};
+use amplog_commands::{CommandContext, CommandService};
 use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
 use amplog_domain::operation::{Operation, OperationStatus};
 use amplog_domain::{IntegrationId, OperationId, ProjectId};
+use amplog_log::EventStore;
 use amplog_providers::connector::{Catalog, Connectors, ProviderSettings};
 use amplog_providers::sync::SyncHandler;
 use amplog_providers::worker::{InProcessDispatch, Worker};

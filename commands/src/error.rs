@@ -60,3 +60,16 @@ impl CommandError {
         CommandError::Corrupt { what: what.into(), detail: detail.to_string() }
     }
 }
+
+impl From<amplog_log::LogError> for CommandError {
+    fn from(e: amplog_log::LogError) -> Self {
+        use amplog_log::LogError as L;
+        match e {
+            L::Domain(e) => CommandError::Domain(e),
+            L::Conflict { stream } => CommandError::Conflict { stream },
+            L::Corrupt { what, detail } => CommandError::Corrupt { what, detail },
+            L::UnstorableText(what) => CommandError::UnstorableText(what),
+            L::Database(e) => CommandError::Database(e),
+        }
+    }
+}

@@ -1,24 +1,18 @@
-//! The write side of amplog and the only writer of the log: load an aggregate (snapshot +
-//! tail, upcast), decide with the pure domain, append atomically with a hash chain, under an
-//! optional idempotency key. Also owns the encrypted credential store, the audit queries
-//! (history, chain verification) and the one log reader every consumer uses.
+//! The write side of amplog and the only writer of the log (`amplog-log`): one method per
+//! command — idempotency, tenant-scoped loads, the pure decision, one atomic append — and
+//! the encrypted credential store and webhook destinations.
 
-pub mod audit;
 pub mod credentials;
 pub mod destinations;
 pub mod error;
-pub mod hash;
-pub mod leader;
-pub mod reader;
 pub mod service;
-pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+/// What a command appended (the log's type; the service returns it).
+pub use amplog_log::CommandOutcome;
 pub use error::CommandError;
-pub use reader::{CatchUp, LogCursor, LogReader, RecordedEvent, StoredEvent, Subscription};
 pub use service::{CommandContext, CommandService};
-pub use store::{AppendedEvent, CommandOutcome, EventStore, Loaded};
 
 /// Connects a pool and applies the embedded migrations.
 pub async fn connect_and_migrate(

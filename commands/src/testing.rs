@@ -5,7 +5,7 @@
 
 use crate::credentials::{CredentialKey, CredentialStore};
 use crate::service::CommandService;
-use crate::store::EventStore;
+use amplog_log::store::EventStore;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use std::str::FromStr;

@@ -4,11 +4,11 @@
 
 use crate::docs::*;
 use crate::ProjectionError;
-use amplog_commands::{EventStore, RecordedEvent};
 use amplog_domain::connection::{Connection, ConnectionEvent};
 use amplog_domain::installation::{Installation, InstallationEvent};
 use amplog_domain::integration::{Integration, IntegrationEvent};
 use amplog_domain::operation::{Operation, OperationEvent, OperationType, Trigger};
+use amplog_log::{EventStore, RecordedEvent};
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::Serialize;

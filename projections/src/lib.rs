@@ -1,7 +1,7 @@
 //! Projections: checkpointed projectors that fold the log into the read models
 //! (integrations, installations, connections, operations, read_states, usage, the installation timeline
 //! index), one leader per projector, exactly-once in effect, rebuildable into shadow tables.
-//! They read the log only through `amplog_commands::reader`.
+//! They read the log only through `amplog_log::reader`.
 
 pub mod docs;
 pub mod fold;
@@ -16,7 +16,7 @@ pub use runtime::{rebuild, status, wait_for, ProjectorStatus, Runner, PROJECTED_
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
     #[error(transparent)]
-    Log(#[from] amplog_commands::CommandError),
+    Log(#[from] amplog_log::LogError),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("projector {0} lost its leadership (fenced)")]

@@ -1,12 +1,12 @@
-//! The projector runtime: one leader per projector (`amplog_commands::leader`: an advisory
+//! The projector runtime: one leader per projector (`amplog_log::leader`: an advisory
 //! lock on its own session, plus a fencing token every batch re-checks), batches read through the
 //! shared log reader and applied with their checkpoint in one transaction, rebuilds into
 //! shadow tables swapped in atomically.
 
 use crate::fold::{Fold, Tables, TABLES};
 use crate::ProjectionError;
-use amplog_commands::leader::{lock_key, run_as_leader, Leadership};
-use amplog_commands::{EventStore, LogCursor, LogReader};
+use amplog_log::leader::{lock_key, run_as_leader, Leadership};
+use amplog_log::{EventStore, LogCursor, LogReader};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
@@ -153,7 +153,7 @@ pub async fn rebuild(
     .execute(&mut *tx)
     .await?;
     loop {
-        let batch = amplog_commands::reader::read_batch_in(&mut tx, cursor, 10_000).await?;
+        let batch = amplog_log::reader::read_batch_in(&mut tx, cursor, 10_000).await?;
         let Some(last) = batch.last() else { break };
         Fold::apply_batch(&mut tx, &shadow, store, &batch).await?;
         cursor = last.cursor();

@@ -5,9 +5,10 @@ use amplog_commands::service::{CommitGate, NewOperation};
 use amplog_commands::testing::{
     credential_store, read_of, seed, start_read, test_db_with, Seeded, TestDb, SEED_SECRET,
 };
-use amplog_commands::{CommandError, CommandService, EventStore, LogCursor, LogReader};
+use amplog_commands::{CommandError, CommandService};
 use amplog_domain::operation::{Cursor, ErrorClass, OperationType, PageRecord, Trigger};
 use amplog_domain::*;
+use amplog_log::{EventStore, LogCursor, LogReader};
 use amplog_projections::{rebuild, status, wait_for, Runner, READ_MODELS};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

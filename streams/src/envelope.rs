@@ -2,7 +2,9 @@
 //! tenant travels in the envelope (`projectid`), never only in `data`: consumers take their
 //! project context from here.
 
-use amplog_commands::{CommandError, EventStore, RecordedEvent, StoredEvent};
+use amplog_log::LogError;
+
+use amplog_log::{EventStore, RecordedEvent, StoredEvent};
 use chrono::{DateTime, Utc};
 use rdkafka::message::{Header, OwnedHeaders};
 use schemars::JsonSchema;
@@ -93,7 +95,7 @@ impl CloudEvent {
     /// `from_event(event.parse()?, store).to_bytes()` for payloads in serde_json's compact
     /// form (everything amplog writes; other stored text is the same JSON, spaced as
     /// stored).
-    pub fn encode_stored(event: &StoredEvent, store: &EventStore) -> Result<Vec<u8>, CommandError> {
+    pub fn encode_stored(event: &StoredEvent, store: &EventStore) -> Result<Vec<u8>, LogError> {
         let mut out = Vec::with_capacity(400 + event.payload.len() + event.aggregate_id.len());
         StoredEncoder::new(store).encode(event, &mut out)?;
         Ok(out)
@@ -172,7 +174,7 @@ impl<'a> StoredEncoder<'a> {
     /// stored payload text goes into `data` as it is: it comes from a `json` column, which
     /// PostgreSQL only accepts as valid JSON, so it is neither parsed nor checked again.
     /// The envelope is written member by member.
-    pub fn encode(&mut self, event: &StoredEvent, out: &mut Vec<u8>) -> Result<(), CommandError> {
+    pub fn encode(&mut self, event: &StoredEvent, out: &mut Vec<u8>) -> Result<(), LogError> {
         let kind = self.kind(event);
         let Kind { upcasts, type_json, .. } = &self.kinds[kind];
         if *upcasts {
@@ -180,7 +182,7 @@ impl<'a> StoredEncoder<'a> {
             write_json(out, &envelope);
             return Ok(());
         }
-        let corrupt = |what: &str, e| CommandError::corrupt(format!("event {what}"), e);
+        let corrupt = |what: &str, e| LogError::corrupt(format!("event {what}"), e);
         let actor = stored_actor(&event.metadata).map_err(|e| corrupt("metadata", e))?;
         out.reserve(400 + event.payload.len() + event.aggregate_id.len());
         out.extend_from_slice(b"{\"specversion\":\"1.0\",\"id\":");

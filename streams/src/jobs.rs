@@ -5,9 +5,9 @@
 
 use crate::envelope::{source, CloudEvent};
 use crate::{KafkaConfig, StreamsError};
-use amplog_commands::{EventStore, RecordedEvent};
 use amplog_domain::operation::{Operation, OperationEvent, OperationType, Trigger};
 use amplog_domain::{ConnectionId, InstallationId, OperationId, ProjectId};
+use amplog_log::{EventStore, RecordedEvent};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};

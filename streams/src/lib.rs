@@ -23,7 +23,7 @@ use rdkafka::error::KafkaError;
 #[derive(Debug, thiserror::Error)]
 pub enum StreamsError {
     #[error(transparent)]
-    Log(#[from] amplog_commands::CommandError),
+    Log(#[from] amplog_log::LogError),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("kafka: {0}")]

@@ -12,8 +12,8 @@
 use crate::envelope::StoredEncoder;
 use crate::jobs::{dispatches, job_for};
 use crate::{KafkaConfig, StreamsError};
-use amplog_commands::leader::{run_as_leader, Leadership};
-use amplog_commands::{CatchUp, EventStore, LogCursor, LogReader, StoredEvent, Subscription};
+use amplog_log::leader::{run_as_leader, Leadership};
+use amplog_log::{CatchUp, EventStore, LogCursor, LogReader, StoredEvent, Subscription};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;

@@ -3,7 +3,8 @@
 
 use amplog_commands::service::CommitGate;
 use amplog_commands::testing::{read_of, seed, test_db};
-use amplog_commands::{CommandService, EventStore, LogReader};
+use amplog_commands::CommandService;
+use amplog_log::{EventStore, LogReader};
 use amplog_streams::testing::{config_on, kafka_config, order_report, Collector, OwnBroker};
 use amplog_streams::{KafkaConfig, Relay, StreamsError, RELAY};
 use std::sync::Arc;
@@ -146,8 +147,7 @@ async fn one_relay_leads_at_a_time_and_unsafe_settings_are_refused() {
     let service = db.service();
     seed(&service).await;
     let config = kafka_config();
-    let leader =
-        amplog_commands::leader::Leadership::try_acquire(service.pool(), RELAY, "other").await.unwrap().unwrap();
+    let leader = amplog_log::leader::Leadership::try_acquire(service.pool(), RELAY, "other").await.unwrap().unwrap();
     assert_eq!(relay(&service, &config).catch_up().await.unwrap().map(|c| c.events), None, "another process leads");
     leader.release().await;
     assert!(relay(&service, &config).catch_up().await.unwrap().is_some());

@@ -3,9 +3,9 @@
 //! arrives on the broker, first arrivals in order per aggregate, duplicates counted.
 
 use amplog_commands::testing::{read_of, seed, test_db};
-use amplog_commands::LogReader;
 use amplog_domain::operation::{Cursor, PageRecord};
 use amplog_domain::{LeaseId, OperationId};
+use amplog_log::LogReader;
 use amplog_streams::testing::{config_on, order_report, Collector, OwnBroker};
 use amplog_streams::{KafkaConfig, RELAY};
 use std::collections::HashSet;
@@ -146,7 +146,7 @@ async fn tail_prints_a_topics_messages_and_the_relay_refuses_unsafe_settings() {
     let s = seed(&service).await;
     let config = amplog_streams::testing::kafka_config();
     let relay =
-        amplog_streams::Relay::new(service.pool().clone(), amplog_commands::EventStore::default(), config.clone(), "t")
+        amplog_streams::Relay::new(service.pool().clone(), amplog_log::EventStore::default(), config.clone(), "t")
             .unwrap();
     relay.catch_up().await.unwrap();
     let topic = config.aggregate_topic("installation");

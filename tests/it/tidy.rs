@@ -10,6 +10,7 @@ const CRATE_DIRS: &[&str] = &[
     ".",
     "domain",
     "migrations",
+    "commands/log",
     "commands",
     "projections",
     "streams",

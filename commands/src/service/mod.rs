@@ -5,7 +5,6 @@
 
 use crate::credentials::{CredentialStore, Secret};
 use crate::error::CommandError;
-use crate::store::{CommandOutcome, EventStore, Loaded, PendingStream};
 use amplog_domain::connection::{Connection, ConnectionCommand};
 use amplog_domain::installation::{ConnectionFacts, Installation, InstallationCommand, IntegrationFacts, ObjectConfig};
 use amplog_domain::integration::{Integration, IntegrationCommand, Manifest};
@@ -14,6 +13,7 @@ use amplog_domain::operation::{
 };
 use amplog_domain::project::{Project, ProjectCommand};
 use amplog_domain::*;
+use amplog_log::store::{CommandOutcome, EventStore, Loaded, PendingStream};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -35,7 +35,7 @@ fn manifest_digest(manifest: &Manifest) -> String {
 }
 
 /// The NOTIFY channel that wakes log readers after appends commit.
-pub const EVENTS_CHANNEL: &str = "amplog_events";
+pub use amplog_log::EVENTS_CHANNEL;
 
 /// Who sends a command, for which project, and how a retry is recognised.
 #[derive(Clone, Debug)]

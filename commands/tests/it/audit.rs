@@ -1,9 +1,9 @@
 //! Auditors: an installation's timeline, and hash chains that reveal any alteration.
 
-use amplog_commands::audit::{
+use amplog_commands::testing::{read_of, seed, start_read, test_db};
+use amplog_log::audit::{
     installation_history, installation_history_in, installation_streams, verify, BreakKind, HistoryRange,
 };
-use amplog_commands::testing::{read_of, seed, start_read, test_db};
 
 #[tokio::test]
 async fn history_is_the_installation_its_connection_and_its_operations_in_log_order() {
@@ -99,7 +99,7 @@ async fn history_pages_by_cursor_are_exactly_the_timeline() {
     let after_middle = timeline(&mut conn, &id, middle).await;
     assert!(everything.len() > 900, "{} events", everything.len());
     let full = installation_history(&mut conn, &id).await.unwrap();
-    let cursors = |events: &[amplog_commands::RecordedEvent]| -> Vec<(i64, i64)> {
+    let cursors = |events: &[amplog_log::RecordedEvent]| -> Vec<(i64, i64)> {
         events.iter().map(|e| (e.transaction_id as i64, e.position)).collect()
     };
     assert_eq!(cursors(&full), everything);
@@ -161,9 +161,9 @@ async fn verification_finds_an_altered_a_rehashed_and_a_removed_event() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    let forged = amplog_commands::hash::chain(
+    let forged = amplog_log::hash::chain(
         row.5.as_deref(),
-        &amplog_commands::hash::Canonical {
+        &amplog_log::hash::Canonical {
             aggregate_type: "operation",
             aggregate_id: &row.4,
             sequence: 3,

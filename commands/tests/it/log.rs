@@ -3,10 +3,11 @@
 
 use amplog_commands::credentials::Secret;
 use amplog_commands::testing::{read_of, seed, start_read, test_db, SEED_SECRET};
-use amplog_commands::{CommandContext, CommandError, EventStore};
+use amplog_commands::{CommandContext, CommandError};
 use amplog_domain::installation::{Installation, InstallationError};
 use amplog_domain::operation::{Cursor, Operation, OperationError, OperationStatus};
 use amplog_domain::*;
+use amplog_log::EventStore;
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -189,7 +190,7 @@ async fn a_snapshot_plus_its_tail_equals_a_full_replay() {
     // And the next append chains from the right hash.
     service.succeed_operation(&s.ctx, op, lease).await.unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
-    let report = amplog_commands::audit::verify(&mut conn, None, |_| {}).await.unwrap();
+    let report = amplog_log::audit::verify(&mut conn, None, |_| {}).await.unwrap();
     assert!(report.is_intact(), "{:?}", report.breaks);
 }
 
@@ -372,10 +373,10 @@ async fn postgres_es_still_reads_and_writes_the_log() {
             .unwrap();
     assert!(stored.0 > 0 && !stored.1.is_empty());
     let mut conn = db.pool.acquire().await.unwrap();
-    let report = amplog_commands::audit::verify(&mut conn, None, |_| {}).await.unwrap();
+    let report = amplog_log::audit::verify(&mut conn, None, |_| {}).await.unwrap();
     assert_eq!(report.breaks.len(), 1);
     assert_eq!(report.breaks[0].aggregate_id, foreign_id);
-    assert_eq!(report.breaks[0].kind, amplog_commands::audit::BreakKind::Unhashed);
+    assert_eq!(report.breaks[0].kind, amplog_log::audit::BreakKind::Unhashed);
     let missing: i64 =
         count(&db.pool, "SELECT count(*) FROM events WHERE position IS NULL OR transaction_id IS NULL").await;
     assert_eq!(missing, 0);

@@ -2,11 +2,9 @@
 
 use amplog_commands::service::CommitGate;
 use amplog_commands::testing::{credential_store, test_db_with};
-use amplog_commands::{
-    CommandContext, CommandError, CommandOutcome, CommandService, EventStore, LogCursor, LogReader, RecordedEvent,
-    Subscription,
-};
+use amplog_commands::{CommandContext, CommandError, CommandOutcome, CommandService};
 use amplog_domain::ProjectId;
+use amplog_log::{EventStore, LogCursor, LogReader, RecordedEvent, Subscription};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

@@ -135,7 +135,7 @@ impl ApiError {
                 _ => return false,
             },
             ApiError::Projection(e) => match &**e {
-                ProjectionError::Database(e) | ProjectionError::Log(CommandError::Database(e)) => e,
+                ProjectionError::Database(e) | ProjectionError::Log(amplog_log::LogError::Database(e)) => e,
                 _ => return false,
             },
             _ => return false,
@@ -207,5 +207,11 @@ impl From<ApiError> for async_graphql::Error {
             ext.set("status", e.status().as_u16());
         }
         error
+    }
+}
+
+impl From<amplog_log::LogError> for ApiError {
+    fn from(e: amplog_log::LogError) -> Self {
+        CommandError::from(e).into()
     }
 }

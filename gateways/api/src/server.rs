@@ -6,8 +6,9 @@ use crate::error::ApiError;
 use crate::graphql::{self, guard, AmplogSchema};
 use crate::state::{stopped, AppState, Counted, Limits, ServerConfig, Slot, SocketCounts};
 use crate::tenant::TenantDb;
-use amplog_commands::audit::{self, HistoryRange};
-use amplog_commands::{CommandService, LogCursor};
+use amplog_commands::CommandService;
+use amplog_log::audit::{self, HistoryRange};
+use amplog_log::LogCursor;
 use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
 use async_graphql::{Data, Executor};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
@@ -505,7 +506,7 @@ async fn export_events(
             Ok(events) if events.is_empty() => None,
             Ok(events) => {
                 let next = (events.len() as i64 == EXPORT_PAGE)
-                    .then(|| events.last().map(amplog_commands::RecordedEvent::cursor))
+                    .then(|| events.last().map(amplog_log::RecordedEvent::cursor))
                     .flatten();
                 let mut lines = Vec::with_capacity(events.len() * 512);
                 for e in events {

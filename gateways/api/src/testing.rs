@@ -94,11 +94,11 @@ impl TestApp {
 
     /// Waits until the projector has applied everything committed so far.
     pub async fn projected(&self) {
-        let reader = amplog_commands::LogReader::new(self.db.pool.clone());
+        let reader = amplog_log::LogReader::new(self.db.pool.clone());
         let end = reader.end().await.expect("the log's end");
         for _ in 0..3000 {
             let mut conn = self.db.pool.acquire().await.expect("a connection");
-            let checkpoint = amplog_commands::LogReader::checkpoint(&mut conn, amplog_projections::READ_MODELS)
+            let checkpoint = amplog_log::LogReader::checkpoint(&mut conn, amplog_projections::READ_MODELS)
                 .await
                 .expect("the checkpoint");
             if reader.committed_after(checkpoint, end).await.expect("count") == 0 {

@@ -48,3 +48,9 @@ impl SyncError {
         }
     }
 }
+
+impl From<amplog_log::LogError> for SyncError {
+    fn from(e: amplog_log::LogError) -> Self {
+        SyncError::Log(e.into())
+    }
+}

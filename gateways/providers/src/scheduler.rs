@@ -8,13 +8,13 @@
 //! object whose last read is still pending or running.
 
 use crate::SyncError;
-use amplog_commands::leader::{run_as_leader, Leadership};
 use amplog_commands::service::NewOperation;
 use amplog_commands::{CommandContext, CommandError, CommandService};
 use amplog_domain::integration::Backfill;
 use amplog_domain::operation::{OperationType, Trigger};
 use amplog_domain::schedule::Schedule;
 use amplog_domain::{InstallationId, ProjectId};
+use amplog_log::leader::{run_as_leader, Leadership};
 use amplog_projections::queries::{self, Schedulable};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;

@@ -6,10 +6,11 @@
 //! embedded default's), whose checkpoint moves only after a job's outcome is recorded.
 
 use crate::SyncError;
-use amplog_commands::leader::{run_as_leader, Leadership};
-use amplog_commands::{CommandContext, CommandError, CommandService, EventStore, LogCursor, LogReader};
+use amplog_commands::{CommandContext, CommandError, CommandService};
 use amplog_domain::operation::{ErrorClass, Operation, OperationError, OperationStatus};
 use amplog_domain::{DomainError, InstallationId, LeaseId, OperationId};
+use amplog_log::leader::{run_as_leader, Leadership};
+use amplog_log::{EventStore, LogCursor, LogReader};
 use amplog_streams::jobs::{job_for, Ack, JobMessage, JobProcessor};
 use chrono::Utc;
 use std::collections::BTreeMap;

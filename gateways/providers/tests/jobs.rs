@@ -3,9 +3,10 @@
 //! the tenant taken from the envelope, and the same dispatch in-process without Kafka.
 
 use amplog_commands::testing::{read_of, seed, test_db, Seeded};
-use amplog_commands::{CommandContext, CommandService, EventStore};
+use amplog_commands::{CommandContext, CommandService};
 use amplog_domain::operation::{ErrorClass, Operation, OperationStatus};
 use amplog_domain::OperationId;
+use amplog_log::EventStore;
 use amplog_providers::worker::{InProcessDispatch, JobContext, JobFailure, JobHandler, Worker, WorkerPolicy};
 use amplog_streams::jobs::{run_kafka_worker, Job, JobMessage};
 use amplog_streams::testing::{kafka_config, Collector};
@@ -298,8 +299,8 @@ async fn a_retried_operation_dispatches_its_job_again_as_requested() {
     service.fail_operation(&s.ctx, op, lease, ErrorClass::RateLimited, "429", true).await.unwrap();
     service.retry_operation(&s.ctx, op).await.unwrap();
     // A catch-up, not one batch: another test's open transaction can hold the xmin back.
-    let events = amplog_commands::LogReader::new(service.pool().clone())
-        .catch_up(amplog_commands::LogCursor::default(), 1000)
+    let events = amplog_log::LogReader::new(service.pool().clone())
+        .catch_up(amplog_log::LogCursor::default(), 1000)
         .await
         .unwrap()
         .rest()

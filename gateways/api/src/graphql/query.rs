@@ -5,8 +5,8 @@ use super::loaders::*;
 use super::types::*;
 use super::{app, db, loader, parse_cursor, principal, Page};
 use crate::error::ApiError;
-use amplog_commands::audit::{self, AsOf, HistoryRange};
-use amplog_commands::LogCursor;
+use amplog_log::audit::{self, AsOf, HistoryRange};
+use amplog_log::LogCursor;
 use amplog_projections::docs::*;
 use amplog_projections::queries;
 use async_graphql::connection::{query, Connection as Relay, Edge};
@@ -408,8 +408,8 @@ pub struct AuditEvent {
     pub hash: Option<String>,
 }
 
-impl From<amplog_commands::RecordedEvent> for AuditEvent {
-    fn from(e: amplog_commands::RecordedEvent) -> Self {
+impl From<amplog_log::RecordedEvent> for AuditEvent {
+    fn from(e: amplog_log::RecordedEvent) -> Self {
         AuditEvent {
             actor: e.metadata.get("actor").and_then(|a| a.as_str()).map(str::to_string),
             event_id: e.event_id,

@@ -705,7 +705,7 @@ async fn an_unreachable_database_answers_a_retryable_503_with_a_code() {
         .unwrap();
     let service = amplog_commands::CommandService::new(
         pool.clone(),
-        amplog_commands::EventStore::default(),
+        amplog_log::EventStore::default(),
         amplog_commands::testing::credential_store(),
     );
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
@@ -789,7 +789,7 @@ async fn a_postgresql_restart_answers_503_and_the_server_recovers() {
     amplog_migrations::migrate(&mut pool.acquire().await.unwrap()).await.unwrap();
     let service = amplog_commands::CommandService::new(
         pool.clone(),
-        amplog_commands::EventStore::default(),
+        amplog_log::EventStore::default(),
         amplog_commands::testing::credential_store(),
     );
     let ctx = amplog_commands::CommandContext::new(amplog_domain::ProjectId(Uuid::now_v7()), "test");

@@ -2,8 +2,8 @@
 //! hash chain, no idempotency in the transaction) with one multi-row INSERT per command;
 //! snapshots go around cqrs-es's snapshot store (it applies events twice).
 
-use crate::error::CommandError;
 use crate::hash::{self, Canonical};
+use crate::LogError;
 use amplog_domain::upcast::UPCASTERS;
 use amplog_domain::{Aggregate, DomainEvent, EventParts};
 use cqrs_es::persist::{EventUpcaster, SemanticVersionEventUpcaster, SerializedEvent};
@@ -68,7 +68,7 @@ impl CommandOutcome {
 }
 
 /// Events decided for one stream, not yet written.
-pub(crate) struct PendingStream {
+pub struct PendingStream {
     pub aggregate_type: &'static str,
     pub aggregate_id: String,
     pub base_sequence: i64,
@@ -170,14 +170,14 @@ impl EventStore {
         event_type: &str,
         event_version: &str,
         payload: Value,
-    ) -> Result<A::Event, CommandError> {
+    ) -> Result<A::Event, LogError> {
         let (_, payload) = self.upcast(A::TYPE, event_type, event_version, payload);
         A::Event::from_parts(event_type, payload)
-            .map_err(|e| CommandError::corrupt(format!("{} event {event_type} {event_version}", A::TYPE), e))
+            .map_err(|e| LogError::corrupt(format!("{} event {event_type} {event_version}", A::TYPE), e))
     }
 
     /// Loads a stream: from the cache or its snapshot (if current), then the events after.
-    pub async fn load<A: Aggregate>(&self, conn: &mut PgConnection, id: &str) -> Result<Loaded<A>, CommandError> {
+    pub async fn load<A: Aggregate>(&self, conn: &mut PgConnection, id: &str) -> Result<Loaded<A>, LogError> {
         let mut loaded = Loaded { id: id.to_string(), state: A::default(), sequence: 0, hash: None };
         let cached = self.cache.get(&(A::TYPE, id.to_string()));
         let cached = cached.as_ref().and_then(|c| Some((c, c.state.downcast_ref::<A>()?)));
@@ -220,10 +220,9 @@ impl EventStore {
             let body: String = row.get("body");
             if row.get::<i32, _>("kind") == 0 {
                 loaded.state = serde_json::from_str(&body)
-                    .map_err(|e| CommandError::corrupt(format!("{} snapshot {id}", A::TYPE), e))?;
+                    .map_err(|e| LogError::corrupt(format!("{} snapshot {id}", A::TYPE), e))?;
             } else {
-                let payload: Value =
-                    serde_json::from_str(&body).map_err(|e| CommandError::corrupt("event payload", e))?;
+                let payload: Value = serde_json::from_str(&body).map_err(|e| LogError::corrupt("event payload", e))?;
                 let event = self.decode::<A>(row.get("event_type"), row.get("event_version"), payload)?;
                 loaded.state.apply(&event);
             }
@@ -249,7 +248,7 @@ impl EventStore {
     }
 
     /// Caches the states of streams whose append has committed.
-    pub(crate) fn committed(&self, streams: &[PendingStream], events: &[AppendedEvent]) {
+    pub fn committed(&self, streams: &[PendingStream], events: &[AppendedEvent]) {
         for stream in streams {
             let sequence = stream.base_sequence + stream.events.len() as i64;
             let head = events
@@ -266,11 +265,7 @@ impl EventStore {
 
     /// Decides `commands`, each on the state the previous one left, on a loaded stream: the
     /// events to append (all or none), with the new state.
-    pub(crate) fn decide<A: Aggregate>(
-        &self,
-        loaded: &Loaded<A>,
-        commands: &[A::Command],
-    ) -> Result<PendingStream, CommandError> {
+    pub fn decide<A: Aggregate>(&self, loaded: &Loaded<A>, commands: &[A::Command]) -> Result<PendingStream, LogError> {
         let mut state = loaded.state.clone();
         let mut events = Vec::new();
         for command in commands {
@@ -283,7 +278,7 @@ impl EventStore {
         let parts: Vec<EventParts> = events.iter().map(DomainEvent::to_parts).collect();
         for event in &parts {
             if let Some(path) = nul_at(&event.payload) {
-                return Err(CommandError::UnstorableText(format!("{}{path}", event.event_type)));
+                return Err(LogError::UnstorableText(format!("{}{path}", event.event_type)));
             }
         }
         let next = loaded.sequence + events.len() as i64;
@@ -304,13 +299,13 @@ impl EventStore {
 
     /// Writes the pending streams (and their due snapshots) with one statement. A unique
     /// violation on `(aggregate_type, aggregate_id, sequence)` is a typed conflict.
-    pub(crate) async fn append(
+    pub async fn append(
         &self,
         tx: &mut PgConnection,
         project_id: Uuid,
         metadata: &str,
         streams: &[PendingStream],
-    ) -> Result<Vec<AppendedEvent>, CommandError> {
+    ) -> Result<Vec<AppendedEvent>, LogError> {
         let total: usize = streams.iter().map(|s| s.events.len()).sum();
         let mut types = Vec::with_capacity(total);
         let mut ids = Vec::with_capacity(total);
@@ -403,18 +398,18 @@ impl EventStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.constraint() == Some("events_pkey") => CommandError::Conflict {
+            sqlx::Error::Database(db) if db.constraint() == Some("events_pkey") => LogError::Conflict {
                 stream: streams
                     .iter()
                     .map(|s| format!("{}/{}", s.aggregate_type, s.aggregate_id))
                     .collect::<Vec<_>>()
                     .join(", "),
             },
-            _ => CommandError::Database(e),
+            _ => LogError::Database(e),
         })?;
         let positions: HashMap<Uuid, i64> = rows.iter().map(|r| (r.get("event_id"), r.get("position"))).collect();
         let xid: u64 = match rows.first() {
-            Some(row) => row.get::<String, _>("xid").parse().map_err(|e| CommandError::corrupt("transaction_id", e))?,
+            Some(row) => row.get::<String, _>("xid").parse().map_err(|e| LogError::corrupt("transaction_id", e))?,
             None => 0,
         };
 

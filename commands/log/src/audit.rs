@@ -1,10 +1,10 @@
 //! What auditors get from the log itself: an installation's full timeline (its stream, its
 //! connection's and its operations', in log order) and hash-chain verification.
 
-use crate::error::CommandError;
 use crate::hash::{self, Canonical};
 use crate::reader::{LogCursor, RecordedEvent, StoredEvent, EVENT_COLUMNS};
 use crate::store::EventStore;
+use crate::LogError;
 use amplog_domain::connection::Connection;
 use amplog_domain::installation::Installation;
 use amplog_domain::operation::Operation;
@@ -35,7 +35,7 @@ impl Default for HistoryRange {
 pub async fn installation_history(
     conn: &mut PgConnection,
     installation_id: &str,
-) -> Result<Vec<RecordedEvent>, CommandError> {
+) -> Result<Vec<RecordedEvent>, LogError> {
     installation_history_in(conn, installation_id, HistoryRange::default()).await
 }
 
@@ -51,7 +51,7 @@ pub async fn installation_history_in(
     conn: &mut PgConnection,
     installation_id: &str,
     range: HistoryRange,
-) -> Result<Vec<RecordedEvent>, CommandError> {
+) -> Result<Vec<RecordedEvent>, LogError> {
     // The whole timeline (no page) needs no bound.
     let mut operations: i64 = if range.limit > 100_000 { i64::MAX } else { 64 };
     loop {
@@ -149,7 +149,7 @@ pub async fn verify(
     conn: &mut PgConnection,
     streams: Option<&[(String, String)]>,
     mut progress: impl FnMut(u64),
-) -> Result<VerifyReport, CommandError> {
+) -> Result<VerifyReport, LogError> {
     let (types, ids): (Vec<&str>, Vec<&str>) =
         streams.unwrap_or_default().iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
     let sql = format!(
@@ -242,7 +242,7 @@ fn head_of((t, i, sequence, hash): (String, String, i64, Option<Vec<u8>>)) -> (S
 pub async fn installation_streams(
     conn: &mut PgConnection,
     installation_id: &str,
-) -> Result<Vec<(String, String)>, CommandError> {
+) -> Result<Vec<(String, String)>, LogError> {
     let mut streams = vec![("installation".to_string(), installation_id.to_string())];
     let rows = sqlx::query(
         "SELECT DISTINCT CASE event_type WHEN 'Created' THEN 'connection' ELSE 'operation' END AS t,
@@ -286,7 +286,7 @@ pub async fn installation_as_of(
     store: &EventStore,
     installation_id: &str,
     at: AsOf,
-) -> Result<Option<InstallationAsOf>, CommandError> {
+) -> Result<Option<InstallationAsOf>, LogError> {
     let events = installation_history(conn, installation_id).await?;
     let mut installation = Installation::default();
     let mut connection: Option<Connection> = None;

@@ -3,7 +3,7 @@
 //! `projector_leases` that every unit of work re-checks inside its own transaction, so a
 //! leader that lost its session can never commit after its successor.
 
-use crate::error::CommandError;
+use crate::LogError;
 use sqlx::{Connection, PgConnection, PgPool};
 use std::future::Future;
 use std::time::Duration;
@@ -29,7 +29,7 @@ pub struct Leadership {
 impl Leadership {
     /// Tries to lead `name`: the advisory lock, then a new fencing token. `None` when
     /// another session holds the lock.
-    pub async fn try_acquire(pool: &PgPool, name: &str, holder: &str) -> Result<Option<Self>, CommandError> {
+    pub async fn try_acquire(pool: &PgPool, name: &str, holder: &str) -> Result<Option<Self>, LogError> {
         let mut session = pool.acquire().await?.detach();
         // The session names itself, so status queries report whoever holds the lock now.
         sqlx::query("SELECT set_config('application_name', $1, false)")
@@ -57,14 +57,14 @@ impl Leadership {
     }
 
     /// Fails when the session holding the advisory lock is gone.
-    pub async fn alive(&mut self) -> Result<(), CommandError> {
+    pub async fn alive(&mut self) -> Result<(), LogError> {
         sqlx::query("SELECT 1").execute(&mut self.session).await?;
         Ok(())
     }
 
     /// Checks, in the caller's transaction, that this token is still current (and beats the
     /// heartbeat). A newer leader or a rebuild bumps the token; the row lock orders the two.
-    pub async fn fence(&self, tx: &mut PgConnection) -> Result<bool, CommandError> {
+    pub async fn fence(&self, tx: &mut PgConnection) -> Result<bool, LogError> {
         fence(tx, &self.name, self.token).await
     }
 
@@ -79,7 +79,7 @@ impl Leadership {
 }
 
 /// `Leadership::fence` for a name and token kept apart from their session.
-pub async fn fence(tx: &mut PgConnection, name: &str, token: i64) -> Result<bool, CommandError> {
+pub async fn fence(tx: &mut PgConnection, name: &str, token: i64) -> Result<bool, LogError> {
     let held = sqlx::query("UPDATE projector_leases SET heartbeat = now() WHERE name = $1 AND token = $2")
         .bind(name)
         .bind(token)
@@ -99,7 +99,7 @@ pub async fn run_as_leader<E, W, F>(
     pause: impl Fn(&E) -> Duration,
     mut work: W,
 ) where
-    E: std::fmt::Display + From<CommandError>,
+    E: std::fmt::Display + From<LogError>,
     W: FnMut(Leadership) -> F,
     F: Future<Output = Result<(), E>>,
 {

@@ -5,8 +5,8 @@
 //! bound nothing can appear any more, so a cursor never passes an event it has not seen.
 //! LISTEN/NOTIFY wakes readers; polling is the fallback.
 
-use crate::error::CommandError;
-use crate::service::EVENTS_CHANNEL;
+use crate::LogError;
+use crate::EVENTS_CHANNEL;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -56,7 +56,7 @@ impl StoredEvent {
     /// Decodes a row of `EVENT_COLUMNS`, by index (a name lookup per column cost as much
     /// as the rest of the decoding). `transaction_id` comes as xid8's binary form, an
     /// unsigned 64-bit integer that int8's decoder reads the same way.
-    pub(crate) fn from_row(row: &PgRow) -> Result<Self, CommandError> {
+    pub fn from_row(row: &PgRow) -> Result<Self, LogError> {
         let xid: i64 = row.try_get_unchecked(9)?;
         Ok(Self {
             event_id: row.get(0),
@@ -76,7 +76,7 @@ impl StoredEvent {
     }
 
     /// Decodes one tuple of a binary `COPY` of `EVENT_COLUMNS` (see `copy`).
-    pub(crate) fn from_copy(tuple: &mut copy::Tuple<'_>) -> Result<Self, CommandError> {
+    pub fn from_copy(tuple: &mut copy::Tuple<'_>) -> Result<Self, LogError> {
         Ok(Self {
             event_id: tuple.uuid()?,
             aggregate_type: tuple.text()?,
@@ -95,9 +95,9 @@ impl StoredEvent {
     }
 
     /// The event with its payload and metadata parsed.
-    pub fn parse(self) -> Result<RecordedEvent, CommandError> {
-        let parse = |col: &str, text: &str| -> Result<Value, CommandError> {
-            serde_json::from_str(text).map_err(|e| CommandError::corrupt(format!("event {col}"), e))
+    pub fn parse(self) -> Result<RecordedEvent, LogError> {
+        let parse = |col: &str, text: &str| -> Result<Value, LogError> {
+            serde_json::from_str(text).map_err(|e| LogError::corrupt(format!("event {col}"), e))
         };
         Ok(RecordedEvent {
             payload: parse("payload", &self.payload)?,
@@ -118,7 +118,7 @@ impl StoredEvent {
 }
 
 /// The columns every log query selects, in `StoredEvent::from_row`'s order.
-pub(crate) const EVENT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+pub const EVENT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, event_version, \
      payload, metadata, position, transaction_id, recorded_at, project_id, hash";
 
 /// Reads the log in commit-safe order.
@@ -138,12 +138,12 @@ impl LogReader {
 
     /// Up to `limit` events after `after`, from transactions that can no longer change what
     /// precedes them.
-    pub async fn read_batch(&self, after: LogCursor, limit: i64) -> Result<Vec<RecordedEvent>, CommandError> {
+    pub async fn read_batch(&self, after: LogCursor, limit: i64) -> Result<Vec<RecordedEvent>, LogError> {
         parse_all(self.read_stored_batch(after, limit).await?)
     }
 
     /// `read_batch`, payloads left as stored JSON text.
-    pub async fn read_stored_batch(&self, after: LogCursor, limit: i64) -> Result<Vec<StoredEvent>, CommandError> {
+    pub async fn read_stored_batch(&self, after: LogCursor, limit: i64) -> Result<Vec<StoredEvent>, LogError> {
         copy_stored_batch(&self.pool, after, limit).await
     }
 
@@ -151,7 +151,7 @@ impl LogReader {
     /// batch does not mean the log is read: rows above the snapshot's xmin wait for older
     /// transactions — of any database of the cluster — to end. Catch-up jobs read until
     /// this is zero for the log's end as they found it.
-    pub async fn committed_after(&self, after: LogCursor, up_to: i64) -> Result<i64, CommandError> {
+    pub async fn committed_after(&self, after: LogCursor, up_to: i64) -> Result<i64, LogError> {
         Ok(sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2) AND position <= $3",
         )
@@ -163,17 +163,17 @@ impl LogReader {
     }
 
     /// The highest position committed now: where a catch-up job stops.
-    pub async fn end(&self) -> Result<i64, CommandError> {
+    pub async fn end(&self) -> Result<i64, LogError> {
         Ok(sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events").fetch_one(&self.pool).await?)
     }
 
     /// A catch-up from `after` to the log's end as it is now (see `CatchUp`).
-    pub async fn catch_up(&self, after: LogCursor, batch_size: i64) -> Result<CatchUp, CommandError> {
+    pub async fn catch_up(&self, after: LogCursor, batch_size: i64) -> Result<CatchUp, LogError> {
         Ok(CatchUp { reader: self.clone(), cursor: after, end: self.end().await?, batch_size })
     }
 
     /// A subscription from `after` that waits for new events.
-    pub async fn subscribe(&self, after: LogCursor) -> Result<Subscription, CommandError> {
+    pub async fn subscribe(&self, after: LogCursor) -> Result<Subscription, LogError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(EVENTS_CHANNEL).await?;
         Ok(Subscription {
@@ -186,7 +186,7 @@ impl LogReader {
     }
 
     /// The saved position of reader `name` (the log's start when it has none).
-    pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<LogCursor, CommandError> {
+    pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<LogCursor, LogError> {
         let row = sqlx::query("SELECT transaction_id::text AS xid, position FROM reader_checkpoints WHERE name = $1")
             .bind(name)
             .fetch_optional(conn)
@@ -194,17 +194,14 @@ impl LogReader {
         Ok(match row {
             None => LogCursor::default(),
             Some(row) => LogCursor {
-                transaction_id: row
-                    .get::<String, _>("xid")
-                    .parse()
-                    .map_err(|e| CommandError::corrupt("checkpoint", e))?,
+                transaction_id: row.get::<String, _>("xid").parse().map_err(|e| LogError::corrupt("checkpoint", e))?,
                 position: row.get("position"),
             },
         })
     }
 
     /// Saves reader `name`'s position; call it in the transaction that applies the batch.
-    pub async fn save_checkpoint(conn: &mut PgConnection, name: &str, cursor: LogCursor) -> Result<(), CommandError> {
+    pub async fn save_checkpoint(conn: &mut PgConnection, name: &str, cursor: LogCursor) -> Result<(), LogError> {
         sqlx::query(
             "INSERT INTO reader_checkpoints (name, transaction_id, position) VALUES ($1, $2::text::xid8, $3)
              ON CONFLICT (name) DO UPDATE SET transaction_id = EXCLUDED.transaction_id,
@@ -224,7 +221,7 @@ pub async fn read_batch_in(
     conn: &mut PgConnection,
     after: LogCursor,
     limit: i64,
-) -> Result<Vec<RecordedEvent>, CommandError> {
+) -> Result<Vec<RecordedEvent>, LogError> {
     parse_all(read_stored_batch_in(conn, after, limit).await?)
 }
 
@@ -233,7 +230,7 @@ pub async fn read_stored_batch_in(
     conn: &mut PgConnection,
     after: LogCursor,
     limit: i64,
-) -> Result<Vec<StoredEvent>, CommandError> {
+) -> Result<Vec<StoredEvent>, LogError> {
     // Planned with each cursor's values: a cached generic plan may not use the index.
     let rows = sqlx::query(&batch_query(after, limit)).persistent(false).fetch_all(conn).await?;
     rows.iter().map(StoredEvent::from_row).collect()
@@ -257,7 +254,7 @@ fn batch_query(after: LogCursor, limit: i64) -> String {
 /// abandoned half-read leaves the connection out of step with the server (sqlx does not
 /// drain it), so this always reads to the end, and runs on a task of its own that a
 /// cancelled caller (a timeout around a subscription's wait) leaves to finish.
-async fn copy_stored_batch(pool: &PgPool, after: LogCursor, limit: i64) -> Result<Vec<StoredEvent>, CommandError> {
+async fn copy_stored_batch(pool: &PgPool, after: LogCursor, limit: i64) -> Result<Vec<StoredEvent>, LogError> {
     let pool = pool.clone();
     let read = tokio::spawn(async move {
         let mut conn = pool.acquire().await?;
@@ -278,21 +275,21 @@ async fn copy_stored_batch(pool: &PgPool, after: LogCursor, limit: i64) -> Resul
     match read.await {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(CommandError::Database(sqlx::Error::Io(std::io::Error::other(e)))),
+        Err(e) => Err(LogError::Database(sqlx::Error::Io(std::io::Error::other(e)))),
     }
 }
 
 /// PostgreSQL's binary `COPY` format: a header, then one tuple per data message (a field
 /// count, then each field as a length and its bytes, -1 for NULL), then a trailer (-1).
 mod copy {
-    use crate::error::CommandError;
     use crate::reader::StoredEvent;
+    use crate::LogError;
     use chrono::{DateTime, Utc};
     use uuid::Uuid;
 
     /// Decodes one data message (PostgreSQL sends a tuple per message, the header in the
     /// first, the trailer in the last).
-    pub fn decode(message: &[u8], first: bool, events: &mut Vec<StoredEvent>) -> Result<(), CommandError> {
+    pub fn decode(message: &[u8], first: bool, events: &mut Vec<StoredEvent>) -> Result<(), LogError> {
         let mut body = message;
         if first {
             skip_header(&mut body)?;
@@ -308,11 +305,11 @@ mod copy {
 
     const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
-    fn bad(detail: &str) -> CommandError {
-        CommandError::corrupt("binary COPY of the log", detail)
+    fn bad(detail: &str) -> LogError {
+        LogError::corrupt("binary COPY of the log", detail)
     }
 
-    fn take<'a>(body: &mut &'a [u8], n: usize) -> Result<&'a [u8], CommandError> {
+    fn take<'a>(body: &mut &'a [u8], n: usize) -> Result<&'a [u8], LogError> {
         if body.len() < n {
             return Err(bad("truncated"));
         }
@@ -321,11 +318,11 @@ mod copy {
         Ok(head)
     }
 
-    fn int<const N: usize>(body: &mut &[u8]) -> Result<[u8; N], CommandError> {
+    fn int<const N: usize>(body: &mut &[u8]) -> Result<[u8; N], LogError> {
         Ok(take(body, N)?.try_into().expect("N bytes"))
     }
 
-    fn skip_header(body: &mut &[u8]) -> Result<(), CommandError> {
+    fn skip_header(body: &mut &[u8]) -> Result<(), LogError> {
         if take(body, SIGNATURE.len())? != SIGNATURE {
             return Err(bad("no signature"));
         }
@@ -342,7 +339,7 @@ mod copy {
 
     impl<'a> Tuple<'a> {
         /// The tuple in `body`, or `None` at the trailer.
-        pub fn start(body: &mut &'a [u8], columns: i16) -> Result<Option<Self>, CommandError> {
+        pub fn start(body: &mut &'a [u8], columns: i16) -> Result<Option<Self>, LogError> {
             match i16::from_be_bytes(int::<2>(body)?) {
                 -1 => Ok(None),
                 n if n == columns => Ok(Some(Self { body })),
@@ -350,7 +347,7 @@ mod copy {
             }
         }
 
-        fn field(&mut self) -> Result<Option<&'a [u8]>, CommandError> {
+        fn field(&mut self) -> Result<Option<&'a [u8]>, LogError> {
             match i32::from_be_bytes(int::<4>(&mut self.body)?) {
                 -1 => Ok(None),
                 n if n >= 0 => Ok(Some(take(&mut self.body, n as usize)?)),
@@ -358,15 +355,12 @@ mod copy {
             }
         }
 
-        fn required(&mut self) -> Result<&'a [u8], CommandError> {
+        fn required(&mut self) -> Result<&'a [u8], LogError> {
             self.field()?.ok_or_else(|| bad("NULL in a NOT NULL column"))
         }
 
         /// A nullable field, read with `read` when present.
-        pub fn nullable<T>(
-            &mut self,
-            read: fn(&mut Self) -> Result<T, CommandError>,
-        ) -> Result<Option<T>, CommandError> {
+        pub fn nullable<T>(&mut self, read: fn(&mut Self) -> Result<T, LogError>) -> Result<Option<T>, LogError> {
             match self.body.get(..4) {
                 Some([0xff, 0xff, 0xff, 0xff]) => {
                     self.body = &self.body[4..];
@@ -376,25 +370,25 @@ mod copy {
             }
         }
 
-        pub fn text(&mut self) -> Result<String, CommandError> {
+        pub fn text(&mut self) -> Result<String, LogError> {
             std::str::from_utf8(self.required()?).map(str::to_owned).map_err(|e| bad(&e.to_string()))
         }
 
-        pub fn bytea(&mut self) -> Result<Vec<u8>, CommandError> {
+        pub fn bytea(&mut self) -> Result<Vec<u8>, LogError> {
             Ok(self.required()?.to_vec())
         }
 
-        pub fn int8(&mut self) -> Result<i64, CommandError> {
+        pub fn int8(&mut self) -> Result<i64, LogError> {
             let bytes = self.required()?;
             Ok(i64::from_be_bytes(bytes.try_into().map_err(|_| bad("int8 of the wrong size"))?))
         }
 
-        pub fn uuid(&mut self) -> Result<Uuid, CommandError> {
+        pub fn uuid(&mut self) -> Result<Uuid, LogError> {
             Uuid::from_slice(self.required()?).map_err(|e| bad(&e.to_string()))
         }
 
         /// Microseconds since 2000-01-01 00:00:00 UTC.
-        pub fn timestamptz(&mut self) -> Result<DateTime<Utc>, CommandError> {
+        pub fn timestamptz(&mut self) -> Result<DateTime<Utc>, LogError> {
             const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
             let micros = self.int8()?;
             DateTime::from_timestamp_micros(micros + POSTGRES_EPOCH_MICROS).ok_or_else(|| bad("timestamp out of range"))
@@ -420,7 +414,7 @@ impl CatchUp {
     }
 
     /// The next batch, payloads as stored; `None` once everything up to the end is read.
-    pub async fn next_stored(&mut self) -> Result<Option<Vec<StoredEvent>>, CommandError> {
+    pub async fn next_stored(&mut self) -> Result<Option<Vec<StoredEvent>>, LogError> {
         loop {
             let batch = self.reader.read_stored_batch(self.cursor, self.batch_size).await?;
             if let Some(last) = batch.last() {
@@ -435,13 +429,13 @@ impl CatchUp {
     }
 
     /// The next batch, parsed; `None` once everything up to the end is read.
-    pub async fn next(&mut self) -> Result<Option<Vec<RecordedEvent>>, CommandError> {
+    pub async fn next(&mut self) -> Result<Option<Vec<RecordedEvent>>, LogError> {
         self.next_stored().await?.map(parse_all).transpose()
     }
 
     /// Every batch left up to the end at once, payloads as stored (for a log that fits in
     /// memory: tests, a benchmark's baseline).
-    pub async fn rest_stored(mut self) -> Result<Vec<StoredEvent>, CommandError> {
+    pub async fn rest_stored(mut self) -> Result<Vec<StoredEvent>, LogError> {
         let mut all = Vec::new();
         while let Some(batch) = self.next_stored().await? {
             all.extend(batch);
@@ -450,7 +444,7 @@ impl CatchUp {
     }
 
     /// Every batch left up to the end at once, parsed.
-    pub async fn rest(self) -> Result<Vec<RecordedEvent>, CommandError> {
+    pub async fn rest(self) -> Result<Vec<RecordedEvent>, LogError> {
         parse_all(self.rest_stored().await?)
     }
 }
@@ -471,17 +465,17 @@ impl Subscription {
     }
 
     /// The next batch, waiting until there is one. The cursor moves past it.
-    pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, CommandError> {
+    pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, LogError> {
         parse_all(self.next_stored_batch().await?)
     }
 
     /// Like `next_batch`, but gives up after `wait` and returns an empty batch.
-    pub async fn next_batch_within(&mut self, wait: Duration) -> Result<Vec<RecordedEvent>, CommandError> {
+    pub async fn next_batch_within(&mut self, wait: Duration) -> Result<Vec<RecordedEvent>, LogError> {
         parse_all(self.next_stored_batch_within(wait).await?)
     }
 
     /// `next_batch`, payloads left as stored JSON text.
-    pub async fn next_stored_batch(&mut self) -> Result<Vec<StoredEvent>, CommandError> {
+    pub async fn next_stored_batch(&mut self) -> Result<Vec<StoredEvent>, LogError> {
         loop {
             let batch = self.read_stored_now().await?;
             if !batch.is_empty() {
@@ -499,7 +493,7 @@ impl Subscription {
 
     /// What can be read now, without waiting (empty when nothing is). The cursor moves
     /// past it.
-    async fn read_stored_now(&mut self) -> Result<Vec<StoredEvent>, CommandError> {
+    async fn read_stored_now(&mut self) -> Result<Vec<StoredEvent>, LogError> {
         let batch = self.reader.read_stored_batch(self.cursor, self.batch_size).await?;
         if let Some(last) = batch.last() {
             self.cursor = last.cursor();
@@ -508,7 +502,7 @@ impl Subscription {
     }
 
     /// `next_batch_within`, payloads left as stored JSON text.
-    pub async fn next_stored_batch_within(&mut self, wait: Duration) -> Result<Vec<StoredEvent>, CommandError> {
+    pub async fn next_stored_batch_within(&mut self, wait: Duration) -> Result<Vec<StoredEvent>, LogError> {
         match tokio::time::timeout(wait, self.next_stored_batch()).await {
             Ok(result) => result,
             Err(_) => Ok(Vec::new()),
@@ -516,6 +510,6 @@ impl Subscription {
     }
 }
 
-fn parse_all(batch: Vec<StoredEvent>) -> Result<Vec<RecordedEvent>, CommandError> {
+fn parse_all(batch: Vec<StoredEvent>) -> Result<Vec<RecordedEvent>, LogError> {
     batch.into_iter().map(StoredEvent::parse).collect()
 }
