@@ -162,3 +162,34 @@ pub async fn start_read(
     service.start_operation(&s.ctx, op, lease, chrono::Duration::minutes(5)).await.expect("start the read");
     (op, lease)
 }
+
+/// Holds transactional commands just before COMMIT, their events inserted, so a test can
+/// keep an append open while others commit (`CommandService::with_commit_gate`).
+pub struct CommitGate {
+    /// Signalled when a command reaches the gate.
+    pub reached: tokio::sync::Notify,
+    /// One permit lets one command commit.
+    pub release: tokio::sync::Semaphore,
+}
+
+impl Default for CommitGate {
+    fn default() -> Self {
+        Self { reached: tokio::sync::Notify::new(), release: tokio::sync::Semaphore::new(0) }
+    }
+}
+
+impl crate::service::BeforeCommit for CommitGate {
+    fn before_commit(&self) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async {
+            self.reached.notify_one();
+            self.release.acquire().await.expect("the gate is never closed").forget();
+        })
+    }
+}
+
+impl CommandService {
+    /// Commands in a transaction wait at `gate` before they commit.
+    pub fn with_commit_gate(self, gate: std::sync::Arc<CommitGate>) -> Self {
+        self.with_before_commit(gate)
+    }
+}

@@ -1,7 +1,8 @@
 //! Read models equal the log: incrementally, after a rebuild, and against an independent
 //! fold written here; one leader at a time; no event skipped.
 
-use amplog_commands::service::{CommitGate, NewOperation};
+use amplog_commands::service::NewOperation;
+use amplog_commands::testing::CommitGate;
 use amplog_commands::testing::{
     credential_store, read_of, seed, start_read, test_db_with, Seeded, TestDb, SEED_SECRET,
 };

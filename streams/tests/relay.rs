@@ -1,7 +1,7 @@
 //! The relay against the real broker and PostgreSQL: envelopes, keys, completeness, jobs,
 //! a held-open append, leadership, refused settings, and a broker restart.
 
-use amplog_commands::service::CommitGate;
+use amplog_commands::testing::CommitGate;
 use amplog_commands::testing::{read_of, seed, test_db};
 use amplog_commands::CommandService;
 use amplog_log::{EventStore, LogReader};

@@ -64,25 +64,13 @@ pub struct CommandService {
     store: EventStore,
     credentials: CredentialStore,
     wake: Arc<Notify>,
-    #[cfg(feature = "testing")]
-    gate: Option<Arc<CommitGate>>,
+    before_commit: Option<Arc<dyn BeforeCommit>>,
 }
 
-/// Tests only: holds transactional commands just before COMMIT, their events inserted, so a
-/// test can keep an append open while others commit.
-#[cfg(feature = "testing")]
-pub struct CommitGate {
-    /// Signalled when a command reaches the gate.
-    pub reached: Notify,
-    /// One permit lets one command commit.
-    pub release: tokio::sync::Semaphore,
-}
-
-#[cfg(feature = "testing")]
-impl Default for CommitGate {
-    fn default() -> Self {
-        Self { reached: Notify::new(), release: tokio::sync::Semaphore::new(0) }
-    }
+/// Runs in a transactional command after its events are inserted and before COMMIT (the
+/// tests' `CommitGate` holds commands there to keep an append open while others commit).
+pub trait BeforeCommit: Send + Sync {
+    fn before_commit(&self) -> futures::future::BoxFuture<'_, ()>;
 }
 
 /// Options of a new installation; unset objects default to every object of the revision.
@@ -147,20 +135,12 @@ impl CommandService {
     pub fn new(pool: PgPool, store: EventStore, credentials: CredentialStore) -> Self {
         let wake = Arc::new(Notify::new());
         tokio::spawn(notifier(pool.clone(), wake.clone()));
-        Self {
-            pool,
-            store,
-            credentials,
-            wake,
-            #[cfg(feature = "testing")]
-            gate: None,
-        }
+        Self { pool, store, credentials, wake, before_commit: None }
     }
 
-    /// Tests only: commands in a transaction wait at `gate` before they commit.
-    #[cfg(feature = "testing")]
-    pub fn with_commit_gate(mut self, gate: Arc<CommitGate>) -> Self {
-        self.gate = Some(gate);
+    /// Commands in a transaction run `hook` before they commit.
+    pub fn with_before_commit(mut self, hook: Arc<dyn BeforeCommit>) -> Self {
+        self.before_commit = Some(hook);
         self
     }
 
@@ -274,10 +254,8 @@ impl CommandService {
                 .await?;
         }
         if let Conn::Tx(tx) = uow.conn {
-            #[cfg(feature = "testing")]
-            if let Some(gate) = &self.gate {
-                gate.reached.notify_one();
-                gate.release.acquire().await.expect("the gate is never closed").forget();
+            if let Some(hook) = &self.before_commit {
+                hook.before_commit().await;
             }
             tx.commit().await?;
         }

@@ -1,6 +1,6 @@
 //! The log reader never skips an event (DESIGN invariant 3), against a real PostgreSQL.
 
-use amplog_commands::service::CommitGate;
+use amplog_commands::testing::CommitGate;
 use amplog_commands::testing::{credential_store, test_db_with};
 use amplog_commands::{CommandContext, CommandError, CommandOutcome, CommandService};
 use amplog_domain::ProjectId;
