@@ -140,6 +140,24 @@ fn command_ctx(ctx: &Context<'_>, need: Scope, part: Option<&str>) -> Result<Com
     Ok(command)
 }
 
+/// Pausing, unpausing and deleting an installation: the same shape, one command each.
+enum Lifecycle {
+    Pause,
+    Unpause,
+    Delete,
+}
+
+async fn lifecycle(ctx: &Context<'_>, action: Lifecycle, id: Uuid, wait: bool) -> Result<MutationPayload> {
+    let command = command_ctx(ctx, Scope::Write, None)?;
+    let (service, installation) = (&app(ctx).service, InstallationId(id));
+    let outcome = match action {
+        Lifecycle::Pause => service.pause_installation(&command, installation).await?,
+        Lifecycle::Unpause => service.unpause_installation(&command, installation).await?,
+        Lifecycle::Delete => service.delete_installation(&command, installation).await?,
+    };
+    finish(ctx, outcome, Some(id), wait).await
+}
+
 async fn finish(
     ctx: &Context<'_>,
     outcome: CommandOutcome,
@@ -305,9 +323,7 @@ impl Mutation {
         id: Uuid,
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
-        let command = command_ctx(ctx, Scope::Write, None)?;
-        let outcome = app(ctx).service.pause_installation(&command, InstallationId(id)).await?;
-        finish(ctx, outcome, Some(id), wait_for_visibility).await
+        lifecycle(ctx, Lifecycle::Pause, id, wait_for_visibility).await
     }
 
     async fn unpause_installation(
@@ -316,9 +332,7 @@ impl Mutation {
         id: Uuid,
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
-        let command = command_ctx(ctx, Scope::Write, None)?;
-        let outcome = app(ctx).service.unpause_installation(&command, InstallationId(id)).await?;
-        finish(ctx, outcome, Some(id), wait_for_visibility).await
+        lifecycle(ctx, Lifecycle::Unpause, id, wait_for_visibility).await
     }
 
     async fn delete_installation(
@@ -327,9 +341,7 @@ impl Mutation {
         id: Uuid,
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
-        let command = command_ctx(ctx, Scope::Write, None)?;
-        let outcome = app(ctx).service.delete_installation(&command, InstallationId(id)).await?;
-        finish(ctx, outcome, Some(id), wait_for_visibility).await
+        lifecycle(ctx, Lifecycle::Delete, id, wait_for_visibility).await
     }
 
     /// Requests a read of each object (all enabled objects when none are named), optionally
