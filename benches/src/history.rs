@@ -5,15 +5,12 @@
 //! sizes, so a page that costs more as an installation's history grows shows.
 
 use crate::{service, setup_writers, Report, Stats, Writer};
-use amplog_commands::service::NewOperation;
-use amplog_domain::operation::{OperationType, Trigger};
 use amplog_domain::*;
 use amplog_log::audit::{installation_history_in, HistoryRange};
 use amplog_log::LogCursor;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
-use uuid::Uuid;
 
 /// Pages each read operation records, and installations whose operations interleave.
 const PAGES: u64 = 12;
@@ -29,22 +26,9 @@ async fn seed(seed_pool: &PgPool, writers: &[Writer], operations: usize) -> Resu
         .map(|w| {
             let svc = service(seed_pool);
             tokio::spawn(async move {
-                let read = NewOperation {
-                    op_type: OperationType::Read,
-                    object: "contacts".into(),
-                    since: None,
-                    until: None,
-                    trigger: Trigger::Scheduled,
-                };
+                let pages: Vec<_> = (0..PAGES).map(crate::page).collect();
                 for _ in 0..operations {
-                    let op = OperationId(
-                        svc.request_operation(&w.ctx, w.installation, &read).await?.id_of("operation").context("id")?,
-                    );
-                    let lease = LeaseId(Uuid::now_v7());
-                    svc.start_operation(&w.ctx, op, lease, chrono::Duration::minutes(5)).await?;
-                    let pages: Vec<_> = (0..PAGES).map(crate::page).collect();
-                    svc.record_pages(&w.ctx, op, lease, &pages).await?;
-                    svc.succeed_operation(&w.ctx, op, lease).await?;
+                    crate::finished_read(&svc, &w, &pages).await?;
                 }
                 Ok::<_, anyhow::Error>(())
             })

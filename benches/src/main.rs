@@ -250,6 +250,24 @@ async fn setup_writers(service: &CommandService, writers: usize) -> Result<Vec<W
     Ok(out)
 }
 
+/// A realistic read operation on the writer's installation, through the command service:
+/// requested, started, its pages recorded in one command, succeeded.
+async fn finished_read(svc: &CommandService, w: &Writer, pages: &[PageRecord]) -> Result<()> {
+    let read = NewOperation {
+        op_type: OperationType::Read,
+        object: "contacts".into(),
+        since: None,
+        until: None,
+        trigger: Trigger::Scheduled,
+    };
+    let op = OperationId(svc.request_operation(&w.ctx, w.installation, &read).await?.id_of("operation").context("id")?);
+    let lease = LeaseId(Uuid::now_v7());
+    svc.start_operation(&w.ctx, op, lease, chrono::Duration::hours(1)).await?;
+    svc.record_pages(&w.ctx, op, lease, pages).await?;
+    svc.succeed_operation(&w.ctx, op, lease).await?;
+    Ok(())
+}
+
 const RAW_PAYLOAD: &str = r#"{"lease_id":"01a20987-4121-77f1-82b3-a126ef612179","records":100,"bytes":51200,"cursor":{"watermark":"2026-11-23T17:49:48.709844Z","page_token":"after-100"},"at":"2026-11-23T17:49:48.709844Z"}"#;
 
 /// Raw baseline: one transaction, one INSERT of `rows` rows into the same events table.
@@ -353,25 +371,9 @@ async fn catch_up(pool: &PgPool, report: &mut Report, target: i64) -> Result<()>
             .map(|w| {
                 let svc = svc.clone();
                 tokio::spawn(async move {
-                    let read = NewOperation {
-                        op_type: OperationType::Read,
-                        object: "contacts".into(),
-                        since: None,
-                        until: None,
-                        trigger: Trigger::Scheduled,
-                    };
                     let pages: Vec<PageRecord> = (0..96).map(|p| page(round * 100 + p)).collect();
                     for _ in 0..10 {
-                        let op = OperationId(
-                            svc.request_operation(&w.ctx, w.installation, &read)
-                                .await?
-                                .id_of("operation")
-                                .context("id")?,
-                        );
-                        let lease = LeaseId(Uuid::now_v7());
-                        svc.start_operation(&w.ctx, op, lease, chrono::Duration::hours(1)).await?;
-                        svc.record_pages(&w.ctx, op, lease, &pages).await?;
-                        svc.succeed_operation(&w.ctx, op, lease).await?;
+                        finished_read(&svc, &w, &pages).await?;
                     }
                     Ok::<_, anyhow::Error>(())
                 })
