@@ -186,6 +186,16 @@ async fn fresh_database(url: &str, name: &str) -> Result<PgPool> {
     Ok(amplog_commands::connect_and_migrate(options, 48).await?)
 }
 
+/// A pool for seeding `database`: seeding is setup, not the measurement, so its commits need
+/// not wait for the disk.
+async fn seeding_pool(url: &str, database: &str, connections: u32) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)?
+        .database(database)
+        .options([("synchronous_commit", "off")])
+        .disable_statement_logging();
+    Ok(sqlx::postgres::PgPoolOptions::new().max_connections(connections).connect_with(options).await?)
+}
+
 fn service(pool: &PgPool) -> CommandService {
     let key = CredentialKey::from_bytes(&CredentialKey::generate()).expect("32 bytes");
     CommandService::new(pool.clone(), EventStore::default(), CredentialStore::new(key))
@@ -562,23 +572,14 @@ async fn main() -> Result<()> {
     }
     if wants("history") {
         let pool = fresh_database(&args.database_url, "amplog_bench_history").await?;
-        let options = PgConnectOptions::from_str(&args.database_url)?
-            .database("amplog_bench_history")
-            .options([("synchronous_commit", "off")])
-            .disable_statement_logging();
-        let seed_pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect_with(options).await?;
+        let seed_pool = seeding_pool(&args.database_url, "amplog_bench_history", 8).await?;
         history::run(&mut report, &pool, &seed_pool, args.history_operations).await?;
         seed_pool.close().await;
         pool.close().await;
     }
     if wants("api") {
         let pool = fresh_database(&args.database_url, "amplog_bench_api").await?;
-        // Seeding is setup, not the measurement: its commits need not wait for the disk.
-        let options = PgConnectOptions::from_str(&args.database_url)?
-            .database("amplog_bench_api")
-            .options([("synchronous_commit", "off")])
-            .disable_statement_logging();
-        let seed_pool = sqlx::postgres::PgPoolOptions::new().max_connections(40).connect_with(options).await?;
+        let seed_pool = seeding_pool(&args.database_url, "amplog_bench_api", 40).await?;
         let seeded = api::seed(&pool, &seed_pool, args.api_installations, args.api_operations).await?;
         seed_pool.close().await;
         let url =
