@@ -1,0 +1,4 @@
+//! The integration tests of this crate, one binary (each file a module).
+
+mod jobs;
+mod sync;
