@@ -1,7 +1,10 @@
-//! `amplog demo`: a realistic scenario through the command layer, printing what it appends.
+//! The demos: `amplog demo` (a scenario through the command layer, printing what it
+//! appends, then one real read) and `serve --demo` (three customers syncing continuously),
+//! both over one [`Sandbox`] of the provider simulator and a webhook sink.
 
 use crate::output::appended;
 use amplog_commands::credentials::Secret;
+use amplog_commands::destinations;
 use amplog_commands::service::{NewInstallation, NewOperation};
 use amplog_commands::{CommandContext, CommandError, CommandOutcome, CommandService};
 use amplog_domain::connection::Connection;
@@ -11,8 +14,13 @@ use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
 use amplog_domain::operation::Operation;
 use amplog_domain::operation::{Cursor, ErrorClass, OperationType, Trigger};
 use amplog_domain::*;
+use amplog_providers::connector::{Catalog, Connectors, ProviderSettings};
+use amplog_providers::egress::Egress;
+use amplog_simulator::sim::{SimConfig, Simulator};
+use amplog_simulator::Sink;
 use anyhow::{Context, Result};
 use chrono::{Duration, Utc};
+use std::future::Future;
 use uuid::Uuid;
 
 fn step(title: &str, outcome: CommandOutcome) -> CommandOutcome {
@@ -203,36 +211,17 @@ pub async fn run(service: &CommandService) -> Result<()> {
 /// through OAuth, one read job run by a sync worker (pages fetched, delivered signed,
 /// recorded with their cursors).
 async fn real_read(service: &CommandService, ctx: &CommandContext) -> Result<InstallationId> {
-    use amplog_providers::connector::{Catalog, Connectors, ProviderSettings};
     use amplog_providers::worker::Worker;
     use amplog_streams::jobs::{Job, JobMessage};
     println!();
     println!("a real read, from the provider simulator to a webhook sink:");
-    let sim = amplog_simulator::sim::Simulator::start("127.0.0.1:0".parse()?, Default::default()).await?;
-    let secret = amplog_commands::destinations::new_secret();
-    let sink = amplog_simulator::Sink::new(&secret.0);
-    let (sink_addr, sink_task) = sink.serve("127.0.0.1:0".parse()?).await?;
-    let url = format!("http://{sink_addr}/hooks/default");
-    amplog_commands::destinations::put(
-        service.pool(),
-        service.credentials(),
-        ctx.project_id,
-        "default",
-        &url,
-        Some(secret),
-    )
-    .await?;
-    let settings = [("simulator".to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() })]
-        .into_iter()
-        .collect();
-    let connectors =
-        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_providers::egress::Egress::private());
+    let sandbox = Sandbox::start(service, ctx.project_id, SimConfig::default()).await?;
     let manifest = Manifest { objects: vec![object("contacts", "@every 15m", Backfill::Full, &["email"])] };
     let integration = IntegrationId(id_of::<Integration>(&step(
         "declare integration (provider: simulator)",
         service.declare_integration_with(ctx, "crm-live", "simulator", Some(&manifest)).await?,
     ))?);
-    let connector = connectors.get("simulator").context("the simulator connector")?;
+    let connector = sandbox.connector()?;
     let (connection, installation) =
         amplog_simulator::sim::install_customer(service, ctx, integration, &connector, "customer-99").await?;
     println!("connect customer-99 through OAuth (code exchanged; tokens stored encrypted) and install");
@@ -260,15 +249,124 @@ async fn real_read(service: &CommandService, ctx: &CommandContext) -> Result<Ins
         event_id: requested.event_id,
         time: Utc::now(),
     };
-    let handler = std::sync::Arc::new(amplog_providers::sync::SyncHandler::new(service.clone(), connectors));
+    let handler =
+        std::sync::Arc::new(amplog_providers::sync::SyncHandler::new(service.clone(), sandbox.connectors.clone()));
     let disposition = Worker::new(service.clone(), handler, "demo-worker").process(&message).await?;
     let state = service.load::<Operation>(ctx, message.job.operation_id.0).await?.state;
-    let report = sink.report();
+    let report = sandbox.sink.report();
     println!(
         "worker: {disposition:?}; {} records in {} pages; the sink verified {} signed deliveries of {} records",
         state.records, state.pages, report.deliveries, report.distinct_records
     );
-    sink_task.abort();
-    sim.stop().await;
+    sandbox.stop().await;
     Ok(installation)
+}
+
+/// The demo's fixed project, so a second `serve --demo` picks up where the first stopped.
+pub const DEMO_PROJECT: Uuid = Uuid::from_u128(0x0000_0000_0000_7000_8000_0000_00de_0001);
+const DEMO_CUSTOMERS: [&str; 3] = ["acme", "globex", "initech"];
+
+/// What both demos run beside the log: the provider simulator and a webhook sink on free
+/// loopback ports, the connectors pointed at the simulator, and the project's `default`
+/// destination at the sink.
+pub struct Sandbox {
+    pub sim: Simulator,
+    pub sink: Sink,
+    sink_addr: std::net::SocketAddr,
+    sink_task: tokio::task::JoinHandle<()>,
+    pub connectors: Connectors,
+}
+
+impl Sandbox {
+    pub async fn start(service: &CommandService, project: ProjectId, config: SimConfig) -> Result<Sandbox> {
+        let sim = Simulator::start("127.0.0.1:0".parse()?, config).await?;
+        let secret = destinations::new_secret();
+        let sink = Sink::new(&secret.0);
+        let (sink_addr, sink_task) = sink.serve("127.0.0.1:0".parse()?).await?;
+        let url = format!("http://{sink_addr}/hooks/default");
+        destinations::put(service.pool(), service.credentials(), project, "default", &url, Some(secret)).await?;
+        let settings =
+            [("simulator".to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() })]
+                .into_iter()
+                .collect();
+        let connectors = Connectors::with_egress(&Catalog::builtin(), &settings, Egress::private());
+        Ok(Sandbox { sim, sink, sink_addr, sink_task, connectors })
+    }
+
+    pub fn connector(&self) -> Result<std::sync::Arc<amplog_providers::connector::Connector>> {
+        self.connectors.get("simulator").context("the simulator connector")
+    }
+
+    /// Where the sink answers its report (`GET`) and takes deliveries (`POST /{name}`).
+    pub fn sink_url(&self) -> String {
+        format!("http://{}/hooks", self.sink_addr)
+    }
+
+    pub fn stop(self) -> impl Future<Output = ()> {
+        self.sink_task.abort();
+        self.sim.stop()
+    }
+}
+
+/// `serve --demo`: the sandbox and the demo project: an integration of the simulator
+/// (contacts with a full backfill, companies with 30 days, deals without), three customers
+/// connected through OAuth and installed. On a second run the customers reconnect (the
+/// simulator forgot them).
+pub async fn start_for_serve(service: &CommandService) -> Result<Sandbox> {
+    let ctx = CommandContext::new(ProjectId(DEMO_PROJECT), "demo");
+    let sandbox = Sandbox::start(service, ctx.project_id, SimConfig::default()).await?;
+    let connector = sandbox.connector()?;
+    let existing: Vec<String> = sqlx::query_scalar(
+        "SELECT aggregate_id FROM events WHERE aggregate_type = 'connection' AND event_type = 'Created' AND project_id = $1",
+    )
+    .bind(DEMO_PROJECT)
+    .fetch_all(service.pool())
+    .await?;
+    if existing.is_empty() {
+        service.create_project(&ctx, "demo").await?;
+        let manifest = Manifest {
+            objects: vec![
+                object("contacts", "@every 1m", Backfill::Full, &[]),
+                object("companies", "@every 1m", Backfill::Days(30), &[]),
+                object("deals", "@every 1m", Backfill::None, &[]),
+            ],
+        };
+        let outcome = service.declare_integration_with(&ctx, "crm-sync", "simulator", Some(&manifest)).await?;
+        let integration = IntegrationId(id_of::<Integration>(&outcome)?);
+        for customer in DEMO_CUSTOMERS {
+            amplog_simulator::sim::install_customer(service, &ctx, integration, &connector, customer).await?;
+        }
+    } else {
+        for id in existing {
+            let id = ConnectionId(id.parse()?);
+            let state = service.load::<Connection>(&ctx, id.0).await?.state;
+            let tokens = amplog_simulator::sim::connect_customer(&connector, &state.group_ref).await?;
+            service.reconnect(&ctx, id, &Secret(serde_json::to_string(&tokens)?)).await?;
+        }
+    }
+    println!("demo: provider simulator on {}, webhook sink on {}", sandbox.sim.url(), sandbox.sink_url());
+    println!("demo: project {DEMO_PROJECT}, customers {}", DEMO_CUSTOMERS.join(", "));
+    Ok(sandbox)
+}
+
+/// Logs what the sink received every few seconds, until `stop`.
+pub async fn report(sink: Sink, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    let mut last = 0;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3)) => {}
+        }
+        let report = sink.report();
+        if report.records != last {
+            last = report.records;
+            tracing::info!(
+                deliveries = report.deliveries,
+                records = report.records,
+                distinct_records = report.distinct_records,
+                "demo: webhook sink received"
+            );
+        }
+    }
 }

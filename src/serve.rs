@@ -22,7 +22,7 @@ pub async fn run(
     let service = app.service()?;
     let keys = Keys::new(app.pool.clone());
     let listen = config.listen;
-    let demo = if run.demo { Some(crate::sync::start_demo(app).await?) } else { None };
+    let demo = if run.demo { Some(crate::demo::start_for_serve(&app.service()?).await?) } else { None };
     let server =
         Server::start(config, service.clone(), keys.clone()).await.with_context(|| format!("listening on {listen}"))?;
     // Tests and scripts read the bound address (listen on port 0 to pick a free one).
@@ -59,7 +59,7 @@ pub async fn run(
         }));
     }
     if let Some(demo) = &demo {
-        let project = amplog_domain::ProjectId(crate::sync::DEMO_PROJECT);
+        let project = amplog_domain::ProjectId(crate::demo::DEMO_PROJECT);
         let (_, key) = keys.create(project, Scope::Read, Some("demo")).await?;
         println!("demo: a read key for the demo project: {key}");
         println!(
@@ -69,7 +69,7 @@ pub async fn run(
         );
         let (sink, until) = (demo.sink.clone(), wait());
         tasks.push(tokio::spawn(async move {
-            crate::sync::report_demo(sink, until).await;
+            crate::demo::report(sink, until).await;
             Ok(())
         }));
     }

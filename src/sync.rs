@@ -1,23 +1,20 @@
 //! The sync commands: `provider-sim`, `worker` (sync workers + the scheduler),
-//! `destinations`, and the pieces `serve` runs in-process (workers, scheduler, `--demo`).
+//! `destinations`, and the pieces `serve` runs in-process (workers, scheduler).
 
 use crate::config::App;
 use crate::settings::{SimArgs, WorkerOptions};
 use amplog_commands::destinations;
-use amplog_commands::{CommandContext, CommandService};
-use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
-use amplog_domain::{IntegrationId, ProjectId};
+use amplog_commands::CommandService;
+use amplog_domain::ProjectId;
 use amplog_log::EventStore;
-use amplog_providers::connector::{Catalog, Connectors, ProviderSettings};
+use amplog_providers::connector::Connectors;
 use amplog_providers::scheduler::Scheduler;
 use amplog_providers::sync::SyncHandler;
 use amplog_providers::worker::{InProcessDispatch, Worker};
-use amplog_simulator::sim::{SimConfig, Simulator};
-use amplog_simulator::Sink;
+use amplog_simulator::sim::Simulator;
 use anyhow::{Context, Result};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 use uuid::Uuid;
 
 pub async fn provider_sim(args: &SimArgs) -> Result<i32> {
@@ -136,105 +133,4 @@ pub async fn list_destinations(app: &App, project: Uuid) -> Result<i32> {
         println!("{}", serde_json::json!({"name": name, "url": url, "disabled": disabled}));
     }
     Ok(0)
-}
-
-/// The demo's fixed project, so a second `serve --demo` picks up where the first stopped.
-pub const DEMO_PROJECT: Uuid = Uuid::from_u128(0x0000_0000_0000_7000_8000_0000_00de_0001);
-const DEMO_CUSTOMERS: [&str; 3] = ["acme", "globex", "initech"];
-
-/// What `serve --demo` runs beside the API: the simulator and a webhook sink.
-pub struct Demo {
-    pub sim: Simulator,
-    pub sink: Sink,
-    sink_task: tokio::task::JoinHandle<()>,
-    pub connectors: Connectors,
-}
-
-impl Demo {
-    pub fn stop(self) -> impl Future<Output = ()> {
-        self.sink_task.abort();
-        self.sim.stop()
-    }
-}
-
-/// Starts the simulator and a sink on free ports and provisions the demo project: an
-/// integration of the simulator (contacts with a full backfill, companies with 30 days,
-/// deals without), its destination at the sink, three customers connected through OAuth
-/// and installed. On a second run the customers reconnect (the simulator forgot them).
-pub async fn start_demo(app: &App) -> Result<Demo> {
-    let sim = Simulator::start("127.0.0.1:0".parse()?, SimConfig::default()).await?;
-    let secret = destinations::new_secret();
-    let sink = Sink::new(&secret.0);
-    let (sink_addr, sink_task) = sink.serve("127.0.0.1:0".parse()?).await?;
-    let settings = [("simulator".to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() })]
-        .into_iter()
-        .collect();
-    let connectors =
-        Connectors::with_egress(&Catalog::builtin(), &settings, amplog_providers::egress::Egress::private());
-    let connector = connectors.get("simulator").context("the simulator connector")?;
-    let service = app.service()?;
-    let ctx = CommandContext::new(ProjectId(DEMO_PROJECT), "demo");
-    let url = format!("http://{sink_addr}/hooks/default");
-    destinations::put(&app.pool, service.credentials(), ctx.project_id, "default", &url, Some(secret)).await?;
-    let existing: Vec<String> = sqlx::query_scalar(
-        "SELECT aggregate_id FROM events WHERE aggregate_type = 'connection' AND event_type = 'Created' AND project_id = $1",
-    )
-    .bind(DEMO_PROJECT)
-    .fetch_all(&app.pool)
-    .await?;
-    if existing.is_empty() {
-        service.create_project(&ctx, "demo").await?;
-        let object = |name: &str, backfill| ObjectDecl {
-            name: name.into(),
-            schedule: Some("@every 1m".into()),
-            backfill,
-            fields: vec![],
-            destination: None,
-        };
-        let manifest = Manifest {
-            objects: vec![
-                object("contacts", Backfill::Full),
-                object("companies", Backfill::Days(30)),
-                object("deals", Backfill::None),
-            ],
-        };
-        let outcome = service.declare_integration_with(&ctx, "crm-sync", "simulator", Some(&manifest)).await?;
-        let integration = IntegrationId(outcome.id_of("integration").context("no integration")?);
-        for customer in DEMO_CUSTOMERS {
-            amplog_simulator::sim::install_customer(&service, &ctx, integration, &connector, customer).await?;
-        }
-    } else {
-        for id in existing {
-            let id = amplog_domain::ConnectionId(id.parse()?);
-            let state = service.load::<amplog_domain::connection::Connection>(&ctx, id.0).await?.state;
-            let tokens = amplog_simulator::sim::connect_customer(&connector, &state.group_ref).await?;
-            let secret = amplog_commands::credentials::Secret(serde_json::to_string(&tokens)?);
-            service.reconnect(&ctx, id, &secret).await?;
-        }
-    }
-    println!("demo: provider simulator on {}, webhook sink on http://{sink_addr}/hooks", sim.url());
-    println!("demo: project {DEMO_PROJECT}, customers {}", DEMO_CUSTOMERS.join(", "));
-    Ok(Demo { sim, sink, sink_task, connectors })
-}
-
-/// Logs what the sink received every few seconds, until `stop`.
-pub async fn report_demo(sink: Sink, stop: impl Future<Output = ()>) {
-    tokio::pin!(stop);
-    let mut last = 0;
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
-        }
-        let report = sink.report();
-        if report.records != last {
-            last = report.records;
-            tracing::info!(
-                deliveries = report.deliveries,
-                records = report.records,
-                distinct_records = report.distinct_records,
-                "demo: webhook sink received"
-            );
-        }
-    }
 }
