@@ -452,23 +452,6 @@ struct ExportParams {
     to: Option<DateTime<Utc>>,
 }
 
-/// One line of the NDJSON export.
-#[derive(Serialize)]
-struct ExportedEvent {
-    event_id: Uuid,
-    aggregate_type: String,
-    aggregate_id: String,
-    sequence: i64,
-    event_type: String,
-    event_version: String,
-    payload: serde_json::Value,
-    metadata: serde_json::Value,
-    position: i64,
-    transaction_id: String,
-    recorded_at: DateTime<Utc>,
-    hash: Option<String>,
-}
-
 const EXPORT_PAGE: i64 = 1000;
 
 /// `GET /v1/audit/installations/{id}/events`: the installation's timeline as NDJSON, in log
@@ -510,20 +493,7 @@ async fn export_events(
                     .flatten();
                 let mut lines = Vec::with_capacity(events.len() * 512);
                 for e in events {
-                    let line = ExportedEvent {
-                        event_id: e.event_id,
-                        aggregate_type: e.aggregate_type,
-                        aggregate_id: e.aggregate_id,
-                        sequence: e.sequence,
-                        event_type: e.event_type,
-                        event_version: e.event_version,
-                        payload: e.payload,
-                        metadata: e.metadata,
-                        position: e.position,
-                        transaction_id: e.transaction_id.to_string(),
-                        recorded_at: e.recorded_at,
-                        hash: e.hash.map(hex::encode),
-                    };
+                    let line = graphql::types::AuditEvent::from(e);
                     serde_json::to_writer(&mut lines, &line).expect("events serialise");
                     lines.push(b'\n');
                 }

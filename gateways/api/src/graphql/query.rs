@@ -390,45 +390,6 @@ impl Installation {
 }
 
 #[derive(SimpleObject)]
-pub struct AuditEvent {
-    pub event_id: Uuid,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub sequence: Int64,
-    pub event_type: String,
-    pub event_version: String,
-    pub payload: Json<serde_json::Value>,
-    pub metadata: Json<serde_json::Value>,
-    /// Who sent the command (from the metadata).
-    pub actor: Option<String>,
-    pub position: Int64,
-    pub transaction_id: String,
-    pub recorded_at: DateTime<Utc>,
-    /// The stream's chain hash at this event (hex).
-    pub hash: Option<String>,
-}
-
-impl From<amplog_log::RecordedEvent> for AuditEvent {
-    fn from(e: amplog_log::RecordedEvent) -> Self {
-        AuditEvent {
-            actor: e.metadata.get("actor").and_then(|a| a.as_str()).map(str::to_string),
-            event_id: e.event_id,
-            aggregate_type: e.aggregate_type,
-            aggregate_id: e.aggregate_id,
-            sequence: Int64::from(e.sequence),
-            event_type: e.event_type,
-            event_version: e.event_version,
-            payload: Json(e.payload),
-            metadata: Json(e.metadata),
-            position: Int64::from(e.position),
-            transaction_id: e.transaction_id.to_string(),
-            recorded_at: e.recorded_at,
-            hash: e.hash.map(hex::encode),
-        }
-    }
-}
-
-#[derive(SimpleObject)]
 pub struct HistoryPage {
     pub events: Vec<AuditEvent>,
     pub end_cursor: Option<String>,

@@ -1,14 +1,14 @@
 //! The GraphQL output types: read-model documents as builders see them.
 
 use amplog_projections::docs::*;
-use async_graphql::{Enum, InputValueError, InputValueResult, Scalar, ScalarType, SimpleObject, Value};
+use async_graphql::{Enum, InputValueError, InputValueResult, Json, Scalar, ScalarType, SimpleObject, Value};
 use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
 /// A 64-bit signed integer: counts, bytes, durations, log positions and sequences, which
 /// can pass GraphQL's 32-bit `Int`. Serialized as a JSON number; accepted as a number or a
 /// string of digits. (JavaScript clients read values above 2^53 exactly only as BigInt.)
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct Int64(pub i64);
 
 /// A 64-bit signed integer (counts, bytes, log positions), serialized as a JSON number;
@@ -374,6 +374,48 @@ impl From<amplog_projections::usage::MonthlyUsage> for BillingMonth {
             proxy_calls: Int64::from(m.proxy_calls),
             operations: m.operations.into_iter().map(|(key, count)| Count { key, count: Int64::from(count) }).collect(),
             active_installations: Int64::from(m.active_installations),
+        }
+    }
+}
+
+/// One event of the log as auditors see it: in GraphQL histories and, one per line, in the
+/// NDJSON export (which leaves out `actor`, already in the metadata).
+#[derive(SimpleObject, serde::Serialize)]
+pub struct AuditEvent {
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: Int64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Json<serde_json::Value>,
+    pub metadata: Json<serde_json::Value>,
+    /// Who sent the command (from the metadata).
+    #[serde(skip)]
+    pub actor: Option<String>,
+    pub position: Int64,
+    pub transaction_id: String,
+    pub recorded_at: DateTime<Utc>,
+    /// The stream's chain hash at this event (hex).
+    pub hash: Option<String>,
+}
+
+impl From<amplog_log::RecordedEvent> for AuditEvent {
+    fn from(e: amplog_log::RecordedEvent) -> Self {
+        AuditEvent {
+            actor: e.metadata.get("actor").and_then(|a| a.as_str()).map(str::to_string),
+            event_id: e.event_id,
+            aggregate_type: e.aggregate_type,
+            aggregate_id: e.aggregate_id,
+            sequence: Int64::from(e.sequence),
+            event_type: e.event_type,
+            event_version: e.event_version,
+            payload: Json(e.payload),
+            metadata: Json(e.metadata),
+            position: Int64::from(e.position),
+            transaction_id: e.transaction_id.to_string(),
+            recorded_at: e.recorded_at,
+            hash: e.hash.map(hex::encode),
         }
     }
 }

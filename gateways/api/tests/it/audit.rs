@@ -109,6 +109,24 @@ async fn an_auditor_reads_the_timeline_replays_the_past_verifies_and_exports() {
     let exported: Vec<&str> = lines.iter().map(|l| l["event_id"].as_str().unwrap()).collect();
     assert_eq!(exported, expected);
     assert_eq!(lines[0]["hash"], events[0]["hash"]);
+    // The line's shape is a contract: these keys, with numbers as JSON numbers.
+    let keys: Vec<&str> = lines[0].as_object().unwrap().keys().map(String::as_str).collect();
+    let expected_keys = [
+        "aggregate_id",
+        "aggregate_type",
+        "event_id",
+        "event_type",
+        "event_version",
+        "hash",
+        "metadata",
+        "payload",
+        "position",
+        "recorded_at",
+        "sequence",
+        "transaction_id",
+    ];
+    assert_eq!(keys, expected_keys, "{}", lines[0]);
+    assert!(lines[0]["sequence"].is_i64() && lines[0]["position"].is_i64() && lines[0]["transaction_id"].is_string());
     let response = amplog_providers::connector::http_client()
         .build()
         .unwrap()
