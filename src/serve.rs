@@ -27,13 +27,8 @@ pub async fn run(
         Server::start(config, service.clone(), keys.clone()).await.with_context(|| format!("listening on {listen}"))?;
     // Tests and scripts read the bound address (listen on port 0 to pick a free one).
     println!("amplog serving on http://{}", server.addr);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let wait = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }
-    };
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let wait = || stopping.clone().cancelled_owned();
     let mut tasks: Vec<tokio::task::JoinHandle<Result<()>>> = Vec::new();
     // The demo's scheduler reads the read models: it needs the projector too.
     if run.demo || run.projectors.enabled(app.is_embedded()) {
@@ -76,7 +71,7 @@ pub async fn run(
     crate::shutdown::signal().await;
     tracing::info!("shutting down: finishing in-flight requests");
     server.stop().await?;
-    stop.send(true).ok();
+    stopping.cancel();
     for task in tasks {
         task.await??;
     }

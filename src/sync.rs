@@ -15,6 +15,7 @@ use amplog_simulator::sim::Simulator;
 use anyhow::{Context, Result};
 use std::future::Future;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub async fn provider_sim(args: &SimArgs) -> Result<i32> {
@@ -47,19 +48,16 @@ pub async fn run_workers(
         worker.policy.lease_for = options.lease;
         worker
     };
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let stopping = CancellationToken::new();
     let work = async {
         match kafka {
             Some(config) => {
                 let runs = (0..concurrency.max(1)).map(|i| {
                     let worker = new_worker(format!("{}-{i}", holder("worker")));
-                    let (config, rx) = (config.clone(), rx.clone());
+                    let (config, stopped) = (config.clone(), stopping.clone().cancelled_owned());
                     async move {
                         let group = format!("{}sync-workers", config.topic_prefix);
-                        amplog_streams::jobs::run_kafka_worker(&worker, &config, &group, stopped(rx)).await
+                        amplog_streams::jobs::run_kafka_worker(&worker, &config, &group, stopped).await
                     }
                 });
                 for result in futures::future::join_all(runs).await {
@@ -70,7 +68,7 @@ pub async fn run_workers(
                 let worker = Arc::new(new_worker(holder("worker")));
                 let mut dispatch = InProcessDispatch::new(worker, EventStore::default(), holder("dispatch"));
                 dispatch.lanes = concurrency.max(1);
-                dispatch.run(stopped(rx.clone())).await?;
+                dispatch.run(stopping.clone().cancelled_owned()).await?;
             }
         }
         Ok::<_, anyhow::Error>(())
@@ -78,7 +76,7 @@ pub async fn run_workers(
     tokio::pin!(work);
     tokio::select! {
         result = &mut work => return result,
-        _ = stop => { tx.send(true).ok(); }
+        _ = stop => stopping.cancel(),
     }
     work.await
 }
@@ -97,20 +95,17 @@ pub async fn worker(
 ) -> Result<i32> {
     let service = app.service()?;
     let config = kafka.brokers.as_ref().map(|_| kafka.config()).transpose()?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let stopping = CancellationToken::new();
     let schedule = async {
         if scheduler {
-            run_scheduler(&service, wait(rx.clone())).await;
+            run_scheduler(&service, stopping.cancelled()).await;
         }
     };
-    let workers = run_workers(&service, Connectors::from_env(), config, options, wait(rx.clone()));
+    let workers = run_workers(&service, Connectors::from_env(), config, options, stopping.cancelled());
     let signal = async {
         crate::shutdown::signal().await;
         tracing::info!("stopping: releasing the jobs in hand");
-        tx.send(true).ok();
+        stopping.cancel();
     };
     let (result, _, _) = tokio::join!(workers, schedule, signal);
     result?;
