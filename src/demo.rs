@@ -35,6 +35,7 @@ fn id_of<A: Aggregate>(outcome: &CommandOutcome) -> Result<Uuid> {
 
 fn object(name: &str, schedule: &str, backfill: Backfill, fields: &[&str]) -> ObjectDecl {
     ObjectDecl {
+        optional: false,
         name: name.into(),
         schedule: Some(schedule.into()),
         backfill,

@@ -38,6 +38,7 @@ pub async fn seed(pool: &PgPool, seed_pool: &PgPool, installations: usize, opera
         let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "bench");
         svc.create_project(&ctx, &format!("bench-{p}")).await?;
         let objects = ["contacts", "companies", "deals"].map(|name| ObjectDecl {
+            optional: false,
             name: name.into(),
             schedule: None,
             backfill: Backfill::Days(30),

@@ -220,6 +220,7 @@ async fn setup_writers(service: &CommandService, writers: usize) -> Result<Vec<W
             service.declare_integration(&ctx, "crm", "hubspot").await?.id_of("integration").context("id")?,
         );
         let decl = ObjectDecl {
+            optional: false,
             name: "contacts".into(),
             schedule: None,
             backfill: Backfill::None,

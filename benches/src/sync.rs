@@ -77,6 +77,7 @@ async fn provision(
     let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "bench");
     service.create_project(&ctx, "sync-bench").await?;
     let decl = ObjectDecl {
+        optional: false,
         name: "contacts".into(),
         schedule: None,
         backfill: Backfill::Full,

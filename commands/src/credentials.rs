@@ -68,6 +68,18 @@ impl CredentialKey {
         &self.key_id
     }
 
+    /// A value derived from `input` under the key for one `purpose` (HMAC-SHA256): what
+    /// must be recomputed later without being stored, such as a PKCE verifier.
+    pub fn derive(&self, purpose: &str, input: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<Sha256> as Mac>::new_from_slice(&self.fingerprint_key).expect("any key length");
+        mac.update(b"amplog-derive\0");
+        mac.update(purpose.as_bytes());
+        mac.update(b"\0");
+        mac.update(input);
+        mac.finalize().into_bytes().into()
+    }
+
     /// A keyed digest of the secret: equal secrets give equal fingerprints under one key,
     /// and the fingerprint reveals nothing without the key.
     pub fn fingerprint(&self, secret: &Secret) -> String {

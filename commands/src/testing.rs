@@ -106,6 +106,7 @@ pub async fn seed(service: &CommandService) -> Seeded {
         service.declare_integration(&ctx, "crm", "hubspot").await.expect("declare").id_of("integration").expect("id"),
     );
     let object = |name: &str| ObjectDecl {
+        optional: false,
         name: name.into(),
         schedule: Some("@every 15m".into()),
         backfill: Backfill::Days(7),

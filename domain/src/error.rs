@@ -1,10 +1,12 @@
 //! The one error of the domain boundary: a rejected command, by aggregate.
 
+use crate::connect_session::ConnectSessionError;
 use crate::connection::ConnectionError;
 use crate::installation::InstallationError;
 use crate::integration::IntegrationError;
 use crate::operation::OperationError;
 use crate::project::ProjectError;
+use crate::provider_app::ProviderAppError;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DomainError {
@@ -18,6 +20,10 @@ pub enum DomainError {
     Installation(#[from] InstallationError),
     #[error(transparent)]
     Operation(#[from] OperationError),
+    #[error(transparent)]
+    ProviderApp(#[from] ProviderAppError),
+    #[error(transparent)]
+    ConnectSession(#[from] ConnectSessionError),
 }
 
 impl DomainError {
@@ -29,6 +35,8 @@ impl DomainError {
             DomainError::Connection(e) => ("connection", e.code()),
             DomainError::Installation(e) => ("installation", e.code()),
             DomainError::Operation(e) => ("operation", e.code()),
+            DomainError::ProviderApp(e) => ("provider_app", e.code()),
+            DomainError::ConnectSession(e) => ("connect_session", e.code()),
         };
         format!("{aggregate}.{variant}")
     }
@@ -111,6 +119,30 @@ mod tests {
             (DomainError::from(OperationError::NoPages).code(), "operation.no_pages"),
             (DomainError::from(OperationError::WrongPage { expected: 0 }).code(), "operation.wrong_page"),
             (DomainError::from(OperationError::DeliveryMismatch).code(), "operation.delivery_mismatch"),
+            (DomainError::from(ProviderAppError::AlreadyExists).code(), "provider_app.already_exists"),
+            (DomainError::from(ProviderAppError::NotFound).code(), "provider_app.not_found"),
+            (DomainError::from(ProviderAppError::InvalidProvider).code(), "provider_app.invalid_provider"),
+            (DomainError::from(ProviderAppError::InvalidClientId).code(), "provider_app.invalid_client_id"),
+            (DomainError::from(ProviderAppError::InvalidScope(String::new())).code(), "provider_app.invalid_scope"),
+            (
+                DomainError::from(ProviderAppError::InvalidReturnUrl(String::new())).code(),
+                "provider_app.invalid_return_url",
+            ),
+            (DomainError::from(ProviderAppError::TooMany).code(), "provider_app.too_many"),
+            (DomainError::from(ProviderAppError::InvalidCredential).code(), "provider_app.invalid_credential"),
+            (DomainError::from(ConnectSessionError::AlreadyExists).code(), "connect_session.already_exists"),
+            (DomainError::from(ConnectSessionError::NotFound).code(), "connect_session.not_found"),
+            (DomainError::from(ConnectSessionError::Expired).code(), "connect_session.expired"),
+            (DomainError::from(ConnectSessionError::AlreadyCompleted).code(), "connect_session.already_completed"),
+            (DomainError::from(ConnectSessionError::AlreadyConnected).code(), "connect_session.already_connected"),
+            (DomainError::from(ConnectSessionError::StateMismatch).code(), "connect_session.state_mismatch"),
+            (DomainError::from(ConnectSessionError::StateUsed).code(), "connect_session.state_used"),
+            (DomainError::from(ConnectSessionError::NotAuthorizing).code(), "connect_session.not_authorizing"),
+            (DomainError::from(ConnectSessionError::NotConnected).code(), "connect_session.not_connected"),
+            (DomainError::from(ConnectSessionError::InvalidRef).code(), "connect_session.invalid_ref"),
+            (DomainError::from(ConnectSessionError::InvalidExpiry).code(), "connect_session.invalid_expiry"),
+            (DomainError::from(ConnectSessionError::InvalidDigest).code(), "connect_session.invalid_digest"),
+            (DomainError::from(ConnectSessionError::InvalidReason).code(), "connect_session.invalid_reason"),
         ];
         for (got, want) in codes {
             assert_eq!(got, want);

@@ -32,6 +32,9 @@ pub struct ObjectDecl {
     /// unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
+    /// The end user may leave it out when connecting (the connect page offers it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
 }
 
 /// The parsed manifest of one deploy.

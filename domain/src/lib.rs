@@ -1,8 +1,9 @@
 //! The pure domain of amplog: aggregates (Project, Integration, Connection, Installation,
-//! Operation), their commands, versioned events, state machines, typed errors and upcasters.
+//! Operation, ProviderApp, ConnectSession), their commands, versioned events, state machines, typed errors and upcasters.
 //! No IO, no clock, no id generation: time and ids arrive inside the commands.
 
 pub mod aggregate;
+pub mod connect_session;
 pub mod connection;
 pub mod error;
 pub mod ids;
@@ -10,6 +11,7 @@ pub mod installation;
 pub mod integration;
 pub mod operation;
 pub mod project;
+pub mod provider_app;
 pub mod schedule;
 pub mod upcast;
 

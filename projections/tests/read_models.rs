@@ -708,6 +708,7 @@ async fn every_text_a_command_accepts_projects_and_a_logged_nul_does_not_stop_th
             // Where the domain sets no rule of its own (a field's name, a reason), the
             // command edge refuses what jsonb cannot hold.
             let object = ObjectDecl {
+                optional: false,
                 name: "contacts".into(),
                 schedule: None,
                 backfill: Backfill::None,
@@ -732,6 +733,7 @@ async fn every_text_a_command_accepts_projects_and_a_logged_nul_does_not_stop_th
         };
         if let (Some(connection), Some(integration)) = (connection, integration) {
             let object = ObjectDecl {
+                optional: false,
                 name: "contacts".into(),
                 schedule: Some("@every 15m".into()),
                 backfill: Backfill::Days(1),

@@ -7,7 +7,8 @@ use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
 
 /// The aggregate types that get a topic each.
-pub const AGGREGATE_TYPES: &[&str] = &["project", "integration", "connection", "installation", "operation"];
+pub const AGGREGATE_TYPES: &[&str] =
+    &["project", "integration", "connection", "installation", "operation", "provider_app", "connect_session"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KafkaConfig {

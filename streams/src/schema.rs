@@ -5,11 +5,13 @@
 
 use crate::envelope::CloudEvent;
 use crate::jobs::Job;
+use amplog_domain::connect_session::ConnectSessionEvent;
 use amplog_domain::connection::ConnectionEvent;
 use amplog_domain::installation::InstallationEvent;
 use amplog_domain::integration::IntegrationEvent;
 use amplog_domain::operation::OperationEvent;
 use amplog_domain::project::ProjectEvent;
+use amplog_domain::provider_app::ProviderAppEvent;
 use amplog_domain::upcast::UPCASTERS;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,6 +35,8 @@ pub fn schemas() -> BTreeMap<String, String> {
         ("connection", schemars::schema_for!(ConnectionEvent)),
         ("installation", schemars::schema_for!(InstallationEvent)),
         ("operation", schemars::schema_for!(OperationEvent)),
+        ("provider_app", schemars::schema_for!(ProviderAppEvent)),
+        ("connect_session", schemars::schema_for!(ConnectSessionEvent)),
     ];
     for (aggregate, schema) in events {
         let root = schema.as_value();

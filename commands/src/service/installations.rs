@@ -18,19 +18,7 @@ impl CommandService {
         let revision = new.revision.unwrap_or(integration.state.revisions.len() as u32);
         let objects = match &new.objects {
             Some(objects) => objects.clone(),
-            None => integration
-                .state
-                .revision(revision)
-                .map(|r| {
-                    r.objects
-                        .values()
-                        .map(|o| {
-                            let schedule = o.schedule.clone().unwrap_or_else(|| DEFAULT_SCHEDULE.into());
-                            (o.name.clone(), ObjectConfig { enabled: true, schedule, backfill: o.backfill })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            None => connect::default_objects(&integration.state, revision),
         };
         let id = Uuid::now_v7();
         let loaded = self.load_in::<Installation>(&mut uow, id).await?;

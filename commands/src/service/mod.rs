@@ -5,6 +5,7 @@
 
 use crate::credentials::{CredentialStore, Secret};
 use crate::error::CommandError;
+use amplog_domain::connect_session::{ConnectSession, ConnectSessionCommand};
 use amplog_domain::connection::{Connection, ConnectionCommand};
 use amplog_domain::installation::{ConnectionFacts, Installation, InstallationCommand, IntegrationFacts, ObjectConfig};
 use amplog_domain::integration::{Integration, IntegrationCommand, Manifest};
@@ -12,6 +13,7 @@ use amplog_domain::operation::{
     Cursor, DeliveryAttempt, ErrorClass, Operation, OperationCommand, OperationType, PageRecord, Trigger,
 };
 use amplog_domain::project::{Project, ProjectCommand};
+use amplog_domain::provider_app::{ProviderApp, ProviderAppCommand};
 use amplog_domain::*;
 use amplog_log::store::{CommandOutcome, EventStore, Loaded, PendingStream};
 use chrono::{DateTime, Duration, Utc};
@@ -24,6 +26,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+mod connect;
 mod connections;
 mod installations;
 mod integrations;
@@ -299,7 +302,14 @@ macro_rules! owned {
         }
     )*};
 }
-owned!(Integration, Connection, Installation, Operation);
+owned!(Integration, Connection, Installation, Operation, ConnectSession);
+
+impl Owned for ProviderApp {
+    /// A deleted app stays its project's (its stream id is derived from the project).
+    fn owner(&self) -> Option<ProjectId> {
+        (!self.project_id.0.is_nil()).then_some(self.project_id)
+    }
+}
 
 impl Owned for Project {
     fn owner(&self) -> Option<ProjectId> {

@@ -13,6 +13,7 @@ fn integration() -> IntegrationFacts {
             revision: 1,
             objects: vec![
                 ObjectDecl {
+                    optional: false,
                     name: "contacts".into(),
                     schedule: None,
                     backfill: Backfill::Full,
@@ -20,6 +21,7 @@ fn integration() -> IntegrationFacts {
                     destination: None,
                 },
                 ObjectDecl {
+                    optional: false,
                     name: "deals".into(),
                     schedule: None,
                     backfill: Backfill::None,

@@ -1,5 +1,6 @@
 //! The integration tests of this crate, one binary (each file a module).
 
+mod connect;
 mod connection;
 mod installation;
 mod operation;

@@ -24,6 +24,7 @@ fn declared() -> IntegrationEvent {
 
 fn decl(name: &str, schedule: Option<&str>) -> ObjectDecl {
     ObjectDecl {
+        optional: false,
         name: name.into(),
         schedule: schedule.map(Into::into),
         backfill: Backfill::Days(30),

@@ -186,6 +186,8 @@ fn not_found_what(e: &CommandError) -> &'static str {
             DomainError::Connection(C::NotFound) | DomainError::Installation(I::ConnectionNotFound),
         ) => "connection",
         CommandError::Domain(DomainError::Operation(_)) => "operation",
+        CommandError::Domain(DomainError::ProviderApp(_)) => "provider app",
+        CommandError::Domain(DomainError::ConnectSession(_)) => "connect session",
         _ => "installation",
     }
 }

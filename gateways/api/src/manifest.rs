@@ -50,6 +50,9 @@ struct ObjectSpec {
     required_fields: Vec<FieldSpec>,
     #[serde(default)]
     optional_fields: Vec<FieldSpec>,
+    /// The end user may leave the object out on the connect page.
+    #[serde(default)]
+    optional: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +235,7 @@ pub fn parse(yaml: &str) -> Result<Vec<DeclaredIntegration>, ApiError> {
                         backfill,
                         fields: o.required_fields.into_iter().chain(o.optional_fields).map(|f| f.field_name).collect(),
                         destination: o.destination,
+                        optional: o.optional,
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;

@@ -49,6 +49,12 @@ pub struct AuthSpec {
     /// not to the base URL.
     #[serde(default)]
     pub instance_url: bool,
+    /// The provider takes PKCE (RFC 7636, `S256`) on the authorization code grant.
+    #[serde(default)]
+    pub pkce: bool,
+    /// Where a token is revoked (RFC 7009), if the provider has such an endpoint.
+    #[serde(default)]
+    pub revoke_url: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -186,10 +192,16 @@ pub struct WriteResult {
 }
 
 /// The OAuth client amplog uses at a provider.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientApp {
     pub client_id: String,
     pub client_secret: String,
+}
+
+impl std::fmt::Debug for ClientApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientApp").field("client_id", &self.client_id).finish_non_exhaustive()
+    }
 }
 
 /// A provider's connector: its catalog entry, where it is, and amplog's client there.
@@ -374,6 +386,9 @@ impl Connector {
             .bytes()
             .await
             .map_err(|e| ProviderError::new(ErrorClass::Timeout, format!("reading the response failed: {e}")))?;
+        if (200..300).contains(&status) && body.is_empty() {
+            return Ok((Value::Null, 0));
+        }
         if (200..300).contains(&status) {
             let value = serde_json::from_slice(&body).map_err(|e| {
                 ProviderError::new(ErrorClass::Provider5xx, format!("the provider answered malformed JSON: {e}"))
@@ -524,21 +539,44 @@ impl Connector {
         Ok(results)
     }
 
-    /// The provider's authorization URL for a customer to approve amplog.
+    /// The provider's authorization URL for a customer to approve the deployment's own
+    /// client (the demo's and the tests').
     pub fn authorize_url(&self, redirect_uri: &str, state: &str) -> String {
+        self.authorize_url_for(&self.app, redirect_uri, state, &[], None)
+    }
+
+    /// The provider's authorization URL for `app`: its scopes (space-separated), and the
+    /// PKCE challenge when the provider takes one.
+    pub fn authorize_url_for(
+        &self,
+        app: &ClientApp,
+        redirect_uri: &str,
+        state: &str,
+        scopes: &[String],
+        code_challenge: Option<&str>,
+    ) -> String {
         let mut url = reqwest::Url::parse(&self.url(&self.entry.auth.authorize_url)).expect("catalog URLs parse");
-        url.query_pairs_mut()
-            .append_pair("client_id", &self.app.client_id)
-            .append_pair("redirect_uri", redirect_uri)
-            .append_pair("response_type", "code")
-            .append_pair("state", state);
+        {
+            let mut query = url.query_pairs_mut();
+            query
+                .append_pair("client_id", &app.client_id)
+                .append_pair("redirect_uri", redirect_uri)
+                .append_pair("response_type", "code")
+                .append_pair("state", state);
+            if !scopes.is_empty() {
+                query.append_pair("scope", &scopes.join(" "));
+            }
+            if let Some(challenge) = code_challenge.filter(|_| self.entry.auth.pkce) {
+                query.append_pair("code_challenge", challenge).append_pair("code_challenge_method", "S256");
+            }
+        }
         url.to_string()
     }
 
-    async fn token_request(&self, form: &[(&str, &str)]) -> Result<TokenSet, ProviderError> {
+    async fn token_request(&self, app: &ClientApp, form: &[(&str, &str)]) -> Result<TokenSet, ProviderError> {
         let mut form = form.to_vec();
-        form.push(("client_id", &self.app.client_id));
-        form.push(("client_secret", &self.app.client_secret));
+        form.push(("client_id", &app.client_id));
+        form.push(("client_secret", &app.client_secret));
         let request = self.http.post(self.url(&self.entry.auth.token_url)).form(&form);
         let now = Utc::now();
         let body = match self.send(request, false).await {
@@ -566,22 +604,56 @@ impl Connector {
         })
     }
 
-    /// Exchanges an authorization code for a token set.
+    /// Exchanges an authorization code for a token set (the deployment's client).
     pub async fn exchange_code(&self, code: &str, redirect_uri: &str) -> Result<TokenSet, ProviderError> {
-        self.token_request(&[("grant_type", "authorization_code"), ("code", code), ("redirect_uri", redirect_uri)])
-            .await
+        self.exchange_code_for(&self.app, code, redirect_uri, None).await
+    }
+
+    /// Exchanges an authorization code obtained for `app`, with the PKCE verifier of its
+    /// challenge when the provider takes PKCE.
+    pub async fn exchange_code_for(
+        &self,
+        app: &ClientApp,
+        code: &str,
+        redirect_uri: &str,
+        code_verifier: Option<&str>,
+    ) -> Result<TokenSet, ProviderError> {
+        let mut form = vec![("grant_type", "authorization_code"), ("code", code), ("redirect_uri", redirect_uri)];
+        if let Some(verifier) = code_verifier.filter(|_| self.entry.auth.pkce) {
+            form.push(("code_verifier", verifier));
+        }
+        self.token_request(app, &form).await
     }
 
     /// A fresh access token from a refresh token; the refresh token is kept unless the
     /// provider rotates it.
-    pub async fn refresh(&self, previous: &TokenSet) -> Result<TokenSet, ProviderError> {
+    pub async fn refresh(&self, app: &ClientApp, previous: &TokenSet) -> Result<TokenSet, ProviderError> {
         let refresh_token = previous.refresh_token.as_deref().unwrap_or_default();
-        let mut set = self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token)]).await?;
+        let mut set =
+            self.token_request(app, &[("grant_type", "refresh_token"), ("refresh_token", refresh_token)]).await?;
         set.refresh_token.get_or_insert_with(|| refresh_token.to_string());
         if set.instance_url.is_none() {
             set.instance_url.clone_from(&previous.instance_url);
         }
         Ok(set)
+    }
+
+    /// Revokes a token set's grant at the provider (RFC 7009: the refresh token, which ends
+    /// the grant; else the access token). `Ok(false)`: the provider has no revoke endpoint.
+    pub async fn revoke(&self, app: &ClientApp, set: &TokenSet) -> Result<bool, ProviderError> {
+        let Some(path) = &self.entry.auth.revoke_url else { return Ok(false) };
+        let (token, hint) = match &set.refresh_token {
+            Some(refresh) => (refresh.as_str(), "refresh_token"),
+            None => (set.access_token.as_str(), "access_token"),
+        };
+        let form = [
+            ("token", token),
+            ("token_type_hint", hint),
+            ("client_id", app.client_id.as_str()),
+            ("client_secret", app.client_secret.as_str()),
+        ];
+        self.send(self.http.post(self.url(path)).form(&form), false).await?;
+        Ok(true)
     }
 }
 

@@ -3,7 +3,7 @@
 //! records `TokenRefreshed`). A refresh refused with `invalid_grant` records the failure:
 //! the connection turns `bad_credentials` and its installations need re-auth.
 
-use crate::connector::{Connector, ProviderError, TokenSet};
+use crate::connector::{ClientApp, Connector, ProviderError, TokenSet};
 use amplog_commands::credentials::Secret;
 use amplog_commands::{CommandContext, CommandService};
 use amplog_domain::connection::{Connection, ConnectionStatus};
@@ -101,7 +101,8 @@ impl Tokens {
                 "the access token expired and there is no refresh token",
             ));
         }
-        match connector.refresh(&stored).await {
+        let app = client_app(&self.service, ctx, connector).await?;
+        match connector.refresh(&app, &stored).await {
             Ok(set) => {
                 let secret = Secret(serde_json::to_string(&set).expect("token sets serialise"));
                 self.service.refresh_token(ctx, connection, &secret, set.expires_at).await.map_err(internal)?;
@@ -119,6 +120,19 @@ impl Tokens {
             Err(error) => Err(error),
         }
     }
+}
+
+/// The OAuth client for `connector` in the context's project: the project's provider app,
+/// else the deployment's own client (the demo's, and connections made with pasted tokens).
+pub async fn client_app(
+    service: &CommandService,
+    ctx: &CommandContext,
+    connector: &Connector,
+) -> Result<ClientApp, ProviderError> {
+    Ok(match service.provider_client(ctx, &connector.name).await.map_err(internal)? {
+        Some(client) => ClientApp { client_id: client.config.client_id, client_secret: client.client_secret.0 },
+        None => connector.app.clone(),
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 //!   (they change and move to the end of the order), stats.
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post, put};
 use axum::{Form, Json, Router};
@@ -111,9 +111,17 @@ struct Grant {
     revoked: bool,
 }
 
+/// An authorization code, until it is exchanged.
+struct Code {
+    customer: String,
+    redirect_uri: String,
+    /// The PKCE `S256` challenge the authorization request carried.
+    challenge: Option<String>,
+}
+
 #[derive(Default)]
 struct Auth {
-    codes: HashMap<String, String>,
+    codes: HashMap<String, Code>,
     /// access token → (customer, expires)
     access: HashMap<String, (String, Instant)>,
     /// refresh token → grant
@@ -135,6 +143,11 @@ pub struct SimStats {
     pub data_requests_by_customer: BTreeMap<String, u64>,
     pub requests_after_revoke: BTreeMap<String, u64>,
     pub records_written: u64,
+    /// Consent decisions at the authorize page, and grants revoked through `/oauth/revoke`.
+    pub approvals: u64,
+    pub denials: u64,
+    pub pkce_exchanges: u64,
+    pub revocations: u64,
 }
 
 struct Sim {
@@ -193,8 +206,9 @@ pub fn router(config: SimConfig) -> Router {
         config,
     });
     Router::new()
-        .route("/oauth/authorize", get(authorize))
+        .route("/oauth/authorize", get(consent_page).post(decide_consent))
         .route("/oauth/token", post(token))
+        .route("/oauth/revoke", post(revoke_token))
         .route("/crm/v3/objects/{object}", get(hubspot_list))
         .route("/crm/v3/objects/{object}/batch/upsert", post(hubspot_upsert))
         .route("/services/data/v59.0/query", get(salesforce_query))
@@ -388,20 +402,146 @@ struct AuthorizeQuery {
     client_id: String,
     redirect_uri: String,
     #[serde(default)]
+    response_type: String,
+    #[serde(default)]
     state: String,
+    #[serde(default)]
+    scope: String,
+    #[serde(default)]
+    code_challenge: Option<String>,
+    #[serde(default)]
+    code_challenge_method: Option<String>,
+    /// Who signs in (the page's default; a real provider knows its user).
     #[serde(default)]
     customer: Option<String>,
 }
 
-async fn authorize(State(sim): State<Arc<Sim>>, Query(q): Query<AuthorizeQuery>) -> Response {
+/// Text for HTML (element content and quoted attributes).
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
+}
+
+/// What is wrong with an authorization request, if anything.
+fn check_authorize(sim: &Sim, q: &AuthorizeQuery) -> Option<Response> {
     if q.client_id != sim.config.client_id {
-        return bad_request("unknown client_id");
+        return Some(bad_request("unknown client_id"));
+    }
+    if q.response_type != "code" || reqwest::Url::parse(&q.redirect_uri).is_err() {
+        return Some(bad_request("response_type=code and an absolute redirect_uri are required"));
+    }
+    match (&q.code_challenge, q.code_challenge_method.as_deref()) {
+        (None, None) => None,
+        (Some(c), Some("S256")) if c.len() == 43 => None,
+        _ => Some(bad_request("PKCE: code_challenge_method must be S256 with a 43-character challenge")),
+    }
+}
+
+/// The consent page: who asks, for which scopes; approve or deny.
+async fn consent_page(State(sim): State<Arc<Sim>>, Query(q): Query<AuthorizeQuery>) -> Response {
+    if let Some(response) = check_authorize(&sim, &q) {
+        return response;
+    }
+    let hidden = [
+        ("client_id", q.client_id.as_str()),
+        ("redirect_uri", &q.redirect_uri),
+        ("response_type", "code"),
+        ("state", &q.state),
+        ("scope", &q.scope),
+        ("code_challenge", q.code_challenge.as_deref().unwrap_or_default()),
+        ("code_challenge_method", q.code_challenge_method.as_deref().unwrap_or_default()),
+    ]
+    .iter()
+    .map(|(k, v)| format!(r#"<input type="hidden" name="{k}" value="{}">"#, escape(v)))
+    .collect::<String>();
+    let scopes = match q.scope.split(' ').filter(|s| !s.is_empty()).collect::<Vec<_>>() {
+        scopes if scopes.is_empty() => "<li>basic access</li>".to_string(),
+        scopes => scopes.iter().map(|s| format!("<li><code>{}</code></li>", escape(s))).collect(),
+    };
+    let customer = escape(q.customer.as_deref().unwrap_or("customer"));
+    let page = format!(
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>Sign in to the provider simulator</title>
+<style>body{{font:16px system-ui,sans-serif;max-width:32rem;margin:3rem auto;color:#1d2330}}
+.card{{border:1px solid #d5d9e0;border-radius:10px;padding:1.5rem}}button{{font:inherit;padding:.5rem 1.2rem;border-radius:6px;border:1px solid #888;margin-right:.5rem}}
+#approve{{background:#ff7a59;border-color:#ff7a59;color:white}}</style></head>
+<body><div class="card"><h1>Provider simulator</h1>
+<p><strong>{client}</strong> wants to access your account.</p><p>It asks for:</p><ul id="scopes">{scopes}</ul>
+<form method="post" action="/oauth/authorize">{hidden}
+<p><label>Signed in as <input name="customer" value="{customer}"></label></p>
+<button id="approve" name="decision" value="approve">Approve</button>
+<button id="deny" name="decision" value="deny">Deny</button></form></div></body></html>"#,
+        client = escape(&q.client_id),
+    );
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
+}
+
+#[derive(Deserialize)]
+struct ConsentForm {
+    #[serde(flatten)]
+    request: AuthorizeQuery,
+    decision: String,
+}
+
+fn with_query(redirect_uri: &str, pairs: &[(&str, &str)]) -> String {
+    let mut url = reqwest::Url::parse(redirect_uri).expect("checked absolute above");
+    url.query_pairs_mut().extend_pairs(pairs);
+    url.to_string()
+}
+
+/// The user's decision: a code (approve) or `error=access_denied` (deny), back at the
+/// redirect URI with the request's state.
+async fn decide_consent(State(sim): State<Arc<Sim>>, Form(form): Form<ConsentForm>) -> Response {
+    let mut q = form.request;
+    // An empty hidden field is an absent parameter.
+    q.code_challenge = q.code_challenge.filter(|c| !c.is_empty());
+    q.code_challenge_method = q.code_challenge_method.filter(|c| !c.is_empty());
+    if let Some(response) = check_authorize(&sim, &q) {
+        return response;
+    }
+    if form.decision != "approve" {
+        sim.stats.lock().expect("stats").denials += 1;
+        let location = with_query(
+            &q.redirect_uri,
+            &[("error", "access_denied"), ("error_description", "the user denied access"), ("state", &q.state)],
+        );
+        return Redirect::to(&location).into_response();
     }
     let code = hex::encode(amplog_commands::credentials::random_bytes::<16>());
-    let customer = q.customer.unwrap_or_else(|| "customer".into());
-    sim.auth.lock().expect("auth").codes.insert(code.clone(), customer);
-    let separator = if q.redirect_uri.contains('?') { '&' } else { '?' };
-    Redirect::to(&format!("{}{separator}code={code}&state={}", q.redirect_uri, q.state)).into_response()
+    let customer = q.customer.filter(|c| !c.is_empty()).unwrap_or_else(|| "customer".into());
+    let grant = Code { customer, redirect_uri: q.redirect_uri.clone(), challenge: q.code_challenge };
+    sim.auth.lock().expect("auth").codes.insert(code.clone(), grant);
+    sim.stats.lock().expect("stats").approvals += 1;
+    Redirect::to(&with_query(&q.redirect_uri, &[("code", &code), ("state", &q.state)])).into_response()
+}
+
+#[derive(Deserialize)]
+struct RevokeForm {
+    token: String,
+    client_id: String,
+    client_secret: String,
+}
+
+/// RFC 7009: revokes the grant of a refresh (or access) token; an unknown token is not an
+/// error.
+async fn revoke_token(State(sim): State<Arc<Sim>>, Form(form): Form<RevokeForm>) -> Response {
+    if form.client_id != sim.config.client_id || form.client_secret != sim.config.client_secret {
+        return error(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"}));
+    }
+    let mut auth = sim.auth.lock().expect("auth");
+    if let Some(grant) = auth.refresh.get_mut(&form.token) {
+        grant.revoked = true;
+        let customer = grant.customer.clone();
+        let now = Instant::now();
+        for (c, expires) in auth.access.values_mut() {
+            if *c == customer {
+                *expires = now;
+            }
+        }
+        sim.stats.lock().expect("stats").revocations += 1;
+    } else if let Some(access) = auth.access.get_mut(&form.token) {
+        access.1 = Instant::now();
+        sim.stats.lock().expect("stats").revocations += 1;
+    }
+    StatusCode::OK.into_response()
 }
 
 #[derive(Deserialize)]
@@ -409,6 +549,10 @@ struct TokenForm {
     grant_type: String,
     #[serde(default)]
     code: Option<String>,
+    #[serde(default)]
+    redirect_uri: Option<String>,
+    #[serde(default)]
+    code_verifier: Option<String>,
     #[serde(default)]
     refresh_token: Option<String>,
     client_id: String,
@@ -429,10 +573,29 @@ async fn token(State(sim): State<Arc<Sim>>, headers: HeaderMap, Form(form): Form
     let mut auth = sim.auth.lock().expect("auth");
     let (customer, refresh) = match form.grant_type.as_str() {
         "authorization_code" => {
-            let Some(customer) = form.code.and_then(|c| auth.codes.remove(&c)) else {
+            let Some(code) = form.code.and_then(|c| auth.codes.remove(&c)) else {
                 drop(auth);
                 return invalid_grant(&sim);
             };
+            // The redirect URI of the authorization request, and the verifier of its
+            // PKCE challenge (RFC 7636: BASE64URL(SHA256(verifier))).
+            let verified = match (&code.challenge, &form.code_verifier) {
+                (None, _) => true,
+                (Some(challenge), Some(verifier)) => {
+                    use sha2::Digest;
+                    let digest = sha2::Sha256::digest(verifier.as_bytes());
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest) == *challenge
+                }
+                (Some(_), None) => false,
+            };
+            if !verified || form.redirect_uri.as_deref() != Some(code.redirect_uri.as_str()) {
+                drop(auth);
+                return invalid_grant(&sim);
+            }
+            if code.challenge.is_some() {
+                sim.stats.lock().expect("stats").pkce_exchanges += 1;
+            }
+            let customer = code.customer;
             let refresh = hex::encode(amplog_commands::credentials::random_bytes::<16>());
             auth.refresh.insert(refresh.clone(), Grant { customer: customer.clone(), revoked: false });
             sim.stats.lock().expect("stats").token_grants += 1;
@@ -728,8 +891,8 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Json<SimStats> {
 }
 
 /// Connects a customer the way a builder's app would: the customer approves amplog at the
-/// provider's authorize URL (the simulator approves at once and redirects with a code), and
-/// the code is exchanged for a token set.
+/// provider's consent page (the form posted directly), and the code it redirects with is
+/// exchanged for a token set.
 pub async fn connect_customer(
     connector: &amplog_providers::connector::Connector,
     customer: &str,
@@ -737,12 +900,19 @@ pub async fn connect_customer(
     use amplog_domain::operation::ErrorClass;
     use amplog_providers::connector::ProviderError;
     let redirect = "http://127.0.0.1/oauth/callback";
-    let url = format!("{}&customer={customer}", connector.authorize_url(redirect, "amplog"));
+    let authorize = reqwest::Url::parse(&connector.authorize_url(redirect, "amplog")).expect("catalog URLs parse");
+    let mut form: Vec<(String, String)> = authorize.query_pairs().into_owned().collect();
+    form.extend([("customer".into(), customer.into()), ("decision".into(), "approve".into())]);
     let client = amplog_providers::connector::http_client()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("a client");
-    let response = client.get(url).send().await.map_err(|e| ProviderError::new(ErrorClass::Timeout, e.to_string()))?;
+    let response = client
+        .post(authorize.as_str().split('?').next().unwrap_or_default())
+        .form(&form)
+        .send()
+        .await
+        .map_err(|e| ProviderError::new(ErrorClass::Timeout, e.to_string()))?;
     let location = response.headers().get("location").and_then(|l| l.to_str().ok()).unwrap_or_default().to_string();
     let code = reqwest::Url::parse(&location)
         .ok()

@@ -47,6 +47,7 @@ impl SyncWorld {
         let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "test");
         service.create_project(&ctx, "sync").await.expect("project");
         let object = |name: &str| ObjectDecl {
+            optional: false,
             name: name.into(),
             schedule: Some("@every 15m".into()),
             backfill: Backfill::None,
