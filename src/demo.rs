@@ -313,7 +313,7 @@ impl Sandbox {
 /// (contacts with a full backfill, companies with 30 days, deals without), three customers
 /// connected through OAuth and installed. On a second run the customers reconnect (the
 /// simulator forgot them).
-pub async fn start_for_serve(service: &CommandService) -> Result<Sandbox> {
+pub async fn start_for_serve(service: &CommandService) -> Result<(Sandbox, IntegrationId)> {
     let ctx = CommandContext::new(ProjectId(DEMO_PROJECT), "demo");
     let sandbox = Sandbox::start(service, ctx.project_id, SimConfig::default()).await?;
     let connector = sandbox.connector()?;
@@ -323,7 +323,7 @@ pub async fn start_for_serve(service: &CommandService) -> Result<Sandbox> {
     .bind(DEMO_PROJECT)
     .fetch_all(service.pool())
     .await?;
-    if existing.is_empty() {
+    let integration = if existing.is_empty() {
         service.create_project(&ctx, "demo").await?;
         let manifest = Manifest {
             objects: vec![
@@ -337,17 +337,50 @@ pub async fn start_for_serve(service: &CommandService) -> Result<Sandbox> {
         for customer in DEMO_CUSTOMERS {
             amplog_simulator::sim::install_customer(service, &ctx, integration, &connector, customer).await?;
         }
+        integration
     } else {
+        let mut integration = IntegrationId::default();
         for id in existing {
             let id = ConnectionId(id.parse()?);
             let state = service.load::<Connection>(&ctx, id.0).await?.state;
+            integration = state.integration_id;
             let tokens = amplog_simulator::sim::connect_customer(&connector, &state.group_ref).await?;
             service.reconnect(&ctx, id, &Secret(serde_json::to_string(&tokens)?)).await?;
         }
+        integration
+    };
+    // The project's OAuth client at the simulator, for connect links.
+    if service.provider_client(&ctx, "simulator").await?.is_none() {
+        let config = SimConfig::default();
+        let settings = amplog_commands::service::AppSettings {
+            client_id: config.client_id,
+            secret: Some(Secret(config.client_secret)),
+            scopes: vec!["crm.objects.read".into()],
+            return_urls: vec![],
+        };
+        service.create_provider_app(&ctx, "simulator", &settings).await?;
     }
     println!("demo: provider simulator on {}, webhook sink on {}", sandbox.sim.url(), sandbox.sink_url());
     println!("demo: project {DEMO_PROJECT}, customers {}", DEMO_CUSTOMERS.join(", "));
-    Ok(sandbox)
+    Ok((sandbox, integration))
+}
+
+/// A connect link for one more demo customer: its end user approves at the simulator's
+/// consent page and lands on an installation.
+pub async fn connect_link(service: &CommandService, integration: IntegrationId, public_url: &str) -> Result<String> {
+    let ctx = CommandContext::new(ProjectId(DEMO_PROJECT), "demo");
+    let id = Uuid::now_v7();
+    let (token, digest) = amplog_api::connect::new_link_token(ctx.project_id, id);
+    let request = amplog_domain::connect_session::SessionRequest {
+        integration_id: integration,
+        provider: "simulator".into(),
+        group_ref: format!("umbrella-{}", &id.simple().to_string()[24..]),
+        consumer_ref: "admin@umbrella.example".into(),
+        return_url: None,
+        reconnect: None,
+    };
+    service.create_connect_session(&ctx, id, &request, &digest, Utc::now() + Duration::hours(1)).await?;
+    Ok(format!("{public_url}/connect/{token}"))
 }
 
 /// Logs what the sink received every few seconds, until `stop`.

@@ -22,7 +22,18 @@ pub async fn run(
     let service = app.service()?;
     let keys = Keys::new(app.pool.clone());
     let listen = config.listen;
-    let demo = if run.demo { Some(crate::demo::start_for_serve(&app.service()?).await?) } else { None };
+    let (demo, demo_integration) = match run.demo {
+        true => {
+            let (sandbox, integration) = crate::demo::start_for_serve(&service).await?;
+            (Some(sandbox), Some(integration))
+        }
+        false => (None, None),
+    };
+    config.connectors = match &demo {
+        Some(demo) => demo.connectors.clone(),
+        None => amplog_providers::connector::Connectors::from_env(),
+    };
+    let public_url = config.public_url.clone();
     let server =
         Server::start(config, service.clone(), keys.clone()).await.with_context(|| format!("listening on {listen}"))?;
     // Tests and scripts read the bound address (listen on port 0 to pick a free one).
@@ -57,6 +68,11 @@ pub async fn run(
         let project = amplog_domain::ProjectId(crate::demo::DEMO_PROJECT);
         let (_, key) = keys.create(project, Scope::Read, Some("demo")).await?;
         println!("demo: a read key for the demo project: {key}");
+        let public_url = public_url.unwrap_or_else(|| format!("http://{}", server.addr));
+        if let Some(integration) = demo_integration {
+            let link = crate::demo::connect_link(&service, integration, public_url.trim_end_matches('/')).await?;
+            println!("demo: connect one more customer in a browser: {link}");
+        }
         println!(
             "demo: curl -s http://{}/graphql -H 'x-api-key: {key}' -H 'content-type: application/json' \\
                -d '{{\"query\":\"{{ installations(first: 5) {{ nodes {{ groupRef health readStates {{ object watermark recordsRead }} }} }} }}\"}}'",

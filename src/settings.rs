@@ -47,6 +47,7 @@ struct FileConfig {
     max_aliases: Option<usize>,
     metrics_token: Option<String>,
     metrics_per_project: Option<bool>,
+    public_url: Option<String>,
 }
 
 /// The server's settings: defaults, then the config file, then variables and flags. Every
@@ -93,6 +94,13 @@ pub fn server_config(file: Option<&Path>, listen: Option<SocketAddr>, dev: bool)
         }
     };
     config.metrics_per_project = per_project.unwrap_or(false);
+    config.public_url = var("AMPLOG_PUBLIC_URL").or(from_file.public_url);
+    if let Some(url) = &config.public_url {
+        let absolute = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+        if absolute.is_none_or(|rest| rest.is_empty() || rest.contains(['?', '#'])) {
+            problems.push(format!("public_url `{url}` must be an http(s) URL without query or fragment"));
+        }
+    }
     if config.metrics_per_project && config.metrics_token.is_none() {
         problems.push(
             "per-project metrics name every tenant: they need a metrics token (AMPLOG_METRICS_TOKEN or metrics_token)"

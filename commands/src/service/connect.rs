@@ -296,7 +296,7 @@ impl CommandService {
 }
 
 /// Every object of `revision`, enabled, with the manifest's schedule and backfill.
-pub(super) fn default_objects(integration: &Integration, revision: u32) -> BTreeMap<String, ObjectConfig> {
+pub fn default_objects(integration: &Integration, revision: u32) -> BTreeMap<String, ObjectConfig> {
     integration
         .revision(revision)
         .map(|r| {

@@ -18,7 +18,7 @@ impl CommandService {
         let revision = new.revision.unwrap_or(integration.state.revisions.len() as u32);
         let objects = match &new.objects {
             Some(objects) => objects.clone(),
-            None => connect::default_objects(&integration.state, revision),
+            None => default_objects(&integration.state, revision),
         };
         let id = Uuid::now_v7();
         let loaded = self.load_in::<Installation>(&mut uow, id).await?;

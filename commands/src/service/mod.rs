@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 mod connect;
+pub use connect::{default_objects, AppSettings, ProviderClient};
 mod connections;
 mod installations;
 mod integrations;

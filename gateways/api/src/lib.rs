@@ -3,6 +3,7 @@
 //! the auditor's endpoints, health, readiness and metrics.
 
 pub mod auth;
+pub mod connect;
 pub mod error;
 pub mod graphiql;
 pub mod graphql;

@@ -62,8 +62,19 @@ impl Server {
         tokio::spawn(relay_projected(service.pool().clone(), projected.clone(), shutdown.clone()));
         let parsed = guard::parsed_cache(PARSED_CACHE_BYTES);
         let (sockets, feeds) = (Arc::default(), Default::default());
-        let state =
-            Arc::new(AppState { service, keys, config, projected, shutdown: shutdown.clone(), parsed, sockets, feeds });
+        let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+        let public_url = public_url.trim_end_matches('/').to_string();
+        let state = Arc::new(AppState {
+            service,
+            keys,
+            config,
+            public_url,
+            projected,
+            shutdown: shutdown.clone(),
+            parsed,
+            sockets,
+            feeds,
+        });
         let router = router(state);
         let mut until = shutdown;
         let task = tokio::spawn(async move {
@@ -108,6 +119,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let schema = graphql::build(state.clone(), &limits);
     let introspection = limits.introspection.then(|| graphql::build_introspection(state.clone(), &limits));
     let body_limit = state.config.body_limit;
+    let connect = crate::connect::router(state.clone());
     let shared = Shared { state, schema, limits: Arc::new(limits), introspection };
     Router::new()
         .route("/graphql", get(graphiql).post(graphql_http))
@@ -120,6 +132,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NotFound("route") })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(shared)
+        .merge(connect)
 }
 
 fn presented_key(headers: &HeaderMap) -> Option<&str> {

@@ -34,6 +34,11 @@ pub struct ServerConfig {
     pub metrics_token: Option<String>,
     /// Whether metrics carry a `project` label (needs a token; the binary checks).
     pub metrics_per_project: bool,
+    /// The URL users reach this server at (connect links, the OAuth callback); unset:
+    /// `http://` and the bound address.
+    pub public_url: Option<String>,
+    /// The providers the connect flow can send users to.
+    pub connectors: amplog_providers::connector::Connectors,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +54,8 @@ impl Default for ServerConfig {
             egress: amplog_providers::egress::Egress::default(),
             metrics_token: None,
             metrics_per_project: false,
+            public_url: None,
+            connectors: Default::default(),
         }
     }
 }
@@ -92,6 +99,8 @@ pub struct AppState {
     pub service: CommandService,
     pub keys: Keys,
     pub config: ServerConfig,
+    /// `config.public_url`, or `http://` and the bound address; no trailing slash.
+    pub public_url: String,
     /// Ticks when a projector batch commits (subscriptions re-read then).
     pub projected: broadcast::Sender<()>,
     /// Becomes true on shutdown: long-lived subscriptions end.

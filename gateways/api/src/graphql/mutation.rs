@@ -9,7 +9,7 @@ use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::manifest;
 use amplog_commands::credentials::Secret;
-use amplog_commands::service::{NewInstallation, NewOperation};
+use amplog_commands::service::{AppSettings, NewInstallation, NewOperation};
 use amplog_commands::{CommandContext, CommandOutcome};
 use amplog_domain::installation::ObjectConfig;
 use amplog_domain::integration::Backfill;
@@ -66,6 +66,68 @@ pub struct CreateConnectionInput {
     /// The provider's token set (`access_token`, `refresh_token`, `expires_at`, ...). Stored
     /// encrypted; events and read models only carry a fingerprint.
     pub credentials: Json<serde_json::Value>,
+}
+
+#[derive(InputObject)]
+pub struct ProviderAppInput {
+    /// A provider of the connector catalog.
+    pub provider: String,
+    pub client_id: String,
+    /// Stored encrypted, never readable back; on an update, absent keeps the stored one.
+    pub client_secret: Option<String>,
+    #[graphql(default)]
+    pub scopes: Vec<String>,
+    /// Where connect sessions may send the user back (`https`, or `http` on loopback).
+    #[graphql(default)]
+    pub return_urls: Vec<String>,
+}
+
+#[derive(InputObject)]
+pub struct ConnectSessionInput {
+    pub integration_id: Uuid,
+    pub group_ref: String,
+    pub consumer_ref: String,
+    /// One of the provider app's return URLs (any query); absent: the page tells its
+    /// opener (`postMessage`) instead.
+    pub return_url: Option<String>,
+    /// A connection of this integration and group to reconnect instead of creating one.
+    pub connection_id: Option<Uuid>,
+    /// How long the link is valid: 1 to 1440 minutes.
+    #[graphql(default = 30)]
+    pub expires_in_minutes: i64,
+}
+
+/// The longest client secret accepted, in bytes.
+const MAX_CLIENT_SECRET: usize = 4096;
+
+fn app_settings(input: &ProviderAppInput) -> Result<AppSettings> {
+    if !amplog_providers::connector::is_known_provider(&input.provider) {
+        return Err(ApiError::bad_request(
+            "invalid_input",
+            format!("`{}` is not in the connector catalog", input.provider),
+        ));
+    }
+    if let Some(secret) = &input.client_secret {
+        if secret.is_empty() || secret.len() > MAX_CLIENT_SECRET || secret.chars().any(char::is_control) {
+            return Err(ApiError::bad_request("invalid_input", "a client secret is 1 to 4096 printable bytes"));
+        }
+    }
+    if let Some(url) = input.return_urls.iter().find(|u| url::Url::parse(u).is_err()) {
+        return Err(ApiError::bad_request("provider_app.invalid_return_url", format!("`{url}` is not a URL")));
+    }
+    Ok(AppSettings {
+        client_id: input.client_id.clone(),
+        secret: input.client_secret.clone().map(Secret),
+        scopes: input.scopes.clone(),
+        return_urls: input.return_urls.clone(),
+    })
+}
+
+async fn provider_app(ctx: &Context<'_>, project: ProjectId, provider: &str) -> Result<ProviderApp> {
+    let command = CommandContext::new(project, "api");
+    let id = provider_app::ProviderApp::id_for(project, provider);
+    let state = app(ctx).service.load::<provider_app::ProviderApp>(&command, id).await?.state;
+    ProviderApp::of(state).ok_or(ApiError::NotFound("provider app"))
 }
 
 #[derive(InputObject)]
@@ -416,6 +478,111 @@ impl Mutation {
         )
         .await?;
         Ok(DestinationCreated { name, url, signing_secret: secret.0 })
+    }
+
+    /// Configures the project's OAuth client at a provider; connect sessions of its
+    /// integrations send users to it, and its connections refresh through it. Needs an
+    /// admin key.
+    async fn create_provider_app(&self, ctx: &Context<'_>, input: ProviderAppInput) -> Result<ProviderApp> {
+        let command = command_ctx(ctx, Scope::Admin, None)?;
+        let settings = app_settings(&input)?;
+        app(ctx).service.create_provider_app(&command, &input.provider, &settings).await?;
+        provider_app(ctx, command.project_id, &input.provider).await
+    }
+
+    /// Replaces a provider app's configuration (its secret only when one is given).
+    async fn update_provider_app(&self, ctx: &Context<'_>, input: ProviderAppInput) -> Result<ProviderApp> {
+        let command = command_ctx(ctx, Scope::Admin, None)?;
+        let settings = app_settings(&input)?;
+        app(ctx).service.update_provider_app(&command, &input.provider, &settings).await?;
+        provider_app(ctx, command.project_id, &input.provider).await
+    }
+
+    /// Deletes a provider app: new connect sessions for the provider are refused until one
+    /// is configured again.
+    async fn delete_provider_app(&self, ctx: &Context<'_>, provider: String) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Admin, None)?;
+        let outcome = app(ctx).service.delete_provider_app(&command, &provider).await?;
+        let id = provider_app::ProviderApp::id_for(command.project_id, &provider);
+        finish(ctx, outcome, Some(id), false).await
+    }
+
+    /// A short-lived link (`url`) an end user opens to connect their account through the
+    /// provider's consent and install the integration (or reconnect `connectionId`).
+    async fn create_connect_session(
+        &self,
+        ctx: &Context<'_>,
+        input: ConnectSessionInput,
+    ) -> Result<ConnectSessionCreated> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        let state = app(ctx);
+        let minutes = input.expires_in_minutes;
+        if !(1..=connect_session::MAX_LIFETIME_MINUTES).contains(&minutes) {
+            return Err(ApiError::bad_request("invalid_input", "`expiresInMinutes` must be 1 to 1440"));
+        }
+        let integration = state.service.load::<integration::Integration>(&command, input.integration_id).await?.state;
+        if !integration.exists {
+            return Err(ApiError::NotFound("integration"));
+        }
+        let client = state.service.provider_client(&command, &integration.provider).await?.ok_or_else(|| {
+            ApiError::bad_request(
+                "provider_app.not_found",
+                format!("configure the project's {} app first (createProviderApp)", integration.provider),
+            )
+        })?;
+        if let Some(url) = &input.return_url {
+            if !crate::connect::return_url_allowed(url, &client.config.return_urls) {
+                return Err(ApiError::bad_request(
+                    "connect_session.return_url_not_allowed",
+                    "`returnUrl` is not one of the provider app's return URLs",
+                ));
+            }
+        }
+        let id = Uuid::now_v7();
+        let (token, digest) = crate::connect::new_link_token(command.project_id, id);
+        let request = connect_session::SessionRequest {
+            integration_id: IntegrationId(input.integration_id),
+            provider: integration.provider.clone(),
+            group_ref: input.group_ref,
+            consumer_ref: input.consumer_ref,
+            return_url: input.return_url,
+            reconnect: input.connection_id.map(ConnectionId),
+        };
+        let expires_at = Utc::now() + chrono::Duration::minutes(minutes);
+        state.service.create_connect_session(&command, id, &request, &digest, expires_at).await?;
+        Ok(ConnectSessionCreated { id, url: format!("{}/connect/{token}", state.public_url), expires_at })
+    }
+
+    /// Revokes a connection: its grant at the provider (where the catalog has a revoke
+    /// endpoint), then in the log; its installations stop reading (health `needs_reauth`).
+    async fn revoke_connection(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        let state = app(ctx);
+        let connection = state.service.load::<connection::Connection>(&command, id).await?.state;
+        if let (true, Some(credential), Some(connector)) =
+            (connection.exists, &connection.credential, state.config.connectors.get(&connection.provider))
+        {
+            let mut conn = state.service.pool().acquire().await.map_err(|e| ApiError::Database(e.into()))?;
+            let secret = state.service.credentials().get(&mut conn, command.project_id, credential.id).await?;
+            drop(conn);
+            let tokens = secret.and_then(|s| serde_json::from_str::<amplog_providers::connector::TokenSet>(&s.0).ok());
+            if let Some(tokens) = tokens {
+                let client = amplog_providers::tokens::client_app(&state.service, &command, &connector)
+                    .await
+                    .map_err(|e| ApiError::Internal(e.message))?;
+                // The grant ends in the log whatever the provider says; a failure is logged.
+                if let Err(error) = connector.revoke(&client, &tokens).await {
+                    tracing::warn!(connection = %id, class = ?error.class, "the provider's revoke endpoint failed");
+                }
+            }
+        }
+        let outcome = state.service.revoke_connection(&command, ConnectionId(id)).await?;
+        finish(ctx, outcome, Some(id), wait_for_visibility).await
     }
 
     /// Writes records to the provider: a write operation whose records a worker upserts,

@@ -126,6 +126,27 @@ impl Query {
         Ok(doc.ok_or(ApiError::NotFound("connection"))?.into())
     }
 
+    /// The project's OAuth clients, one per provider.
+    async fn provider_apps(&self, ctx: &Context<'_>) -> Result<Vec<ProviderApp>> {
+        let who = principal(ctx);
+        let command = amplog_commands::CommandContext::new(who.project_id, who.actor());
+        let mut apps = Vec::new();
+        for provider in amplog_providers::connector::known_providers() {
+            let id = amplog_domain::provider_app::ProviderApp::id_for(who.project_id, provider);
+            let state = app(ctx).service.load::<amplog_domain::provider_app::ProviderApp>(&command, id).await?.state;
+            apps.extend(ProviderApp::of(state));
+        }
+        Ok(apps)
+    }
+
+    /// A connect session this project made.
+    async fn connect_session(&self, ctx: &Context<'_>, id: Uuid) -> Result<ConnectSession> {
+        let who = principal(ctx);
+        let command = amplog_commands::CommandContext::new(who.project_id, who.actor());
+        let state = app(ctx).service.load::<amplog_domain::connect_session::ConnectSession>(&command, id).await?.state;
+        ConnectSession::of(id, &state).ok_or(ApiError::NotFound("connect session"))
+    }
+
     async fn operation(&self, ctx: &Context<'_>, id: Uuid) -> Result<Operation> {
         let doc: Option<OperationDoc> = doc_by_id(db(ctx), id).await?;
         Ok(doc.ok_or(ApiError::NotFound("operation"))?.into())

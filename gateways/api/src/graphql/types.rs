@@ -419,3 +419,80 @@ impl From<amplog_log::RecordedEvent> for AuditEvent {
         }
     }
 }
+
+/// A project's OAuth client at one provider. The client secret is never readable back: its
+/// fingerprint tells two secrets apart.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct ProviderApp {
+    pub id: Uuid,
+    pub provider: String,
+    pub client_id: String,
+    pub secret_fingerprint: String,
+    pub scopes: Vec<String>,
+    /// Where connect sessions may return the user to.
+    pub return_urls: Vec<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl ProviderApp {
+    pub fn of(app: amplog_domain::provider_app::ProviderApp) -> Option<ProviderApp> {
+        let config = app.config.filter(|_| app.exists)?;
+        Some(ProviderApp {
+            id: amplog_domain::provider_app::ProviderApp::id_for(app.project_id, &app.provider),
+            provider: app.provider,
+            client_id: config.client_id,
+            secret_fingerprint: config.secret.fingerprint,
+            scopes: config.scopes,
+            return_urls: config.return_urls,
+            created_at: app.created_at,
+            updated_at: app.updated_at,
+        })
+    }
+}
+
+/// A connect link just made: send the end user to `url` before `expiresAt`.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct ConnectSessionCreated {
+    pub id: Uuid,
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Where an end user's connect session stands.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct ConnectSession {
+    pub id: Uuid,
+    /// `open`, `authorizing`, `connected`, `completed` or `expired`.
+    pub status: String,
+    pub integration_id: Uuid,
+    pub group_ref: String,
+    pub consumer_ref: String,
+    pub return_url: Option<String>,
+    /// The connection it connects or reconnects, once connected.
+    pub connection_id: Option<Uuid>,
+    pub installation_id: Option<Uuid>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Attempts the provider refused (the user denied, the code did not exchange).
+    pub failures: u32,
+    pub last_failure: Option<String>,
+}
+
+impl ConnectSession {
+    pub fn of(id: Uuid, session: &amplog_domain::connect_session::ConnectSession) -> Option<ConnectSession> {
+        let request = session.request.clone().filter(|_| session.exists)?;
+        Some(ConnectSession {
+            id,
+            status: crate::connect::status_of(session).into(),
+            integration_id: request.integration_id.0,
+            group_ref: request.group_ref,
+            consumer_ref: request.consumer_ref,
+            return_url: request.return_url,
+            connection_id: session.connection_id.map(|c| c.0),
+            installation_id: session.installation_id.map(|i| i.0),
+            expires_at: session.expires_at,
+            failures: session.failures,
+            last_failure: session.last_failure.clone(),
+        })
+    }
+}

@@ -2,7 +2,6 @@
 
 use amplog_api::testing::{error_code, TestApp, TestProject};
 use serde_json::{json, Value};
-use std::time::Duration;
 
 pub const MANIFEST: &str = r#"
 specVersion: 1.0.0
@@ -447,14 +446,6 @@ async fn pages_follow_relay_with_first_and_last_and_numbers_are_64_bit() {
     app.stop().await;
 }
 
-/// A WebDriver command to chromedriver; returns its `value`.
-async fn webdriver(client: &reqwest::Client, method: reqwest::Method, url: &str, body: Value) -> Value {
-    let response = client.request(method, url).json(&body).send().await.expect("chromedriver answers");
-    let value: Value = response.json().await.expect("a WebDriver answer");
-    assert!(value["value"].get("error").is_none(), "{url}: {value}");
-    value["value"].clone()
-}
-
 /// GraphiQL (`serve --dev`) in a real headless Chromium on a machine with no outside
 /// network: every asset comes from amplog, the editor shows, and a query runs with the key
 /// given in its headers.
@@ -468,79 +459,18 @@ async fn graphiql_runs_a_query_in_headless_chromium_from_amplogs_own_assets() {
     assert!(page.contains("/graphql/assets/graphiql.min.js"), "{page}");
     assert!(!page.contains("http://") && !page.contains("https://"), "the page loads nothing from elsewhere");
 
-    let driver = std::env::var("AMPLOG_TEST_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut chromedriver = std::process::Command::new(&driver)
-        .arg(format!("--port={port}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{driver} (Debian's chromium-driver; scripts/test installs it): {e}"));
-    let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if client.get(format!("{base}/status")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let profile = tempfile::tempdir().unwrap();
-    let mut options = json!({"args": [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-        "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.path().display()),
-    ]});
-    if let Ok(binary) = std::env::var("AMPLOG_TEST_CHROMIUM") {
-        options["binary"] = json!(binary);
-    }
-    let capabilities =
-        json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}});
-    let session = webdriver(&client, reqwest::Method::POST, &format!("{base}/session"), capabilities).await;
-    let session = format!("{base}/session/{}", session["sessionId"].as_str().unwrap());
+    let browser = crate::browser::Browser::start().await;
     let mut url = reqwest::Url::parse(&format!("{}/graphql", dev.base)).unwrap();
     url.query_pairs_mut()
         .append_pair("query", "{ viewer { scope } }")
         .append_pair("headers", &json!({"X-Api-Key": p.read}).to_string());
-    webdriver(&client, reqwest::Method::POST, &format!("{session}/url"), json!({"url": url.as_str()})).await;
-    let script = |source: &str| json!({"script": source, "args": []});
-    let mut shown = false;
-    for _ in 0..300 {
-        let found = webdriver(
-            &client,
-            reqwest::Method::POST,
-            &format!("{session}/execute/sync"),
-            script("return !!document.querySelector('.graphiql-execute-button')"),
+    browser.goto(url.as_str()).await;
+    browser.click(".graphiql-execute-button").await;
+    browser
+        .wait_for(
+            "(document.querySelector('.result-window') || {innerText: ''}).innerText.includes('\"scope\": \"read\"')",
         )
         .await;
-        if found == json!(true) {
-            shown = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(shown, "the GraphiQL editor did not show");
-    webdriver(
-        &client,
-        reqwest::Method::POST,
-        &format!("{session}/execute/sync"),
-        script("document.querySelector('.graphiql-execute-button').click(); return true"),
-    )
-    .await;
-    let mut result = Value::Null;
-    for _ in 0..300 {
-        result = webdriver(
-            &client,
-            reqwest::Method::POST,
-            &format!("{session}/execute/sync"),
-            script("const r = document.querySelector('.result-window'); return r ? r.innerText : ''"),
-        )
-        .await;
-        if result.as_str().is_some_and(|r| r.contains("\"scope\": \"read\"")) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    webdriver(&client, reqwest::Method::DELETE, &session, json!({})).await;
-    let _ = chromedriver.kill();
-    let _ = chromedriver.wait();
-    assert!(result.as_str().is_some_and(|r| r.contains("\"scope\": \"read\"")), "the query's answer: {result}");
+    browser.quit().await;
     dev.stop().await;
 }

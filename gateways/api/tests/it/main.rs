@@ -2,5 +2,7 @@
 
 mod api;
 mod audit;
+mod browser;
+mod connect;
 mod security;
 mod sync;
