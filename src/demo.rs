@@ -285,7 +285,8 @@ impl Sandbox {
         let sink = Sink::new(&secret.0);
         let (sink_addr, sink_task) = sink.serve("127.0.0.1:0".parse()?).await?;
         let url = format!("http://{sink_addr}/hooks/default");
-        destinations::put(service.pool(), service.credentials(), project, "default", &url, Some(secret)).await?;
+        let ctx = CommandContext::new(project, "demo");
+        service.put_destination(&ctx, "default", &url, Some(secret)).await?;
         let settings =
             [("simulator".to_string(), ProviderSettings { base_url: Some(sim.url()), ..Default::default() })]
                 .into_iter()
@@ -315,6 +316,9 @@ impl Sandbox {
 /// simulator forgot them).
 pub async fn start_for_serve(service: &CommandService) -> Result<(Sandbox, IntegrationId)> {
     let ctx = CommandContext::new(ProjectId(DEMO_PROJECT), "demo");
+    if !service.load::<amplog_domain::project::Project>(&ctx, DEMO_PROJECT).await?.state.exists {
+        service.create_project(&ctx, "demo").await?;
+    }
     let sandbox = Sandbox::start(service, ctx.project_id, SimConfig::default()).await?;
     let connector = sandbox.connector()?;
     let existing: Vec<String> = sqlx::query_scalar(
@@ -324,7 +328,6 @@ pub async fn start_for_serve(service: &CommandService) -> Result<(Sandbox, Integ
     .fetch_all(service.pool())
     .await?;
     let integration = if existing.is_empty() {
-        service.create_project(&ctx, "demo").await?;
         let manifest = Manifest {
             objects: vec![
                 object("contacts", "@every 1m", Backfill::Full, &[]),

@@ -20,7 +20,7 @@ pub async fn run(
     // The demo's simulator and sink are on loopback.
     config.egress = if run.demo { Egress::private() } else { Egress::from_env() };
     let service = app.service()?;
-    let keys = Keys::new(app.pool.clone());
+    let keys = Keys::new(&service);
     let listen = config.listen;
     let (demo, demo_integration) = match run.demo {
         true => {
@@ -108,24 +108,25 @@ pub async fn create_project(app: &App, name: &str) -> Result<i32> {
 pub async fn create_key(app: &App, project: Uuid, scope: &str, label: Option<&str>) -> Result<i32> {
     let scope = Scope::parse(scope).context("scope is read, write or admin")?;
     let ctx = CommandContext::new(ProjectId(project), "cli");
-    if !app.service()?.load::<Project>(&ctx, project).await?.state.exists {
+    let service = app.service()?;
+    if !service.load::<Project>(&ctx, project).await?.state.exists {
         bail!("project {project} does not exist");
     }
-    let (id, key) = Keys::new(app.pool.clone()).create(ProjectId(project), scope, label).await?;
+    let (id, key) = Keys::new(&service).create(ProjectId(project), scope, label).await?;
     eprintln!("key {id} ({}) for project {project}; it is shown once, keep it now:", scope.as_str());
     println!("{key}");
     Ok(0)
 }
 
 pub async fn list_keys(app: &App, project: Uuid) -> Result<i32> {
-    for key in Keys::new(app.pool.clone()).list(ProjectId(project)).await? {
+    for key in Keys::new(&app.service()?).list(ProjectId(project)).await? {
         println!("{}", serde_json::to_string(&key)?);
     }
     Ok(0)
 }
 
 pub async fn revoke_key(app: &App, id: Uuid) -> Result<i32> {
-    if Keys::new(app.pool.clone()).revoke(id).await? {
+    if Keys::new(&app.service()?).revoke(id).await? {
         println!("revoked {id}");
         Ok(0)
     } else {

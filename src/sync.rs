@@ -117,7 +117,8 @@ pub async fn create_destination(app: &App, project: Uuid, name: &str, url: &str)
     amplog_providers::egress::check_destination(url, amplog_providers::egress::Egress::from_env())
         .map_err(|e| anyhow::anyhow!(e))?;
     let service = app.service()?;
-    let secret = destinations::put(&app.pool, service.credentials(), ProjectId(project), name, url, None).await?;
+    let ctx = amplog_commands::CommandContext::new(ProjectId(project), "cli");
+    let secret = service.put_destination(&ctx, name, url, None).await?;
     eprintln!("destination {name} of project {project} → {url}; its signing secret is shown once:");
     println!("{}", secret.0);
     Ok(0)

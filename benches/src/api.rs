@@ -31,7 +31,7 @@ const WRITERS: usize = 32;
 /// evenly over them, all through the command service; then the projector catches up.
 pub async fn seed(pool: &PgPool, seed_pool: &PgPool, installations: usize, operations: usize) -> Result<Seeded> {
     let svc = service(seed_pool);
-    let keys = amplog_api::Keys::new(pool.clone());
+    let keys = amplog_api::Keys::new(&svc);
     let started = Instant::now();
     let mut projects = Vec::new();
     for p in 0..PROJECTS {

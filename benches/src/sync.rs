@@ -68,7 +68,6 @@ async fn raw_rate(sim: &str, connectors: &Connectors, clients: usize, rounds: us
 /// A project of `n` customers installed, each to read `contacts` in full.
 async fn provision(
     service: &CommandService,
-    pool: &PgPool,
     connectors: &Connectors,
     sink_url: &str,
     secret: &str,
@@ -88,7 +87,7 @@ async fn provision(
         service.declare_integration_with(&ctx, "crm", "simulator", Some(&Manifest { objects: vec![decl] })).await?;
     let integration = IntegrationId(outcome.id_of("integration").context("integration")?);
     let secret = amplog_commands::credentials::Secret(secret.into());
-    destinations::put(pool, service.credentials(), ctx.project_id, "default", sink_url, Some(secret)).await?;
+    service.put_destination(&ctx, "default", sink_url, Some(secret)).await?;
     let connector = connectors.get("simulator").context("connector")?;
     let mut installations = Vec::new();
     for i in 0..n {
@@ -104,13 +103,12 @@ async fn provision(
 /// requests to the last operation's success.
 async fn sync_rate(
     service: &CommandService,
-    pool: &PgPool,
     connectors: &Connectors,
     sink: (&str, &str),
     setup: &Setup,
     workers: usize,
 ) -> Result<(f64, u64)> {
-    let (ctx, installations) = provision(service, pool, connectors, sink.0, sink.1, setup.installations).await?;
+    let (ctx, installations) = provision(service, connectors, sink.0, sink.1, setup.installations).await?;
     let handler = Arc::new(SyncHandler::new(service.clone(), connectors.clone()));
     let worker = Arc::new(Worker::new(service.clone(), handler, format!("bench-{workers}")));
     let mut dispatch = InProcessDispatch::new(worker, EventStore::default(), format!("bench-{workers}"));
@@ -179,7 +177,7 @@ pub async fn run(report: &mut Report, pool: &PgPool, setup: Setup) -> Result<()>
     let url = sim.url();
     for workers in [1usize, 4] {
         eprintln!("sync: {} installations × {} contacts, {workers} worker(s)...", setup.installations, setup.records);
-        let (ours, records) = sync_rate(&service, pool, &connectors, (&sink_url, &secret.0), &setup, workers).await?;
+        let (ours, records) = sync_rate(&service, &connectors, (&sink_url, &secret.0), &setup, workers).await?;
         eprintln!("sync: raw simulator rate, {workers} client(s)...");
         let rounds = (setup.installations / workers).max(1);
         let raw = raw_rate(&url, &connectors, workers, rounds).await?;

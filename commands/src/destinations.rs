@@ -1,11 +1,13 @@
 //! Destinations: a project's named webhook endpoints, each with a Standard Webhooks signing
-//! secret (`whsec_` + base64 of 24 random bytes) kept encrypted. Configuration, not the log.
+//! secret (`whsec_` + base64 of 24 random bytes) kept encrypted. Changed only by the
+//! command service (`put_destination`, `disable_destination`), which records each change
+//! on the project's stream; this table is what deliveries read.
 
 use crate::credentials::{random_bytes, CredentialStore, Sealed, Secret};
 use crate::error::CommandError;
 use amplog_domain::ProjectId;
 use base64::Engine;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 
 /// A destination with its secret, ready to sign deliveries.
 #[derive(Clone, Debug)]
@@ -31,10 +33,11 @@ pub fn new_secret() -> Secret {
     Secret(format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(random_bytes::<24>())))
 }
 
-/// Creates or replaces destination `name` of `project` (enabled again if it was disabled);
-/// returns its signing secret (shown once by the CLI). `secret` is generated when not given.
-pub async fn put(
-    pool: &PgPool,
+/// Creates or replaces destination `name` of `project` (enabled again if it was disabled)
+/// in the caller's transaction; returns its signing secret. `secret` is generated when not
+/// given.
+pub(crate) async fn put(
+    conn: &mut PgConnection,
     store: &CredentialStore,
     project: ProjectId,
     name: &str,
@@ -67,7 +70,7 @@ pub async fn put(
     .bind(&sealed.key_id)
     .bind(&sealed.nonce)
     .bind(&sealed.ciphertext)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(secret)
 }
@@ -92,8 +95,14 @@ pub async fn get(
     Ok(Some(Destination { name: name.into(), url: row.get("url"), secret, disabled: row.get("disabled_reason") }))
 }
 
-/// Stops deliveries to destination `name` of `project` until it is created again.
-pub async fn disable(pool: &PgPool, project: ProjectId, name: &str, reason: &str) -> Result<(), CommandError> {
+/// Stops deliveries to destination `name` of `project` until it is created again (in the
+/// caller's transaction).
+pub(crate) async fn disable(
+    conn: &mut PgConnection,
+    project: ProjectId,
+    name: &str,
+    reason: &str,
+) -> Result<(), CommandError> {
     sqlx::query(
         "UPDATE destinations SET disabled_at = now(), disabled_reason = $3
          WHERE project_id = $1 AND name = $2 AND disabled_at IS NULL",
@@ -101,7 +110,7 @@ pub async fn disable(pool: &PgPool, project: ProjectId, name: &str, reason: &str
     .bind(project.0)
     .bind(name)
     .bind(reason)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }

@@ -1,21 +1,70 @@
-//! Project: the tenant. Owns integrations, connections, installations and API keys.
+//! Project: the tenant. Owns integrations, connections, installations, provider apps and
+//! connect sessions; its own stream records its configuration: API keys made and revoked
+//! (ids and scopes, never the keys), destinations (URLs and secret fingerprints) and the
+//! public keys its end users' tokens are verified with.
 
 use crate::aggregate::{Aggregate, DomainEvent};
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use uuid::Uuid;
 
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub enum ProjectCommand {
     Create { name: String, at: DateTime<Utc> },
     Rename { name: String, at: DateTime<Utc> },
+    RecordApiKey { key_id: Uuid, scope: String, label: Option<String>, at: DateTime<Utc> },
+    RevokeApiKey { key_id: Uuid, at: DateTime<Utc> },
+    PutDestination { name: String, url: String, secret_fingerprint: String, at: DateTime<Utc> },
+    DisableDestination { name: String, reason: String, at: DateTime<Utc> },
+    RecordJwtKey { kid: Uuid, algorithm: String, fingerprint: String, at: DateTime<Utc> },
+    RevokeJwtKey { kid: Uuid, at: DateTime<Utc> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum ProjectEvent {
-    Created { name: String, at: DateTime<Utc> },
-    Renamed { name: String, at: DateTime<Utc> },
+    Created {
+        name: String,
+        at: DateTime<Utc>,
+    },
+    Renamed {
+        name: String,
+        at: DateTime<Utc>,
+    },
+    ApiKeyCreated {
+        key_id: Uuid,
+        scope: String,
+        label: Option<String>,
+        at: DateTime<Utc>,
+    },
+    ApiKeyRevoked {
+        key_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    DestinationPut {
+        name: String,
+        url: String,
+        secret_fingerprint: String,
+        at: DateTime<Utc>,
+    },
+    DestinationDisabled {
+        name: String,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    /// A public key end users' tokens are verified with: its id, algorithm and a digest.
+    JwtKeyCreated {
+        kid: Uuid,
+        algorithm: String,
+        fingerprint: String,
+        at: DateTime<Utc>,
+    },
+    JwtKeyRevoked {
+        kid: Uuid,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ProjectEvent {
@@ -32,6 +81,14 @@ pub enum ProjectError {
     NotFound,
     #[error("a project name must be 1 to 100 printable characters")]
     InvalidName,
+    #[error("the API key is already revoked")]
+    KeyRevoked,
+    #[error("a scope, label, destination name, URL or reason is not 1 to 2000 printable characters")]
+    InvalidConfig,
+    #[error("the destination is already disabled")]
+    DestinationDisabled,
+    #[error("no live JWT key with this id")]
+    JwtKeyNotFound,
 }
 
 impl ProjectError {
@@ -42,6 +99,10 @@ impl ProjectError {
             ProjectError::AlreadyExists => "already_exists",
             ProjectError::NotFound => "not_found",
             ProjectError::InvalidName => "invalid_name",
+            ProjectError::KeyRevoked => "key_revoked",
+            ProjectError::InvalidConfig => "invalid_config",
+            ProjectError::DestinationDisabled => "destination_disabled",
+            ProjectError::JwtKeyNotFound => "jwt_key_not_found",
         }
     }
 }
@@ -50,6 +111,20 @@ impl ProjectError {
 pub struct Project {
     pub exists: bool,
     pub name: String,
+    /// API keys recorded in the log: live or not. (Keys made before keys were recorded
+    /// are not here; revoking one is accepted.)
+    #[serde(default)]
+    pub api_keys: BTreeMap<Uuid, bool>,
+    /// Destinations by name: enabled or not.
+    #[serde(default)]
+    pub destinations: BTreeMap<String, bool>,
+    /// JWT keys by id: live or not.
+    #[serde(default)]
+    pub jwt_keys: BTreeMap<Uuid, bool>,
+}
+
+fn text(value: &str) -> bool {
+    !value.is_empty() && value.len() <= 2000 && !value.chars().any(char::is_control)
 }
 
 pub(crate) fn valid_name(name: &str) -> bool {
@@ -86,6 +161,78 @@ impl Aggregate for Project {
                 }
                 Ok(vec![ProjectEvent::Renamed { name: name.clone(), at: *at }])
             }
+            ProjectCommand::RecordApiKey { key_id, scope, label, at } => {
+                if !self.exists {
+                    return Err(ProjectError::NotFound);
+                }
+                if !text(scope) || label.as_deref().is_some_and(|l| !text(l)) {
+                    return Err(ProjectError::InvalidConfig);
+                }
+                Ok(vec![ProjectEvent::ApiKeyCreated {
+                    key_id: *key_id,
+                    scope: scope.clone(),
+                    label: label.clone(),
+                    at: *at,
+                }])
+            }
+            ProjectCommand::RevokeApiKey { key_id, at } => {
+                if !self.exists {
+                    return Err(ProjectError::NotFound);
+                }
+                if self.api_keys.get(key_id) == Some(&false) {
+                    return Err(ProjectError::KeyRevoked);
+                }
+                Ok(vec![ProjectEvent::ApiKeyRevoked { key_id: *key_id, at: *at }])
+            }
+            ProjectCommand::PutDestination { name, url, secret_fingerprint, at } => {
+                if !self.exists {
+                    return Err(ProjectError::NotFound);
+                }
+                if ![name, url, secret_fingerprint].into_iter().all(|t| text(t)) {
+                    return Err(ProjectError::InvalidConfig);
+                }
+                Ok(vec![ProjectEvent::DestinationPut {
+                    name: name.clone(),
+                    url: url.clone(),
+                    secret_fingerprint: secret_fingerprint.clone(),
+                    at: *at,
+                }])
+            }
+            ProjectCommand::DisableDestination { name, reason, at } => {
+                if !self.exists {
+                    return Err(ProjectError::NotFound);
+                }
+                if self.destinations.get(name) == Some(&false) {
+                    return Err(ProjectError::DestinationDisabled);
+                }
+                if !text(name) || !text(reason) {
+                    return Err(ProjectError::InvalidConfig);
+                }
+                Ok(vec![ProjectEvent::DestinationDisabled { name: name.clone(), reason: reason.clone(), at: *at }])
+            }
+            ProjectCommand::RecordJwtKey { kid, algorithm, fingerprint, at } => {
+                if !self.exists {
+                    return Err(ProjectError::NotFound);
+                }
+                if !["EdDSA", "ES256", "RS256"].contains(&algorithm.as_str()) || !text(fingerprint) {
+                    return Err(ProjectError::InvalidConfig);
+                }
+                Ok(vec![ProjectEvent::JwtKeyCreated {
+                    kid: *kid,
+                    algorithm: algorithm.clone(),
+                    fingerprint: fingerprint.clone(),
+                    at: *at,
+                }])
+            }
+            ProjectCommand::RevokeJwtKey { kid, at } => {
+                if !self.exists {
+                    return Err(ProjectError::NotFound);
+                }
+                if self.jwt_keys.get(kid) != Some(&true) {
+                    return Err(ProjectError::JwtKeyNotFound);
+                }
+                Ok(vec![ProjectEvent::JwtKeyRevoked { kid: *kid, at: *at }])
+            }
         }
     }
 
@@ -96,6 +243,24 @@ impl Aggregate for Project {
                 self.name = name.clone();
             }
             ProjectEvent::Renamed { name, .. } => self.name = name.clone(),
+            ProjectEvent::ApiKeyCreated { key_id, .. } => {
+                self.api_keys.insert(*key_id, true);
+            }
+            ProjectEvent::ApiKeyRevoked { key_id, .. } => {
+                self.api_keys.insert(*key_id, false);
+            }
+            ProjectEvent::DestinationPut { name, .. } => {
+                self.destinations.insert(name.clone(), true);
+            }
+            ProjectEvent::DestinationDisabled { name, .. } => {
+                self.destinations.insert(name.clone(), false);
+            }
+            ProjectEvent::JwtKeyCreated { kid, .. } => {
+                self.jwt_keys.insert(*kid, true);
+            }
+            ProjectEvent::JwtKeyRevoked { kid, .. } => {
+                self.jwt_keys.insert(*kid, false);
+            }
         }
     }
 }

@@ -59,6 +59,8 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "events_by_stream_log_order",
         sql: include_str!("../sql/0009_events_by_stream_log_order.sql"),
     },
+    Migration { version: 10, name: "events_configuration", sql: include_str!("../sql/0010_events_configuration.sql") },
+    Migration { version: 11, name: "jwt_keys", sql: include_str!("../sql/0011_jwt_keys.sql") },
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -162,4 +164,22 @@ pub async fn is_current(conn: &mut PgConnection) -> Result<bool, MigrationError>
     }
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM amplog_migrations").fetch_one(&mut *conn).await?;
     Ok(count as usize == MIGRATIONS.len())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every file under `sql/` is embedded, in order, under its own number and name.
+    #[test]
+    fn every_sql_file_is_a_migration() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let embedded: Vec<String> =
+            super::MIGRATIONS.iter().map(|m| format!("{:04}_{}.sql", m.version, m.name)).collect();
+        assert_eq!(files, embedded);
+    }
 }

@@ -1,5 +1,6 @@
 //! What auditors get from the log itself: an installation's full timeline (its stream, its
-//! connection's and its operations', in log order) and hash-chain verification.
+//! connection's and its operations', in log order), a project's configuration history, and
+//! hash-chain verification.
 
 use crate::hash::{self, Canonical};
 use crate::reader::{LogCursor, RecordedEvent, StoredEvent, EVENT_COLUMNS};
@@ -102,6 +103,37 @@ pub async fn installation_history_in(
         }
         operations = operations.saturating_mul(4);
     }
+}
+
+/// The aggregate types whose streams are a project's configuration.
+pub const CONFIGURATION_TYPES: [&str; 3] = ["project", "provider_app", "connect_session"];
+
+/// The part of a project's configuration history `range` selects, in log order: its own
+/// stream (API keys, destinations), its provider apps' and its connect sessions' (through
+/// the partial index `events_configuration`).
+pub async fn project_history_in(
+    conn: &mut PgConnection,
+    project_id: uuid::Uuid,
+    range: HistoryRange,
+) -> Result<Vec<RecordedEvent>, LogError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events
+         WHERE project_id = $1 AND aggregate_type IN ('project', 'provider_app', 'connect_session')
+           AND (transaction_id, position) > ($2::text::xid8, $3)
+           AND ($4::timestamptz IS NULL OR recorded_at >= $4)
+           AND ($5::timestamptz IS NULL OR recorded_at <= $5)
+         ORDER BY transaction_id, position
+         LIMIT $6"
+    ))
+    .bind(project_id)
+    .bind(range.after.transaction_id.to_string())
+    .bind(range.after.position)
+    .bind(range.from)
+    .bind(range.to)
+    .bind(range.limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(|row| StoredEvent::from_row(row)?.parse()).collect()
 }
 
 /// What is wrong at one event of a stream.

@@ -6,16 +6,115 @@ use amplog_domain::Aggregate;
 #[test]
 fn project_every_command_in_every_state() {
     use ProjectError::*;
-    let states = vec![("none", vec![]), ("exists", vec![ProjectEvent::Created { name: "Acme".into(), at: t(0) }])];
-    let commands = vec![
-        ("create", ProjectCommand::Create { name: "Acme".into(), at: t(1) }),
-        ("rename", ProjectCommand::Rename { name: "Acme Inc".into(), at: t(1) }),
+    let created = ProjectEvent::Created { name: "Acme".into(), at: t(0) };
+    let key = id::<uuid::Uuid>(7);
+    let states = vec![
+        ("none", vec![]),
+        ("exists", vec![created.clone()]),
+        (
+            "configured",
+            vec![
+                created.clone(),
+                ProjectEvent::ApiKeyCreated { key_id: key, scope: "read".into(), label: None, at: t(1) },
+                ProjectEvent::ApiKeyRevoked { key_id: key, at: t(2) },
+                ProjectEvent::DestinationPut {
+                    name: "default".into(),
+                    url: "https://hooks.example/a".into(),
+                    secret_fingerprint: "sha256:ab".into(),
+                    at: t(3),
+                },
+                ProjectEvent::DestinationDisabled { name: "default".into(), reason: "410 Gone".into(), at: t(4) },
+            ],
+        ),
     ];
-    let table: Vec<(&str, Vec<Expect<ProjectError>>)> =
-        vec![("none", vec![Ok(&["Created"]), Err(NotFound)]), ("exists", vec![Err(AlreadyExists), Ok(&["Renamed"])])];
+    let commands = vec![
+        ("create", ProjectCommand::Create { name: "Acme".into(), at: t(5) }),
+        ("rename", ProjectCommand::Rename { name: "Acme Inc".into(), at: t(5) }),
+        (
+            "record-key",
+            ProjectCommand::RecordApiKey { key_id: key, scope: "write".into(), label: Some("ci".into()), at: t(5) },
+        ),
+        ("revoke-key", ProjectCommand::RevokeApiKey { key_id: key, at: t(5) }),
+        (
+            "put-destination",
+            ProjectCommand::PutDestination {
+                name: "default".into(),
+                url: "https://hooks.example/b".into(),
+                secret_fingerprint: "sha256:cd".into(),
+                at: t(5),
+            },
+        ),
+        (
+            "disable-destination",
+            ProjectCommand::DisableDestination { name: "default".into(), reason: "410".into(), at: t(5) },
+        ),
+    ];
+    let table: Vec<(&str, Vec<Expect<ProjectError>>)> = vec![
+        (
+            "none",
+            vec![
+                Ok(&["Created"]),
+                Err(NotFound),
+                Err(NotFound),
+                Err(NotFound),
+                Err(NotFound),
+                Err(NotFound),
+                Err(NotFound),
+                Err(NotFound),
+            ],
+        ),
+        (
+            "exists",
+            vec![
+                Err(AlreadyExists),
+                Ok(&["Renamed"]),
+                Ok(&["ApiKeyCreated"]),
+                // A key made before keys were recorded: its revocation is recorded.
+                Ok(&["ApiKeyRevoked"]),
+                Ok(&["DestinationPut"]),
+                Ok(&["DestinationDisabled"]),
+                Ok(&["JwtKeyCreated"]),
+                Err(JwtKeyNotFound),
+            ],
+        ),
+        (
+            "configured",
+            vec![
+                Err(AlreadyExists),
+                Ok(&["Renamed"]),
+                Ok(&["ApiKeyCreated"]),
+                Err(KeyRevoked),
+                Ok(&["DestinationPut"]),
+                Err(DestinationDisabled),
+                Ok(&["JwtKeyCreated"]),
+                Err(JwtKeyNotFound),
+            ],
+        ),
+    ];
     check_matrix::<Project>(&states, &commands, &table);
     given::<Project>(&[]).when(ProjectCommand::Create { name: "".into(), at: t(0) }).then_err(InvalidName);
     given::<Project>(&[]).when(ProjectCommand::Create { name: "a\u{0}b".into(), at: t(0) }).then_err(InvalidName);
+    given::<Project>(std::slice::from_ref(&created))
+        .when(ProjectCommand::RecordApiKey { key_id: key, scope: "".into(), label: None, at: t(1) })
+        .then_err(InvalidConfig);
+    let with_jwt_key = [
+        created.clone(),
+        ProjectEvent::JwtKeyCreated { kid: key, algorithm: "ES256".into(), fingerprint: "f".into(), at: t(1) },
+    ];
+    given::<Project>(&with_jwt_key)
+        .when(ProjectCommand::RevokeJwtKey { kid: key, at: t(2) })
+        .then_types(&["JwtKeyRevoked"]);
+    given::<Project>(std::slice::from_ref(&created))
+        .when(ProjectCommand::RecordJwtKey { kid: key, algorithm: "HS256".into(), fingerprint: "f".into(), at: t(1) })
+        .then_err(InvalidConfig);
+    given::<Project>(&[created])
+        .when(ProjectCommand::PutDestination {
+            name: "d".into(),
+            url: "u\n".into(),
+            secret_fingerprint: "f".into(),
+            at: t(1),
+        })
+        .then_err(InvalidConfig);
 }
 
 fn declared() -> IntegrationEvent {

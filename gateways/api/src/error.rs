@@ -12,10 +12,13 @@ use std::time::Duration;
 /// Cheap to clone (resolvers and DataLoaders share errors), so causes are behind `Arc`s.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("a valid API key is required (header X-Api-Key)")]
+    #[error("a valid API key (header X-Api-Key) or end-user token (Authorization: Bearer) is required")]
     Unauthenticated,
     #[error("this API key's scope ({have}) does not allow this; it needs {need}")]
     Forbidden { need: &'static str, have: &'static str },
+    /// An end user's token: its own group's objects only, and nothing project-wide.
+    #[error("an end-user token acts on its own group (`group_ref`) only; this needs an API key")]
+    EndUser,
     /// Unknown, or another project's: the two answer alike.
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -74,7 +77,7 @@ impl ApiError {
     pub fn code(&self) -> String {
         match self {
             ApiError::Unauthenticated => "unauthenticated".into(),
-            ApiError::Forbidden { .. } => "forbidden".into(),
+            ApiError::Forbidden { .. } | ApiError::EndUser => "forbidden".into(),
             ApiError::NotFound(_) => "not_found".into(),
             ApiError::BadRequest { code, .. } => (*code).into(),
             ApiError::TooLarge(_) => "payload_too_large".into(),
@@ -93,7 +96,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::Forbidden { .. } | ApiError::EndUser => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -129,6 +129,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/audit/installations/{id}/events", get(export_events))
+        .route("/v1/audit/project/events", get(export_project_events))
         .fallback(|| async { ApiError::NotFound("route") })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(shared)
@@ -191,8 +192,10 @@ async fn execute_once(
         _ => shared.schema.clone(),
     };
     let request = checked.request;
-    let db =
-        Arc::new(TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms));
+    let db = Arc::new(
+        TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms)
+            .with_group(principal.group.clone()),
+    );
     let request = graphql::request_data(request, principal, db.clone(), idempotency_key);
     // Executed on its own task: a timeout or a client hanging up stops waiting for it, but
     // never cancels it halfway through a PostgreSQL exchange (a connection must not go back
@@ -367,8 +370,10 @@ async fn ws_operation(
             .acquire(principal.key_id, Counted::Subscriptions, limits.subscriptions_per_key)
             .ok_or_else(|| too_many(limits.subscriptions_per_key, "API key"))?,
     );
-    let db =
-        Arc::new(TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms));
+    let db = Arc::new(
+        TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms)
+            .with_group(principal.group.clone()),
+    );
     let request = graphql::request_data(checked.request, principal, db.clone(), None);
     let events = shared.schema.execute_stream(request);
     Ok(futures::stream::unfold(Some((events, db, session, slots, state)), |running| async move {
@@ -467,6 +472,13 @@ struct ExportParams {
 
 const EXPORT_PAGE: i64 = 1000;
 
+/// Which timeline an export streams.
+#[derive(Clone, Copy)]
+enum Timeline {
+    Installation(Uuid),
+    Project(amplog_domain::ProjectId),
+}
+
 /// `GET /v1/audit/installations/{id}/events`: the installation's timeline as NDJSON, in log
 /// order, streamed page by page (memory stays flat however long the history).
 async fn export_events(
@@ -475,28 +487,56 @@ async fn export_events(
     Path(id): Path<String>,
     params: Result<Query<ExportParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let id = Uuid::try_parse(&id).map_err(|_| ApiError::NotFound("installation"));
+    export(shared, headers, params, |_| id.map(Timeline::Installation)).await
+}
+
+/// `GET /v1/audit/project/events`: the key's project's configuration history as NDJSON.
+async fn export_project_events(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    params: Result<Query<ExportParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    export(shared, headers, params, |principal| {
+        principal.require_key()?;
+        Ok(Timeline::Project(principal.project_id))
+    })
+    .await
+}
+
+async fn export(
+    shared: Shared,
+    headers: HeaderMap,
+    params: Result<Query<ExportParams>, axum::extract::rejection::QueryRejection>,
+    timeline: impl FnOnce(&Principal) -> Result<Timeline, ApiError>,
+) -> Result<Response, ApiError> {
     let state = shared.state.clone();
     let principal = authenticate(&state, &headers).await?;
     principal.require(Scope::Read)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_input", e.body_text()))?;
     graphql::check_times(&[("from", params.from), ("to", params.to)])?;
-    let id = Uuid::try_parse(&id).map_err(|_| ApiError::NotFound("installation"))?;
-    let db = TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms);
-    graphql::query::require_installation(&db, id).await?;
+    let timeline = timeline(&principal)?;
+    let db = TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms)
+        .with_group(principal.group.clone());
+    if let Timeline::Installation(id) = timeline {
+        graphql::query::require_installation(&db, id).await?;
+    }
     db.release().await;
     let pages = futures::stream::unfold(Some((db, LogCursor::default())), move |cursor| async move {
         let (db, after) = cursor?;
         let range = HistoryRange { after, from: params.from, to: params.to, limit: EXPORT_PAGE };
         let page = match db.conn().await {
-            Ok(mut conn) => {
-                audit::installation_history_in(&mut conn, &id.to_string(), range).await.map_err(ApiError::from)
+            Ok(mut conn) => match timeline {
+                Timeline::Installation(id) => audit::installation_history_in(&mut conn, &id.to_string(), range).await,
+                Timeline::Project(project) => audit::project_history_in(&mut conn, project.0, range).await,
             }
+            .map_err(ApiError::from),
             Err(e) => Err(e),
         };
         db.release().await;
         match page {
             Err(error) => {
-                tracing::error!(%error, installation = %id, "audit export failed mid-stream");
+                tracing::error!(%error, "audit export failed mid-stream");
                 Some((Err(std::io::Error::other(error.public_message())), None))
             }
             Ok(events) if events.is_empty() => None,

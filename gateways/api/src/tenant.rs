@@ -15,6 +15,7 @@ pub const APP_ROLE: &str = "amplog_app";
 pub struct TenantDb {
     pool: PgPool,
     pub project: ProjectId,
+    group: Option<String>,
     statement_timeout_ms: u64,
     tx: Mutex<Option<Transaction<'static, Postgres>>>,
     /// How many times the connection was handed out (≈ statements): dev mode reports it
@@ -24,7 +25,15 @@ pub struct TenantDb {
 
 impl TenantDb {
     pub fn new(pool: PgPool, project: ProjectId, statement_timeout_ms: u64) -> Self {
-        Self { pool, project, statement_timeout_ms, tx: Mutex::new(None), uses: AtomicUsize::new(0) }
+        Self { pool, project, group: None, statement_timeout_ms, tx: Mutex::new(None), uses: AtomicUsize::new(0) }
+    }
+
+    /// Narrowed to one group of the project (an end user's token): row-level security then
+    /// hides every other group's installations, connections, operations, read states and
+    /// usage too.
+    pub fn with_group(mut self, group: Option<String>) -> Self {
+        self.group = group;
+        self
     }
 
     /// The request's connection: a transaction as `amplog_app`, scoped to the project.
@@ -34,9 +43,17 @@ impl TenantDb {
         if guard.is_none() {
             // One round trip: BEGIN and the settings as one simple query. Both values are
             // rendered from typed values (a UUID, an integer), so nothing can be injected.
+            // The group is tenant input: it reaches the statement hex-encoded, never as text.
+            let group = match &self.group {
+                Some(group) => format!(
+                    ", set_config('amplog.group_ref', convert_from(decode('{}', 'hex'), 'UTF8'), true)",
+                    hex::encode(group)
+                ),
+                None => String::new(),
+            };
             let begin = format!(
                 "BEGIN; SELECT set_config('role', '{APP_ROLE}', true), \
-                 set_config('amplog.project_id', '{}', true), set_config('statement_timeout', '{}', true)",
+                 set_config('amplog.project_id', '{}', true), set_config('statement_timeout', '{}', true){group}",
                 self.project.0, self.statement_timeout_ms
             );
             *guard = Some(self.pool.begin_with(begin).await?);

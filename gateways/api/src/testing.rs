@@ -38,7 +38,7 @@ impl TestApp {
     pub async fn spawn_with(mut config: ServerConfig, projector: bool) -> TestApp {
         let db = test_db_with(24).await;
         let service = db.service();
-        let keys = Keys::new(db.pool.clone());
+        let keys = Keys::new(&service);
         config.listen = "127.0.0.1:0".parse().expect("an address");
         let server = Server::start(config, service.clone(), keys.clone()).await.expect("start the server");
         let base = format!("http://{}", server.addr);

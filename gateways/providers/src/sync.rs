@@ -379,7 +379,8 @@ impl SyncHandler {
                 // Gone: the receiver says the endpoint will not come back; retrying is noise,
                 // and so are other reads' deliveries: the destination is disabled.
                 let reason = format!("answered 410 Gone to page {page} of operation {operation_id}");
-                destinations::disable(job.service.pool(), job.command.project_id, &plan.destination.name, &reason)
+                job.service
+                    .disable_destination(job.command, &plan.destination.name, &reason)
                     .await
                     .map_err(internal)?;
                 return Err(failure(

@@ -63,16 +63,15 @@ impl SyncWorld {
                 .id_of("integration")
                 .expect("an integration"),
         );
-        amplog_commands::destinations::put(
-            &db.pool,
-            service.credentials(),
-            ctx.project_id,
-            "default",
-            &format!("http://{sink_addr}/hooks/default"),
-            Some(amplog_commands::credentials::Secret(SINK_SECRET.into())),
-        )
-        .await
-        .expect("destination");
+        service
+            .put_destination(
+                &ctx,
+                "default",
+                &format!("http://{sink_addr}/hooks/default"),
+                Some(amplog_commands::credentials::Secret(SINK_SECRET.into())),
+            )
+            .await
+            .expect("destination");
         let customer = "acme".to_string();
         let connector = connectors.get("simulator").expect("the simulator connector");
         let (connection, installation) =

@@ -3,6 +3,7 @@
 //! visible in the read models (`waitForVisibility`).
 
 use super::loaders::*;
+use super::query::JwtKey;
 use super::types::*;
 use super::{app, db, loader, principal, IdempotencyKey};
 use crate::auth::Scope;
@@ -202,6 +203,49 @@ fn command_ctx(ctx: &Context<'_>, need: Scope, part: Option<&str>) -> Result<Com
     Ok(command)
 }
 
+/// An end user's token acts on its own group: a create names that group.
+fn own_group(ctx: &Context<'_>, group_ref: &str) -> Result<()> {
+    match principal(ctx).sees_group(group_ref) {
+        true => Ok(()),
+        false => Err(ApiError::EndUser),
+    }
+}
+
+/// An end user's token acts on its own group: another group's installation answers like a
+/// missing one (loaded from the log, so a just-made installation is found).
+async fn own_installation(ctx: &Context<'_>, command: &CommandContext, id: Uuid) -> Result<()> {
+    if principal(ctx).group.is_none() {
+        return Ok(());
+    }
+    let state = app(ctx).service.load::<installation::Installation>(command, id).await?.state;
+    match state.exists && principal(ctx).sees_group(&state.group_ref) {
+        true => Ok(()),
+        false => Err(ApiError::NotFound("installation")),
+    }
+}
+
+async fn own_operation(ctx: &Context<'_>, command: &CommandContext, id: Uuid) -> Result<()> {
+    if principal(ctx).group.is_none() {
+        return Ok(());
+    }
+    let state = app(ctx).service.load::<operation::Operation>(command, id).await?.state;
+    if !state.exists {
+        return Err(ApiError::NotFound("operation"));
+    }
+    own_installation(ctx, command, state.installation_id.0).await.map_err(|_| ApiError::NotFound("operation"))
+}
+
+async fn own_connection(ctx: &Context<'_>, command: &CommandContext, id: Uuid) -> Result<()> {
+    if principal(ctx).group.is_none() {
+        return Ok(());
+    }
+    let state = app(ctx).service.load::<connection::Connection>(command, id).await?.state;
+    match state.exists && principal(ctx).sees_group(&state.group_ref) {
+        true => Ok(()),
+        false => Err(ApiError::NotFound("connection")),
+    }
+}
+
 /// Pausing, unpausing and deleting an installation: the same shape, one command each.
 enum Lifecycle {
     Pause,
@@ -211,6 +255,7 @@ enum Lifecycle {
 
 async fn lifecycle(ctx: &Context<'_>, action: Lifecycle, id: Uuid, wait: bool) -> Result<MutationPayload> {
     let command = command_ctx(ctx, Scope::Write, None)?;
+    own_installation(ctx, &command, id).await?;
     let (service, installation) = (&app(ctx).service, InstallationId(id));
     let outcome = match action {
         Lifecycle::Pause => service.pause_installation(&command, installation).await?,
@@ -321,6 +366,7 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
+        own_group(ctx, &input.group_ref)?;
         if input.credentials.0.as_object().is_none_or(serde_json::Map::is_empty) {
             return Err(ApiError::bad_request("invalid_input", "`credentials` must be a non-empty object"));
         }
@@ -340,6 +386,8 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
+        own_group(ctx, &input.group_ref)?;
+        own_connection(ctx, &command, input.connection_id).await?;
         let new = NewInstallation {
             integration_id: IntegrationId(input.integration_id),
             revision: input.revision,
@@ -363,6 +411,7 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
+        own_installation(ctx, &command, id).await?;
         let service = &app(ctx).service;
         let revision = match revision {
             Some(r) => r,
@@ -419,6 +468,7 @@ impl Mutation {
     ) -> Result<Vec<MutationPayload>> {
         let check = command_ctx(ctx, Scope::Write, None)?;
         super::check_times(&[("since", since), ("until", until)])?;
+        own_installation(ctx, &check, installation_id).await?;
         let service = &app(ctx).service;
         let loaded = service.load::<installation::Installation>(&check, installation_id).await?;
         if !loaded.state.exists {
@@ -467,17 +517,27 @@ impl Mutation {
         let command = command_ctx(ctx, Scope::Admin, None)?;
         amplog_providers::egress::check_destination(&url, app(ctx).config.egress)
             .map_err(|e| ApiError::bad_request("invalid_input", e))?;
-        let service = &app(ctx).service;
-        let secret = amplog_commands::destinations::put(
-            service.pool(),
-            service.credentials(),
-            command.project_id,
-            &name,
-            &url,
-            None,
-        )
-        .await?;
+        let secret = app(ctx).service.put_destination(&command, &name, &url, None).await?;
         Ok(DestinationCreated { name, url, signing_secret: secret.0 })
+    }
+
+    /// Registers a public key (PEM, `-----BEGIN PUBLIC KEY-----`) the project's backend signs
+    /// its end users' tokens with: `algorithm` is `EdDSA`, `ES256` or `RS256`. Tokens name
+    /// it by the returned `kid`. Needs an admin key.
+    async fn create_jwt_key(&self, ctx: &Context<'_>, algorithm: String, public_key: String) -> Result<JwtKey> {
+        let command = command_ctx(ctx, Scope::Admin, None)?;
+        let keys = &app(ctx).keys;
+        let kid = keys.create_jwt_key(&command, &algorithm, &public_key).await?;
+        let created = keys.jwt_keys(command.project_id).await?.into_iter().find(|k| k.kid == kid);
+        let key = created.ok_or_else(|| ApiError::Internal("the key just made is not listed".into()))?;
+        Ok(JwtKey { kid, algorithm: key.algorithm, created_at: key.created_at, revoked_at: key.revoked_at })
+    }
+
+    /// Revokes a JWT key: tokens it signed are refused (within a second on every replica).
+    async fn revoke_jwt_key(&self, ctx: &Context<'_>, kid: Uuid) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Admin, None)?;
+        let outcome = app(ctx).keys.revoke_jwt_key(&command, kid).await?;
+        finish(ctx, outcome, Some(kid), false).await
     }
 
     /// Configures the project's OAuth client at a provider; connect sessions of its
@@ -515,6 +575,7 @@ impl Mutation {
         input: ConnectSessionInput,
     ) -> Result<ConnectSessionCreated> {
         let command = command_ctx(ctx, Scope::Write, None)?;
+        own_group(ctx, &input.group_ref)?;
         let state = app(ctx);
         let minutes = input.expires_in_minutes;
         if !(1..=connect_session::MAX_LIFETIME_MINUTES).contains(&minutes) {
@@ -562,6 +623,7 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
+        own_connection(ctx, &command, id).await?;
         let state = app(ctx);
         let connection = state.service.load::<connection::Connection>(&command, id).await?.state;
         if let (true, Some(credential), Some(connector)) =
@@ -597,6 +659,7 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
+        own_installation(ctx, &command, installation_id).await?;
         let records: Vec<serde_json::Value> = records.into_iter().map(|r| r.0).collect();
         let outcome =
             app(ctx).service.request_write(&command, InstallationId(installation_id), &object, &records).await?;
@@ -612,6 +675,7 @@ impl Mutation {
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
         let command = command_ctx(ctx, Scope::Write, None)?;
+        own_operation(ctx, &command, id).await?;
         let outcome = app(ctx).service.cancel_operation(&command, OperationId(id), &reason).await?;
         finish(ctx, outcome, Some(id), wait_for_visibility).await
     }

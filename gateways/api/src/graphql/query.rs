@@ -129,6 +129,7 @@ impl Query {
     /// The project's OAuth clients, one per provider.
     async fn provider_apps(&self, ctx: &Context<'_>) -> Result<Vec<ProviderApp>> {
         let who = principal(ctx);
+        who.require_key()?;
         let command = amplog_commands::CommandContext::new(who.project_id, who.actor());
         let mut apps = Vec::new();
         for provider in amplog_providers::connector::known_providers() {
@@ -139,12 +140,24 @@ impl Query {
         Ok(apps)
     }
 
+    /// The project's JWT keys (revoked ones too). Needs an admin key.
+    async fn jwt_keys(&self, ctx: &Context<'_>) -> Result<Vec<JwtKey>> {
+        let who = principal(ctx);
+        who.require(crate::auth::Scope::Admin)?;
+        let keys = app(ctx).keys.jwt_keys(who.project_id).await?;
+        Ok(keys
+            .into_iter()
+            .map(|k| JwtKey { kid: k.kid, algorithm: k.algorithm, created_at: k.created_at, revoked_at: k.revoked_at })
+            .collect())
+    }
+
     /// A connect session this project made.
     async fn connect_session(&self, ctx: &Context<'_>, id: Uuid) -> Result<ConnectSession> {
         let who = principal(ctx);
         let command = amplog_commands::CommandContext::new(who.project_id, who.actor());
         let state = app(ctx).service.load::<amplog_domain::connect_session::ConnectSession>(&command, id).await?.state;
-        ConnectSession::of(id, &state).ok_or(ApiError::NotFound("connect session"))
+        let own = state.request.as_ref().is_some_and(|r| who.sees_group(&r.group_ref));
+        ConnectSession::of(id, &state).filter(|_| own).ok_or(ApiError::NotFound("connect session"))
     }
 
     async fn operation(&self, ctx: &Context<'_>, id: Uuid) -> Result<Operation> {
@@ -207,23 +220,30 @@ impl Query {
         after: Option<String>,
         #[graphql(default = 1000)] first: i32,
     ) -> Result<HistoryPage> {
-        super::check_times(&[("from", from), ("to", to)])?;
-        if !(1..=MAX_HISTORY_PAGE).contains(&first) {
-            return Err(ApiError::bad_request(
-                "invalid_input",
-                format!("`first` must be 1 to {MAX_HISTORY_PAGE}; page with `after`"),
-            ));
-        }
+        let range = history_range(after, from, to, first)?;
         let db = db(ctx);
         require_installation(db, id).await?;
-        let after = after.as_deref().map(parse_log_cursor).transpose()?.unwrap_or_default();
-        let first = first as i64;
-        let range = HistoryRange { after, from, to, limit: first + 1 };
-        let mut events = audit::installation_history_in(&mut *db.conn().await?, &id.to_string(), range).await?;
-        let has_next_page = events.len() as i64 > first;
-        events.truncate(first as usize);
-        let end_cursor = events.last().map(|e| format!("{}:{}", e.transaction_id, e.position));
-        Ok(HistoryPage { events: events.into_iter().map(AuditEvent::from).collect(), end_cursor, has_next_page })
+        let events = audit::installation_history_in(&mut *db.conn().await?, &id.to_string(), range).await?;
+        Ok(history_page(events, first))
+    }
+
+    /// The project's configuration history in log order, with actors: API keys made and
+    /// revoked, destinations, provider apps, connect sessions (digests and fingerprints,
+    /// never secrets). Page with `after`.
+    #[graphql(complexity = "history_complexity(first)")]
+    async fn project_history(
+        &self,
+        ctx: &Context<'_>,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        after: Option<String>,
+        #[graphql(default = 1000)] first: i32,
+    ) -> Result<HistoryPage> {
+        principal(ctx).require_key()?;
+        let project = principal(ctx).project_id;
+        let range = history_range(after, from, to, first)?;
+        let events = audit::project_history_in(&mut *db(ctx).conn().await?, project.0, range).await?;
+        Ok(history_page(events, first))
     }
 
     /// The installation, its connection and its operations as they stood at `at` (a time)
@@ -294,6 +314,7 @@ impl Query {
 
     /// The project's destinations (names and URLs; secrets are never shown again).
     async fn destinations(&self, ctx: &Context<'_>) -> Result<Vec<Destination>> {
+        principal(ctx).require_key()?;
         let project = principal(ctx).project_id;
         let listed = amplog_commands::destinations::list(app(ctx).service.pool(), project).await?;
         Ok(listed.into_iter().map(|(name, url, disabled)| Destination { name, url, disabled }).collect())
@@ -302,7 +323,13 @@ impl Query {
     /// Who is asking: the key's project and scope.
     async fn viewer(&self, ctx: &Context<'_>) -> Viewer {
         let p = principal(ctx);
-        Viewer { project_id: p.project_id.0, key_id: p.key_id, scope: p.scope.as_str().into() }
+        Viewer {
+            project_id: p.project_id.0,
+            key_id: p.key_id,
+            scope: p.scope.as_str().into(),
+            group_ref: p.group.clone(),
+            consumer_ref: p.consumer.clone(),
+        }
     }
 }
 
@@ -317,8 +344,23 @@ pub struct Destination {
 #[derive(SimpleObject)]
 pub struct Viewer {
     pub project_id: Uuid,
+    /// The API key's id, or the JWT key's for an end user's token.
     pub key_id: Uuid,
     pub scope: String,
+    /// An end user's group and consumer (from the token); none for an API key.
+    pub group_ref: Option<String>,
+    pub consumer_ref: Option<String>,
+}
+
+/// A public key end users' tokens are verified with.
+#[derive(SimpleObject)]
+pub struct JwtKey {
+    /// The `kid` tokens name in their header.
+    pub kid: Uuid,
+    /// `EdDSA`, `ES256` or `RS256`.
+    pub algorithm: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
 }
 
 /// Complexity of a paginated field: its page size times what each item costs.
@@ -341,10 +383,13 @@ fn parse_log_cursor(s: &str) -> Result<LogCursor, ApiError> {
     Ok(LogCursor { transaction_id: xid.parse().map_err(|_| bad())?, position: position.parse().map_err(|_| bad())? })
 }
 
-/// The installation exists and is the caller's (otherwise: not found, as for any id).
+/// The installation exists and is the caller's — its project's (from the log: a just-made
+/// one too) and, for an end user's token, its group's; otherwise: not found, as any id.
 pub async fn require_installation(db: &crate::tenant::TenantDb, id: Uuid) -> Result<(), ApiError> {
     let found: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM events WHERE aggregate_type = 'installation' AND aggregate_id = $1 AND project_id = $2 LIMIT 1",
+        "SELECT 1 FROM events WHERE aggregate_type = 'installation' AND aggregate_id = $1 AND project_id = $2
+           AND (amplog_current_group() IS NULL OR (event_type = 'Created' AND payload->>'group_ref' = amplog_current_group()))
+         LIMIT 1",
     )
     .bind(id.to_string())
     .bind(db.project.0)
@@ -408,6 +453,32 @@ impl Installation {
         let docs = loader(ctx).load_one(key).await?.unwrap_or_default();
         Ok(docs.into_iter().map(Into::into).collect())
     }
+}
+
+/// A history page's range: after the cursor, one more than `first` (to know whether a next
+/// page exists).
+fn history_range(
+    after: Option<String>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    first: i32,
+) -> Result<HistoryRange> {
+    super::check_times(&[("from", from), ("to", to)])?;
+    if !(1..=MAX_HISTORY_PAGE).contains(&first) {
+        return Err(ApiError::bad_request(
+            "invalid_input",
+            format!("`first` must be 1 to {MAX_HISTORY_PAGE}; page with `after`"),
+        ));
+    }
+    let after = after.as_deref().map(parse_log_cursor).transpose()?.unwrap_or_default();
+    Ok(HistoryRange { after, from, to, limit: first as i64 + 1 })
+}
+
+fn history_page(mut events: Vec<amplog_log::RecordedEvent>, first: i32) -> HistoryPage {
+    let has_next_page = events.len() > first as usize;
+    events.truncate(first as usize);
+    let end_cursor = events.last().map(|e| format!("{}:{}", e.transaction_id, e.position));
+    HistoryPage { events: events.into_iter().map(AuditEvent::from).collect(), end_cursor, has_next_page }
 }
 
 #[derive(SimpleObject)]

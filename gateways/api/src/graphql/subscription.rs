@@ -132,7 +132,8 @@ impl Subscription {
     ) -> Result<impl Stream<Item = Operation> + use<>> {
         let app: Arc<AppState> = ctx.data_unchecked::<Arc<AppState>>().clone();
         let project = principal(ctx).project_id;
-        let db = TenantDb::new(app.service.pool().clone(), project, app.config.statement_timeout_ms);
+        let db = TenantDb::new(app.service.pool().clone(), project, app.config.statement_timeout_ms)
+            .with_group(principal(ctx).group.clone());
         require_installation(&db, installation_id).await?;
         db.release().await;
         let mut feed = app.feeds.subscribe(&app, project, installation_id).await?;

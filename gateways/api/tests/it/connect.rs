@@ -39,7 +39,7 @@ impl Connect {
         };
         let manifest = Manifest { objects: vec![object("contacts", false), object("deals", true)] };
         world.service.deploy_revision(&world.ctx, world.integration, &manifest).await.expect("revision 2");
-        let keys = Keys::new(world.db.pool.clone());
+        let keys = Keys::new(&world.service);
         let config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             connectors: world.connectors.clone(),
@@ -477,5 +477,109 @@ async fn a_bad_credentials_connection_is_reconnected_through_the_page_and_reads_
         .await
         .unwrap_err();
     assert_eq!(refused.code(), "installation.connection_revoked");
+    c.stop().await;
+}
+
+/// Every configuration change is an event of the log, in order, with its actor: API keys
+/// made and revoked, destinations, the provider app and its update, a connect session's
+/// steps. `projectHistory` and the NDJSON export show the same events, no secret is in
+/// them, and the chains verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn project_history_shows_every_configuration_change_with_its_actor() {
+    let c = Connect::start().await;
+    let keys = Keys::new(&c.world.service);
+    let (revoked, _) = keys.create(c.world.ctx.project_id, Scope::Read, Some("short-lived")).await.unwrap();
+    assert!(keys.revoke(revoked).await.unwrap());
+    assert!(!keys.revoke(revoked).await.unwrap(), "a second revocation records nothing");
+    c.provider_app().await;
+    let update = "mutation($i: ProviderAppInput!) { updateProviderApp(input: $i) { clientId } }";
+    let body = c
+        .gql(
+            &c.admin,
+            update,
+            json!({"i": {"provider": "simulator", "clientId": "amplog-demo", "clientSecret": SimConfig::default().client_secret,
+            "returnUrls": [format!("{}/connected", c.builder)]}}),
+        )
+        .await;
+    assert!(body["errors"].is_null(), "{body}");
+    let body = c
+        .gql(
+            &c.admin,
+            "mutation { createDestination(name: \"crm\", url: \"http://127.0.0.1:9/hooks\") { signingSecret } }",
+            json!({}),
+        )
+        .await;
+    let signing = body["data"]["createDestination"]["signingSecret"].as_str().unwrap_or_default().to_string();
+    let (_, link) = c.link("globex", json!({})).await;
+    let (callback, cookie) = approve(&c, &link).await;
+    let choose = c.http.get(&callback).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(choose.status(), 200);
+
+    let query = "query($after: String) { projectHistory(first: 4, after: $after) {
+        events { aggregateType eventType actor payload } endCursor hasNextPage } }";
+    let mut events = Vec::new();
+    let mut after = Value::Null;
+    for _ in 0..20 {
+        let body = c.gql(&c.admin, query, json!({"after": after})).await;
+        let page = &body["data"]["projectHistory"];
+        events.extend(page["events"].as_array().unwrap_or_else(|| panic!("{body}")).iter().cloned());
+        if page["hasNextPage"] != true {
+            break;
+        }
+        after = page["endCursor"].clone();
+    }
+    let seen: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                format!("{}.{}", e["aggregateType"].as_str().unwrap(), e["eventType"].as_str().unwrap()),
+                e["actor"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let kinds: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "project.Created",
+            "project.DestinationPut",
+            "project.ApiKeyCreated",
+            "project.ApiKeyCreated",
+            "project.ApiKeyCreated",
+            "project.ApiKeyRevoked",
+            "provider_app.Created",
+            "provider_app.Updated",
+            "project.DestinationPut",
+            "connect_session.Created",
+            "connect_session.AuthorizationStarted",
+            "connect_session.Connected",
+        ],
+        "{seen:?}"
+    );
+    let actor = |i: usize| seen[i].1.as_str();
+    assert_eq!((actor(0), actor(2), actor(5)), ("test", "operator", "operator"));
+    assert!(actor(6).starts_with("api_key:") && actor(9).starts_with("api_key:"), "{seen:?}");
+    assert!(actor(10).starts_with("connect_session:"), "{seen:?}");
+    let text = serde_json::to_string(&events).unwrap();
+    let token = link.rsplit('/').next().unwrap();
+    for secret in
+        ["amplog-demo-secret", "rotated-secret", signing.as_str(), token, amplog_simulator::testing::SINK_SECRET]
+    {
+        assert!(!secret.is_empty() && !text.contains(secret), "a secret in the history: {secret}");
+    }
+    // The NDJSON export: the same events.
+    let export =
+        c.http.get(format!("{}/v1/audit/project/events", c.base)).header("x-api-key", &c.admin).send().await.unwrap();
+    assert_eq!(export.headers()["content-type"], "application/x-ndjson");
+    let lines: Vec<Value> = export.text().await.unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let exported: Vec<String> = lines
+        .iter()
+        .map(|l| format!("{}.{}", l["aggregate_type"].as_str().unwrap(), l["event_type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(exported, kinds);
+    // The chains verify.
+    let mut conn = c.world.db.pool.acquire().await.unwrap();
+    let report = amplog_log::audit::verify(&mut conn, None, |_| {}).await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
     c.stop().await;
 }

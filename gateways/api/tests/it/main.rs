@@ -4,5 +4,6 @@ mod api;
 mod audit;
 mod browser;
 mod connect;
+mod jwt;
 mod security;
 mod sync;

@@ -168,7 +168,7 @@ async fn scopes_limit_what_a_key_does_and_a_revoked_key_is_refused_within_a_seco
     // Revoked elsewhere (another replica, the CLI): this server refuses it within a second.
     let key_id: Uuid = id_part.trim_start_matches("amp_").parse().unwrap();
     app.data(&p.read, "{ viewer { scope } }", json!({})).await; // now cached as valid
-    let elsewhere = amplog_api::Keys::new(app.db.pool.clone());
+    let elsewhere = amplog_api::Keys::new(&app.service);
     assert!(elsewhere.revoke(key_id).await.unwrap());
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, body) = app.gql(&p.read, "{ viewer { scope } }", json!({})).await;
@@ -716,7 +716,8 @@ async fn an_unreachable_database_answers_a_retryable_503_with_a_code() {
         amplog_commands::testing::credential_store(),
     );
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
-    let server = amplog_api::server::Server::start(config, service, amplog_api::Keys::new(pool)).await.unwrap();
+    let server =
+        amplog_api::server::Server::start(config, service.clone(), amplog_api::Keys::new(&service)).await.unwrap();
     let client = amplog_providers::connector::http_client().build().unwrap();
     let key = format!("amp_{}_secret", Uuid::now_v7().simple());
     let response = client
@@ -801,7 +802,7 @@ async fn a_postgresql_restart_answers_503_and_the_server_recovers() {
     );
     let ctx = amplog_commands::CommandContext::new(amplog_domain::ProjectId(Uuid::now_v7()), "test");
     service.create_project(&ctx, "Acme").await.unwrap();
-    let keys = amplog_api::Keys::new(pool.clone());
+    let keys = amplog_api::Keys::new(&service);
     let (_, key) = keys.create(ctx.project_id, amplog_api::Scope::Read, None).await.unwrap();
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
     let server = amplog_api::server::Server::start(config, service, keys).await.unwrap();

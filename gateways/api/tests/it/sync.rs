@@ -15,7 +15,7 @@ fn config(records: usize) -> SimConfig {
 async fn a_write_from_a_mutation_reports_a_result_per_record() {
     use amplog_api::{Keys, Scope, Server, ServerConfig};
     let world = SyncWorld::start(config(10)).await;
-    let keys = Keys::new(world.db.pool.clone());
+    let keys = Keys::new(&world.service);
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
     let server = Server::start(config, world.service.clone(), keys.clone()).await.unwrap();
     let (_, key) = keys.create(world.ctx.project_id, Scope::Write, None).await.unwrap();
@@ -85,7 +85,7 @@ async fn a_scrape_after_a_sync_run_passes_promtool_and_needs_the_token() {
         metrics_per_project: true,
         ..ServerConfig::default()
     };
-    let server = Server::start(config, world.service.clone(), Keys::new(world.db.pool.clone())).await.unwrap();
+    let server = Server::start(config, world.service.clone(), Keys::new(&world.service)).await.unwrap();
     let client = amplog_providers::connector::http_client().build().unwrap();
     let url = format!("http://{}/metrics", server.addr);
     for token in [None, Some("wrong")] {

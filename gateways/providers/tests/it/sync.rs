@@ -463,16 +463,8 @@ async fn a_receiver_answering_redirects_loses_nothing_and_gone_stops_the_read() 
     );
     assert_eq!(count(&world.events_of("operation", deals.0).await, "DeliveryAttempted"), 0);
     let url = listed[0].1.clone();
-    amplog_commands::destinations::put(
-        &world.db.pool,
-        world.service.credentials(),
-        world.ctx.project_id,
-        "default",
-        &url,
-        Some(amplog_commands::credentials::Secret(amplog_simulator::testing::SINK_SECRET.into())),
-    )
-    .await
-    .unwrap();
+    let secret = amplog_commands::credentials::Secret(amplog_simulator::testing::SINK_SECRET.into());
+    world.service.put_destination(&world.ctx, "default", &url, Some(secret)).await.unwrap();
     let again = world.request_read("deals").await;
     assert_eq!(world.finished(again, Duration::from_secs(60)).await.status, OperationStatus::Succeeded);
     dispatch.abort();
