@@ -91,10 +91,21 @@ pub enum Cmd {
         #[command(subcommand)]
         command: DestinationsCmd,
     },
+    /// Organizations: above projects.
+    Orgs {
+        #[command(subcommand)]
+        command: OrgsCmd,
+    },
     /// Projects (tenants).
     Projects {
         #[command(subcommand)]
         command: ProjectsCmd,
+    },
+    /// Admin keys (a deployment operator's, allowed in every project with `X-Admin-Key`):
+    /// create (printed once), revoke.
+    AdminKeys {
+        #[command(subcommand)]
+        command: AdminKeysCmd,
     },
     /// API keys: create (printed once), list, revoke.
     Keys {
@@ -154,9 +165,30 @@ pub enum DestinationsCmd {
 }
 
 #[derive(Subcommand)]
-pub enum ProjectsCmd {
-    /// Create a project; prints its id.
+pub enum OrgsCmd {
+    /// Create an organization; prints its id.
     Create { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum ProjectsCmd {
+    /// Create a project (in an organization with `--org`); prints its id.
+    Create {
+        name: String,
+        #[arg(long)]
+        org: Option<uuid::Uuid>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AdminKeysCmd {
+    /// Create an admin key and print it (the only time it is shown).
+    Create {
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Revoke an admin key by its id.
+    Revoke { id: uuid::Uuid },
 }
 
 #[derive(Subcommand)]
@@ -253,7 +285,12 @@ pub async fn run(app: &mut config::App, command: Cmd, kafka: &KafkaArgs) -> Resu
             let config = crate::settings::server_config(config.as_deref(), listen, dev)?;
             serve::run(app, config, InProcess { projectors, workers, demo }, kafka).await
         }
-        Cmd::Projects { command: ProjectsCmd::Create { name } } => serve::create_project(app, &name).await,
+        Cmd::Orgs { command: OrgsCmd::Create { name } } => serve::create_org(app, &name).await,
+        Cmd::Projects { command: ProjectsCmd::Create { name, org } } => serve::create_project(app, &name, org).await,
+        Cmd::AdminKeys { command } => match command {
+            AdminKeysCmd::Create { label } => serve::create_admin_key(app, label.as_deref()).await,
+            AdminKeysCmd::Revoke { id } => serve::revoke_admin_key(app, id).await,
+        },
         Cmd::Keys { command } => match command {
             KeysCmd::Create { project, scope, label } => {
                 serve::create_key(app, project, &scope, label.as_deref()).await

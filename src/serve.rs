@@ -97,9 +97,37 @@ pub async fn run(
     Ok(0)
 }
 
-pub async fn create_project(app: &App, name: &str) -> Result<i32> {
+pub async fn create_org(app: &App, name: &str) -> Result<i32> {
+    let id = Uuid::now_v7();
+    app.service()?.create_organization(id, name, "cli").await?;
+    println!("{id}");
+    Ok(0)
+}
+
+pub async fn create_admin_key(app: &App, label: Option<&str>) -> Result<i32> {
+    let (id, key) = Keys::new(&app.service()?).create_admin_key(label).await?;
+    eprintln!("admin key {id}: send it as X-Admin-Key with X-Amplog-Project; it is shown once, keep it now:");
+    println!("{key}");
+    Ok(0)
+}
+
+pub async fn revoke_admin_key(app: &App, id: Uuid) -> Result<i32> {
+    if Keys::new(&app.service()?).revoke_admin_key(id).await? {
+        println!("revoked {id}");
+        Ok(0)
+    } else {
+        bail!("no live admin key {id}");
+    }
+}
+
+pub async fn create_project(app: &App, name: &str, org: Option<Uuid>) -> Result<i32> {
     let id = ProjectId(Uuid::now_v7());
-    let outcome = app.service()?.create_project(&CommandContext::new(id, "cli"), name).await?;
+    let ctx = CommandContext::new(id, "cli");
+    let service = app.service()?;
+    let outcome = match org {
+        Some(org) => service.create_project_in(&ctx, name, org).await?,
+        None => service.create_project(&ctx, name).await?,
+    };
     tracing::info!(project = %id, events = outcome.events.len(), "project created");
     println!("{id}");
     Ok(0)

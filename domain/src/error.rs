@@ -1,10 +1,12 @@
 //! The one error of the domain boundary: a rejected command, by aggregate.
 
+use crate::admin_key::AdminKeyError;
 use crate::connect_session::ConnectSessionError;
 use crate::connection::ConnectionError;
 use crate::installation::InstallationError;
 use crate::integration::IntegrationError;
 use crate::operation::OperationError;
+use crate::organization::OrganizationError;
 use crate::project::ProjectError;
 use crate::provider_app::ProviderAppError;
 
@@ -24,6 +26,10 @@ pub enum DomainError {
     ProviderApp(#[from] ProviderAppError),
     #[error(transparent)]
     ConnectSession(#[from] ConnectSessionError),
+    #[error(transparent)]
+    Organization(#[from] OrganizationError),
+    #[error(transparent)]
+    AdminKey(#[from] AdminKeyError),
 }
 
 impl DomainError {
@@ -37,6 +43,8 @@ impl DomainError {
             DomainError::Operation(e) => ("operation", e.code()),
             DomainError::ProviderApp(e) => ("provider_app", e.code()),
             DomainError::ConnectSession(e) => ("connect_session", e.code()),
+            DomainError::Organization(e) => ("organization", e.code()),
+            DomainError::AdminKey(e) => ("admin_key", e.code()),
         };
         format!("{aggregate}.{variant}")
     }
@@ -58,6 +66,15 @@ mod tests {
             (DomainError::from(ProjectError::InvalidConfig).code(), "project.invalid_config"),
             (DomainError::from(ProjectError::DestinationDisabled).code(), "project.destination_disabled"),
             (DomainError::from(ProjectError::JwtKeyNotFound).code(), "project.jwt_key_not_found"),
+            (DomainError::from(ProjectError::AlreadyInOrganization).code(), "project.already_in_organization"),
+            (DomainError::from(OrganizationError::AlreadyExists).code(), "organization.already_exists"),
+            (DomainError::from(OrganizationError::NotFound).code(), "organization.not_found"),
+            (DomainError::from(OrganizationError::InvalidName).code(), "organization.invalid_name"),
+            (DomainError::from(OrganizationError::AlreadyAdded).code(), "organization.already_added"),
+            (DomainError::from(AdminKeyError::AlreadyExists).code(), "admin_key.already_exists"),
+            (DomainError::from(AdminKeyError::NotFound).code(), "admin_key.not_found"),
+            (DomainError::from(AdminKeyError::Revoked).code(), "admin_key.revoked"),
+            (DomainError::from(AdminKeyError::InvalidText).code(), "admin_key.invalid_text"),
             (DomainError::from(IntegrationError::AlreadyDeclared).code(), "integration.already_declared"),
             (DomainError::from(IntegrationError::NotFound).code(), "integration.not_found"),
             (DomainError::from(IntegrationError::InvalidName).code(), "integration.invalid_name"),

@@ -1,7 +1,8 @@
 //! The pure domain of amplog: aggregates (Project, Integration, Connection, Installation,
-//! Operation, ProviderApp, ConnectSession), their commands, versioned events, state machines, typed errors and upcasters.
+//! Operation, ProviderApp, ConnectSession, Organization, AdminKey), their commands, versioned events, state machines, typed errors and upcasters.
 //! No IO, no clock, no id generation: time and ids arrive inside the commands.
 
+pub mod admin_key;
 pub mod aggregate;
 pub mod connect_session;
 pub mod connection;
@@ -10,6 +11,7 @@ pub mod ids;
 pub mod installation;
 pub mod integration;
 pub mod operation;
+pub mod organization;
 pub mod project;
 pub mod provider_app;
 pub mod schedule;

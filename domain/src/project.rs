@@ -20,6 +20,7 @@ pub enum ProjectCommand {
     DisableDestination { name: String, reason: String, at: DateTime<Utc> },
     RecordJwtKey { kid: Uuid, algorithm: String, fingerprint: String, at: DateTime<Utc> },
     RevokeJwtKey { kid: Uuid, at: DateTime<Utc> },
+    JoinOrganization { organization_id: Uuid, at: DateTime<Utc> },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -65,6 +66,11 @@ pub enum ProjectEvent {
         kid: Uuid,
         at: DateTime<Utc>,
     },
+    /// The project belongs to an organization from now on (made in it).
+    JoinedOrganization {
+        organization_id: Uuid,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ProjectEvent {
@@ -89,6 +95,8 @@ pub enum ProjectError {
     DestinationDisabled,
     #[error("no live JWT key with this id")]
     JwtKeyNotFound,
+    #[error("the project already belongs to an organization")]
+    AlreadyInOrganization,
 }
 
 impl ProjectError {
@@ -103,6 +111,7 @@ impl ProjectError {
             ProjectError::InvalidConfig => "invalid_config",
             ProjectError::DestinationDisabled => "destination_disabled",
             ProjectError::JwtKeyNotFound => "jwt_key_not_found",
+            ProjectError::AlreadyInOrganization => "already_in_organization",
         }
     }
 }
@@ -121,6 +130,8 @@ pub struct Project {
     /// JWT keys by id: live or not.
     #[serde(default)]
     pub jwt_keys: BTreeMap<Uuid, bool>,
+    #[serde(default)]
+    pub organization_id: Option<Uuid>,
 }
 
 fn text(value: &str) -> bool {
@@ -233,6 +244,15 @@ impl Aggregate for Project {
                 }
                 Ok(vec![ProjectEvent::JwtKeyRevoked { kid: *kid, at: *at }])
             }
+            ProjectCommand::JoinOrganization { organization_id, at } => {
+                if !self.exists {
+                    return Err(ProjectError::NotFound);
+                }
+                if self.organization_id.is_some() {
+                    return Err(ProjectError::AlreadyInOrganization);
+                }
+                Ok(vec![ProjectEvent::JoinedOrganization { organization_id: *organization_id, at: *at }])
+            }
         }
     }
 
@@ -261,6 +281,7 @@ impl Aggregate for Project {
             ProjectEvent::JwtKeyRevoked { kid, .. } => {
                 self.jwt_keys.insert(*kid, false);
             }
+            ProjectEvent::JoinedOrganization { organization_id, .. } => self.organization_id = Some(*organization_id),
         }
     }
 }

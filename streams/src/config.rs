@@ -7,8 +7,17 @@ use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
 
 /// The aggregate types that get a topic each.
-pub const AGGREGATE_TYPES: &[&str] =
-    &["project", "integration", "connection", "installation", "operation", "provider_app", "connect_session"];
+pub const AGGREGATE_TYPES: &[&str] = &[
+    "project",
+    "integration",
+    "connection",
+    "installation",
+    "operation",
+    "provider_app",
+    "connect_session",
+    "organization",
+    "admin_key",
+];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KafkaConfig {

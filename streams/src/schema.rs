@@ -5,11 +5,13 @@
 
 use crate::envelope::CloudEvent;
 use crate::jobs::Job;
+use amplog_domain::admin_key::AdminKeyEvent;
 use amplog_domain::connect_session::ConnectSessionEvent;
 use amplog_domain::connection::ConnectionEvent;
 use amplog_domain::installation::InstallationEvent;
 use amplog_domain::integration::IntegrationEvent;
 use amplog_domain::operation::OperationEvent;
+use amplog_domain::organization::OrganizationEvent;
 use amplog_domain::project::ProjectEvent;
 use amplog_domain::provider_app::ProviderAppEvent;
 use amplog_domain::upcast::UPCASTERS;
@@ -37,6 +39,8 @@ pub fn schemas() -> BTreeMap<String, String> {
         ("operation", schemars::schema_for!(OperationEvent)),
         ("provider_app", schemars::schema_for!(ProviderAppEvent)),
         ("connect_session", schemars::schema_for!(ConnectSessionEvent)),
+        ("organization", schemars::schema_for!(OrganizationEvent)),
+        ("admin_key", schemars::schema_for!(AdminKeyEvent)),
     ];
     for (aggregate, schema) in events {
         let root = schema.as_value();

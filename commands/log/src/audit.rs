@@ -105,12 +105,10 @@ pub async fn installation_history_in(
     }
 }
 
-/// The aggregate types whose streams are a project's configuration.
-pub const CONFIGURATION_TYPES: [&str; 3] = ["project", "provider_app", "connect_session"];
-
 /// The part of a project's configuration history `range` selects, in log order: its own
-/// stream (API keys, destinations), its provider apps' and its connect sessions' (through
-/// the partial index `events_configuration`).
+/// stream (API keys, destinations, JWT keys), its provider apps' and connect sessions',
+/// its organization's record of it, admin keys' uses in it (through the partial index
+/// `events_configuration`).
 pub async fn project_history_in(
     conn: &mut PgConnection,
     project_id: uuid::Uuid,
@@ -118,7 +116,8 @@ pub async fn project_history_in(
 ) -> Result<Vec<RecordedEvent>, LogError> {
     let rows = sqlx::query(&format!(
         "SELECT {EVENT_COLUMNS} FROM events
-         WHERE project_id = $1 AND aggregate_type IN ('project', 'provider_app', 'connect_session')
+         WHERE project_id = $1
+           AND aggregate_type IN ('project', 'provider_app', 'connect_session', 'organization', 'admin_key')
            AND (transaction_id, position) > ($2::text::xid8, $3)
            AND ($4::timestamptz IS NULL OR recorded_at >= $4)
            AND ($5::timestamptz IS NULL OR recorded_at <= $5)
@@ -134,6 +133,16 @@ pub async fn project_history_in(
     .fetch_all(&mut *conn)
     .await?;
     rows.iter().map(|row| StoredEvent::from_row(row)?.parse()).collect()
+}
+
+/// The ids of every stream of `aggregate_type`, in the order they began.
+pub async fn stream_ids(conn: &mut PgConnection, aggregate_type: &str) -> Result<Vec<String>, LogError> {
+    Ok(sqlx::query_scalar(
+        "SELECT aggregate_id FROM events WHERE aggregate_type = $1 AND sequence = 1 ORDER BY transaction_id, position",
+    )
+    .bind(aggregate_type)
+    .fetch_all(conn)
+    .await?)
 }
 
 /// What is wrong at one event of a stream.

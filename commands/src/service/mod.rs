@@ -32,6 +32,7 @@ mod connections;
 mod installations;
 mod integrations;
 mod operations;
+mod operators;
 mod projects;
 
 fn manifest_digest(manifest: &Manifest) -> String {
@@ -312,11 +313,18 @@ impl Owned for ProviderApp {
     }
 }
 
-impl Owned for Project {
-    fn owner(&self) -> Option<ProjectId> {
-        None
-    }
+/// A project's stream is the project itself; organizations and admin keys stand above
+/// projects: none is scoped to the caller's project.
+macro_rules! unowned {
+    ($($t:ty),*) => {$(
+        impl Owned for $t {
+            fn owner(&self) -> Option<ProjectId> {
+                None
+            }
+        }
+    )*};
 }
+unowned!(Project, organization::Organization, admin_key::AdminKey);
 
 fn scoped<A: Aggregate + Owned>(ctx: &CommandContext, mut loaded: Loaded<A>) -> Loaded<A> {
     if loaded.state.owner().is_some_and(|owner| owner != ctx.project_id) {

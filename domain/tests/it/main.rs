@@ -4,5 +4,6 @@ mod connect;
 mod connection;
 mod installation;
 mod operation;
+mod organization;
 mod project_integration;
 mod support;

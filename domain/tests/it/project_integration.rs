@@ -48,12 +48,24 @@ fn project_every_command_in_every_state() {
             "disable-destination",
             ProjectCommand::DisableDestination { name: "default".into(), reason: "410".into(), at: t(5) },
         ),
+        (
+            "record-jwt-key",
+            ProjectCommand::RecordJwtKey {
+                kid: key,
+                algorithm: "EdDSA".into(),
+                fingerprint: "sha256:ef".into(),
+                at: t(5),
+            },
+        ),
+        ("revoke-jwt-key", ProjectCommand::RevokeJwtKey { kid: key, at: t(5) }),
+        ("join-organization", ProjectCommand::JoinOrganization { organization_id: key, at: t(5) }),
     ];
     let table: Vec<(&str, Vec<Expect<ProjectError>>)> = vec![
         (
             "none",
             vec![
                 Ok(&["Created"]),
+                Err(NotFound),
                 Err(NotFound),
                 Err(NotFound),
                 Err(NotFound),
@@ -75,6 +87,7 @@ fn project_every_command_in_every_state() {
                 Ok(&["DestinationDisabled"]),
                 Ok(&["JwtKeyCreated"]),
                 Err(JwtKeyNotFound),
+                Ok(&["JoinedOrganization"]),
             ],
         ),
         (
@@ -88,6 +101,7 @@ fn project_every_command_in_every_state() {
                 Err(DestinationDisabled),
                 Ok(&["JwtKeyCreated"]),
                 Err(JwtKeyNotFound),
+                Ok(&["JoinedOrganization"]),
             ],
         ),
     ];
@@ -97,6 +111,9 @@ fn project_every_command_in_every_state() {
     given::<Project>(std::slice::from_ref(&created))
         .when(ProjectCommand::RecordApiKey { key_id: key, scope: "".into(), label: None, at: t(1) })
         .then_err(InvalidConfig);
+    given::<Project>(&[created.clone(), ProjectEvent::JoinedOrganization { organization_id: key, at: t(1) }])
+        .when(ProjectCommand::JoinOrganization { organization_id: key, at: t(2) })
+        .then_err(AlreadyInOrganization);
     let with_jwt_key = [
         created.clone(),
         ProjectEvent::JwtKeyCreated { kid: key, algorithm: "ES256".into(), fingerprint: "f".into(), at: t(1) },

@@ -59,6 +59,8 @@ pub struct Principal {
     /// An end user's group (`group_ref` of the token): everything else is out of sight.
     pub group: Option<String>,
     pub consumer: Option<String>,
+    /// A deployment operator's admin key (`key_id` is its id), acting in `project_id`.
+    pub admin: bool,
 }
 
 impl Principal {
@@ -87,9 +89,10 @@ impl Principal {
     /// The actor recorded in events' metadata: the key's id, never the key; for an end
     /// user, the JWT key and the group.
     pub fn actor(&self) -> String {
-        match &self.group {
-            Some(group) => format!("jwt:{}:{group}", self.key_id),
-            None => format!("api_key:{}", self.key_id),
+        match (&self.group, self.admin) {
+            (Some(group), _) => format!("jwt:{}:{group}", self.key_id),
+            (None, true) => format!("admin_key:{}", self.key_id),
+            (None, false) => format!("api_key:{}", self.key_id),
         }
     }
 }
@@ -106,6 +109,7 @@ pub struct KeyInfo {
 }
 
 const PREFIX: &str = "amp_";
+const ADMIN_PREFIX: &str = "amk_";
 
 /// The longest an end user's token may live (its `exp` from now), and the clock skew
 /// allowed either way.
@@ -169,6 +173,8 @@ pub struct Keys {
     service: CommandService,
     pool: PgPool,
     cache: moka::sync::Cache<[u8; 32], Option<Principal>>,
+    /// Admin keys by digest: their id while live.
+    admin_cache: moka::sync::Cache<[u8; 32], Option<Uuid>>,
 }
 
 /// Who makes and revokes keys: the deployment's operator, through the CLI.
@@ -184,6 +190,7 @@ impl Keys {
             service: service.clone(),
             pool: service.pool().clone(),
             cache: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(ttl).build(),
+            admin_cache: moka::sync::Cache::builder().max_capacity(1_000).time_to_live(ttl).build(),
         }
     }
 
@@ -280,6 +287,7 @@ impl Keys {
                 scope: Scope::parse(row.get("scope")).unwrap_or(Scope::Read),
                 group: None,
                 consumer: None,
+                admin: false,
             })
         }))
     }
@@ -324,6 +332,7 @@ impl Keys {
             scope: Scope::Write,
             group: Some(claims.group_ref),
             consumer: claims.consumer_ref,
+            admin: false,
         }))
     }
 
@@ -344,6 +353,69 @@ impl Keys {
         let outcome = self.service.revoke_jwt_key(ctx, kid).await?;
         self.cache.invalidate_all();
         Ok(outcome)
+    }
+
+    /// Makes an admin key (its `Created` recorded on its own stream); the returned key is
+    /// shown once and stored nowhere.
+    pub async fn create_admin_key(&self, label: Option<&str>) -> Result<(Uuid, String), ApiError> {
+        let id = Uuid::now_v7();
+        let secret =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(amplog_commands::credentials::random_bytes::<32>());
+        let key = format!("{ADMIN_PREFIX}{}_{secret}", id.simple());
+        self.service.record_admin_key(id, &digest(&key), label, OPERATOR).await?;
+        tracing::info!(admin_key = %id, "admin key created");
+        Ok((id, key))
+    }
+
+    /// Revokes an admin key; returns whether it was live.
+    pub async fn revoke_admin_key(&self, id: Uuid) -> Result<bool, ApiError> {
+        let revoked = self.service.revoke_admin_key(id, OPERATOR).await?.is_some();
+        self.admin_cache.invalidate_all();
+        tracing::info!(admin_key = %id, revoked, "admin key revocation");
+        Ok(revoked)
+    }
+
+    /// The principal of an admin key acting in `project` (which must exist); the use is
+    /// recorded on the key's stream before the request runs (`what`: the request's kind).
+    pub async fn authenticate_admin(
+        &self,
+        presented: &str,
+        project: ProjectId,
+        what: &str,
+    ) -> Result<Principal, ApiError> {
+        let presented_digest = digest(presented);
+        let id = match self.admin_cache.get(&presented_digest) {
+            Some(cached) => cached,
+            None => {
+                let id = self.admin_lookup(presented, &presented_digest).await?;
+                self.admin_cache.insert(presented_digest, id);
+                id
+            }
+        };
+        let id = id.ok_or(ApiError::Unauthenticated)?;
+        let ctx = CommandContext::new(project, format!("admin_key:{id}"));
+        let exists = self.service.load::<amplog_domain::project::Project>(&ctx, project.0).await?.state.exists;
+        if !exists {
+            return Err(ApiError::NotFound("project"));
+        }
+        self.service.record_admin_key_use(id, project, what).await?;
+        Ok(Principal { key_id: id, project_id: project, scope: Scope::Admin, group: None, consumer: None, admin: true })
+    }
+
+    async fn admin_lookup(&self, presented: &str, presented_digest: &[u8; 32]) -> Result<Option<Uuid>, ApiError> {
+        let Some(id) = presented
+            .strip_prefix(ADMIN_PREFIX)
+            .and_then(|rest| rest.split_once('_'))
+            .and_then(|(id, _)| Uuid::try_parse(id).ok())
+        else {
+            return Ok(None);
+        };
+        let stored: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT digest FROM admin_keys WHERE id = $1 AND revoked_at IS NULL")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(stored.filter(|stored| bool::from(stored.as_slice().ct_eq(&presented_digest[..]))).map(|_| id))
     }
 
     pub async fn jwt_keys(&self, project: ProjectId) -> Result<Vec<JwtKeyInfo>, ApiError> {

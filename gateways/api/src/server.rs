@@ -143,7 +143,17 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+/// The caller: an admin key (`X-Admin-Key`, acting in the project `X-Amplog-Project`
+/// names; its use recorded as `what`), an API key or an end user's token.
+async fn authenticate(state: &AppState, headers: &HeaderMap, what: &str) -> Result<Principal, ApiError> {
+    if let Some(admin) = headers.get("x-admin-key") {
+        let admin = admin.to_str().map_err(|_| ApiError::Unauthenticated)?;
+        let project = headers.get("x-amplog-project").and_then(|v| v.to_str().ok()).ok_or_else(|| {
+            ApiError::bad_request("project_required", "an admin key names the project it acts in: X-Amplog-Project")
+        })?;
+        let project = Uuid::try_parse(project).map_err(|_| ApiError::NotFound("project"))?;
+        return state.keys.authenticate_admin(admin, amplog_domain::ProjectId(project), what).await;
+    }
     let key = presented_key(headers).ok_or(ApiError::Unauthenticated)?;
     state.keys.authenticate(key).await
 }
@@ -154,7 +164,7 @@ async fn graphql_http(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let state = &shared.state;
-    let principal = authenticate(state, &headers).await?;
+    let principal = authenticate(state, &headers, "graphql").await?;
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(state.config.body_limit),
         _ => ApiError::bad_request("bad_request", rejection.body_text()),
@@ -258,7 +268,7 @@ async fn graphql_ws(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let from_header = match presented_key(&headers) {
-        Some(key) => match authenticate(&shared.state, &headers).await {
+        Some(key) => match authenticate(&shared.state, &headers, "websocket").await {
             Ok(_) => Some(key.to_string()),
             Err(e) => return e.into_response(),
         },
@@ -511,7 +521,7 @@ async fn export(
     timeline: impl FnOnce(&Principal) -> Result<Timeline, ApiError>,
 ) -> Result<Response, ApiError> {
     let state = shared.state.clone();
-    let principal = authenticate(&state, &headers).await?;
+    let principal = authenticate(&state, &headers, "audit export").await?;
     principal.require(Scope::Read)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_input", e.body_text()))?;
     graphql::check_times(&[("from", params.from), ("to", params.to)])?;

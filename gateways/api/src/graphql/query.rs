@@ -140,6 +140,42 @@ impl Query {
         Ok(apps)
     }
 
+    /// The organization the project belongs to, if any.
+    async fn organization(&self, ctx: &Context<'_>) -> Result<Option<Organization>> {
+        let who = principal(ctx);
+        let command = amplog_commands::CommandContext::new(who.project_id, who.actor());
+        let service = &app(ctx).service;
+        let project = service.load::<amplog_domain::project::Project>(&command, who.project_id.0).await?.state;
+        let Some(id) = project.organization_id else { return Ok(None) };
+        let org = service.load::<amplog_domain::organization::Organization>(&command, id).await?.state;
+        Ok(Some(Organization { id, name: org.name, projects: None }))
+    }
+
+    /// Every organization with its projects: a deployment operator's view. Needs an admin
+    /// key (`X-Admin-Key`).
+    async fn organizations(&self, ctx: &Context<'_>) -> Result<Vec<Organization>> {
+        let who = principal(ctx);
+        if !who.admin {
+            return Err(ApiError::Forbidden { need: "an admin key", have: who.scope.as_str() });
+        }
+        let command = amplog_commands::CommandContext::new(who.project_id, who.actor());
+        let service = &app(ctx).service;
+        let mut conn = service.pool().acquire().await.map_err(|e| ApiError::Database(e.into()))?;
+        let ids = audit::stream_ids(&mut conn, "organization").await?;
+        drop(conn);
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids.iter().filter_map(|id| Uuid::try_parse(id).ok()) {
+            let org = service.load::<amplog_domain::organization::Organization>(&command, id).await?.state;
+            let mut projects = Vec::with_capacity(org.projects.len());
+            for project in &org.projects {
+                let state = service.load::<amplog_domain::project::Project>(&command, project.0).await?.state;
+                projects.push(ProjectRef { id: project.0, name: state.name });
+            }
+            out.push(Organization { id, name: org.name, projects: Some(projects) });
+        }
+        Ok(out)
+    }
+
     /// The project's JWT keys (revoked ones too). Needs an admin key.
     async fn jwt_keys(&self, ctx: &Context<'_>) -> Result<Vec<JwtKey>> {
         let who = principal(ctx);
@@ -350,6 +386,21 @@ pub struct Viewer {
     /// An end user's group and consumer (from the token); none for an API key.
     pub group_ref: Option<String>,
     pub consumer_ref: Option<String>,
+}
+
+/// An organization: above projects.
+#[derive(SimpleObject)]
+pub struct Organization {
+    pub id: Uuid,
+    pub name: String,
+    /// Its projects (for an admin key only).
+    pub projects: Option<Vec<ProjectRef>>,
+}
+
+#[derive(SimpleObject)]
+pub struct ProjectRef {
+    pub id: Uuid,
+    pub name: String,
 }
 
 /// A public key end users' tokens are verified with.

@@ -1,5 +1,6 @@
 //! The integration tests of this crate, one binary (each file a module).
 
+mod admin;
 mod api;
 mod audit;
 mod browser;
