@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 
 /// The longest a connect link may live.
 pub const MAX_LIFETIME_MINUTES: i64 = 24 * 60;
+/// How long after its expiry a connected session may still be completed (the user was
+/// choosing objects when the link ran out).
+pub const COMPLETION_GRACE_MINUTES: i64 = 60;
+/// The most attempts (presses of "Connect") one session takes.
+pub const MAX_ATTEMPTS: u32 = 20;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -130,6 +135,8 @@ pub enum ConnectSessionError {
     InvalidDigest,
     #[error("a failure reason must be 1 to 100 printable characters")]
     InvalidReason,
+    #[error("this connect link was tried too many times; ask for a new one")]
+    TooManyAttempts,
 }
 
 impl ConnectSessionError {
@@ -149,6 +156,7 @@ impl ConnectSessionError {
             ConnectSessionError::InvalidExpiry => "invalid_expiry",
             ConnectSessionError::InvalidDigest => "invalid_digest",
             ConnectSessionError::InvalidReason => "invalid_reason",
+            ConnectSessionError::TooManyAttempts => "too_many_attempts",
         }
     }
 }
@@ -167,10 +175,14 @@ pub struct ConnectSession {
     pub installation_id: Option<InstallationId>,
     pub failures: u32,
     pub last_failure: Option<String>,
+    /// Attempts started (presses of "Connect").
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 impl ConnectSession {
-    /// The session as the step at `at` may see it: existing, not expired, not completed.
+    /// The session as the step at `at` may see it: existing, not expired (a connected one
+    /// has a grace period to complete), not completed.
     fn live(&self, at: DateTime<Utc>) -> Result<SessionStatus, ConnectSessionError> {
         if !self.exists {
             return Err(ConnectSessionError::NotFound);
@@ -178,7 +190,11 @@ impl ConnectSession {
         if self.status == SessionStatus::Completed {
             return Err(ConnectSessionError::AlreadyCompleted);
         }
-        if self.expires_at.is_none_or(|end| at >= end) {
+        let grace = match self.status {
+            SessionStatus::Connected => Duration::minutes(COMPLETION_GRACE_MINUTES),
+            _ => Duration::zero(),
+        };
+        if self.expires_at.is_none_or(|end| at >= end + grace) {
             return Err(ConnectSessionError::Expired);
         }
         Ok(self.status)
@@ -236,6 +252,9 @@ impl Aggregate for ConnectSession {
                 if matches!(self.live(*at)?, S::Connected) {
                     return Err(Error::AlreadyConnected);
                 }
+                if self.attempts >= MAX_ATTEMPTS {
+                    return Err(Error::TooManyAttempts);
+                }
                 digest(state_digest)?;
                 Ok(vec![E::AuthorizationStarted { state_digest: state_digest.clone(), at: *at }])
             }
@@ -283,6 +302,7 @@ impl Aggregate for ConnectSession {
             ConnectSessionEvent::AuthorizationStarted { state_digest, .. } => {
                 self.status = SessionStatus::Authorizing;
                 self.state_digest = Some(state_digest.clone());
+                self.attempts += 1;
             }
             ConnectSessionEvent::AuthorizationFailed { reason, .. } => {
                 self.status = SessionStatus::Open;

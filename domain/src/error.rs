@@ -164,6 +164,7 @@ mod tests {
             (DomainError::from(ConnectSessionError::InvalidExpiry).code(), "connect_session.invalid_expiry"),
             (DomainError::from(ConnectSessionError::InvalidDigest).code(), "connect_session.invalid_digest"),
             (DomainError::from(ConnectSessionError::InvalidReason).code(), "connect_session.invalid_reason"),
+            (DomainError::from(ConnectSessionError::TooManyAttempts).code(), "connect_session.too_many_attempts"),
         ];
         for (got, want) in codes {
             assert_eq!(got, want);

@@ -136,10 +136,8 @@ impl CommandService {
         expires_at: DateTime<Utc>,
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
-        let mut uow = match self.begin(ctx, "connect_session.create", &(id, request, expires_at)).await? {
-            Begun::Replayed(outcome) => return Ok(outcome),
-            Begun::Fresh(uow) => uow,
-        };
+        // Its link token is made for it and shown once: a retry is a new session.
+        let mut uow = self.begin_unkeyed(ctx, "connect_session.create").await?;
         let integration = self.load_in::<Integration>(&mut uow, request.integration_id.0).await?;
         if !integration.state.exists {
             return Err(DomainError::from(integration::IntegrationError::NotFound).into());

@@ -169,6 +169,17 @@ impl CommandService {
         Ok(scoped(ctx, loaded))
     }
 
+    /// Begins a command that an idempotency key cannot make safe to retry (what it returns
+    /// holds a secret or an id made for it, which a replay could not give back): the key
+    /// is ignored, and a retry is a new command.
+    async fn begin_unkeyed(&self, ctx: &CommandContext, command: &'static str) -> Result<UnitOfWork, CommandError> {
+        let ctx = CommandContext { idempotency_key: None, ..ctx.clone() };
+        match self.begin(&ctx, command, &()).await? {
+            Begun::Fresh(uow) => Ok(uow),
+            Begun::Replayed(_) => unreachable!("no idempotency key, no replay"),
+        }
+    }
+
     async fn begin(
         &self,
         ctx: &CommandContext,

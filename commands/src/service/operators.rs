@@ -56,9 +56,7 @@ impl CommandService {
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
         let ctx = CommandContext::new(ProjectId(id), actor);
-        let Begun::Fresh(mut uow) = self.begin(&ctx, "admin_key.create", &(id, label)).await? else {
-            unreachable!("no idempotency key, no replay")
-        };
+        let mut uow = self.begin_unkeyed(&ctx, "admin_key.create").await?;
         let loaded = self.load_in::<AdminKey>(&mut uow, id).await?;
         let command = AdminKeyCommand::Create { label: label.map(Into::into), at };
         loaded.state.decide(&command).map_err(DomainError::from)?;
@@ -76,9 +74,7 @@ impl CommandService {
     pub async fn revoke_admin_key(&self, id: Uuid, actor: &str) -> Result<Option<CommandOutcome>, CommandError> {
         let at = Utc::now();
         let ctx = CommandContext::new(ProjectId(id), actor);
-        let Begun::Fresh(mut uow) = self.begin(&ctx, "admin_key.revoke", &id).await? else {
-            unreachable!("no idempotency key, no replay")
-        };
+        let mut uow = self.begin_unkeyed(&ctx, "admin_key.revoke").await?;
         let revoked = sqlx::query("UPDATE admin_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
             .bind(id)
             .execute(self.in_tx(&mut uow).await?)

@@ -90,12 +90,7 @@ impl CommandService {
         secret: Option<Secret>,
     ) -> Result<Secret, CommandError> {
         let at = Utc::now();
-        let Begun::Fresh(mut uow) = self
-            .begin(&CommandContext { idempotency_key: None, ..ctx.clone() }, "project.put_destination", &name)
-            .await?
-        else {
-            unreachable!("no idempotency key, no replay")
-        };
+        let mut uow = self.begin_unkeyed(ctx, "project.put_destination").await?;
         let loaded = self.load_in::<Project>(&mut uow, ctx.project_id.0).await?;
         let conn = self.in_tx(&mut uow).await?;
         let secret = crate::destinations::put(conn, &self.credentials, ctx.project_id, name, url, secret).await?;
@@ -115,12 +110,7 @@ impl CommandService {
         reason: &str,
     ) -> Result<(), CommandError> {
         let at = Utc::now();
-        let Begun::Fresh(mut uow) = self
-            .begin(&CommandContext { idempotency_key: None, ..ctx.clone() }, "project.disable_destination", &name)
-            .await?
-        else {
-            unreachable!("no idempotency key, no replay")
-        };
+        let mut uow = self.begin_unkeyed(ctx, "project.disable_destination").await?;
         let loaded = self.load_in::<Project>(&mut uow, ctx.project_id.0).await?;
         let command = ProjectCommand::DisableDestination { name: name.into(), reason: reason.into(), at };
         match loaded.state.decide(&command) {
@@ -145,10 +135,7 @@ impl CommandService {
     ) -> Result<CommandOutcome, CommandError> {
         let at = Utc::now();
         let fingerprint = format!("sha256:{}", hex::encode(Sha256::digest(public_key.as_bytes())));
-        let mut uow = match self.begin(ctx, "project.record_jwt_key", &(kid, algorithm, &fingerprint)).await? {
-            Begun::Replayed(outcome) => return Ok(outcome),
-            Begun::Fresh(uow) => uow,
-        };
+        let mut uow = self.begin_unkeyed(ctx, "project.record_jwt_key").await?;
         let loaded = self.load_in::<Project>(&mut uow, ctx.project_id.0).await?;
         let command = ProjectCommand::RecordJwtKey { kid, algorithm: algorithm.into(), fingerprint, at };
         loaded.state.decide(&command).map_err(DomainError::from)?;

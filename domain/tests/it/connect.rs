@@ -242,4 +242,16 @@ fn a_connect_session_expires_and_checks_what_it_is_given() {
         ConnectSessionEvent::AuthorizationFailed { reason: "access_denied".into(), at: t(2) },
     ]);
     assert_eq!((state.status, state.failures, state.state_digest), (SessionStatus::Open, 1, None));
+    // A connected session may complete within the grace period after its expiry, not after.
+    let connected =
+        [session_created(), started("s1"), ConnectSessionEvent::Connected { connection_id: id(3), at: t(3) }];
+    let complete = |minutes| C::Complete { state_digest: "s1".into(), installation_id: None, at: t(minutes) };
+    given::<ConnectSession>(&connected).when(complete(30 + 59)).then_types(&["Completed"]);
+    given::<ConnectSession>(&connected).when(complete(30 + 60)).then_err(Expired);
+    // Attempts are bounded.
+    let mut many = vec![session_created()];
+    many.extend((0..MAX_ATTEMPTS).map(|i| started(&format!("s{i}"))));
+    given::<ConnectSession>(&many)
+        .when(C::StartAuthorization { state_digest: "x".into(), at: t(5) })
+        .then_err(TooManyAttempts);
 }

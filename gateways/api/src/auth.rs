@@ -81,6 +81,15 @@ impl Principal {
         }
     }
 
+    /// What per-key limits (WebSockets, subscriptions) count by: the key, or for an end
+    /// user the key and the group (one end user must not use up a project's share).
+    pub fn limit_key(&self) -> Uuid {
+        match &self.group {
+            Some(group) => Uuid::new_v5(&self.key_id, group.as_bytes()),
+            None => self.key_id,
+        }
+    }
+
     /// Whether the caller may act on an object of `group`.
     pub fn sees_group(&self, group: &str) -> bool {
         self.group.as_deref().is_none_or(|own| own == group)
@@ -294,7 +303,7 @@ impl Keys {
 
     /// The principal of an end user's token: signed by a live key of the project in the
     /// algorithm registered for it (`none` and HMAC never are), `exp` present, not past
-    /// and at most an hour ahead (a minute's skew allowed), `group_ref` present.
+    /// and at most an hour ahead (30 seconds' skew allowed), `group_ref` present.
     async fn end_user(&self, token: &str) -> Result<Option<Principal>, ApiError> {
         if token.len() > 16 * 1024 {
             return Ok(None);

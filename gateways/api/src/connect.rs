@@ -65,6 +65,11 @@ pub fn new_link_token(project: ProjectId, session: Uuid) -> (String, String) {
     (B64.encode(bytes), secret_digest(&secret))
 }
 
+/// Whether a link token's secret is the session's (compared in constant time).
+fn token_matches(secret: &[u8], session: &ConnectSession) -> bool {
+    bool::from(secret_digest(secret).as_bytes().ct_eq(session.token_digest.as_bytes()))
+}
+
 fn secret_digest(secret: &[u8]) -> String {
     hex::encode(Sha256::new().chain_update(b"amplog-connect-link\0").chain_update(secret).finalize())
 }
@@ -263,12 +268,29 @@ struct Flow {
 }
 
 impl Flow {
-    async fn load(state: &Arc<AppState>, project: ProjectId, id: Uuid) -> Result<Flow, Refusal> {
+    /// A session of `project`, or the refusal for an unknown one.
+    async fn session(
+        state: &AppState,
+        project: ProjectId,
+        id: Uuid,
+    ) -> Result<(CommandContext, ConnectSession), Refusal> {
         let ctx = CommandContext::new(project, format!("connect_session:{id}"));
         let session = state.service.load::<ConnectSession>(&ctx, id).await?.state;
-        if !session.exists {
-            return Err(Refusal::invalid_link());
+        match session.exists {
+            true => Ok((ctx, session)),
+            false => Err(Refusal::invalid_link()),
         }
+    }
+
+    /// The rest of a session's flow, once the caller proved it may see it (its link
+    /// token, or its attempt's state and cookie): nothing of the integration or the
+    /// provider is told before.
+    async fn with(
+        state: &Arc<AppState>,
+        ctx: CommandContext,
+        id: Uuid,
+        session: ConnectSession,
+    ) -> Result<Flow, Refusal> {
         let request = session.request.clone().unwrap_or_default();
         let integration = state.service.load::<Integration>(&ctx, request.integration_id.0).await?.state;
         let connector = state.config.connectors.get(&request.provider).ok_or_else(|| {
@@ -282,15 +304,19 @@ impl Flow {
         Ok(Flow { state: state.clone(), ctx, id, session, integration, connector })
     }
 
+    async fn load(state: &Arc<AppState>, project: ProjectId, id: Uuid) -> Result<Flow, Refusal> {
+        let (ctx, session) = Flow::session(state, project, id).await?;
+        Flow::with(state, ctx, id, session).await
+    }
+
     /// From a link token: the session whose `Created` digest it matches.
     async fn from_link(state: &Arc<AppState>, token: &str) -> Result<Flow, Refusal> {
         let (project, id, secret) = split_ids(token, 32).ok_or_else(Refusal::invalid_link)?;
-        let flow = Flow::load(state, project, id).await?;
-        let presented = secret_digest(&secret);
-        if !bool::from(presented.as_bytes().ct_eq(flow.session.token_digest.as_bytes())) {
+        let (ctx, session) = Flow::session(state, project, id).await?;
+        if !token_matches(&secret, &session) {
             return Err(Refusal::invalid_link());
         }
-        Ok(flow)
+        Flow::with(state, ctx, id, session).await
     }
 
     /// The project's app at the provider, or the page that says it is missing.
@@ -322,8 +348,13 @@ impl Flow {
     }
 
     fn cookie_name(&self) -> String {
-        format!("amplog_connect_{}", self.id.simple())
+        cookie_name(self.id)
     }
+}
+
+/// The cookie holding a session's browser nonce (and its link, for "Try again").
+fn cookie_name(session: Uuid) -> String {
+    format!("amplog_connect_{}", session.simple())
 }
 
 /// The redirect URI registered at the provider for this deployment.
@@ -470,25 +501,25 @@ async fn attempt(
     state_text: &str,
 ) -> Result<(Flow, String, Option<String>), Refusal> {
     let (project, id, _) = split_ids(state_text, 16).ok_or_else(Refusal::unknown_state)?;
-    let flow = Flow::load(state, project, id).await.map_err(|r| {
-        if r.code == "link_invalid" {
-            Refusal::unknown_state()
-        } else {
-            r
-        }
-    })?;
-    let (digest, link) = match browser_cookie(headers, &flow.cookie_name()) {
+    let (ctx, session) = Flow::session(state, project, id).await.map_err(|_| Refusal::unknown_state())?;
+    let name = cookie_name(id);
+    let (digest, link) = match browser_cookie(headers, &name) {
         Some((browser, link)) => (state_digest(state_text, &browser), Some(link)),
         None => (String::new(), None),
     };
+    // Not this browser's current attempt: refused before anything of the session's
+    // integration or provider is looked at (a completed session says only that).
+    if session.status == SessionStatus::Completed {
+        return Err(CommandError::Domain(ConnectSessionError::AlreadyCompleted.into()).into());
+    }
+    if session.state_digest.as_deref() != Some(digest.as_str()) {
+        return Err(CommandError::Domain(ConnectSessionError::StateMismatch.into()).into());
+    }
     // A link from the cookie that is not this session's is not offered for a retry.
     let link = link.filter(|l| {
-        split_ids(l, 32).is_some_and(|(p, s, secret)| {
-            p == project
-                && s == id
-                && bool::from(secret_digest(&secret).as_bytes().ct_eq(flow.session.token_digest.as_bytes()))
-        })
+        split_ids(l, 32).is_some_and(|(p, s, secret)| p == project && s == id && token_matches(&secret, &session))
     });
+    let flow = Flow::with(state, ctx, id, session).await?;
     Ok((flow, digest, link))
 }
 
@@ -510,6 +541,11 @@ async fn callback(
     let Query(query) = query.map_err(|_| Refusal::unknown_state())?;
     let state_text = query.state.filter(|s| s.len() <= MAX_TOKEN).ok_or_else(Refusal::unknown_state)?;
     let (flow, digest, link) = attempt(&state, &headers, &state_text).await?;
+    if flow.session.status == SessionStatus::Connected {
+        // This browser's attempt already connected the account (a reload, the back
+        // button): the next step again, without spending another code.
+        return next_after_connected(&flow, &digest, &state_text).await;
+    }
     // The session's own rules before anything else: a replayed, stale or foreign callback
     // is refused without calling the provider.
     let probe = ConnectSessionCommand::Connect {
@@ -549,12 +585,28 @@ async fn callback(
         }
     };
     let secret = Secret(serde_json::to_string(&tokens).expect("token sets serialise"));
-    state.service.connect_session_account(&flow.ctx, flow.id, &digest, &secret).await?;
+    if let Err(error) = state.service.connect_session_account(&flow.ctx, flow.id, &digest, &secret).await {
+        // Not recorded (a concurrent callback won, the session changed): the grant would be
+        // left live and unused at the provider. A collision is this attempt already used.
+        if let Err(revoke) = flow.connector.revoke(&app, &tokens).await {
+            tracing::warn!(session = %flow.id, class = ?revoke.class, "revoking an unrecorded grant failed");
+        }
+        return Err(match error {
+            CommandError::Conflict { .. } => CommandError::Domain(ConnectSessionError::StateUsed.into()).into(),
+            other => other.into(),
+        });
+    }
     let flow = Flow::load(&state, flow.ctx.project_id, flow.id).await?;
+    next_after_connected(&flow, &digest, &state_text).await
+}
+
+/// After the account is connected: the choice of optional objects when the manifest has
+/// any (shown again on a reload), else the end.
+async fn next_after_connected(flow: &Flow, digest: &str, state_text: &str) -> Result<Response, Refusal> {
     let optional: Vec<_> = flow.objects().into_iter().filter(|o| o.optional).collect();
     let reconnecting = flow.session.request.as_ref().is_some_and(|r| r.reconnect.is_some());
     if reconnecting || optional.is_empty() {
-        return complete(&flow, &digest, None).await;
+        return complete(flow, digest, None).await;
     }
     let mut choices = String::new();
     for object in &optional {
@@ -572,7 +624,7 @@ async fn callback(
 <ul id="optional">{choices}</ul><button id="done" type="submit">Finish</button></form>"#,
         provider = escape(&flow.connector.entry.display_name),
         required = if required.is_empty() { "nothing else".into() } else { required.join(", ") },
-        state = escape(&state_text),
+        state = escape(state_text),
     );
     let back = flow.session.request.as_ref().and_then(|r| r.return_url.as_deref()).and_then(origin);
     Ok(Html { status: StatusCode::OK, body, form_action: back.into_iter().collect(), ..Html::default() }
@@ -615,14 +667,24 @@ async fn complete(
     let request = done.request.clone().unwrap_or_default();
     let connection = done.connection_id.map(|c| c.to_string()).unwrap_or_default();
     let installation = done.installation_id.map(|i| i.to_string()).unwrap_or_default();
-    let clear = format!("{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax", flow.cookie_name());
-    if let Some(url) = &request.return_url {
-        let mut url = url::Url::parse(url).map_err(|_| Refusal::invalid_link())?;
-        url.query_pairs_mut()
-            .append_pair("amplog_status", "connected")
-            .append_pair("connection_id", &connection)
-            .append_pair("installation_id", &installation)
-            .append_pair("session_id", &flow.id.to_string());
+    let clear = format!("{}=; Path=/v1/oauth; Max-Age=0; HttpOnly; SameSite=Lax", flow.cookie_name());
+    // The app's return URLs as they are now: one removed since the session began is not
+    // gone back to; they are also the only origins told by `postMessage`.
+    let allowed = match flow.state.service.provider_client(&flow.ctx, &flow.connector.name).await {
+        Ok(Some(client)) => client.config.return_urls,
+        _ => Vec::new(),
+    };
+    if let Some(url) = request.return_url.as_ref().filter(|u| return_url_allowed(u, &allowed)) {
+        let url = with_ids(
+            url,
+            &[
+                ("amplog_status", "connected"),
+                ("connection_id", &connection),
+                ("installation_id", &installation),
+                ("session_id", &flow.id.to_string()),
+            ],
+        )
+        .ok_or_else(Refusal::invalid_link)?;
         let mut response = (StatusCode::SEE_OTHER, [(header::CACHE_CONTROL, "no-store")]).into_response();
         let headers = response.headers_mut();
         headers.insert(header::LOCATION, HeaderValue::from_str(url.as_str()).map_err(|_| Refusal::invalid_link())?);
@@ -636,8 +698,15 @@ async fn complete(
         "connectionId": connection,
         "installationId": installation,
     });
+    let origins: Vec<String> = allowed.iter().filter_map(|u| origin(u)).collect();
+    let targets = match origins.is_empty() {
+        // No return URL configured: the opener's origin is not known.
+        true => vec!["*".to_string()],
+        false => origins,
+    };
     let script = format!(
-        "if (window.opener) {{ window.opener.postMessage({}, '*'); }}",
+        "if (window.opener) {{ for (const o of {}) {{ try {{ window.opener.postMessage({}, o); }} catch (e) {{}} }} }}",
+        serde_json::to_string(&targets).expect("strings serialise").replace('<', "\\u003c"),
         message.to_string().replace('<', "\\u003c")
     );
     let body = format!(
@@ -646,6 +715,26 @@ async fn complete(
     );
     Ok(Html { status: StatusCode::OK, body, script: Some(script), cookie: Some(clear), ..Html::default() }
         .into_response())
+}
+
+/// The parameters amplog adds to a return URL; a builder's own of those names are dropped
+/// (an end user could otherwise pre-fill them).
+pub const RESERVED_RETURN_PARAMS: [&str; 4] = ["amplog_status", "connection_id", "installation_id", "session_id"];
+
+/// `url` with its reserved parameters replaced by `ids`.
+pub fn with_ids(url: &str, ids: &[(&str, &str)]) -> Option<url::Url> {
+    let mut url = url::Url::parse(url).ok()?;
+    let kept: Vec<(String, String)> =
+        url.query_pairs().into_owned().filter(|(k, _)| !RESERVED_RETURN_PARAMS.contains(&k.as_str())).collect();
+    {
+        let mut query = url.query_pairs_mut();
+        query.clear().extend_pairs(kept);
+        query.extend_pairs(ids.iter().copied());
+    }
+    if url.query() == Some("") {
+        url.set_query(None);
+    }
+    Some(url)
 }
 
 /// A session's state as the page flow leaves it, for the API (`connectSession`).

@@ -293,7 +293,7 @@ async fn graphql_ws(
                     let principal = state.keys.authenticate(&key).await.map_err(async_graphql::Error::from)?;
                     let slot = state
                         .sockets
-                        .acquire(principal.key_id, Counted::Connections, limits.ws_connections_per_key)
+                        .acquire(principal.limit_key(), Counted::Connections, limits.ws_connections_per_key)
                         .ok_or_else(|| {
                             async_graphql::Error::from(ApiError::bad_request(
                                 "too_many_connections",
@@ -377,7 +377,7 @@ async fn ws_operation(
             .ok_or_else(|| too_many(limits.subscriptions_per_connection, "connection"))?,
         state
             .sockets
-            .acquire(principal.key_id, Counted::Subscriptions, limits.subscriptions_per_key)
+            .acquire(principal.limit_key(), Counted::Subscriptions, limits.subscriptions_per_key)
             .ok_or_else(|| too_many(limits.subscriptions_per_key, "API key"))?,
     );
     let db = Arc::new(
@@ -508,6 +508,7 @@ async fn export_project_events(
     params: Result<Query<ExportParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     export(shared, headers, params, |principal| {
+        principal.require(Scope::Admin)?;
         principal.require_key()?;
         Ok(Timeline::Project(principal.project_id))
     })

@@ -246,6 +246,31 @@ async fn own_connection(ctx: &Context<'_>, command: &CommandContext, id: Uuid) -
     }
 }
 
+/// Revokes a connection's grant at the provider (RFC 7009), best effort: a failure is
+/// logged, the revocation in the log stands.
+async fn revoke_at_provider(
+    state: &crate::state::AppState,
+    command: &CommandContext,
+    credential: CredentialId,
+    connector: &amplog_providers::connector::Connector,
+) {
+    let revoke = async {
+        let mut conn = state.service.pool().acquire().await.map_err(|e| e.to_string())?;
+        let secret = state.service.credentials().get(&mut conn, command.project_id, credential).await;
+        drop(conn);
+        let tokens = secret
+            .map_err(|e| e.to_string())?
+            .and_then(|s| serde_json::from_str::<amplog_providers::connector::TokenSet>(&s.0).ok());
+        let Some(tokens) = tokens else { return Ok(false) };
+        let client =
+            amplog_providers::tokens::client_app(&state.service, command, connector).await.map_err(|e| e.message)?;
+        connector.revoke(&client, &tokens).await.map_err(|e| e.message)
+    };
+    if let Err(error) = revoke.await {
+        tracing::warn!(%credential, %error, "revoking the grant at the provider failed; it is revoked in the log");
+    }
+}
+
 /// Pausing, unpausing and deleting an installation: the same shape, one command each.
 enum Lifecycle {
     Pause,
@@ -626,24 +651,14 @@ impl Mutation {
         own_connection(ctx, &command, id).await?;
         let state = app(ctx);
         let connection = state.service.load::<connection::Connection>(&command, id).await?.state;
-        if let (true, Some(credential), Some(connector)) =
-            (connection.exists, &connection.credential, state.config.connectors.get(&connection.provider))
-        {
-            let mut conn = state.service.pool().acquire().await.map_err(|e| ApiError::Database(e.into()))?;
-            let secret = state.service.credentials().get(&mut conn, command.project_id, credential.id).await?;
-            drop(conn);
-            let tokens = secret.and_then(|s| serde_json::from_str::<amplog_providers::connector::TokenSet>(&s.0).ok());
-            if let Some(tokens) = tokens {
-                let client = amplog_providers::tokens::client_app(&state.service, &command, &connector)
-                    .await
-                    .map_err(|e| ApiError::Internal(e.message))?;
-                // The grant ends in the log whatever the provider says; a failure is logged.
-                if let Err(error) = connector.revoke(&client, &tokens).await {
-                    tracing::warn!(connection = %id, class = ?error.class, "the provider's revoke endpoint failed");
-                }
-            }
-        }
+        // The log first: the grant ends there whatever the provider says (a refused
+        // revocation — unknown, already revoked — calls no provider).
         let outcome = state.service.revoke_connection(&command, ConnectionId(id)).await?;
+        if let (Some(credential), Some(connector)) =
+            (&connection.credential, state.config.connectors.get(&connection.provider))
+        {
+            revoke_at_provider(state, &command, credential.id, &connector).await;
+        }
         finish(ctx, outcome, Some(id), wait_for_visibility).await
     }
 

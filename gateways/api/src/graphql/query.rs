@@ -264,8 +264,9 @@ impl Query {
     }
 
     /// The project's configuration history in log order, with actors: API keys made and
-    /// revoked, destinations, provider apps, connect sessions (digests and fingerprints,
-    /// never secrets). Page with `after`.
+    /// revoked, destinations, JWT keys, provider apps, connect sessions, its organization's
+    /// record of it, admin keys' uses in it (digests and fingerprints, never secrets). Page
+    /// with `after`. Needs an admin key.
     #[graphql(complexity = "history_complexity(first)")]
     async fn project_history(
         &self,
@@ -275,6 +276,8 @@ impl Query {
         after: Option<String>,
         #[graphql(default = 1000)] first: i32,
     ) -> Result<HistoryPage> {
+        // Configuration (URLs, scopes, key ids): an admin key's to read.
+        principal(ctx).require(crate::auth::Scope::Admin)?;
         principal(ctx).require_key()?;
         let project = principal(ctx).project_id;
         let range = history_range(after, from, to, first)?;
