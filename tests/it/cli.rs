@@ -464,3 +464,50 @@ async fn amplog_processes_share_the_embedded_postgres_and_the_last_one_stops_it(
     ok(amplog(&["migrate"], &env));
     assert!(!pid_file.exists(), "the next last user stopped the server it found");
 }
+
+/// The operator's commands: an organization, a project in it, an admin key made (printed
+/// once) and revoked; each change an event, the key stored as a digest only.
+#[tokio::test]
+async fn orgs_projects_and_admin_keys_from_the_cli() {
+    let db = test_db().await;
+    let key = base64::engine::general_purpose::STANDARD.encode(TEST_KEY);
+    let env = [("DATABASE_URL", db.url.as_str()), ("AMPLOG_CREDENTIALS_KEY", key.as_str())];
+    let org = ok(amplog(&["orgs", "create", "Acme Group"], &env)).trim().to_string();
+    let project = ok(amplog(&["projects", "create", "Acme EU", "--org", &org], &env)).trim().to_string();
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let refused = amplog(&["projects", "create", "Nowhere", "--org", &unknown], &env);
+    assert!(!refused.status.success(), "a project in an unknown organization");
+    let admin = ok(amplog(&["admin-keys", "create", "--label", "on-call"], &env)).trim().to_string();
+    assert!(admin.starts_with("amk_"), "{admin}");
+    let id = admin.trim_start_matches("amk_").split('_').next().unwrap().to_string();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM admin_keys t WHERE t::text LIKE '%' || $1 || '%'")
+        .bind(&admin[admin.len() - 20..])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "the admin key itself is stored");
+    let id = uuid::Uuid::parse_str(&id).unwrap().to_string();
+    ok(amplog(&["admin-keys", "revoke", &id], &env));
+    assert!(!amplog(&["admin-keys", "revoke", &id], &env).status.success(), "revoked twice");
+    let events: Vec<(String, String)> = sqlx::query_as(
+        "SELECT aggregate_type, event_type FROM events WHERE aggregate_id IN ($1, $2, $3) ORDER BY position",
+    )
+    .bind(&org)
+    .bind(&project)
+    .bind(&id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let kinds: Vec<String> = events.iter().map(|(a, e)| format!("{a}.{e}")).collect();
+    assert_eq!(
+        kinds,
+        [
+            "organization.Created",
+            "project.Created",
+            "project.JoinedOrganization",
+            "organization.ProjectAdded",
+            "admin_key.Created",
+            "admin_key.Revoked"
+        ]
+    );
+}
