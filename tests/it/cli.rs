@@ -356,18 +356,21 @@ async fn serve_demo_syncs_three_customers_from_the_simulator_to_the_sink() {
     let stdout = server.stdout.take().unwrap();
     // Killed however the test ends: a failed assertion must not leave a server behind.
     let mut server = KillOnDrop(server);
-    let (mut base, mut api_key) = (None, None);
+    let (mut base, mut api_key, mut link) = (None, None, None);
     let mut lines = BufReader::new(stdout).lines();
-    while base.is_none() || api_key.is_none() {
-        let line = lines.next().expect("the demo prints its address and a key").unwrap();
+    while base.is_none() || api_key.is_none() || link.is_none() {
+        let line = lines.next().expect("the demo prints its address, a key and a connect link").unwrap();
         if let Some(rest) = line.strip_prefix("amplog serving on ") {
             base = Some(rest.to_string());
         }
         if let Some(rest) = line.strip_prefix("demo: a read key for the demo project: ") {
             api_key = Some(rest.to_string());
         }
+        if let Some(rest) = line.strip_prefix("demo: connect one more customer in a browser: ") {
+            link = Some(rest.to_string());
+        }
     }
-    let (base, api_key) = (base.unwrap(), api_key.unwrap());
+    let (base, api_key, link) = (base.unwrap(), api_key.unwrap(), link.unwrap());
     let query = "{ installations(first: 5) { nodes { groupRef health readStates { object watermark recordsRead } } } }";
     let started = std::time::Instant::now();
     let client = amplog_providers::connector::http_client().build().unwrap();
@@ -402,12 +405,29 @@ async fn serve_demo_syncs_three_customers_from_the_simulator_to_the_sink() {
     customers.sort();
     assert_eq!(customers, ["acme", "globex", "initech"]);
     assert!(nodes.iter().all(|n| n["health"] == "healthy"), "{body}");
+
+    // The printed connect link works: the page, the simulator's consent, back connected.
+    let steps = amplog_providers::connector::http_client().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    assert_eq!(steps.get(&link).send().await.unwrap().status(), 200);
+    let start = steps.post(&link).send().await.unwrap();
+    assert_eq!(start.status(), 303);
+    let cookie = start.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let consent = reqwest::Url::parse(start.headers()["location"].to_str().unwrap()).unwrap();
+    let mut form: Vec<(String, String)> = consent.query_pairs().into_owned().collect();
+    form.push(("decision".into(), "approve".into()));
+    let decided = steps.post(consent.as_str().split('?').next().unwrap()).form(&form).send().await.unwrap();
+    let callback = decided.headers()["location"].to_str().unwrap().to_string();
+    let done = steps.get(&callback).header("cookie", cookie).send().await.unwrap();
+    assert_eq!(done.status(), 200);
+    assert!(done.text().await.unwrap().contains("is connected"));
     Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status().unwrap();
     let status = server.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let logged = std::fs::read_to_string(log.path()).unwrap();
     assert!(logged.contains("reads requested"), "{logged}");
     assert!(!logged.contains("whsec_") && !logged.contains(&api_key[36..]), "a secret is in the log");
+    let token = link.rsplit('/').next().unwrap();
+    assert!(!logged.contains(token), "the connect link's token is in the log");
 }
 
 /// A child process killed when dropped.
