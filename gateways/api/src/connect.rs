@@ -462,8 +462,10 @@ async fn start(
         flow.connector.authorize_url_for(&app, &redirect_uri(&state), &state_text, &config.scopes, Some(&challenge));
     let max_age = flow.session.expires_at.map(|end| (end - Utc::now()).num_seconds().max(0)).unwrap_or(0);
     let secure = if state.public_url.starts_with("https://") { "; Secure" } else { "" };
-    let cookie =
-        format!("{}={browser}.{token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}", flow.cookie_name());
+    let cookie = format!(
+        "{}={browser}.{token}; Path=/v1/oauth; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}",
+        flow.cookie_name()
+    );
     let mut response = (StatusCode::SEE_OTHER, [(header::CACHE_CONTROL, "no-store")]).into_response();
     let headers = response.headers_mut();
     headers.insert(header::LOCATION, HeaderValue::from_str(&location).map_err(|_| Refusal::invalid_link())?);
