@@ -19,9 +19,13 @@ $$;
 
 -- The keys of the current group's installations (of the current project: RLS applies
 -- inside). A function, not a subquery in the policies: it names `installations` only when
--- it runs, so rebuilds can swap that table under the others' policies.
-CREATE FUNCTION amplog_group_installations() RETURNS text[] LANGUAGE sql STABLE AS $$
-    SELECT coalesce(array_agg(key), '{}') FROM installations WHERE group_ref = amplog_current_group()
+-- it runs, so rebuilds can swap that table under the others' policies; PL/pgSQL, so the
+-- planner does not inline it into every read-model query (planning it cost more than the
+-- queries themselves).
+CREATE FUNCTION amplog_group_installations() RETURNS text[] LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(array_agg(key), '{}') FROM installations WHERE group_ref = amplog_current_group());
+END
 $$;
 
 -- The tenant's policy as before, and for the read models of installations a second,
@@ -50,7 +54,7 @@ BEGIN
     ELSIF 'installation_id' = ANY (columns) THEN
         EXECUTE format('CREATE POLICY amplog_group ON %s AS RESTRICTIVE FOR SELECT TO amplog_app
                         USING ((SELECT amplog_current_group()) IS NULL
-                               OR installation_id IN (SELECT unnest(amplog_group_installations())))', t);
+                               OR installation_id = ANY ((SELECT amplog_group_installations())::text[]))', t);
     END IF;
 END
 $$;
