@@ -617,6 +617,10 @@ impl Mutation {
             )
         })?;
         if let Some(url) = &input.return_url {
+            // Its query is the builder's, but it goes into the session's event: bounded.
+            if url.len() > provider_app::MAX_TEXT {
+                return Err(ApiError::bad_request("invalid_input", "`returnUrl` is at most 2000 bytes"));
+            }
             if !crate::connect::return_url_allowed(url, &client.config.return_urls) {
                 return Err(ApiError::bad_request(
                     "connect_session.return_url_not_allowed",

@@ -327,6 +327,9 @@ async fn forged_replayed_and_misconfigured_connect_requests_create_nothing() {
         let body = c.session("globex", json!({"returnUrl": url})).await;
         assert_eq!(body["errors"][0]["extensions"]["code"], "connect_session.return_url_not_allowed", "{url}: {body}");
     }
+    let long = format!("{}/connected?q={}", c.builder, "x".repeat(3_000));
+    let body = c.session("globex", json!({"returnUrl": long})).await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "invalid_input", "{body}");
     for minutes in [0, 1441] {
         let body = c.session("globex", json!({"expiresInMinutes": minutes})).await;
         assert_eq!(body["errors"][0]["extensions"]["code"], "invalid_input", "{body}");
