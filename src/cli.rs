@@ -91,6 +91,16 @@ pub enum Cmd {
         #[command(subcommand)]
         command: DestinationsCmd,
     },
+    /// Operations: retry a failed one (dispatched again; a read resumes from its last page).
+    Operations {
+        #[command(subcommand)]
+        command: OperationsCmd,
+    },
+    /// Dead letters (operations that failed after all their attempts): list, replay.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLettersCmd,
+    },
     /// Organizations: above projects.
     Orgs {
         #[command(subcommand)]
@@ -161,6 +171,34 @@ pub enum DestinationsCmd {
     List {
         #[arg(long)]
         project: uuid::Uuid,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OperationsCmd {
+    /// Retry a failed operation of the project.
+    Retry {
+        #[arg(long)]
+        project: uuid::Uuid,
+        id: uuid::Uuid,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DeadLettersCmd {
+    /// The project's dead letters, newest first, one JSON object per line.
+    List {
+        #[arg(long)]
+        project: uuid::Uuid,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        first: i64,
+    },
+    /// Replay a dead letter: it runs again from its last recorded page.
+    Replay {
+        #[arg(long)]
+        project: uuid::Uuid,
+        id: uuid::Uuid,
     },
 }
 
@@ -269,6 +307,13 @@ pub async fn run(app: &mut config::App, command: Cmd, kafka: &KafkaArgs) -> Resu
         Cmd::Destinations { command } => match command {
             DestinationsCmd::Create { project, name, url } => sync::create_destination(app, project, &name, &url).await,
             DestinationsCmd::List { project } => sync::list_destinations(app, project).await,
+        },
+        Cmd::Operations { command: OperationsCmd::Retry { project, id } } => {
+            sync::retry_operation(app, project, id).await
+        }
+        Cmd::DeadLetters { command } => match command {
+            DeadLettersCmd::List { project, first } => sync::list_dead_letters(app, project, first).await,
+            DeadLettersCmd::Replay { project, id } => sync::replay_dead_letter(app, project, id).await,
         },
         Cmd::Migrate => {
             println!("migrations applied; schema is current");

@@ -124,6 +124,29 @@ pub async fn create_destination(app: &App, project: Uuid, name: &str, url: &str)
     Ok(0)
 }
 
+pub async fn retry_operation(app: &App, project: Uuid, id: Uuid) -> Result<i32> {
+    let ctx = amplog_commands::CommandContext::new(ProjectId(project), "cli");
+    app.service()?.retry_operation(&ctx, amplog_domain::OperationId(id)).await?;
+    eprintln!("operation {id} retried: it is dispatched again");
+    Ok(0)
+}
+
+pub async fn list_dead_letters(app: &App, project: Uuid, first: i64) -> Result<i32> {
+    let mut conn = app.pool.acquire().await?;
+    let letters = amplog_projections::queries::dead_letters(&mut conn, project, None, first.clamp(1, 1000)).await?;
+    for letter in letters {
+        println!("{}", serde_json::to_string(&letter)?);
+    }
+    Ok(0)
+}
+
+pub async fn replay_dead_letter(app: &App, project: Uuid, id: Uuid) -> Result<i32> {
+    let ctx = amplog_commands::CommandContext::new(ProjectId(project), "cli");
+    app.service()?.replay_dead_letter(&ctx, amplog_domain::OperationId(id)).await?;
+    eprintln!("dead letter {id} replayed: it runs again from its last recorded page");
+    Ok(0)
+}
+
 pub async fn list_destinations(app: &App, project: Uuid) -> Result<i32> {
     for (name, url, disabled) in destinations::list(&app.pool, ProjectId(project)).await? {
         println!("{}", serde_json::json!({"name": name, "url": url, "disabled": disabled}));

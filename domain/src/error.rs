@@ -134,6 +134,8 @@ mod tests {
             ),
             (DomainError::from(OperationError::NotFailed).code(), "operation.not_failed"),
             (DomainError::from(OperationError::NotRetryable).code(), "operation.not_retryable"),
+            (DomainError::from(OperationError::NotDeadLettered).code(), "operation.not_dead_lettered"),
+            (DomainError::from(OperationError::InvalidProxyCall).code(), "operation.invalid_proxy_call"),
             (DomainError::from(OperationError::InvalidWindow).code(), "operation.invalid_window"),
             (DomainError::from(OperationError::MissingObject).code(), "operation.missing_object"),
             (DomainError::from(OperationError::InvalidLease).code(), "operation.invalid_lease"),

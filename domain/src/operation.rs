@@ -1,6 +1,7 @@
 //! Operation: one read, write or proxy job of an installation.
-//! `pending → running → succeeded | failed | cancelled`; a failed retryable operation can be
-//! retried (back to pending). A running operation is held by a lease: only its holder may
+//! `pending → running → succeeded | failed | cancelled`; a failed operation can be retried
+//! (back to pending), and one that failed after all its attempts (a dead letter) replayed. A
+//! proxy call is recorded once it is over, as one event (`Proxied`), and never runs again. A running operation is held by a lease: only its holder may
 //! record pages or finish it, and an expired lease may be taken over (fencing).
 
 use crate::aggregate::{Aggregate, DomainEvent};
@@ -96,6 +97,31 @@ pub struct PageRecord {
     pub reread: u64,
 }
 
+/// One call through the proxy, as recorded: never bodies, headers, tokens or the query.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ProxyCall {
+    pub method: String,
+    /// The provider path called (below the connector's base URL), without the query.
+    pub path: String,
+    /// The provider's HTTP status; none when it never answered.
+    pub status: Option<u16>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub duration_ms: u64,
+    /// Set when the call failed: the provider's error status or no answer.
+    pub error_class: Option<ErrorClass>,
+    /// The provider refused the token: it was refreshed and the call sent again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refreshed: bool,
+    /// The caller went away before the response's end.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub aborted: bool,
+}
+
+/// The longest method and path a proxy call records.
+pub const PROXY_METHOD_MAX: usize = 16;
+pub const PROXY_PATH_MAX: usize = 2048;
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -168,7 +194,20 @@ pub enum OperationCommand {
         retryable: bool,
         at: DateTime<Utc>,
     },
+    /// An operator retries a failed operation (not a proxy call).
     Retry {
+        at: DateTime<Utc>,
+    },
+    /// An operator replays a dead letter: an operation that failed after all its attempts.
+    ReplayDeadLetter {
+        at: DateTime<Utc>,
+    },
+    /// Records a finished proxy call as a new operation.
+    RecordProxyCall {
+        project_id: ProjectId,
+        installation_id: InstallationId,
+        connection_id: ConnectionId,
+        call: ProxyCall,
         at: DateTime<Utc>,
     },
     Cancel {
@@ -239,6 +278,18 @@ pub enum OperationEvent {
     Retried {
         at: DateTime<Utc>,
     },
+    /// A dead letter replayed: dispatched again like a retry, resuming from its cursor.
+    DeadLetterReplayed {
+        at: DateTime<Utc>,
+    },
+    /// A proxy call, recorded once it was over (`at`: when it ended); the stream's only event.
+    Proxied {
+        project_id: ProjectId,
+        installation_id: InstallationId,
+        connection_id: ConnectionId,
+        call: ProxyCall,
+        at: DateTime<Utc>,
+    },
     Cancelled {
         reason: String,
         at: DateTime<Utc>,
@@ -270,8 +321,12 @@ pub enum OperationError {
     AlreadyFinished(OperationStatus),
     #[error("the operation has not failed")]
     NotFailed,
-    #[error("the operation failed with a permanent error and cannot be retried")]
+    #[error("a proxy call is not retried: send it again")]
     NotRetryable,
+    #[error("the operation is not a dead letter (it did not fail after all its attempts)")]
+    NotDeadLettered,
+    #[error("a proxy call records a method of 1 to 16 characters and a path of 1 to 2,048 bytes")]
+    InvalidProxyCall,
     #[error("`since` must be before `until`")]
     InvalidWindow,
     #[error("an operation needs an object (or a path, for proxy)")]
@@ -299,6 +354,8 @@ impl OperationError {
             OperationError::AlreadyFinished(_) => "already_finished",
             OperationError::NotFailed => "not_failed",
             OperationError::NotRetryable => "not_retryable",
+            OperationError::NotDeadLettered => "not_dead_lettered",
+            OperationError::InvalidProxyCall => "invalid_proxy_call",
             OperationError::InvalidWindow => "invalid_window",
             OperationError::MissingObject => "missing_object",
             OperationError::InvalidLease => "invalid_lease",
@@ -505,10 +562,36 @@ impl Aggregate for Operation {
             C::Retry { at } => {
                 self.exists()?;
                 match self.status {
-                    OperationStatus::Failed if self.retryable => Ok(vec![E::Retried { at: *at }]),
-                    OperationStatus::Failed => Err(OperationError::NotRetryable),
+                    OperationStatus::Failed if self.op_type == Some(OperationType::Proxy) => {
+                        Err(OperationError::NotRetryable)
+                    }
+                    OperationStatus::Failed => Ok(vec![E::Retried { at: *at }]),
                     _ => Err(OperationError::NotFailed),
                 }
+            }
+            C::ReplayDeadLetter { at } => {
+                self.exists()?;
+                match self.status {
+                    OperationStatus::Failed if self.retryable => Ok(vec![E::DeadLetterReplayed { at: *at }]),
+                    OperationStatus::Failed => Err(OperationError::NotDeadLettered),
+                    _ => Err(OperationError::NotFailed),
+                }
+            }
+            C::RecordProxyCall { project_id, installation_id, connection_id, call, at } => {
+                if self.exists {
+                    return Err(OperationError::AlreadyExists);
+                }
+                let method_ok = (1..=PROXY_METHOD_MAX).contains(&call.method.len());
+                if !method_ok || call.path.is_empty() || call.path.len() > PROXY_PATH_MAX {
+                    return Err(OperationError::InvalidProxyCall);
+                }
+                Ok(vec![E::Proxied {
+                    project_id: *project_id,
+                    installation_id: *installation_id,
+                    connection_id: *connection_id,
+                    call: call.clone(),
+                    at: *at,
+                }])
             }
             C::Cancel { reason, at } => {
                 self.exists()?;
@@ -563,9 +646,31 @@ impl Aggregate for Operation {
                 self.retryable = *retryable;
                 self.finished_at = Some(*at);
             }
-            E::Retried { .. } => {
+            E::Retried { .. } | E::DeadLetterReplayed { .. } => {
                 self.status = OperationStatus::Pending;
                 self.finished_at = None;
+            }
+            E::Proxied { project_id, installation_id, call, at, .. } => {
+                let took = chrono::TimeDelta::milliseconds(call.duration_ms.min(86_400_000) as i64);
+                let started = at.checked_sub_signed(took).unwrap_or(*at);
+                *self = Operation {
+                    exists: true,
+                    project_id: *project_id,
+                    installation_id: *installation_id,
+                    op_type: Some(OperationType::Proxy),
+                    object: format!("{} {}", call.method, call.path),
+                    status: match call.error_class {
+                        None => OperationStatus::Succeeded,
+                        Some(_) => OperationStatus::Failed,
+                    },
+                    attempts: 1,
+                    bytes: call.request_bytes + call.response_bytes,
+                    error_class: call.error_class,
+                    requested_at: Some(started),
+                    started_at: Some(started),
+                    finished_at: Some(*at),
+                    ..Operation::default()
+                }
             }
             E::Cancelled { at, .. } => {
                 self.status = OperationStatus::Cancelled;

@@ -106,6 +106,12 @@ pub struct OperationDoc {
     pub delivery_attempts: u64,
     #[serde(default)]
     pub delivery_failures: u64,
+    /// Failed after all its attempts (a dead letter), until retried or replayed.
+    #[serde(default)]
+    pub dead_lettered: bool,
+    /// A proxy call's HTTP status from the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
     /// The operation stream's sequence this document reflects (subscriptions compare it).
     pub version: i64,
 }
@@ -132,6 +138,9 @@ pub struct UsageDoc {
     pub records_written: u64,
     pub bytes: u64,
     pub proxy_calls: u64,
+    /// Request and response bytes of proxy calls.
+    #[serde(default)]
+    pub proxy_bytes: u64,
     /// Finished operations by `"<type>.<status>"`.
     pub operations: BTreeMap<String, u64>,
 }

@@ -210,6 +210,8 @@ fn at_of(event: &OperationEvent) -> DateTime<Utc> {
         | E::Succeeded { at, .. }
         | E::Failed { at, .. }
         | E::Retried { at, .. }
+        | E::DeadLetterReplayed { at, .. }
+        | E::Proxied { at, .. }
         | E::Cancelled { at, .. } => *at,
     }
 }
@@ -295,6 +297,10 @@ impl Fold {
             let (installation, object, op_type) = match d {
                 Decoded::Operation(OperationEvent::Requested { installation_id, object, op_type, .. }) => {
                     (installation_id.0, object.clone(), name_of(op_type))
+                }
+                Decoded::Operation(OperationEvent::Proxied { installation_id, at, .. }) => {
+                    usage.insert(usage_key(installation_id.0, *at));
+                    continue;
                 }
                 Decoded::Operation(_) => match self.operations.peek(&event.aggregate_id) {
                     Some(op) => (op.installation_id, op.object.clone(), op.op_type.clone()),
@@ -529,6 +535,36 @@ impl Fold {
             }
             return;
         }
+        if let E::Proxied { installation_id, call, at, .. } = event {
+            let status = if call.error_class.is_some() { "failed" } else { "succeeded" };
+            let took = chrono::TimeDelta::milliseconds(call.duration_ms.min(86_400_000) as i64);
+            let started = at.checked_sub_signed(took).unwrap_or(*at);
+            *self.operations.get_or_default(&key, project) = OperationDoc {
+                operation_id: id,
+                project_id: project,
+                installation_id: installation_id.0,
+                op_type: "proxy".into(),
+                object: format!("{} {}", call.method, call.path),
+                trigger: "triggered".into(),
+                status: status.into(),
+                attempts: 1,
+                bytes: call.request_bytes + call.response_bytes,
+                error_class: call.error_class.as_ref().map(name_of),
+                error_message: call.status.filter(|_| call.error_class.is_some()).map(|s| format!("HTTP {s}")),
+                http_status: call.status,
+                requested_at: Some(started),
+                started_at: Some(started),
+                finished_at: Some(*at),
+                duration_ms: Some(took.num_milliseconds()),
+                ..OperationDoc::default()
+            };
+            self.stream(project, installation_id.0, "operation", id);
+            let usage = self.usage_doc(project, installation_id.0, *at);
+            usage.proxy_calls += 1;
+            usage.proxy_bytes += call.request_bytes + call.response_bytes;
+            *usage.operations.entry(format!("proxy.{status}")).or_default() += 1;
+            return;
+        }
         let Some(op) = self.operations.get(&key) else { return };
         let at = at_of(event);
         let mut finished = None;
@@ -552,16 +588,20 @@ impl Fold {
             }
             E::LeaseRenewed { .. } | E::LeaseReleased { .. } => {}
             E::Succeeded { .. } => finished = Some("succeeded"),
-            E::Failed { error_class, message, .. } => {
+            E::Failed { error_class, message, retryable, .. } => {
                 op.error_class = Some(name_of(error_class));
                 op.error_message = Some(message.clone());
+                // Retryable and failed: it failed after all its attempts.
+                op.dead_lettered = *retryable;
                 finished = Some("failed");
             }
-            E::Retried { .. } => {
+            E::Retried { .. } | E::DeadLetterReplayed { .. } => {
                 op.status = "pending".into();
                 op.finished_at = None;
                 op.duration_ms = None;
+                op.dead_lettered = false;
             }
+            E::Proxied { .. } => {}
             E::Cancelled { .. } => finished = Some("cancelled"),
         }
         if let Some(status) = finished {

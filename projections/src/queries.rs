@@ -145,6 +145,27 @@ pub async fn operations(
     rows.iter().map(decode).collect()
 }
 
+/// A page of dead letters (operations that failed after all their attempts), newest first.
+pub async fn dead_letters(
+    conn: &mut PgConnection,
+    project: Uuid,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<OperationDoc>, ProjectionError> {
+    let rows = sqlx::query(
+        "SELECT key, doc::text AS doc FROM operations
+         WHERE project_id = $1 AND status = 'failed' AND (doc->>'dead_lettered')::boolean
+           AND ($2::text IS NULL OR key < $2)
+         ORDER BY key DESC LIMIT $3",
+    )
+    .bind(project)
+    .bind(after.map(|a| a.to_string()))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(decode).collect()
+}
+
 /// One page of operations per installation (each `(installation, after)`), newest first,
 /// in one query: `(installation, operation)` pairs.
 pub async fn operations_per_installation(

@@ -15,6 +15,7 @@ pub struct MonthlyUsage {
     pub records_written: i64,
     pub bytes: i64,
     pub proxy_calls: i64,
+    pub proxy_bytes: i64,
     /// Finished operations by `"<type>.<status>"`.
     pub operations: BTreeMap<String, i64>,
     /// Installations with any activity (records, proxy calls or operations) in the month.
@@ -29,6 +30,7 @@ pub async fn monthly(conn: &mut PgConnection, project_id: Uuid) -> Result<Vec<Mo
                 sum((doc->>'records_written')::bigint)::bigint AS records_written,
                 sum((doc->>'bytes')::bigint)::bigint AS bytes,
                 sum((doc->>'proxy_calls')::bigint)::bigint AS proxy_calls,
+                coalesce(sum((doc->>'proxy_bytes')::bigint), 0)::bigint AS proxy_bytes,
                 count(DISTINCT installation_id) FILTER (WHERE (doc->>'records_read')::bigint > 0
                     OR (doc->>'records_written')::bigint > 0 OR (doc->>'proxy_calls')::bigint > 0
                     OR doc->'operations' <> '{}'::jsonb) AS active
@@ -45,6 +47,7 @@ pub async fn monthly(conn: &mut PgConnection, project_id: Uuid) -> Result<Vec<Mo
             records_written: r.get("records_written"),
             bytes: r.get("bytes"),
             proxy_calls: r.get("proxy_calls"),
+            proxy_bytes: r.get("proxy_bytes"),
             operations: BTreeMap::new(),
             active_installations: r.get("active"),
         })

@@ -40,7 +40,7 @@ pub struct Job {
 pub struct JobMessage {
     pub project: ProjectId,
     pub job: Job,
-    /// The `Requested` or `Retried` event's id: the CloudEvents id, for deduplication.
+    /// The `Requested`, `Retried` or `DeadLetterReplayed` event's id: the CloudEvents id, for deduplication.
     pub event_id: Uuid,
     pub time: DateTime<Utc>,
 }
@@ -84,7 +84,8 @@ impl JobMessage {
 
 /// Whether a logged event dispatches a job.
 pub fn dispatches<J>(event: &RecordedEvent<J>) -> bool {
-    event.aggregate_type == "operation" && matches!(event.event_type.as_str(), "Requested" | "Retried")
+    event.aggregate_type == "operation"
+        && matches!(event.event_type.as_str(), "Requested" | "Retried" | "DeadLetterReplayed")
 }
 
 /// The job a logged event dispatches, if any. A retry re-dispatches the operation as its

@@ -68,6 +68,7 @@ impl CommandOutcome {
 }
 
 /// Events decided for one stream, not yet written.
+#[derive(Clone)]
 pub struct PendingStream {
     pub aggregate_type: &'static str,
     pub aggregate_id: String,

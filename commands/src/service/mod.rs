@@ -34,6 +34,7 @@ mod integrations;
 mod operations;
 mod operators;
 mod projects;
+mod proxy;
 
 fn manifest_digest(manifest: &Manifest) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(serde_json::to_vec(manifest).expect("manifests serialise"))))
@@ -70,6 +71,7 @@ pub struct CommandService {
     credentials: CredentialStore,
     wake: Arc<Notify>,
     before_commit: Option<Arc<dyn BeforeCommit>>,
+    proxy: Arc<proxy::ProxyRecorder>,
 }
 
 /// Runs in a transactional command after its events are inserted and before COMMIT (the
@@ -140,7 +142,7 @@ impl CommandService {
     pub fn new(pool: PgPool, store: EventStore, credentials: CredentialStore) -> Self {
         let wake = Arc::new(Notify::new());
         tokio::spawn(notifier(pool.clone(), wake.clone()));
-        Self { pool, store, credentials, wake, before_commit: None }
+        Self { pool, store, credentials, wake, before_commit: None, proxy: Arc::default() }
     }
 
     /// Commands in a transaction run `hook` before they commit.

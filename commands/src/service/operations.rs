@@ -241,6 +241,20 @@ impl CommandService {
         self.single::<Operation>(ctx, "operation.retry", id.0, &id, |_| OperationCommand::Retry { at }).await
     }
 
+    /// Replays a dead letter (an operation that failed after all its attempts): dispatched
+    /// again, it resumes from its last recorded page.
+    pub async fn replay_dead_letter(
+        &self,
+        ctx: &CommandContext,
+        id: OperationId,
+    ) -> Result<CommandOutcome, CommandError> {
+        let at = Utc::now();
+        self.single::<Operation>(ctx, "operation.replay_dead_letter", id.0, &id, |_| {
+            OperationCommand::ReplayDeadLetter { at }
+        })
+        .await
+    }
+
     pub async fn cancel_operation(
         &self,
         ctx: &CommandContext,

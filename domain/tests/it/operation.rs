@@ -39,6 +39,30 @@ fn failed(retryable: bool) -> OperationEvent {
     OperationEvent::Failed { error_class: ErrorClass::Provider5xx, message: "503".into(), retryable, at: t(3) }
 }
 
+fn proxy_call(status: Option<u16>) -> ProxyCall {
+    ProxyCall {
+        method: "GET".into(),
+        path: "/crm/v3/objects/contacts/1".into(),
+        status,
+        request_bytes: 0,
+        response_bytes: 120,
+        duration_ms: 40,
+        error_class: status.filter(|s| *s >= 400).map(|_| ErrorClass::BadRequest),
+        refreshed: false,
+        aborted: false,
+    }
+}
+
+fn proxied(status: u16) -> OperationEvent {
+    OperationEvent::Proxied {
+        project_id: id(1),
+        installation_id: id(2),
+        connection_id: id(3),
+        call: proxy_call(Some(status)),
+        at: t(3),
+    }
+}
+
 fn states() -> Vec<(&'static str, Vec<OperationEvent>)> {
     vec![
         ("none", vec![]),
@@ -56,6 +80,8 @@ fn states() -> Vec<(&'static str, Vec<OperationEvent>)> {
         ("failed_retryable", vec![requested(), started(LEASE, 30), failed(true)]),
         ("failed_permanent", vec![requested(), started(LEASE, 30), failed(false)]),
         ("cancelled", vec![requested(), OperationEvent::Cancelled { reason: "user".into(), at: t(3) }]),
+        ("proxied", vec![proxied(200)]),
+        ("proxied_failed", vec![proxied(404)]),
     ]
 }
 
@@ -108,6 +134,17 @@ fn commands(lease: u128) -> Vec<(&'static str, OperationCommand)> {
         ("retry", OperationCommand::Retry { at: t(10) }),
         ("cancel", OperationCommand::Cancel { reason: "user".into(), at: t(10) }),
         ("release", OperationCommand::ReleaseLease { lease_id: id(lease), at: t(10) }),
+        ("replay", OperationCommand::ReplayDeadLetter { at: t(10) }),
+        (
+            "proxy",
+            OperationCommand::RecordProxyCall {
+                project_id: id(1),
+                installation_id: id(2),
+                connection_id: id(3),
+                call: proxy_call(Some(200)),
+                at: t(10),
+            },
+        ),
     ]
 }
 
@@ -117,18 +154,20 @@ fn every_command_in_every_state_as_the_lease_holder() {
     use OperationStatus::*;
     let done = |s| Err(AlreadyFinished(s));
     const PAGES: &[&str] = &["PageRecorded", "PageRecorded"];
-    // columns: request, start, record_page, record_pages, succeed, fail, retry, cancel, release
+    // columns: request, start, record_page, record_pages, succeed, fail, retry, cancel, release, replay, proxy
     #[rustfmt::skip]
     let table: Vec<(&str, Vec<Expect<OperationError>>)> = vec![
-        ("none", vec![Ok(&["Requested"]), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound)]),
-        ("pending", vec![Err(AlreadyExists), Ok(&["Started"]), Err(NotRunning), Err(NotRunning), Err(NotRunning), Err(NotRunning), Err(NotFailed), Ok(&["Cancelled"]), Err(NotRunning)]),
-        ("running", vec![Err(AlreadyExists), Err(LeaseHeld), Ok(&["PageRecorded"]), Ok(PAGES), Ok(&["Succeeded"]), Ok(&["Failed"]), Err(NotFailed), Ok(&["Cancelled"]), Ok(&["LeaseReleased"])]),
-        ("running_expired_lease", vec![Err(AlreadyExists), Ok(&["Started"]), Ok(&["PageRecorded"]), Ok(PAGES), Ok(&["Succeeded"]), Ok(&["Failed"]), Err(NotFailed), Ok(&["Cancelled"]), Ok(&["LeaseReleased"])]),
-        ("running_released", vec![Err(AlreadyExists), Ok(&["Started"]), Err(StaleLease), Err(StaleLease), Err(StaleLease), Err(StaleLease), Err(NotFailed), Ok(&["Cancelled"]), Err(StaleLease)]),
-        ("succeeded", vec![Err(AlreadyExists), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), Err(NotFailed), done(Succeeded), done(Succeeded)]),
-        ("failed_retryable", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Ok(&["Retried"]), done(Failed), done(Failed)]),
-        ("failed_permanent", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Err(NotRetryable), done(Failed), done(Failed)]),
-        ("cancelled", vec![Err(AlreadyExists), done(Cancelled), done(Cancelled), done(Cancelled), done(Cancelled), done(Cancelled), Err(NotFailed), done(Cancelled), done(Cancelled)]),
+        ("none", vec![Ok(&["Requested"]), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Err(NotFound), Ok(&["Proxied"])]),
+        ("pending", vec![Err(AlreadyExists), Ok(&["Started"]), Err(NotRunning), Err(NotRunning), Err(NotRunning), Err(NotRunning), Err(NotFailed), Ok(&["Cancelled"]), Err(NotRunning), Err(NotFailed), Err(AlreadyExists)]),
+        ("running", vec![Err(AlreadyExists), Err(LeaseHeld), Ok(&["PageRecorded"]), Ok(PAGES), Ok(&["Succeeded"]), Ok(&["Failed"]), Err(NotFailed), Ok(&["Cancelled"]), Ok(&["LeaseReleased"]), Err(NotFailed), Err(AlreadyExists)]),
+        ("running_expired_lease", vec![Err(AlreadyExists), Ok(&["Started"]), Ok(&["PageRecorded"]), Ok(PAGES), Ok(&["Succeeded"]), Ok(&["Failed"]), Err(NotFailed), Ok(&["Cancelled"]), Ok(&["LeaseReleased"]), Err(NotFailed), Err(AlreadyExists)]),
+        ("running_released", vec![Err(AlreadyExists), Ok(&["Started"]), Err(StaleLease), Err(StaleLease), Err(StaleLease), Err(StaleLease), Err(NotFailed), Ok(&["Cancelled"]), Err(StaleLease), Err(NotFailed), Err(AlreadyExists)]),
+        ("succeeded", vec![Err(AlreadyExists), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), Err(NotFailed), done(Succeeded), done(Succeeded), Err(NotFailed), Err(AlreadyExists)]),
+        ("failed_retryable", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Ok(&["Retried"]), done(Failed), done(Failed), Ok(&["DeadLetterReplayed"]), Err(AlreadyExists)]),
+        ("failed_permanent", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Ok(&["Retried"]), done(Failed), done(Failed), Err(NotDeadLettered), Err(AlreadyExists)]),
+        ("cancelled", vec![Err(AlreadyExists), done(Cancelled), done(Cancelled), done(Cancelled), done(Cancelled), done(Cancelled), Err(NotFailed), done(Cancelled), done(Cancelled), Err(NotFailed), Err(AlreadyExists)]),
+        ("proxied", vec![Err(AlreadyExists), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), done(Succeeded), Err(NotFailed), done(Succeeded), done(Succeeded), Err(NotFailed), Err(AlreadyExists)]),
+        ("proxied_failed", vec![Err(AlreadyExists), done(Failed), done(Failed), done(Failed), done(Failed), done(Failed), Err(NotRetryable), done(Failed), done(Failed), Err(NotDeadLettered), Err(AlreadyExists)]),
     ];
     check_matrix::<Operation>(&states(), &commands(LEASE), &table);
 }
@@ -326,4 +365,38 @@ fn the_holder_renews_its_lease_and_a_renewed_lease_is_not_taken_over() {
     given::<Operation>(&renewed)
         .when(OperationCommand::Start { lease_id: id(71), lease_until: t(100), at: t(40) })
         .then_err(OperationError::LeaseHeld);
+}
+
+#[test]
+fn a_proxy_call_is_one_finished_operation() {
+    let state = Operation::replay(&[proxied(502)]);
+    assert_eq!(state.op_type, Some(OperationType::Proxy));
+    assert_eq!(state.status, OperationStatus::Failed);
+    assert_eq!(state.object, "GET /crm/v3/objects/contacts/1");
+    assert_eq!(state.bytes, 120);
+    assert_eq!(state.finished_at, Some(t(3)));
+    assert!(state.started_at < state.finished_at);
+    let record = |method: &str, path: &str| OperationCommand::RecordProxyCall {
+        project_id: id(1),
+        installation_id: id(2),
+        connection_id: id(3),
+        call: ProxyCall { method: method.into(), path: path.into(), ..proxy_call(None) },
+        at: t(3),
+    };
+    given::<Operation>(&[]).when(record("", "/x")).then_err(OperationError::InvalidProxyCall);
+    given::<Operation>(&[]).when(record("GET", "")).then_err(OperationError::InvalidProxyCall);
+    given::<Operation>(&[])
+        .when(record("GET", &"a".repeat(PROXY_PATH_MAX + 1)))
+        .then_err(OperationError::InvalidProxyCall);
+    given::<Operation>(&[]).when(record(&"A".repeat(17), "/x")).then_err(OperationError::InvalidProxyCall);
+    // An absurd duration is not a panic.
+    let long = ProxyCall { duration_ms: u64::MAX, ..proxy_call(Some(200)) };
+    let event = OperationEvent::Proxied {
+        project_id: id(1),
+        installation_id: id(2),
+        connection_id: id(3),
+        call: long,
+        at: t(3),
+    };
+    assert!(Operation::replay(&[event]).started_at.is_some());
 }

@@ -28,6 +28,18 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("the request did not finish within {0:?}")]
     Timeout(Duration),
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    TooManyRequests(String),
+    /// A proxy call's connection needs the customer to connect again.
+    #[error("the connection needs re-authentication: {0}")]
+    NeedsReauth(String),
+    /// The provider behind a proxy call could not be reached, or broke off.
+    #[error("the provider could not be reached: {0}")]
+    ProviderUnreachable(String),
+    #[error("the provider did not answer in time: {0}")]
+    ProviderTimeout(String),
     #[error(transparent)]
     Command(Arc<CommandError>),
     #[error(transparent)]
@@ -82,6 +94,11 @@ impl ApiError {
             ApiError::BadRequest { code, .. } => (*code).into(),
             ApiError::TooLarge(_) => "payload_too_large".into(),
             ApiError::Timeout(_) => "timeout".into(),
+            ApiError::MethodNotAllowed(_) => "method_not_allowed".into(),
+            ApiError::TooManyRequests(_) => "too_many_requests".into(),
+            ApiError::NeedsReauth(_) => "connection.needs_reauth".into(),
+            ApiError::ProviderUnreachable(_) => "provider_unreachable".into(),
+            ApiError::ProviderTimeout(_) => "provider_timeout".into(),
             _ if self.database_unavailable() => "database_unavailable".into(),
             ApiError::Command(e) if is_not_found(e) => "not_found".into(),
             ApiError::Command(e) => e.code(),
@@ -101,6 +118,11 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NeedsReauth(_) => StatusCode::CONFLICT,
+            ApiError::ProviderUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ApiError::ProviderTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             _ if self.database_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Command(e) if is_not_found(e) => StatusCode::NOT_FOUND,
             ApiError::Command(e) => match &**e {
@@ -121,7 +143,12 @@ impl ApiError {
         match self {
             ApiError::Command(e) if is_not_found(e) => format!("{} not found", not_found_what(e)),
             _ if self.database_unavailable() => "the database is unavailable; retry shortly".into(),
-            _ if self.status().is_server_error() && !matches!(self, ApiError::Timeout(_)) => {
+            _ if self.status().is_server_error()
+                && !matches!(
+                    self,
+                    ApiError::Timeout(_) | ApiError::ProviderUnreachable(_) | ApiError::ProviderTimeout(_)
+                ) =>
+            {
                 "internal error; the server log has the details".into()
             }
             _ => self.to_string(),

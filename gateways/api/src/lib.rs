@@ -1,6 +1,6 @@
 //! The edges: the HTTP API (`amplog serve`). GraphQL over the read models and the command
 //! service, API keys and scopes, tenancy's second line (row-level security per request),
-//! the auditor's endpoints, health, readiness and metrics.
+//! the auditor's endpoints, the connect pages, the proxy, health, readiness and metrics.
 
 pub mod auth;
 pub mod connect;
@@ -8,6 +8,7 @@ pub mod error;
 pub mod graphiql;
 pub mod graphql;
 pub mod manifest;
+pub mod proxy;
 pub mod server;
 pub mod state;
 pub mod tenant;

@@ -64,9 +64,11 @@ impl Server {
         let (sockets, feeds) = (Arc::default(), Default::default());
         let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
         let public_url = public_url.trim_end_matches('/').to_string();
+        let tokens = amplog_providers::tokens::Tokens::new(service.clone());
         let state = Arc::new(AppState {
             service,
             keys,
+            tokens,
             config,
             public_url,
             projected,
@@ -120,6 +122,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let introspection = limits.introspection.then(|| graphql::build_introspection(state.clone(), &limits));
     let body_limit = state.config.body_limit;
     let connect = crate::connect::router(state.clone());
+    let proxy = crate::proxy::router(state.clone());
     let shared = Shared { state, schema, limits: Arc::new(limits), introspection };
     Router::new()
         .route("/graphql", get(graphiql).post(graphql_http))
@@ -134,6 +137,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(shared)
         .merge(connect)
+        .merge(proxy)
 }
 
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
@@ -145,7 +149,7 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
 
 /// The caller: an admin key (`X-Admin-Key`, acting in the project `X-Amplog-Project`
 /// names; its use recorded as `what`), an API key or an end user's token.
-async fn authenticate(state: &AppState, headers: &HeaderMap, what: &str) -> Result<Principal, ApiError> {
+pub(crate) async fn authenticate(state: &AppState, headers: &HeaderMap, what: &str) -> Result<Principal, ApiError> {
     if let Some(admin) = headers.get("x-admin-key") {
         let admin = admin.to_str().map_err(|_| ApiError::Unauthenticated)?;
         let project = headers.get("x-amplog-project").and_then(|v| v.to_str().ok()).ok_or_else(|| {

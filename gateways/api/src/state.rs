@@ -37,8 +37,10 @@ pub struct ServerConfig {
     /// The URL users reach this server at (connect links, the OAuth callback); unset:
     /// `http://` and the bound address.
     pub public_url: Option<String>,
-    /// The providers the connect flow can send users to.
+    /// The providers the connect flow can send users to, and proxy calls go to.
     pub connectors: amplog_providers::connector::Connectors,
+    /// Largest body a proxy call may send, in bytes (it streams; it is never held whole).
+    pub proxy_body_limit: u64,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +58,7 @@ impl Default for ServerConfig {
             metrics_per_project: false,
             public_url: None,
             connectors: Default::default(),
+            proxy_body_limit: 256 * 1024 * 1024,
         }
     }
 }
@@ -73,6 +76,8 @@ pub struct Limits {
     /// Subscriptions running at once on one WebSocket connection, and for one key in all.
     pub subscriptions_per_connection: usize,
     pub subscriptions_per_key: usize,
+    /// Proxy calls one key (or one end user) may have in flight at once.
+    pub proxy_calls_per_key: usize,
 }
 
 impl Default for Limits {
@@ -86,6 +91,7 @@ impl Default for Limits {
             ws_connections_per_key: 16,
             subscriptions_per_connection: 16,
             subscriptions_per_key: 32,
+            proxy_calls_per_key: 64,
         }
     }
 }
@@ -98,6 +104,8 @@ pub type ParsedCache = moka::sync::Cache<String, ExecutableDocument>;
 pub struct AppState {
     pub service: CommandService,
     pub keys: Keys,
+    /// Connections' access tokens for proxy calls (cached, refreshed one at a time).
+    pub tokens: amplog_providers::tokens::Tokens,
     pub config: ServerConfig,
     /// `config.public_url`, or `http://` and the bound address; no trailing slash.
     pub public_url: String,
@@ -131,11 +139,12 @@ pub type FeedMap = HashMap<(ProjectId, Uuid), Arc<watch::Sender<Snapshot>>>;
 pub enum Counted {
     Connections,
     Subscriptions,
+    ProxyCalls,
 }
 
-/// Open WebSocket connections and running subscriptions per key.
+/// Open WebSocket connections, running subscriptions and proxy calls in flight per key.
 #[derive(Default)]
-pub struct SocketCounts(Mutex<HashMap<Uuid, [usize; 2]>>);
+pub struct SocketCounts(Mutex<HashMap<Uuid, [usize; 3]>>);
 
 impl SocketCounts {
     /// Counts one more, unless `max` are already counted; the slot gives it back on drop.
@@ -162,7 +171,7 @@ impl Drop for Slot {
         let mut counts = self.counts.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(entry) = counts.get_mut(&self.key) {
             entry[self.what as usize] -= 1;
-            if entry == &[0, 0] {
+            if entry.iter().all(|n| *n == 0) {
                 counts.remove(&self.key);
             }
         }

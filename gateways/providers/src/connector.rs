@@ -215,6 +215,8 @@ pub struct Connector {
     hosts: Vec<crate::egress::HostPattern>,
     egress: crate::egress::Egress,
     http: reqwest::Client,
+    /// For proxy calls: no bound on the whole exchange (bodies stream), only on each read.
+    pub(crate) streaming: reqwest::Client,
 }
 
 /// The connectors by provider name.
@@ -227,9 +229,15 @@ pub struct Connectors {
 /// An outbound HTTP client builder: TLS through rustls (ring, the platform's roots), the
 /// timeouts every provider and destination call gets.
 pub fn http_client() -> reqwest::ClientBuilder {
+    streaming_http_client().timeout(Duration::from_secs(30))
+}
+
+/// The same without a bound on the whole exchange (a proxied body may take minutes); a
+/// connection must open within 5 s and each read must make progress within 60 s.
+pub fn streaming_http_client() -> reqwest::ClientBuilder {
     // Once per process; later calls find it installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).connect_timeout(Duration::from_secs(5))
+    reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).read_timeout(Duration::from_secs(60))
 }
 
 impl Catalog {
@@ -279,6 +287,11 @@ impl Connectors {
         egress: crate::egress::Egress,
     ) -> Connectors {
         let http = egress.client().pool_max_idle_per_host(32).build().expect("the HTTP client builds");
+        let streaming = egress
+            .client_from(streaming_http_client())
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("the HTTP client builds");
         let by_name = catalog
             .providers
             .iter()
@@ -299,6 +312,7 @@ impl Connectors {
                         client_secret: s.client_secret.unwrap_or_else(|| "amplog-demo-secret".into()),
                     },
                     http: http.clone(),
+                    streaming: streaming.clone(),
                 };
                 (name.clone(), Arc::new(connector))
             })
@@ -344,6 +358,14 @@ impl Connector {
         }
     }
 
+    /// Where the customer's data lives: the instance URL when the provider has one.
+    pub(crate) fn data_base<'a>(&'a self, tokens: &'a TokenSet) -> &'a str {
+        match (&tokens.instance_url, self.entry.auth.instance_url) {
+            (Some(instance), true) => instance,
+            _ => &self.base_url,
+        }
+    }
+
     /// A data call's URL: on the customer's instance when the provider has one.
     fn data_url(&self, tokens: &TokenSet, path: &str) -> String {
         match (&tokens.instance_url, self.entry.auth.instance_url) {
@@ -355,7 +377,7 @@ impl Connector {
     /// Refuses a URL off the connector's hosts (a tenant's `instance_url`, a provider's
     /// absolute next-page URL) or to an address the egress rule forbids. The message names
     /// the host, never what answered there.
-    fn check_host(&self, url: &reqwest::Url) -> Result<(), ProviderError> {
+    pub(crate) fn check_host(&self, url: &reqwest::Url) -> Result<(), ProviderError> {
         if !self.hosts.iter().any(|h| h.matches(url)) {
             let host = url.host_str().unwrap_or_default();
             let allowed: Vec<String> = self.hosts.iter().map(ToString::to_string).collect();

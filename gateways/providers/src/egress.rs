@@ -60,7 +60,12 @@ impl Egress {
 
     /// An HTTP client that connects only where this rule allows and follows no redirect.
     pub fn client(&self) -> reqwest::ClientBuilder {
-        crate::connector::http_client().dns_resolver(AllowedOnly(*self)).redirect(reqwest::redirect::Policy::none())
+        self.client_from(crate::connector::http_client())
+    }
+
+    /// `builder` made to connect only where this rule allows and to follow no redirect.
+    pub fn client_from(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+        builder.dns_resolver(AllowedOnly(*self)).redirect(reqwest::redirect::Policy::none())
     }
 }
 

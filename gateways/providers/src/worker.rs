@@ -339,11 +339,11 @@ impl<H: JobHandler> Worker<H> {
     }
 
     /// Whether the job is its operation's latest dispatch (its `Requested` event, or the
-    /// last `Retried`).
+    /// last `Retried` or `DeadLetterReplayed`).
     async fn is_latest_dispatch(&self, message: &JobMessage) -> Result<bool, SyncError> {
         let latest: Option<Uuid> = sqlx::query_scalar(
             "SELECT event_id FROM events WHERE aggregate_type = 'operation' AND aggregate_id = $1
-               AND event_type IN ('Requested', 'Retried') ORDER BY sequence DESC LIMIT 1",
+               AND event_type IN ('Requested', 'Retried', 'DeadLetterReplayed') ORDER BY sequence DESC LIMIT 1",
         )
         .bind(message.job.operation_id.to_string())
         .fetch_optional(self.service.pool())

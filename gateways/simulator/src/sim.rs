@@ -9,7 +9,12 @@
 //!   → `{results, paging.next.after}`. Salesforce-like: `GET /services/data/v59.0/query?q=
 //!   SELECT ... FROM {object} WHERE SystemModstamp >= {time}` → `{records, done,
 //!   nextRecordsUrl}` and `GET /services/data/v59.0/query/{locator}`.
-//! - Writes: `POST /crm/v3/objects/{object}/batch/upsert` with a result per record.
+//! - Writes: `POST /crm/v3/objects/{object}/batch/upsert` with a result per record; one
+//!   record: `GET`, `PATCH` (`{properties}`) and `DELETE` (archive) on
+//!   `/crm/v3/objects/{object}/{id}`.
+//! - `/_sim/echo/{path}`, any method, authenticated like data: what arrived (method, path,
+//!   query, headers, body size and SHA-256, read as it streams), or with `?size=N` N bytes
+//!   streamed back (byte i is `i % 251`).
 //! - Faults, chosen per request from a seeded hash: 429 with Retry-After, 5xx, slow
 //!   responses; 401 for an expired or unknown token.
 //! - Control (`/_sim/...`): faults, expire tokens, revoke a customer's grant, touch records
@@ -18,7 +23,7 @@
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{any, get, post, put};
 use axum::{Form, Json, Router};
 use base64::Engine;
 use chrono::{DateTime, Duration as TimeDelta, Utc};
@@ -211,6 +216,8 @@ pub fn router(config: SimConfig) -> Router {
         .route("/oauth/revoke", post(revoke_token))
         .route("/crm/v3/objects/{object}", get(hubspot_list))
         .route("/crm/v3/objects/{object}/batch/upsert", post(hubspot_upsert))
+        .route("/crm/v3/objects/{object}/{id}", get(hubspot_get).patch(hubspot_patch).delete(hubspot_archive))
+        .route("/_sim/echo/{*rest}", any(echo))
         .route("/services/data/v59.0/query", get(salesforce_query))
         .route("/services/data/v59.0/query/{locator}", get(salesforce_more))
         .route("/_sim/faults", put(set_faults))
@@ -744,6 +751,150 @@ async fn hubspot_upsert(
     stats.records_written += written;
     *stats.by_status.entry(200).or_default() += 1;
     Json(json!({"status": "COMPLETE", "results": results})).into_response()
+}
+
+/// One record by id, changed by `change` first when given; `None` when there is no such record.
+fn with_record(sim: &Sim, object: &str, id: &str, change: Option<&dyn Fn(&mut Record)>) -> Option<Value> {
+    let mut tables = sim.tables.lock().expect("tables");
+    let table = tables.get_mut(object)?;
+    let key = *table.by_id.get(id)?;
+    let record = table.ordered.get(&(key, id.to_string()))?;
+    let Some(change) = change else { return Some(hubspot_record(record)) };
+    let mut record = record.clone();
+    change(&mut record);
+    let shown = hubspot_record(&record);
+    table.insert(record);
+    Some(shown)
+}
+
+fn record_not_found(object: &str, id: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        json!({"status": "error", "category": "OBJECT_NOT_FOUND", "message": format!("no {object} {id}")}),
+    )
+}
+
+async fn hubspot_get(
+    State(sim): State<Arc<Sim>>,
+    Path((object, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = sim.admit(&headers).await {
+        return *response;
+    }
+    sim.count(200);
+    match with_record(&sim, &object, &id, None) {
+        Some(record) => Json(record).into_response(),
+        None => record_not_found(&object, &id),
+    }
+}
+
+#[derive(Deserialize)]
+struct PatchBody {
+    properties: Map<String, Value>,
+}
+
+async fn hubspot_patch(
+    State(sim): State<Arc<Sim>>,
+    Path((object, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<PatchBody>,
+) -> Response {
+    if let Err(response) = sim.admit(&headers).await {
+        return *response;
+    }
+    let now = Utc::now();
+    let change = |r: &mut Record| {
+        r.properties.extend(body.properties.clone());
+        r.updated = now;
+    };
+    match with_record(&sim, &object, &id, Some(&change)) {
+        Some(record) => {
+            sim.count(200);
+            sim.stats.lock().expect("stats").records_written += 1;
+            Json(record).into_response()
+        }
+        None => record_not_found(&object, &id),
+    }
+}
+
+async fn hubspot_archive(
+    State(sim): State<Arc<Sim>>,
+    Path((object, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = sim.admit(&headers).await {
+        return *response;
+    }
+    let now = Utc::now();
+    let change = |r: &mut Record| {
+        r.archived = true;
+        r.updated = now;
+    };
+    match with_record(&sim, &object, &id, Some(&change)) {
+        Some(_) => {
+            sim.count(204);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        None => record_not_found(&object, &id),
+    }
+}
+
+/// What arrived, or `?size=N` bytes streamed back; the body is read as it streams.
+async fn echo(
+    State(sim): State<Arc<Sim>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    use futures::StreamExt;
+    use sha2::Digest;
+    if let Err(response) = sim.admit(&headers).await {
+        return *response;
+    }
+    let (mut digest, mut bytes) = (sha2::Sha256::new(), 0u64);
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        match chunk {
+            Ok(chunk) => {
+                bytes += chunk.len() as u64;
+                digest.update(&chunk);
+            }
+            Err(e) => return bad_request(format!("the body broke off: {e}")),
+        }
+    }
+    sim.count(200);
+    let size = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("size=")).and_then(|n| n.parse::<u64>().ok()));
+    if let Some(size) = size {
+        const CHUNK: u64 = 64 * 1024;
+        let stream = futures::stream::unfold(0u64, move |at| async move {
+            (at < size).then(|| {
+                let n = CHUNK.min(size - at);
+                let chunk: Vec<u8> = (at..at + n).map(|i| (i % 251) as u8).collect();
+                (Ok::<_, std::io::Error>(axum::body::Bytes::from(chunk)), at + n)
+            })
+        });
+        let mut response = axum::body::Body::from_stream(stream).into_response();
+        response.headers_mut().insert(header::CONTENT_LENGTH, size.into());
+        response.headers_mut().insert(header::CONTENT_TYPE, "application/octet-stream".parse().expect("a type"));
+        return response;
+    }
+    let headers: Map<String, Value> = headers
+        .iter()
+        .map(|(name, value)| (name.to_string(), json!(String::from_utf8_lossy(value.as_bytes()))))
+        .collect();
+    Json(json!({
+        "method": method.as_str(),
+        "path": uri.path(),
+        "query": uri.query(),
+        "headers": headers,
+        "bytes": bytes,
+        "sha256": hex::encode(digest.finalize()),
+    }))
+    .into_response()
 }
 
 #[derive(Deserialize)]

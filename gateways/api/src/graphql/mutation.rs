@@ -686,6 +686,34 @@ impl Mutation {
         finish(ctx, outcome, id, wait_for_visibility).await
     }
 
+    /// Retries a failed operation (a proxy call is sent again instead): it is dispatched
+    /// again, and a read resumes from its last recorded page.
+    async fn retry_operation(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        own_operation(ctx, &command, id).await?;
+        let outcome = app(ctx).service.retry_operation(&command, OperationId(id)).await?;
+        finish(ctx, outcome, Some(id), wait_for_visibility).await
+    }
+
+    /// Replays a dead letter (an operation that failed after all its attempts): it is
+    /// dispatched again and resumes from its last recorded page.
+    async fn replay_dead_letter(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        #[graphql(default = false)] wait_for_visibility: bool,
+    ) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Write, None)?;
+        own_operation(ctx, &command, id).await?;
+        let outcome = app(ctx).service.replay_dead_letter(&command, OperationId(id)).await?;
+        finish(ctx, outcome, Some(id), wait_for_visibility).await
+    }
+
     async fn cancel_operation(
         &self,
         ctx: &Context<'_>,

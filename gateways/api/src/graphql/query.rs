@@ -225,6 +225,22 @@ impl Query {
         Ok(Page::of(docs, first, |d| d.operation_id))
     }
 
+    /// Dead letters: operations that failed after all their attempts, newest first.
+    /// `replayDeadLetter` runs one again from its last recorded page.
+    #[graphql(complexity = "page_complexity(first, None, child_complexity)")]
+    async fn dead_letters(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Page<Operation>> {
+        let db = db(ctx);
+        let first = page_size(first)?;
+        let after = after.as_deref().map(parse_cursor).transpose()?;
+        let docs = queries::dead_letters(&mut *db.conn().await?, db.project.0, after, first + 1).await?;
+        Ok(Page::of(docs, first, |d| d.operation_id))
+    }
+
     /// Daily usage in `[from, to]` (UTC days), all installations of the project.
     async fn usage(&self, ctx: &Context<'_>, from: Option<NaiveDate>, to: Option<NaiveDate>) -> Result<Vec<UsageDay>> {
         let db = db(ctx);

@@ -251,6 +251,10 @@ pub struct Operation {
     /// Page deliveries to the destination: every attempt, and the failed ones.
     pub delivery_attempts: Int64,
     pub delivery_failures: Int64,
+    /// Failed after all its attempts (a dead letter): `replayDeadLetter` runs it again.
+    pub dead_lettered: bool,
+    /// A proxy call's status from the provider.
+    pub http_status: Option<i32>,
     /// The operation stream's sequence this state reflects.
     pub version: Int64,
 }
@@ -289,6 +293,8 @@ impl From<OperationDoc> for Operation {
             duration_ms: (d.duration_ms).map(Int64::from),
             delivery_attempts: Int64::from(d.delivery_attempts),
             delivery_failures: Int64::from(d.delivery_failures),
+            dead_lettered: d.dead_lettered,
+            http_status: d.http_status.map(i32::from),
             version: Int64::from(d.version),
         }
     }
@@ -332,6 +338,8 @@ pub struct UsageDay {
     pub records_written: Int64,
     pub bytes: Int64,
     pub proxy_calls: Int64,
+    /// Request and response bytes of proxy calls.
+    pub proxy_bytes: Int64,
     /// Finished operations by `<type>.<status>`.
     pub operations: Vec<Count>,
 }
@@ -345,6 +353,7 @@ impl From<UsageDoc> for UsageDay {
             records_written: Int64::from(d.records_written),
             bytes: Int64::from(d.bytes),
             proxy_calls: Int64::from(d.proxy_calls),
+            proxy_bytes: Int64::from(d.proxy_bytes),
             operations: d.operations.into_iter().map(|(key, n)| Count { key, count: Int64::from(n as i64) }).collect(),
         }
     }
@@ -359,6 +368,8 @@ pub struct BillingMonth {
     pub records_written: Int64,
     pub bytes: Int64,
     pub proxy_calls: Int64,
+    /// Request and response bytes of proxy calls.
+    pub proxy_bytes: Int64,
     pub operations: Vec<Count>,
     /// Installations with any activity in the month.
     pub active_installations: Int64,
@@ -372,6 +383,7 @@ impl From<amplog_projections::usage::MonthlyUsage> for BillingMonth {
             records_written: Int64::from(m.records_written),
             bytes: Int64::from(m.bytes),
             proxy_calls: Int64::from(m.proxy_calls),
+            proxy_bytes: Int64::from(m.proxy_bytes),
             operations: m.operations.into_iter().map(|(key, count)| Count { key, count: Int64::from(count) }).collect(),
             active_installations: Int64::from(m.active_installations),
         }

@@ -6,5 +6,6 @@ mod audit;
 mod browser;
 mod connect;
 mod jwt;
+mod proxy;
 mod security;
 mod sync;
