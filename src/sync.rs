@@ -124,9 +124,14 @@ pub async fn create_destination(app: &App, project: Uuid, name: &str, url: &str)
     Ok(0)
 }
 
+/// A refused command as the operator sees it: what was wrong and its code.
+fn refused(error: amplog_commands::CommandError) -> anyhow::Error {
+    anyhow::anyhow!("{error} (code: {})", error.code())
+}
+
 pub async fn retry_operation(app: &App, project: Uuid, id: Uuid) -> Result<i32> {
     let ctx = amplog_commands::CommandContext::new(ProjectId(project), "cli");
-    app.service()?.retry_operation(&ctx, amplog_domain::OperationId(id)).await?;
+    app.service()?.retry_operation(&ctx, amplog_domain::OperationId(id)).await.map_err(refused)?;
     eprintln!("operation {id} retried: it is dispatched again");
     Ok(0)
 }
@@ -142,7 +147,7 @@ pub async fn list_dead_letters(app: &App, project: Uuid, first: i64) -> Result<i
 
 pub async fn replay_dead_letter(app: &App, project: Uuid, id: Uuid) -> Result<i32> {
     let ctx = amplog_commands::CommandContext::new(ProjectId(project), "cli");
-    app.service()?.replay_dead_letter(&ctx, amplog_domain::OperationId(id)).await?;
+    app.service()?.replay_dead_letter(&ctx, amplog_domain::OperationId(id)).await.map_err(refused)?;
     eprintln!("dead letter {id} replayed: it runs again from its last recorded page");
     Ok(0)
 }

@@ -531,3 +531,45 @@ async fn orgs_projects_and_admin_keys_from_the_cli() {
         ]
     );
 }
+
+/// Operator actions from the CLI: a dead letter listed and replayed, a failed read retried;
+/// each an event with the CLI as its actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_and_failed_operations_from_the_cli() {
+    use amplog_domain::operation::ErrorClass;
+    let db = test_db().await;
+    let key = base64::engine::general_purpose::STANDARD.encode(TEST_KEY);
+    let env = [("DATABASE_URL", db.url.as_str()), ("AMPLOG_CREDENTIALS_KEY", key.as_str())];
+    let service = db.service();
+    let seeded = amplog_commands::testing::seed(&service).await;
+    let (letter, lease) = amplog_commands::testing::start_read(&service, &seeded, "contacts").await;
+    service.fail_operation(&seeded.ctx, letter, lease, ErrorClass::Provider5xx, "5 attempts: 503", true).await.unwrap();
+    let (failed, lease) = amplog_commands::testing::start_read(&service, &seeded, "deals").await;
+    service.fail_operation(&seeded.ctx, failed, lease, ErrorClass::BadRequest, "400", false).await.unwrap();
+    let project = seeded.ctx.project_id.to_string();
+    ok(amplog(&["projections", "rebuild"], &env));
+    let listed = ok(amplog(&["dead-letters", "list", "--project", &project], &env));
+    let letters: Vec<serde_json::Value> = listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(letters.len(), 1, "{listed}");
+    assert_eq!(letters[0]["operation_id"], letter.to_string());
+    // A failed read that is no dead letter cannot be replayed, but can be retried.
+    let refused = amplog(&["dead-letters", "replay", "--project", &project, &failed.to_string()], &env);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not_dead_lettered"), "{refused:?}");
+    ok(amplog(&["dead-letters", "replay", "--project", &project, &letter.to_string()], &env));
+    ok(amplog(&["operations", "retry", "--project", &project, &failed.to_string()], &env));
+    // Another project's id is not found.
+    let other =
+        amplog(&["operations", "retry", "--project", &uuid::Uuid::now_v7().to_string(), &failed.to_string()], &env);
+    assert!(!other.status.success());
+    let events: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_type, metadata->>'actor' FROM events WHERE event_type IN ('DeadLetterReplayed', 'Retried')
+         ORDER BY position",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(events, [("DeadLetterReplayed".to_string(), "cli".to_string()), ("Retried".into(), "cli".into())]);
+    ok(amplog(&["projections", "rebuild"], &env));
+    assert_eq!(ok(amplog(&["dead-letters", "list", "--project", &project], &env)), "");
+}

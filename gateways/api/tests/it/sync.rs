@@ -127,3 +127,95 @@ async fn a_scrape_after_a_sync_run_passes_promtool_and_needs_the_token() {
     assert!(openmetrics.text().await.unwrap().ends_with("# EOF\n"));
     server.stop().await.unwrap();
 }
+
+/// A read that keeps failing is dead-lettered after its attempts; `deadLetters` lists it,
+/// a read key may not replay it, and `replayDeadLetter` runs it again from its last recorded
+/// page: the records already read are not read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_read_replayed_resumes_from_its_cursor() {
+    use amplog_api::{Keys, Scope, Server, ServerConfig};
+    let world = SyncWorld::start(config(500)).await;
+    let keys = Keys::new(&world.service);
+    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
+    let server = Server::start(config, world.service.clone(), keys.clone()).await.unwrap();
+    let (_, write) = keys.create(world.ctx.project_id, Scope::Write, None).await.unwrap();
+    let (_, read) = keys.create(world.ctx.project_id, Scope::Read, None).await.unwrap();
+    let gql = |key: &str, query: &'static str, variables: Value| {
+        let (url, key) = (format!("http://{}/graphql", server.addr), key.to_string());
+        async move {
+            let response = amplog_providers::connector::http_client()
+                .build()
+                .unwrap()
+                .post(url)
+                .header("x-api-key", key)
+                .json(&json!({"query": query, "variables": variables}))
+                .send()
+                .await
+                .unwrap();
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    // Slow pages, so the read is caught halfway.
+    world.sim_control("/_sim/faults", Some(json!({"slow": 1.0, "slow_ms": 150}))).await;
+    let op = world.request_read("contacts").await;
+    let dispatch = world.spawn_dispatch("worker-1", Duration::from_secs(10));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = world.service.load::<amplog_domain::operation::Operation>(&world.ctx, op.0).await.unwrap().state;
+        if state.pages >= 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the read never got to its second page");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    world.sim_control("/_sim/faults", Some(json!({"server_error": 1.0}))).await;
+    let failed = world.finished(op, Duration::from_secs(60)).await;
+    assert_eq!((failed.status, failed.retryable), (OperationStatus::Failed, true), "{failed:?}");
+    let (pages_before, records_before) = (failed.pages, failed.records);
+    assert!((2..5).contains(&pages_before), "{failed:?}");
+    world.project().await;
+    let letters = "{ deadLetters(first: 10) { nodes { id deadLettered status errorClass pages } } }";
+    let body = gql(&read, letters, json!({})).await;
+    let nodes = body["data"]["deadLetters"]["nodes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(nodes.len(), 1, "{body}");
+    assert_eq!(nodes[0]["id"], json!(op.0));
+    assert_eq!(
+        (nodes[0]["deadLettered"].as_bool(), nodes[0]["errorClass"].as_str()),
+        (Some(true), Some("provider5xx"))
+    );
+
+    let replay = "mutation($id: UUID!) { replayDeadLetter(id: $id) { id events { eventType } } }";
+    let body = gql(&read, replay, json!({"id": op})).await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "forbidden", "{body}");
+    let body = gql(&write, replay, json!({"id": uuid::Uuid::now_v7()})).await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "not_found", "{body}");
+    world.sim_control("/_sim/faults", Some(json!({}))).await;
+    let served_before = world.sim_stats().await.records_served;
+    let body = gql(&write, replay, json!({"id": op})).await;
+    assert_eq!(body["data"]["replayDeadLetter"]["events"][0]["eventType"], "DeadLetterReplayed", "{body}");
+    let done = world.finished(op, Duration::from_secs(60)).await;
+    dispatch.abort();
+    assert_eq!(done.status, OperationStatus::Succeeded, "{done:?}");
+    assert_eq!(done.records, 500, "every record once: {done:?}");
+    let served = world.sim_stats().await.records_served - served_before;
+    assert_eq!(served, 500 - records_before, "the replay went on from its cursor");
+    // The replay is an event with its actor; a replayed letter is not one any more, and a
+    // second replay is refused with a code.
+    let actor: String = sqlx::query_scalar(
+        "SELECT metadata->>'actor' FROM events WHERE aggregate_id = $1 AND event_type = 'DeadLetterReplayed'",
+    )
+    .bind(op.to_string())
+    .fetch_one(&world.db.pool)
+    .await
+    .unwrap();
+    assert!(actor.starts_with("api_key:"), "{actor}");
+    world.project().await;
+    let body = gql(&read, letters, json!({})).await;
+    assert_eq!(body["data"]["deadLetters"]["nodes"], json!([]), "{body}");
+    let body = gql(&write, replay, json!({"id": op})).await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "operation.not_failed", "{body}");
+    let retry = "mutation($id: UUID!) { retryOperation(id: $id) { id } }";
+    let body = gql(&write, retry, json!({"id": op})).await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "operation.not_failed", "{body}");
+    server.stop().await.unwrap();
+}
