@@ -81,12 +81,19 @@ pub async fn run_workers(
     work.await
 }
 
-/// Runs the scheduler (one leader among all processes) until `stop`.
-pub async fn run_scheduler(service: &CommandService, stop: impl Future<Output = ()>) {
-    Scheduler::new(service.clone(), holder("scheduler")).run(stop).await;
+/// Runs the scheduler and the notifier (each one leader among all processes) until `stop`.
+pub async fn run_scheduler(
+    service: &CommandService,
+    egress: amplog_providers::egress::Egress,
+    stop: impl Future<Output = ()>,
+) {
+    let stop = futures::FutureExt::shared(Box::pin(stop));
+    let scheduler = Scheduler::new(service.clone(), holder("scheduler"));
+    let notifier = amplog_providers::notify::Notifier::new(service.clone(), egress, holder("notifier"));
+    tokio::join!(scheduler.run(stop.clone()), notifier.run(stop));
 }
 
-/// `amplog worker`: sync workers and the scheduler until Ctrl-C or SIGTERM.
+/// `amplog worker`: sync workers, the scheduler and the notifier until Ctrl-C or SIGTERM.
 pub async fn worker(
     app: &App,
     kafka: &crate::settings::KafkaArgs,
@@ -98,7 +105,7 @@ pub async fn worker(
     let stopping = CancellationToken::new();
     let schedule = async {
         if scheduler {
-            run_scheduler(&service, stopping.cancelled()).await;
+            run_scheduler(&service, Connectors::from_env().egress(), stopping.cancelled()).await;
         }
     };
     let workers = run_workers(&service, Connectors::from_env(), config, options, stopping.cancelled());

@@ -10,6 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod api;
 mod cpu;
 mod history;
+mod proxy;
 mod relay;
 mod sync;
 
@@ -43,8 +44,8 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     catchup_events: i64,
     /// Which benchmarks: `write` (commands, reader, projections), `api`, `relay` (Kafka),
-    /// `sync` (workers, simulator → webhook sink), `history` (audit pages), or `all`.
-    #[arg(long, default_value = "all", value_parser = ["write", "api", "relay", "sync", "history", "all"])]
+    /// `sync` (workers, simulator → webhook sink), `history` (audit pages), `proxy`, or `all`.
+    #[arg(long, default_value = "all", value_parser = ["write", "api", "relay", "sync", "history", "proxy", "all"])]
     suite: String,
     /// The sync benchmark: installations read per round, and contacts each reads.
     #[arg(long, default_value_t = 16)]
@@ -569,6 +570,11 @@ async fn main() -> Result<()> {
         let pool = fresh_database(&args.database_url, "amplog_bench_sync").await?;
         let setup = sync::Setup { installations: args.sync_installations, records: args.sync_records };
         sync::run(&mut report, &pool, setup).await?;
+        pool.close().await;
+    }
+    if wants("proxy") {
+        let pool = fresh_database(&args.database_url, "amplog_bench_proxy").await?;
+        proxy::run(&mut report, &pool, args.seconds).await?;
         pool.close().await;
     }
     if wants("history") {

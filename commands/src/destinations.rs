@@ -75,6 +75,16 @@ pub(crate) async fn put(
     Ok(secret)
 }
 
+/// Whether `project` has a destination `name` (enabled or not).
+pub(crate) async fn exists(conn: &mut PgConnection, project: ProjectId, name: &str) -> Result<bool, CommandError> {
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM destinations WHERE project_id = $1 AND name = $2")
+        .bind(project.0)
+        .bind(name)
+        .fetch_optional(conn)
+        .await?;
+    Ok(found.is_some())
+}
+
 /// Destination `name` of `project`, decrypted.
 pub async fn get(
     pool: &PgPool,

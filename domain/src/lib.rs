@@ -1,5 +1,6 @@
 //! The pure domain of amplog: aggregates (Project, Integration, Connection, Installation,
-//! Operation, ProviderApp, ConnectSession, Organization, AdminKey), their commands, versioned events, state machines, typed errors and upcasters.
+//! Operation, ProviderApp, ConnectSession, Organization, AdminKey), their commands,
+//! versioned events, state machines, typed errors and upcasters; the notification topics.
 //! No IO, no clock, no id generation: time and ids arrive inside the commands.
 
 pub mod admin_key;
@@ -10,6 +11,7 @@ pub mod error;
 pub mod ids;
 pub mod installation;
 pub mod integration;
+pub mod notification;
 pub mod operation;
 pub mod organization;
 pub mod project;

@@ -1,7 +1,7 @@
 //! Project: the tenant. Owns integrations, connections, installations, provider apps and
 //! connect sessions; its own stream records its configuration: API keys made and revoked
 //! (ids and scopes, never the keys), destinations (URLs and secret fingerprints) and the
-//! public keys its end users' tokens are verified with.
+//! public keys its end users' tokens are verified with, and its notification subscriptions.
 
 use crate::aggregate::{Aggregate, DomainEvent};
 use chrono::{DateTime, Utc};
@@ -12,15 +12,73 @@ use uuid::Uuid;
 
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub enum ProjectCommand {
-    Create { name: String, at: DateTime<Utc> },
-    Rename { name: String, at: DateTime<Utc> },
-    RecordApiKey { key_id: Uuid, scope: String, label: Option<String>, at: DateTime<Utc> },
-    RevokeApiKey { key_id: Uuid, at: DateTime<Utc> },
-    PutDestination { name: String, url: String, secret_fingerprint: String, at: DateTime<Utc> },
-    DisableDestination { name: String, reason: String, at: DateTime<Utc> },
-    RecordJwtKey { kid: Uuid, algorithm: String, fingerprint: String, at: DateTime<Utc> },
-    RevokeJwtKey { kid: Uuid, at: DateTime<Utc> },
-    JoinOrganization { organization_id: Uuid, at: DateTime<Utc> },
+    Create {
+        name: String,
+        at: DateTime<Utc>,
+    },
+    Rename {
+        name: String,
+        at: DateTime<Utc>,
+    },
+    RecordApiKey {
+        key_id: Uuid,
+        scope: String,
+        label: Option<String>,
+        at: DateTime<Utc>,
+    },
+    RevokeApiKey {
+        key_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    PutDestination {
+        name: String,
+        url: String,
+        secret_fingerprint: String,
+        at: DateTime<Utc>,
+    },
+    DisableDestination {
+        name: String,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    RecordJwtKey {
+        kid: Uuid,
+        algorithm: String,
+        fingerprint: String,
+        at: DateTime<Utc>,
+    },
+    RevokeJwtKey {
+        kid: Uuid,
+        at: DateTime<Utc>,
+    },
+    JoinOrganization {
+        organization_id: Uuid,
+        at: DateTime<Utc>,
+    },
+    /// Subscribes a destination (the command service says whether it exists) to topics or
+    /// patterns (`read.failed`, `installation.*`, `*`).
+    SubscribeNotifications {
+        subscription_id: Uuid,
+        destination: String,
+        destination_exists: bool,
+        topics: Vec<String>,
+        at: DateTime<Utc>,
+    },
+    DeleteNotificationSubscription {
+        subscription_id: Uuid,
+        at: DateTime<Utc>,
+    },
+}
+
+/// The most notification subscriptions a project keeps.
+pub const SUBSCRIPTIONS_MAX: usize = 50;
+
+/// A destination subscribed to notifications.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NotificationSubscription {
+    pub destination: String,
+    pub topics: Vec<String>,
+    pub created_at: DateTime<Utc>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -71,6 +129,18 @@ pub enum ProjectEvent {
         organization_id: Uuid,
         at: DateTime<Utc>,
     },
+    /// Notifications of these topics (or patterns) go to the destination, from the next
+    /// event in the log on.
+    NotificationSubscriptionCreated {
+        subscription_id: Uuid,
+        destination: String,
+        topics: Vec<String>,
+        at: DateTime<Utc>,
+    },
+    NotificationSubscriptionDeleted {
+        subscription_id: Uuid,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for ProjectEvent {
@@ -97,6 +167,14 @@ pub enum ProjectError {
     JwtKeyNotFound,
     #[error("the project already belongs to an organization")]
     AlreadyInOrganization,
+    #[error("{0}")]
+    InvalidTopics(String),
+    #[error("the project has no destination `{0}`")]
+    UnknownDestination(String),
+    #[error("no such notification subscription")]
+    SubscriptionNotFound,
+    #[error("a project keeps at most 50 notification subscriptions")]
+    TooManySubscriptions,
 }
 
 impl ProjectError {
@@ -112,6 +190,10 @@ impl ProjectError {
             ProjectError::DestinationDisabled => "destination_disabled",
             ProjectError::JwtKeyNotFound => "jwt_key_not_found",
             ProjectError::AlreadyInOrganization => "already_in_organization",
+            ProjectError::InvalidTopics(_) => "invalid_topics",
+            ProjectError::UnknownDestination(_) => "unknown_destination",
+            ProjectError::SubscriptionNotFound => "subscription_not_found",
+            ProjectError::TooManySubscriptions => "too_many_subscriptions",
         }
     }
 }
@@ -132,6 +214,27 @@ pub struct Project {
     pub jwt_keys: BTreeMap<Uuid, bool>,
     #[serde(default)]
     pub organization_id: Option<Uuid>,
+    #[serde(default)]
+    pub notification_subscriptions: BTreeMap<Uuid, NotificationSubscription>,
+}
+
+/// Checks a subscription's topics: 1 to `TOPICS_MAX`, each a topic or a pattern, no repeats.
+fn check_topics(topics: &[String]) -> Result<(), ProjectError> {
+    use crate::notification::{is_pattern, TOPICS_MAX};
+    if topics.is_empty() || topics.len() > TOPICS_MAX {
+        return Err(ProjectError::InvalidTopics(format!("a subscription names 1 to {TOPICS_MAX} topics")));
+    }
+    if let Some(bad) = topics.iter().find(|t| !is_pattern(t)) {
+        let shown: String = bad.chars().take(100).collect();
+        return Err(ProjectError::InvalidTopics(format!(
+            "`{shown}` is not a topic (see notificationTopics), a `group.*` pattern or `*`"
+        )));
+    }
+    let distinct: std::collections::BTreeSet<&String> = topics.iter().collect();
+    if distinct.len() != topics.len() {
+        return Err(ProjectError::InvalidTopics("a topic is named twice".into()));
+    }
+    Ok(())
 }
 
 fn text(value: &str) -> bool {
@@ -253,6 +356,37 @@ impl Aggregate for Project {
                 }
                 Ok(vec![ProjectEvent::JoinedOrganization { organization_id: *organization_id, at: *at }])
             }
+            ProjectCommand::SubscribeNotifications { subscription_id, destination, destination_exists, topics, at } => {
+                if !self.exists {
+                    return Err(ProjectError::NotFound);
+                }
+                check_topics(topics)?;
+                if !text(destination) || !destination_exists {
+                    let shown: String = destination.chars().take(100).collect();
+                    return Err(ProjectError::UnknownDestination(shown));
+                }
+                if self.notification_subscriptions.len() >= SUBSCRIPTIONS_MAX {
+                    return Err(ProjectError::TooManySubscriptions);
+                }
+                if self.notification_subscriptions.contains_key(subscription_id) {
+                    return Err(ProjectError::InvalidConfig);
+                }
+                Ok(vec![ProjectEvent::NotificationSubscriptionCreated {
+                    subscription_id: *subscription_id,
+                    destination: destination.clone(),
+                    topics: topics.clone(),
+                    at: *at,
+                }])
+            }
+            ProjectCommand::DeleteNotificationSubscription { subscription_id, at } => {
+                if !self.exists {
+                    return Err(ProjectError::NotFound);
+                }
+                if !self.notification_subscriptions.contains_key(subscription_id) {
+                    return Err(ProjectError::SubscriptionNotFound);
+                }
+                Ok(vec![ProjectEvent::NotificationSubscriptionDeleted { subscription_id: *subscription_id, at: *at }])
+            }
         }
     }
 
@@ -282,6 +416,17 @@ impl Aggregate for Project {
                 self.jwt_keys.insert(*kid, false);
             }
             ProjectEvent::JoinedOrganization { organization_id, .. } => self.organization_id = Some(*organization_id),
+            ProjectEvent::NotificationSubscriptionCreated { subscription_id, destination, topics, at } => {
+                let subscription = NotificationSubscription {
+                    destination: destination.clone(),
+                    topics: topics.clone(),
+                    created_at: *at,
+                };
+                self.notification_subscriptions.insert(*subscription_id, subscription);
+            }
+            ProjectEvent::NotificationSubscriptionDeleted { subscription_id, .. } => {
+                self.notification_subscriptions.remove(subscription_id);
+            }
         }
     }
 }

@@ -63,6 +63,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 11, name: "jwt_keys", sql: include_str!("../sql/0011_jwt_keys.sql") },
     Migration { version: 12, name: "admin_keys", sql: include_str!("../sql/0012_admin_keys.sql") },
     Migration { version: 13, name: "operations_failed", sql: include_str!("../sql/0013_operations_failed.sql") },
+    Migration { version: 14, name: "notifications", sql: include_str!("../sql/0014_notifications.sql") },
 ];
 
 #[derive(Debug, thiserror::Error)]

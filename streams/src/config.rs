@@ -65,6 +65,11 @@ impl KafkaConfig {
         format!("{}jobs.v1", self.topic_prefix)
     }
 
+    /// Lifecycle notifications (`notifications::derive`), keyed by installation.
+    pub fn notifications_topic(&self) -> String {
+        format!("{}notifications.v1", self.topic_prefix)
+    }
+
     /// Where jobs that keep failing go, with their error.
     pub fn dead_letter_topic(&self) -> String {
         format!("{}jobs.dead-letter.v1", self.topic_prefix)
@@ -75,6 +80,7 @@ impl KafkaConfig {
         let mut topics: Vec<String> = AGGREGATE_TYPES.iter().map(|t| self.aggregate_topic(t)).collect();
         topics.push(self.jobs_topic());
         topics.push(self.dead_letter_topic());
+        topics.push(self.notifications_topic());
         topics
     }
 

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod envelope;
 pub mod jobs;
+pub mod notifications;
 pub mod relay;
 pub mod schema;
 pub mod tail;

@@ -11,6 +11,7 @@
 
 use crate::envelope::StoredEncoder;
 use crate::jobs::{dispatches, job_for};
+use crate::notifications;
 use crate::{KafkaConfig, StreamsError};
 use amplog_log::leader::{run_as_leader, Leadership};
 use amplog_log::{CatchUp, EventStore, LogCursor, LogReader, StoredEvent, Subscription};
@@ -328,6 +329,7 @@ impl Encoder {
     ) -> Result<(), StreamsError> {
         let mut conn = self.pool.acquire().await?;
         let jobs_topic: Arc<str> = self.config.jobs_topic().into();
+        let notifications_topic: Arc<str> = self.config.notifications_topic().into();
         let mut envelopes = StoredEncoder::new(&self.store);
         // By aggregate type: a handful, found faster by comparing than by hashing.
         let mut topics: Vec<(String, Arc<str>)> = Vec::new();
@@ -346,6 +348,10 @@ impl Encoder {
                     true => job_for(&mut conn, &self.store, &event.clone().parse()?).await?,
                     false => None,
                 };
+                let notified = match notifications::notifies(&event) {
+                    true => notifications::derive(&mut conn, &self.store, &event.clone().parse()?).await?,
+                    false => Vec::new(),
+                };
                 let topic = match topics.iter().find(|(kind, _)| *kind == event.aggregate_type) {
                     Some((_, topic)) => topic.clone(),
                     None => {
@@ -360,6 +366,11 @@ impl Encoder {
                     serde_json::to_writer(&mut messages.payloads, &job.to_cloud_event())
                         .expect("an envelope always serialises");
                     messages.push(jobs_topic.clone(), job.key());
+                }
+                for notification in notified {
+                    serde_json::to_writer(&mut messages.payloads, &notification.to_cloud_event())
+                        .expect("an envelope always serialises");
+                    messages.push(notifications_topic.clone(), notification.key.to_string());
                 }
             }
             if out.send(Prepared::Batch { cursor, events, messages }).await.is_err() {

@@ -60,7 +60,40 @@ pub fn schemas() -> BTreeMap<String, String> {
     for (name, schema) in [("cloudevent", schemars::schema_for!(CloudEvent)), ("job", schemars::schema_for!(Job))] {
         files.insert(format!("{name}.json"), pretty(schema.as_value()));
     }
+    for (topic, description) in amplog_domain::notification::TOPICS {
+        files.insert(format!("notification.{topic}.json"), notification_document(topic, description));
+    }
     files
+}
+
+/// A notification's body (`{type, timestamp, data}`), its `data` as its topic's group has it.
+fn notification_document(topic: &str, description: &str) -> String {
+    use crate::notifications::*;
+    let data = match topic.split('.').next() {
+        Some("installation") => schemars::schema_for!(InstallationNotice),
+        Some("connection") => schemars::schema_for!(ConnectionNotice),
+        Some("read" | "write" | "operation") => schemars::schema_for!(OperationNotice),
+        Some("destination") => schemars::schema_for!(DestinationNotice),
+        Some("connect_session") => schemars::schema_for!(ConnectSessionNotice),
+        _ => panic!("notification topic {topic} has no schema (a test names every topic)"),
+    };
+    let mut data = data.as_value().clone();
+    let defs = data.as_object_mut().and_then(|d| d.remove("$defs")).unwrap_or(json!({}));
+    if let Some(map) = data.as_object_mut() {
+        map.remove("$schema");
+        map.remove("title");
+    }
+    let body = json!({
+        "description": description,
+        "type": "object",
+        "required": ["type", "timestamp", "data"],
+        "properties": {
+            "type": {"const": topic},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "data": data,
+        },
+    });
+    document(&format!("amplog notification {topic}"), body, &defs)
 }
 
 /// Writes every schema into `dir`.

@@ -88,6 +88,17 @@ async fn every_event_is_published_as_a_cloudevent_keyed_by_its_aggregate() {
     assert_eq!(job.event.data["operation_id"], operation.to_string());
     assert!(job.event.data.get("project_id").is_none(), "the tenant travels in the envelope only");
 
+    // The seed's connection and installation are notifications, keyed by what they are about.
+    let mut notices = Collector::new(&config, &[config.notifications_topic()]).await;
+    assert!(notices.until(Duration::from_secs(30), |r| r.len() >= 2).await);
+    let mut types: Vec<&str> = notices.received.iter().map(|r| r.event.event_type.as_str()).collect();
+    types.sort();
+    assert_eq!(types, ["amplog.notification.connection.created.v1", "amplog.notification.installation.created.v1"]);
+    let installed = notices.received.iter().find(|r| r.event.data["type"] == "installation.created").unwrap();
+    assert_eq!(installed.key, s.installation.to_string());
+    assert_eq!(installed.event.data["data"]["group_ref"], "group-1");
+    assert_eq!(installed.event.projectid, Some(s.ctx.project_id.0));
+
     // The checkpoint stands at the log's end; a second catch-up publishes nothing.
     let checkpoint = LogReader::checkpoint(&mut service.pool().acquire().await.unwrap(), RELAY).await.unwrap();
     assert_eq!(checkpoint.position, LogReader::new(service.pool().clone()).end().await.unwrap());

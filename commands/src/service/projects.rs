@@ -1,6 +1,7 @@
 //! The command service's projects, and their configuration recorded on the project's
 //! stream: API keys (the digest in `api_keys`, the id and scope in the event) and
-//! destinations (the encrypted secret in `destinations`, its fingerprint in the event).
+//! destinations (the encrypted secret in `destinations`, its fingerprint in the event),
+//! JWT keys and notification subscriptions.
 
 use super::*;
 
@@ -167,5 +168,46 @@ impl CommandService {
             .await?;
         self.decide(&mut uow, &loaded, &command)?;
         self.commit(uow).await
+    }
+
+    /// Subscribes the project's destination `destination` to notification topics (or
+    /// patterns); returns the subscription's id.
+    pub async fn subscribe_notifications(
+        &self,
+        ctx: &CommandContext,
+        destination: &str,
+        topics: &[String],
+    ) -> Result<(Uuid, CommandOutcome), CommandError> {
+        let at = Utc::now();
+        let subscription_id = Uuid::now_v7();
+        let mut uow = self.begin_unkeyed(ctx, "project.subscribe_notifications").await?;
+        let destination_exists = crate::destinations::exists(uow.conn.get(), ctx.project_id, destination).await?;
+        let loaded = self.load_in::<Project>(&mut uow, ctx.project_id.0).await?;
+        let command = ProjectCommand::SubscribeNotifications {
+            subscription_id,
+            destination: destination.into(),
+            destination_exists,
+            topics: topics.to_vec(),
+            at,
+        };
+        self.decide(&mut uow, &loaded, &command)?;
+        Ok((subscription_id, self.commit(uow).await?))
+    }
+
+    /// Deletes a notification subscription: what it queued and had not delivered is not sent.
+    pub async fn delete_notification_subscription(
+        &self,
+        ctx: &CommandContext,
+        subscription_id: Uuid,
+    ) -> Result<CommandOutcome, CommandError> {
+        let at = Utc::now();
+        self.single::<Project>(
+            ctx,
+            "project.delete_notification_subscription",
+            ctx.project_id.0,
+            &subscription_id,
+            |_| ProjectCommand::DeleteNotificationSubscription { subscription_id, at },
+        )
+        .await
     }
 }

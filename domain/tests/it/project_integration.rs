@@ -24,6 +24,12 @@ fn project_every_command_in_every_state() {
                     at: t(3),
                 },
                 ProjectEvent::DestinationDisabled { name: "default".into(), reason: "410 Gone".into(), at: t(4) },
+                ProjectEvent::NotificationSubscriptionCreated {
+                    subscription_id: key,
+                    destination: "default".into(),
+                    topics: vec!["read.failed".into()],
+                    at: t(4),
+                },
             ],
         ),
     ];
@@ -59,12 +65,25 @@ fn project_every_command_in_every_state() {
         ),
         ("revoke-jwt-key", ProjectCommand::RevokeJwtKey { kid: key, at: t(5) }),
         ("join-organization", ProjectCommand::JoinOrganization { organization_id: key, at: t(5) }),
+        (
+            "subscribe",
+            ProjectCommand::SubscribeNotifications {
+                subscription_id: id(8),
+                destination: "default".into(),
+                destination_exists: true,
+                topics: vec!["installation.*".into(), "read.failed".into()],
+                at: t(5),
+            },
+        ),
+        ("unsubscribe", ProjectCommand::DeleteNotificationSubscription { subscription_id: key, at: t(5) }),
     ];
     let table: Vec<(&str, Vec<Expect<ProjectError>>)> = vec![
         (
             "none",
             vec![
                 Ok(&["Created"]),
+                Err(NotFound),
+                Err(NotFound),
                 Err(NotFound),
                 Err(NotFound),
                 Err(NotFound),
@@ -88,6 +107,8 @@ fn project_every_command_in_every_state() {
                 Ok(&["JwtKeyCreated"]),
                 Err(JwtKeyNotFound),
                 Ok(&["JoinedOrganization"]),
+                Ok(&["NotificationSubscriptionCreated"]),
+                Err(SubscriptionNotFound),
             ],
         ),
         (
@@ -102,6 +123,8 @@ fn project_every_command_in_every_state() {
                 Ok(&["JwtKeyCreated"]),
                 Err(JwtKeyNotFound),
                 Ok(&["JoinedOrganization"]),
+                Ok(&["NotificationSubscriptionCreated"]),
+                Ok(&["NotificationSubscriptionDeleted"]),
             ],
         ),
     ];
@@ -224,4 +247,35 @@ fn schedules() {
     for bad in ["", "@every 0m", "@every m", "@every 5s", "* * * *", "* * * * * *", "@hourly", "a b c d e"] {
         assert!(!valid_schedule(bad), "{bad}");
     }
+}
+
+#[test]
+fn notification_subscriptions_name_known_topics_and_destinations() {
+    use ProjectError::*;
+    let created = ProjectEvent::Created { name: "Acme".into(), at: t(0) };
+    let subscribe = |topics: Vec<&str>, exists: bool| ProjectCommand::SubscribeNotifications {
+        subscription_id: id(9),
+        destination: "default".into(),
+        destination_exists: exists,
+        topics: topics.into_iter().map(String::from).collect(),
+        at: t(1),
+    };
+    let refused =
+        |command: ProjectCommand| Project::replay(std::slice::from_ref(&created)).decide(&command).unwrap_err();
+    assert!(matches!(refused(subscribe(vec![], true)), InvalidTopics(_)));
+    assert!(matches!(refused(subscribe(vec!["read.exploded"], true)), InvalidTopics(_)));
+    assert!(matches!(refused(subscribe(vec!["read.failed", "read.failed"], true)), InvalidTopics(_)));
+    assert!(matches!(refused(subscribe(vec!["read.failed"; 33], true)), InvalidTopics(_)));
+    assert!(matches!(refused(subscribe(vec!["read.failed"], false)), UnknownDestination(_)));
+    given::<Project>(std::slice::from_ref(&created))
+        .when(subscribe(vec!["*"], true))
+        .then_types(&["NotificationSubscriptionCreated"]);
+    let mut full = vec![created.clone()];
+    full.extend((0..50u128).map(|i| ProjectEvent::NotificationSubscriptionCreated {
+        subscription_id: id(100 + i),
+        destination: "default".into(),
+        topics: vec!["*".into()],
+        at: t(1),
+    }));
+    given::<Project>(&full).when(subscribe(vec!["*"], true)).then_err(TooManySubscriptions);
 }

@@ -208,6 +208,9 @@ fn is_not_found(e: &CommandError) -> bool {
 fn not_found_what(e: &CommandError) -> &'static str {
     use amplog_domain::{connection::ConnectionError as C, installation::InstallationError as I};
     match e {
+        CommandError::Domain(DomainError::Project(amplog_domain::project::ProjectError::SubscriptionNotFound)) => {
+            "notification subscription"
+        }
         CommandError::Domain(DomainError::Project(_)) => "project",
         CommandError::Domain(DomainError::Integration(_) | DomainError::Installation(I::IntegrationNotFound)) => {
             "integration"

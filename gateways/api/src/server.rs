@@ -79,6 +79,13 @@ impl Server {
         });
         let router = router(state);
         let mut until = shutdown;
+        // Without TCP_NODELAY a response written in two parts (a proxied body after its
+        // headers) waits for the client's delayed ACK: 40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY could not be set");
+            }
+        });
         let task = tokio::spawn(async move {
             axum::serve(listener, router).with_graceful_shutdown(async move { stopped(&mut until).await }).await
         });

@@ -2,12 +2,13 @@
 //! provider, deliver them to webhook destinations, write records back), the worker and the
 //! in-process dispatch (`worker`), the read scheduler (`scheduler`), the connectors and
 //! their catalog (`connector`), tokens and their refresh (`tokens`), signed webhook
-//! delivery (`webhook`), where outbound requests may go (`egress`) and the proxy's outbound
-//! half (`proxy`). Kafka, when it
+//! delivery (`webhook`), lifecycle notifications to destinations (`notify`), where outbound
+//! requests may go (`egress`) and the proxy's outbound half (`proxy`). Kafka, when it
 //! carries the jobs, is `amplog_streams`'s.
 
 pub mod connector;
 pub mod egress;
+pub mod notify;
 pub mod proxy;
 pub mod scheduler;
 pub mod sync;

@@ -50,6 +50,8 @@ struct SinkState {
     refused: u64,
     rejected_signatures: u64,
     received: Vec<Received>,
+    /// Accepted notifications (`{type, timestamp, data}` bodies), as they arrived.
+    notifications: Vec<RawDelivery>,
 }
 
 /// What a sink has seen, by (installation, object).
@@ -104,6 +106,11 @@ impl Sink {
     /// which answers 200 to anything, as a careless receiver would).
     pub fn answer_next(&self, statuses: &[u16]) {
         self.state.lock().expect("sink").answer_next.extend(statuses);
+    }
+
+    /// The notifications it accepted, in arrival order, as they arrived.
+    pub fn notifications(&self) -> Vec<RawDelivery> {
+        self.state.lock().expect("sink").notifications.clone()
     }
 
     /// The last delivery it accepted, as it arrived.
@@ -188,7 +195,13 @@ fn receive_verified(state: &mut SinkState, headers: &HeaderMap, body: &Bytes) ->
         .iter()
         .filter_map(|name| Some((name.to_string(), headers.get(*name)?.to_str().ok()?.to_string())))
         .collect();
-    state.last_raw = Some(RawDelivery { headers, body: body.to_vec() });
+    let raw = RawDelivery { headers, body: body.to_vec() };
+    if payload.get("type").is_some() && payload.get("data").is_some() {
+        state.notifications.push(raw.clone());
+        state.last_raw = Some(raw);
+        return StatusCode::NO_CONTENT;
+    }
+    state.last_raw = Some(raw);
     let text = |key: &str| payload.get(key).and_then(Value::as_str).unwrap_or_default().to_string();
     let max_updated = payload
         .get("records")

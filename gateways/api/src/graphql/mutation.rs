@@ -3,7 +3,7 @@
 //! visible in the read models (`waitForVisibility`).
 
 use super::loaders::*;
-use super::query::JwtKey;
+use super::query::{notification_subscriptions, JwtKey, NotificationSubscription};
 use super::types::*;
 use super::{app, db, loader, principal, IdempotencyKey};
 use crate::auth::Scope;
@@ -544,6 +544,29 @@ impl Mutation {
             .map_err(|e| ApiError::bad_request("invalid_input", e))?;
         let secret = app(ctx).service.put_destination(&command, &name, &url, None).await?;
         Ok(DestinationCreated { name, url, signing_secret: secret.0 })
+    }
+
+    /// Subscribes one of the project's destinations to lifecycle notifications: topics from
+    /// `notificationTopics`, `group.*` patterns or `*`. Each notification of an event after
+    /// this one in the log is delivered at least once. Needs an admin key.
+    async fn create_notification_subscription(
+        &self,
+        ctx: &Context<'_>,
+        destination: String,
+        topics: Vec<String>,
+    ) -> Result<NotificationSubscription> {
+        let command = command_ctx(ctx, Scope::Admin, None)?;
+        let (id, _) = app(ctx).service.subscribe_notifications(&command, &destination, &topics).await?;
+        let made = notification_subscriptions(ctx).await?.into_iter().find(|s| s.id == id);
+        made.ok_or_else(|| ApiError::Internal("the subscription just made is not listed".into()))
+    }
+
+    /// Deletes a notification subscription: nothing more is queued for it, and what it had
+    /// queued and not delivered is not sent. Needs an admin key.
+    async fn delete_notification_subscription(&self, ctx: &Context<'_>, id: Uuid) -> Result<MutationPayload> {
+        let command = command_ctx(ctx, Scope::Admin, None)?;
+        let outcome = app(ctx).service.delete_notification_subscription(&command, id).await?;
+        finish(ctx, outcome, Some(id), false).await
     }
 
     /// Registers a public key (PEM, `-----BEGIN PUBLIC KEY-----`) the project's backend signs

@@ -375,6 +375,20 @@ impl Query {
         Ok(listed.into_iter().map(|(name, url, disabled)| Destination { name, url, disabled }).collect())
     }
 
+    /// Every notification topic a subscription can name (or match with `group.*`, `*`).
+    async fn notification_topics(&self) -> Vec<NotificationTopic> {
+        amplog_domain::notification::TOPICS
+            .iter()
+            .map(|(name, description)| NotificationTopic { name: (*name).into(), description: (*description).into() })
+            .collect()
+    }
+
+    /// The project's notification subscriptions (an API key's view: project-wide).
+    async fn notification_subscriptions(&self, ctx: &Context<'_>) -> Result<Vec<NotificationSubscription>> {
+        principal(ctx).require_key()?;
+        notification_subscriptions(ctx).await
+    }
+
     /// Who is asking: the key's project and scope.
     async fn viewer(&self, ctx: &Context<'_>) -> Viewer {
         let p = principal(ctx);
@@ -389,6 +403,41 @@ impl Query {
 }
 
 #[derive(SimpleObject)]
+pub struct NotificationTopic {
+    pub name: String,
+    /// What happened when it is sent.
+    pub description: String,
+}
+
+/// A destination subscribed to lifecycle notifications, sent per Standard Webhooks with a
+/// `webhook-id` that stays the same on every retry and restart.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct NotificationSubscription {
+    pub id: Uuid,
+    pub destination: String,
+    /// Topics or patterns (`installation.*`, `*`).
+    pub topics: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The project's subscriptions, as its stream stands.
+pub(super) async fn notification_subscriptions(ctx: &Context<'_>) -> Result<Vec<NotificationSubscription>> {
+    let who = principal(ctx);
+    let command = amplog_commands::CommandContext::new(who.project_id, who.actor());
+    let project = app(ctx).service.load::<amplog_domain::project::Project>(&command, who.project_id.0).await?.state;
+    Ok(project
+        .notification_subscriptions
+        .into_iter()
+        .map(|(id, s)| NotificationSubscription {
+            id,
+            destination: s.destination,
+            topics: s.topics,
+            created_at: s.created_at,
+        })
+        .collect())
+}
+
+#[derive(SimpleObject, Clone, Debug)]
 pub struct Destination {
     pub name: String,
     pub url: String,

@@ -382,6 +382,60 @@ async fn an_admin_creates_destinations_whose_secret_is_shown_once_and_stored_enc
     assert_eq!(error_code(&body), "invalid_input", "{body}");
 }
 
+/// Notification subscriptions: made by an admin key for an existing destination and known
+/// topics (or patterns), listed, deleted; everything else refused with a code and nothing
+/// appended.
+#[tokio::test(flavor = "multi_thread")]
+async fn notification_subscriptions_are_checked_listed_and_deleted() {
+    let app = TestApp::spawn().await;
+    let p = app.project("notices").await;
+    let other = app.project("other").await;
+    let destination = "mutation { createDestination(name: \"ops\", url: \"https://hooks.example/ops\") { name } }";
+    app.data(&p.admin, destination, json!({})).await;
+    let topics = app.data(&p.read, "{ notificationTopics { name description } }", json!({})).await;
+    let names: Vec<&str> =
+        topics["notificationTopics"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"operation.dead_lettered") && names.contains(&"connection.needs_reauth"), "{names:?}");
+    let create = "mutation($d: String!, $t: [String!]!) {
+        createNotificationSubscription(destination: $d, topics: $t) { id destination topics createdAt } }";
+    let events =
+        || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events").fetch_one(&app.db.pool).await.unwrap() };
+    let before = events().await;
+    for (destination, topics, code) in [
+        ("ops", json!(["read.exploded"]), "project.invalid_topics"),
+        ("ops", json!([]), "project.invalid_topics"),
+        ("ops", json!(["read.*", "read.*"]), "project.invalid_topics"),
+        ("ops", json!(vec!["read.failed"; 33]), "project.invalid_topics"),
+        ("ops", json!(["x".repeat(5000)]), "project.invalid_topics"),
+        ("nowhere", json!(["read.failed"]), "project.unknown_destination"),
+    ] {
+        let (status, body) = app.gql(&p.admin, create, json!({"d": destination, "t": topics})).await;
+        assert_eq!((status, error_code(&body)), (200, code), "{body}");
+        assert!(body["errors"][0]["message"].as_str().unwrap().len() < 300, "{body}");
+    }
+    let (_, body) = app.gql(&p.write, create, json!({"d": "ops", "t": ["read.failed"]})).await;
+    assert_eq!(error_code(&body), "forbidden");
+    // Another project's destination of the same name does not exist for this one.
+    let (_, body) = app.gql(&other.admin, create, json!({"d": "ops", "t": ["read.failed"]})).await;
+    assert_eq!(error_code(&body), "project.unknown_destination");
+    assert_eq!(events().await, before, "refused subscriptions append nothing");
+
+    let made = app.data(&p.admin, create, json!({"d": "ops", "t": ["installation.*", "read.failed"]})).await;
+    let made = &made["createNotificationSubscription"];
+    assert_eq!(made["topics"], json!(["installation.*", "read.failed"]));
+    let listed = app.data(&p.read, "{ notificationSubscriptions { id destination } }", json!({})).await;
+    assert_eq!(listed["notificationSubscriptions"], json!([{"id": made["id"], "destination": "ops"}]));
+    let none = app.data(&other.read, "{ notificationSubscriptions { id } }", json!({})).await;
+    assert_eq!(none["notificationSubscriptions"], json!([]));
+    let delete = "mutation($id: UUID!) { deleteNotificationSubscription(id: $id) { id } }";
+    let (_, body) = app.gql(&other.admin, delete, json!({"id": made["id"]})).await;
+    assert_eq!(error_code(&body), "not_found", "{body}");
+    app.data(&p.admin, delete, json!({"id": made["id"]})).await;
+    let (_, body) = app.gql(&p.admin, delete, json!({"id": made["id"]})).await;
+    assert_eq!(error_code(&body), "not_found", "{body}");
+    assert_eq!(body["errors"][0]["message"], "notification subscription not found");
+}
+
 /// Relay's algorithm with `first` and `last` together (the first N edges, then the last M
 /// of them), and 64-bit numbers: positions past 2^31 are accepted, counts are `Int64`.
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,275 @@
+//! Lifecycle notifications to destinations, as the `notifier` leader: a consumer of the log
+//! with its own checkpoint. Each batch of events, in one transaction with the checkpoint,
+//! keeps the subscriptions (from the project's `NotificationSubscription*` events, so a
+//! subscription sees exactly the events after it in the log) and queues one delivery per
+//! matching subscription and derived notification (`amplog_streams::notifications`),
+//! under a `webhook-id` made from the subscription, the event and the topic: a restart
+//! or a rebuild queues nothing twice. Queued deliveries go out signed per Standard
+//! Webhooks, in order per subscription, retried with backoff until delivered (at least
+//! once) or given up after `max_attempts`; a 410 disables the destination.
+
+use crate::webhook;
+use crate::SyncError;
+use amplog_commands::{destinations, CommandContext, CommandService};
+use amplog_domain::notification::matches;
+use amplog_domain::project::{Project, ProjectEvent};
+use amplog_domain::ProjectId;
+use amplog_log::leader::{run_as_leader, Leadership};
+use amplog_log::LogReader;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// The notifier's singleton and checkpoint name.
+pub const NOTIFIER: &str = "notifier";
+
+/// How deliveries are retried.
+#[derive(Clone, Debug)]
+pub struct NotifyPolicy {
+    pub max_attempts: i32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long the notifier waits for new events before it looks at due retries.
+    pub poll: Duration,
+}
+
+impl Default for NotifyPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 20,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(3600),
+            poll: Duration::from_millis(500),
+        }
+    }
+}
+
+pub struct Notifier {
+    service: CommandService,
+    http: reqwest::Client,
+    holder: String,
+    pub policy: NotifyPolicy,
+}
+
+/// One queued delivery.
+struct Due {
+    webhook_id: String,
+    project_id: Uuid,
+    subscription_id: Uuid,
+    destination: String,
+    body: String,
+    attempts: i32,
+    /// Its next attempt is due.
+    due: bool,
+}
+
+impl Notifier {
+    pub fn new(service: CommandService, egress: crate::egress::Egress, holder: impl Into<String>) -> Self {
+        let http = egress.client().build().expect("the HTTP client builds");
+        Self { service, http, holder: holder.into(), policy: NotifyPolicy::default() }
+    }
+
+    /// Runs until `stop` resolves, leading whenever it can.
+    pub async fn run(&self, stop: impl Future<Output = ()>) {
+        let pool = self.service.pool().clone();
+        let pause = |_: &SyncError| Duration::from_secs(1);
+        run_as_leader(&pool, NOTIFIER, &self.holder, stop, pause, |l| self.lead(l)).await;
+    }
+
+    async fn lead(&self, mut leadership: Leadership) -> Result<(), SyncError> {
+        let pool = self.service.pool().clone();
+        let start = LogReader::checkpoint(&mut *pool.acquire().await?, NOTIFIER).await?;
+        let mut subscription = LogReader::new(pool.clone()).subscribe(start).await?;
+        loop {
+            let batch = subscription.next_batch_within(self.policy.poll).await?;
+            leadership.alive().await?;
+            if let Some(last) = batch.last() {
+                let mut tx = pool.begin().await?;
+                if !leadership.fence(&mut tx).await? {
+                    return Err(SyncError::Fenced(NOTIFIER.into()));
+                }
+                let mut queued = 0;
+                for event in &batch {
+                    queued += self.queue(&mut tx, event).await?;
+                }
+                LogReader::save_checkpoint(&mut tx, NOTIFIER, last.cursor()).await?;
+                tx.commit().await?;
+                if queued > 0 {
+                    tracing::debug!(queued, "notifications queued");
+                }
+            }
+            self.deliver_due().await?;
+        }
+    }
+
+    /// Keeps the subscriptions an event changes, and queues the deliveries it makes.
+    async fn queue(&self, tx: &mut sqlx::PgConnection, event: &amplog_log::RecordedEvent) -> Result<usize, SyncError> {
+        let store = self.service.store();
+        if event.aggregate_type == "project" && event.event_type.starts_with("NotificationSubscription") {
+            let Some(project) = event.project_id.or_else(|| event.aggregate_id.parse().ok()) else { return Ok(0) };
+            match store.decode::<Project>(&event.event_type, &event.event_version, event.payload.clone())? {
+                ProjectEvent::NotificationSubscriptionCreated { subscription_id, destination, topics, .. } => {
+                    sqlx::query(
+                        "INSERT INTO notification_subscriptions (subscription_id, project_id, destination, topics)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (subscription_id) DO NOTHING",
+                    )
+                    .bind(subscription_id)
+                    .bind(project)
+                    .bind(&destination)
+                    .bind(&topics)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                ProjectEvent::NotificationSubscriptionDeleted { subscription_id, .. } => {
+                    sqlx::query("DELETE FROM notification_subscriptions WHERE subscription_id = $1")
+                        .bind(subscription_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    // What it had queued and not delivered is not sent.
+                    sqlx::query(
+                        "UPDATE notification_deliveries SET given_up_at = now(), last_error = 'the subscription was deleted'
+                         WHERE subscription_id = $1 AND delivered_at IS NULL AND given_up_at IS NULL",
+                    )
+                    .bind(subscription_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                _ => {}
+            }
+            return Ok(0);
+        }
+        if !amplog_streams::notifications::notifies(event) {
+            return Ok(0);
+        }
+        let derived = amplog_streams::notifications::derive(&mut *tx, store, event).await?;
+        let Some(first) = derived.first() else { return Ok(0) };
+        let subscriptions: Vec<(Uuid, String, Vec<String>)> = sqlx::query_as(
+            "SELECT subscription_id, destination, topics FROM notification_subscriptions
+             WHERE project_id = $1 ORDER BY subscription_id",
+        )
+        .bind(first.project_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut queued = 0;
+        for notification in &derived {
+            let topic = &notification.notification.topic;
+            for (subscription, destination, topics) in &subscriptions {
+                if !topics.iter().any(|pattern| matches(pattern, topic)) {
+                    continue;
+                }
+                let webhook_id = format!("ntf_{}", Uuid::new_v5(subscription, notification.id().as_bytes()).simple());
+                let body = serde_json::to_string(&notification.notification).expect("notifications serialise");
+                queued += sqlx::query(
+                    "INSERT INTO notification_deliveries
+                       (webhook_id, project_id, subscription_id, destination, topic, installation_id, event_id, body)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (webhook_id) DO NOTHING",
+                )
+                .bind(&webhook_id)
+                .bind(notification.project_id)
+                .bind(subscription)
+                .bind(destination)
+                .bind(topic)
+                .bind(notification.installation_id)
+                .bind(notification.event_id)
+                .bind(&body)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected() as usize;
+            }
+        }
+        Ok(queued)
+    }
+
+    /// Sends what is due: per subscription in queue order, stopping at its first failure
+    /// (so order holds); subscriptions in parallel.
+    async fn deliver_due(&self) -> Result<(), SyncError> {
+        let pool = self.service.pool();
+        type Row = (String, Uuid, Uuid, String, String, i32, bool);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT webhook_id, project_id, subscription_id, destination, body, attempts, next_attempt_at <= now() AS due
+             FROM notification_deliveries
+             WHERE delivered_at IS NULL AND given_up_at IS NULL AND subscription_id IN (
+                 SELECT DISTINCT subscription_id FROM notification_deliveries
+                 WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= now())
+             ORDER BY seq LIMIT 500",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut by_subscription: BTreeMap<Uuid, Vec<Due>> = BTreeMap::new();
+        for (webhook_id, project_id, subscription_id, destination, body, attempts, due) in rows {
+            let row = Due { webhook_id, project_id, subscription_id, destination, body, attempts, due };
+            by_subscription.entry(row.subscription_id).or_default().push(row);
+        }
+        let sends = by_subscription.into_values().map(|rows| self.deliver_in_order(rows));
+        for result in futures::future::join_all(sends).await {
+            result?;
+        }
+        Ok(())
+    }
+
+    async fn deliver_in_order(&self, rows: Vec<Due>) -> Result<(), SyncError> {
+        let pool = self.service.pool();
+        let Some(first) = rows.first() else { return Ok(()) };
+        let project = ProjectId(first.project_id);
+        let destination = destinations::get(pool, self.service.credentials(), project, &first.destination).await?;
+        for row in rows {
+            if !row.due {
+                // An earlier notification waits for its retry: the later ones wait behind it.
+                return Ok(());
+            }
+            let attempt = row.attempts + 1;
+            let outcome = match &destination {
+                None => webhook::Attempted { status: None, error: Some("the destination does not exist".into()) },
+                Some(d) if d.disabled.is_some() => {
+                    webhook::Attempted { status: None, error: Some("the destination is disabled".into()) }
+                }
+                Some(d) => {
+                    webhook::deliver(&self.http, &d.url, &d.secret.0, &row.webhook_id, row.body.as_bytes()).await
+                }
+            };
+            if outcome.delivered() {
+                sqlx::query(
+                    "UPDATE notification_deliveries SET delivered_at = now(), attempts = $2, last_status = $3,
+                            last_error = NULL WHERE webhook_id = $1",
+                )
+                .bind(&row.webhook_id)
+                .bind(attempt)
+                .bind(outcome.status.map(i32::from))
+                .execute(pool)
+                .await?;
+                continue;
+            }
+            let gone = outcome.status == Some(410);
+            let give_up = gone || attempt >= self.policy.max_attempts;
+            let delay = crate::worker::backoff(
+                self.policy.backoff,
+                self.policy.max_backoff,
+                attempt as u32,
+                row.subscription_id.as_u128() as u64,
+            );
+            sqlx::query(
+                "UPDATE notification_deliveries SET attempts = $2, last_status = $3, last_error = $4,
+                        next_attempt_at = now() + $5 * interval '1 millisecond',
+                        given_up_at = CASE WHEN $6 THEN now() END
+                 WHERE webhook_id = $1",
+            )
+            .bind(&row.webhook_id)
+            .bind(attempt)
+            .bind(outcome.status.map(i32::from))
+            .bind(&outcome.error)
+            .bind(delay.as_millis() as i64)
+            .bind(give_up)
+            .execute(pool)
+            .await?;
+            if gone {
+                let reason = format!("answered 410 Gone to notification {}", row.webhook_id);
+                let ctx = CommandContext::new(project, format!("notifier:{}", self.holder));
+                self.service.disable_destination(&ctx, &row.destination, &reason).await?;
+            }
+            tracing::info!(webhook_id = %row.webhook_id, attempt, error = ?outcome.error, "notification not delivered");
+            return Ok(());
+        }
+        Ok(())
+    }
+}
