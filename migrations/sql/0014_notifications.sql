@@ -1,7 +1,7 @@
 -- The notifier's own tables, written by it as it reads the log (in the transaction that
 -- moves its checkpoint): the subscriptions as of its checkpoint, and the deliveries it
--- queued, with their outcomes. Not read models (delivery outcomes are not in the log);
--- not readable by the application role.
+-- queued, with their outcomes. Not read models (delivery outcomes are not in the log).
+-- The application role reads its project's deliveries (and an end user its group's).
 CREATE TABLE notification_subscriptions (
     subscription_id uuid   PRIMARY KEY,
     project_id      uuid   NOT NULL,
@@ -17,7 +17,8 @@ CREATE TABLE notification_deliveries (
     subscription_id uuid        NOT NULL,
     destination     text        NOT NULL,
     topic           text        NOT NULL,
-    installation_id uuid,
+    -- Text, as in the read models (the group policy compares it so).
+    installation_id text,
     event_id        uuid        NOT NULL,
     -- The exact bytes signed and sent.
     body            text        NOT NULL,
@@ -33,3 +34,5 @@ CREATE TABLE notification_deliveries (
 CREATE INDEX notification_deliveries_pending ON notification_deliveries (subscription_id, seq)
     WHERE delivered_at IS NULL AND given_up_at IS NULL;
 CREATE INDEX notification_deliveries_by_project ON notification_deliveries (project_id, seq);
+
+SELECT amplog_secure('notification_deliveries');

@@ -170,7 +170,7 @@ impl Notifier {
                 .bind(subscription)
                 .bind(destination)
                 .bind(topic)
-                .bind(notification.installation_id)
+                .bind(notification.installation_id.map(|i| i.to_string()))
                 .bind(notification.event_id)
                 .bind(&body)
                 .execute(&mut *tx)
@@ -272,4 +272,90 @@ impl Notifier {
         }
         Ok(())
     }
+}
+
+/// A queued notification and what became of it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub seq: i64,
+    pub webhook_id: String,
+    pub subscription_id: Uuid,
+    pub destination: String,
+    pub topic: String,
+    pub installation_id: Option<String>,
+    pub body: String,
+    /// `pending`, `delivered` or `given_up`.
+    pub status: &'static str,
+    pub attempts: i32,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub queued_at: chrono::DateTime<chrono::Utc>,
+    pub delivered_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The project's queued notifications, newest first (before `before`, a `seq`), on the
+/// caller's connection (the API's: row-level security keeps it to its project).
+pub async fn deliveries(
+    conn: &mut sqlx::PgConnection,
+    project: ProjectId,
+    subscription: Option<Uuid>,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Delivery>, sqlx::Error> {
+    type Row = (
+        i64,
+        String,
+        Uuid,
+        String,
+        String,
+        Option<String>,
+        String,
+        i32,
+        Option<i32>,
+        Option<String>,
+        chrono::DateTime<chrono::Utc>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        chrono::DateTime<chrono::Utc>,
+        Option<chrono::DateTime<chrono::Utc>>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT seq, webhook_id, subscription_id, destination, topic, installation_id, body, attempts, last_status,
+                last_error, queued_at, delivered_at, next_attempt_at, given_up_at
+         FROM notification_deliveries
+         WHERE project_id = $1 AND ($2::uuid IS NULL OR subscription_id = $2) AND ($3::bigint IS NULL OR seq < $3)
+         ORDER BY project_id, seq DESC LIMIT $4",
+    )
+    .bind(project.0)
+    .bind(subscription)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let status = match (r.11, r.13) {
+                (Some(_), _) => "delivered",
+                (None, Some(_)) => "given_up",
+                (None, None) => "pending",
+            };
+            Delivery {
+                seq: r.0,
+                webhook_id: r.1,
+                subscription_id: r.2,
+                destination: r.3,
+                topic: r.4,
+                installation_id: r.5,
+                body: r.6,
+                status,
+                attempts: r.7,
+                last_status: r.8,
+                last_error: r.9,
+                queued_at: r.10,
+                delivered_at: r.11,
+                next_attempt_at: (status == "pending").then_some(r.12),
+            }
+        })
+        .collect())
 }

@@ -389,6 +389,25 @@ impl Query {
         notification_subscriptions(ctx).await
     }
 
+    /// Notifications queued for the project's subscriptions (or one of them) and what
+    /// became of each, newest first; `beforeSeq` pages on.
+    async fn notification_deliveries(
+        &self,
+        ctx: &Context<'_>,
+        subscription_id: Option<Uuid>,
+        #[graphql(default = 50)] first: i32,
+        before_seq: Option<Int64>,
+    ) -> Result<Vec<NotificationDelivery>> {
+        principal(ctx).require_key()?;
+        let db = db(ctx);
+        let first = page_size(Some(first))?;
+        let before = before_seq.map(|s| s.0);
+        let rows =
+            amplog_providers::notify::deliveries(&mut *db.conn().await?, db.project, subscription_id, before, first)
+                .await?;
+        Ok(rows.into_iter().map(NotificationDelivery::from).collect())
+    }
+
     /// Who is asking: the key's project and scope.
     async fn viewer(&self, ctx: &Context<'_>) -> Viewer {
         let p = principal(ctx);
@@ -418,6 +437,51 @@ pub struct NotificationSubscription {
     /// Topics or patterns (`installation.*`, `*`).
     pub topics: Vec<String>,
     pub created_at: DateTime<Utc>,
+}
+
+/// A queued notification and what became of it.
+#[derive(SimpleObject, Clone, Debug)]
+pub struct NotificationDelivery {
+    /// Its place in the queue (newest first; `beforeSeq` pages on).
+    pub seq: Int64,
+    /// The Standard Webhooks `webhook-id`, the same on every attempt.
+    pub webhook_id: String,
+    pub subscription_id: Uuid,
+    pub destination: String,
+    pub topic: String,
+    pub installation_id: Option<String>,
+    /// The body as signed and sent.
+    pub body: Json<serde_json::Value>,
+    /// `pending`, `delivered` or `given_up`.
+    pub status: String,
+    pub attempts: i32,
+    /// The endpoint's last HTTP status, and why the last attempt failed.
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub queued_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+impl From<amplog_providers::notify::Delivery> for NotificationDelivery {
+    fn from(d: amplog_providers::notify::Delivery) -> Self {
+        NotificationDelivery {
+            seq: Int64::from(d.seq),
+            webhook_id: d.webhook_id,
+            subscription_id: d.subscription_id,
+            destination: d.destination,
+            topic: d.topic,
+            installation_id: d.installation_id,
+            body: Json(serde_json::from_str(&d.body).unwrap_or(serde_json::Value::Null)),
+            status: d.status.into(),
+            attempts: d.attempts,
+            last_status: d.last_status,
+            last_error: d.last_error,
+            queued_at: d.queued_at,
+            delivered_at: d.delivered_at,
+            next_attempt_at: d.next_attempt_at,
+        }
+    }
 }
 
 /// The project's subscriptions, as its stream stands.

@@ -420,9 +420,39 @@ async fn notification_subscriptions_are_checked_listed_and_deleted() {
     assert_eq!(error_code(&body), "project.unknown_destination");
     assert_eq!(events().await, before, "refused subscriptions append nothing");
 
-    let made = app.data(&p.admin, create, json!({"d": "ops", "t": ["installation.*", "read.failed"]})).await;
+    let made = app.data(&p.admin, create, json!({"d": "ops", "t": ["connection.*", "read.failed"]})).await;
     let made = &made["createNotificationSubscription"];
-    assert_eq!(made["topics"], json!(["installation.*", "read.failed"]));
+    assert_eq!(made["topics"], json!(["connection.*", "read.failed"]));
+    // A notification to an endpoint that cannot be reached: pending, with why.
+    let mut notifier = amplog_providers::notify::Notifier::new(app.service.clone(), Default::default(), "notifier");
+    notifier.policy.poll = std::time::Duration::from_millis(100);
+    notifier.policy.backoff = std::time::Duration::from_millis(50);
+    let notifier = tokio::spawn(async move { notifier.run(std::future::pending()).await });
+    let integration = app.service.declare_integration(&p.ctx, "crm", "hubspot").await.unwrap().id_of("integration");
+    let secret = amplog_commands::credentials::Secret(amplog_commands::testing::SEED_SECRET.into());
+    let integration = amplog_domain::IntegrationId(integration.unwrap());
+    app.service.create_connection(&p.ctx, integration, "g1", &secret).await.unwrap();
+    let deliveries = "{ notificationDeliveries { webhookId topic status attempts lastError body } }";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let delivery = loop {
+        let listed = app.data(&p.read, deliveries, json!({})).await;
+        let first = listed["notificationDeliveries"][0].clone();
+        if first["attempts"].as_i64().unwrap_or(0) >= 1 {
+            break first;
+        }
+        assert!(std::time::Instant::now() < deadline, "no attempt: {listed}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    notifier.abort();
+    assert_eq!(
+        (delivery["topic"].as_str(), delivery["status"].as_str()),
+        (Some("connection.created"), Some("pending"))
+    );
+    assert_eq!(delivery["body"]["type"], "connection.created");
+    assert!(delivery["webhookId"].as_str().unwrap().starts_with("ntf_"), "{delivery}");
+    assert!(delivery["lastError"].as_str().is_some_and(|e| !e.is_empty()), "{delivery}");
+    let none = app.data(&other.read, deliveries, json!({})).await;
+    assert_eq!(none["notificationDeliveries"], json!([]));
     let listed = app.data(&p.read, "{ notificationSubscriptions { id destination } }", json!({})).await;
     assert_eq!(listed["notificationSubscriptions"], json!([{"id": made["id"], "destination": "ops"}]));
     let none = app.data(&other.read, "{ notificationSubscriptions { id } }", json!({})).await;
