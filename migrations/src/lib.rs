@@ -62,7 +62,11 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 10, name: "events_configuration", sql: include_str!("../sql/0010_events_configuration.sql") },
     Migration { version: 11, name: "jwt_keys", sql: include_str!("../sql/0011_jwt_keys.sql") },
     Migration { version: 12, name: "admin_keys", sql: include_str!("../sql/0012_admin_keys.sql") },
-    Migration { version: 13, name: "operations_failed", sql: include_str!("../sql/0013_operations_failed.sql") },
+    Migration {
+        version: 13,
+        name: "operations_dead_lettered",
+        sql: include_str!("../sql/0013_operations_dead_lettered.sql"),
+    },
     Migration { version: 14, name: "notifications", sql: include_str!("../sql/0014_notifications.sql") },
 ];
 

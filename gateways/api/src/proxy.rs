@@ -7,9 +7,9 @@
 
 use crate::auth::Scope;
 use crate::error::ApiError;
-use crate::state::{AppState, Counted};
+use crate::state::{AppState, Counted, Slot};
 use amplog_commands::{CommandContext, CommandService};
-use amplog_domain::connection::Connection;
+use amplog_domain::connection::{Connection, ConnectionStatus};
 use amplog_domain::installation::Installation;
 use amplog_domain::operation::{ErrorClass, ProxyCall, PROXY_PATH_MAX};
 use amplog_domain::{ConnectionId, InstallationId, OperationId};
@@ -51,20 +51,23 @@ pub fn split_path(raw: &str) -> Result<(Uuid, &str), ApiError> {
     if path.is_empty() {
         return Err(invalid("is missing: /v1/proxy/{installationId}/{path}"));
     }
-    if path.len() > PROXY_PATH_MAX {
-        return Err(invalid(&format!("is longer than {PROXY_PATH_MAX} bytes")));
+    // Recorded with its leading `/`.
+    if path.len() + 1 > PROXY_PATH_MAX {
+        return Err(invalid(&format!("is longer than {} bytes", PROXY_PATH_MAX - 1)));
     }
     let bytes = path.as_bytes();
     for (i, b) in bytes.iter().enumerate() {
         match b {
             b'\\' => return Err(invalid("holds a backslash")),
+            // Path parameters (`..;/`) walk up on some servers.
+            b';' => return Err(invalid("holds a `;`")),
             b'%' => {
-                let escape = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-                let Some(value) = escape.and_then(|h| u8::from_str_radix(h, 16).ok()) else {
+                let escape = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+                let Some(value) = escape.and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()) else {
                     return Err(invalid("holds a malformed percent-escape"));
                 };
-                if matches!(value, b'/' | b'\\' | b'.' | 0) {
-                    return Err(invalid("holds an encoded `/`, `\\`, `.` or NUL"));
+                if matches!(value, b'/' | b'\\' | b'.' | b';' | 0) {
+                    return Err(invalid("holds an encoded `/`, `\\`, `.`, `;` or NUL"));
                 }
             }
             0..=0x20 | 0x7f => return Err(invalid("holds a control character or a space")),
@@ -95,6 +98,8 @@ struct Recording {
     started: Instant,
     request_bytes: Arc<AtomicU64>,
     done: bool,
+    /// The call's places in the in-flight limits, given back when this is dropped.
+    _slots: (Slot, Slot),
 }
 
 impl Recording {
@@ -187,15 +192,22 @@ async fn forward(state: &Arc<AppState>, operation: OperationId, request: Request
         Some(Some(n)) if n > limit => return Err(ApiError::TooLarge(limit as usize)),
         Some(Some(n)) => Some(n),
     };
-    let _slot = state
-        .sockets
-        .acquire(principal.limit_key(), Counted::ProxyCalls, state.config.limits.proxy_calls_per_key)
-        .ok_or_else(|| {
-            ApiError::TooManyRequests(format!(
-                "this key already has {} proxy calls in flight",
-                state.config.limits.proxy_calls_per_key
-            ))
-        })?;
+    // Held until the response's end (it streams on after this returns): per key (or end
+    // user), and for the whole project.
+    let limits = &state.config.limits;
+    let slots = (
+        state.sockets.acquire(principal.limit_key(), Counted::ProxyCalls, limits.proxy_calls_per_key).ok_or_else(
+            || ApiError::TooManyRequests(format!("this key has {} proxy calls in flight", limits.proxy_calls_per_key)),
+        )?,
+        state.sockets.acquire(principal.project_id.0, Counted::ProxyCalls, limits.proxy_calls_per_project).ok_or_else(
+            || {
+                ApiError::TooManyRequests(format!(
+                    "this project has {} proxy calls in flight",
+                    limits.proxy_calls_per_project
+                ))
+            },
+        )?,
+    );
     let ctx = CommandContext::new(principal.project_id, principal.actor());
     // Another project's installation, a deleted one or another group's: not found alike.
     let installation = state.service.load::<Installation>(&ctx, installation_id.0).await?.state;
@@ -204,6 +216,13 @@ async fn forward(state: &Arc<AppState>, operation: OperationId, request: Request
     }
     let connection_id = installation.connection_id;
     let connection = state.service.load::<Connection>(&ctx, connection_id.0).await?.state;
+    if !connection.exists {
+        return Err(ApiError::NotFound("installation"));
+    }
+    if matches!(connection.status, ConnectionStatus::Revoked | ConnectionStatus::BadCredentials) {
+        state.tokens.forget(connection_id);
+        return Err(ApiError::NeedsReauth(format!("the connection is {}", connection.status.as_str())));
+    }
     let connector =
         state.config.connectors.get(&connection.provider).ok_or_else(|| {
             ApiError::ProviderUnreachable(format!("no connector for provider {}", connection.provider))
@@ -253,6 +272,7 @@ async fn forward(state: &Arc<AppState>, operation: OperationId, request: Request
         started: Instant::now(),
         request_bytes: request_bytes.clone(),
         done: false,
+        _slots: slots,
     };
     let sent = proxy::send(
         &state.tokens,
@@ -281,6 +301,8 @@ async fn forward(state: &Arc<AppState>, operation: OperationId, request: Request
                 ErrorClass::AuthInvalidated => ApiError::NeedsReauth(error.message),
                 ErrorClass::BadRequest => ApiError::bad_request("invalid_path", error.message),
                 ErrorClass::Timeout => ApiError::ProviderTimeout(error.message),
+                // Amplog's own (the database, a credential): logged, not told.
+                ErrorClass::Internal => ApiError::Internal(error.message),
                 _ => ApiError::ProviderUnreachable(error.message),
             });
         }

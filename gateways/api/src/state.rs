@@ -76,8 +76,9 @@ pub struct Limits {
     /// Subscriptions running at once on one WebSocket connection, and for one key in all.
     pub subscriptions_per_connection: usize,
     pub subscriptions_per_key: usize,
-    /// Proxy calls one key (or one end user) may have in flight at once.
+    /// Proxy calls one key (or one end user) may have in flight at once, and a project.
     pub proxy_calls_per_key: usize,
+    pub proxy_calls_per_project: usize,
 }
 
 impl Default for Limits {
@@ -92,6 +93,7 @@ impl Default for Limits {
             subscriptions_per_connection: 16,
             subscriptions_per_key: 32,
             proxy_calls_per_key: 64,
+            proxy_calls_per_project: 256,
         }
     }
 }

@@ -5,8 +5,10 @@
 //! matching subscription and derived notification (`amplog_streams::notifications`),
 //! under a `webhook-id` made from the subscription, the event and the topic: a restart
 //! or a rebuild queues nothing twice. Queued deliveries go out signed per Standard
-//! Webhooks, in order per subscription, retried with backoff until delivered (at least
-//! once) or given up after `max_attempts`; a 410 disables the destination.
+//! Webhooks, in order per subscription (each subscription on its own task, so a slow
+//! endpoint holds back only itself), retried with backoff until delivered (at least once)
+//! or given up after `max_attempts`; a 410 disables the destination, and a destination that
+//! is gone or disabled has its queue given up. Delivered and given-up rows are kept 30 days.
 
 use crate::webhook;
 use crate::SyncError;
@@ -45,6 +47,7 @@ impl Default for NotifyPolicy {
     }
 }
 
+#[derive(Clone)]
 pub struct Notifier {
     service: CommandService,
     http: reqwest::Client,
@@ -56,13 +59,17 @@ pub struct Notifier {
 struct Due {
     webhook_id: String,
     project_id: Uuid,
-    subscription_id: Uuid,
     destination: String,
     body: String,
     attempts: i32,
-    /// Its next attempt is due.
-    due: bool,
 }
+
+/// Subscriptions sending at once, each on its own task (a slow endpoint holds only its own).
+const SENDERS: usize = 32;
+/// Deliveries one sending task takes, in queue order.
+const RUN: i64 = 50;
+/// Delivered and given-up notifications are kept this long.
+const RETENTION_DAYS: i32 = 30;
 
 impl Notifier {
     pub fn new(service: CommandService, egress: crate::egress::Egress, holder: impl Into<String>) -> Self {
@@ -81,6 +88,11 @@ impl Notifier {
         let pool = self.service.pool().clone();
         let start = LogReader::checkpoint(&mut *pool.acquire().await?, NOTIFIER).await?;
         let mut subscription = LogReader::new(pool.clone()).subscribe(start).await?;
+        // Sending tasks by subscription; dropped (aborted) with the leadership: an attempt cut
+        // off is made again by the next leader, under the same id.
+        let mut sending: tokio::task::JoinSet<(Uuid, Result<(), SyncError>)> = Default::default();
+        let mut busy: std::collections::HashSet<Uuid> = Default::default();
+        let mut pruned = std::time::Instant::now();
         loop {
             let batch = subscription.next_batch_within(self.policy.poll).await?;
             leadership.alive().await?;
@@ -99,7 +111,30 @@ impl Notifier {
                     tracing::debug!(queued, "notifications queued");
                 }
             }
-            self.deliver_due().await?;
+            while let Some(done) = sending.try_join_next() {
+                let (subscription, result) = done.map_err(|e| SyncError::JobTask(e.to_string()))?;
+                busy.remove(&subscription);
+                if let Err(error) = result {
+                    tracing::warn!(%subscription, %error, "sending notifications failed; retrying");
+                }
+            }
+            if busy.len() < SENDERS {
+                for (subscription, rows) in self.due(&busy, SENDERS - busy.len()).await? {
+                    busy.insert(subscription);
+                    let notifier = self.clone();
+                    sending.spawn(async move { (subscription, notifier.deliver_in_order(rows).await) });
+                }
+            }
+            if pruned.elapsed() > Duration::from_secs(3600) {
+                pruned = std::time::Instant::now();
+                sqlx::query(
+                    "DELETE FROM notification_deliveries
+                     WHERE delivered_at < now() - make_interval(days => $1) OR given_up_at < now() - make_interval(days => $1)",
+                )
+                .bind(RETENTION_DAYS)
+                .execute(&pool)
+                .await?;
+            }
         }
     }
 
@@ -181,53 +216,83 @@ impl Notifier {
         Ok(queued)
     }
 
-    /// Sends what is due: per subscription in queue order, stopping at its first failure
-    /// (so order holds); subscriptions in parallel.
-    async fn deliver_due(&self) -> Result<(), SyncError> {
-        let pool = self.service.pool();
-        type Row = (String, Uuid, Uuid, String, String, i32, bool);
+    /// The subscriptions (not sending now) whose oldest undelivered notification is due,
+    /// each with its next `RUN` undelivered notifications in queue order.
+    async fn due(
+        &self,
+        busy: &std::collections::HashSet<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, Vec<Due>)>, SyncError> {
+        type Row = (Uuid, String, Uuid, String, String, i32);
+        let busy: Vec<Uuid> = busy.iter().copied().collect();
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT webhook_id, project_id, subscription_id, destination, body, attempts, next_attempt_at <= now() AS due
-             FROM notification_deliveries
-             WHERE delivered_at IS NULL AND given_up_at IS NULL AND subscription_id IN (
-                 SELECT DISTINCT subscription_id FROM notification_deliveries
-                 WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= now())
-             ORDER BY seq LIMIT 500",
+            "SELECT head.subscription_id, d.webhook_id, d.project_id, d.destination, d.body, d.attempts
+             FROM (SELECT subscription_id FROM (
+                       SELECT DISTINCT ON (subscription_id) subscription_id, next_attempt_at
+                       FROM notification_deliveries
+                       WHERE delivered_at IS NULL AND given_up_at IS NULL AND NOT (subscription_id = ANY($1))
+                       ORDER BY subscription_id, seq) AS first
+                   WHERE first.next_attempt_at <= now() ORDER BY first.next_attempt_at LIMIT $2) AS head
+             CROSS JOIN LATERAL (
+                 SELECT webhook_id, project_id, destination, body, attempts, seq FROM notification_deliveries
+                 WHERE subscription_id = head.subscription_id AND delivered_at IS NULL AND given_up_at IS NULL
+                 ORDER BY seq LIMIT $3) AS d
+             ORDER BY head.subscription_id, d.seq",
         )
-        .fetch_all(pool)
+        .bind(&busy)
+        .bind(limit as i64)
+        .bind(RUN)
+        .fetch_all(self.service.pool())
         .await?;
         let mut by_subscription: BTreeMap<Uuid, Vec<Due>> = BTreeMap::new();
-        for (webhook_id, project_id, subscription_id, destination, body, attempts, due) in rows {
-            let row = Due { webhook_id, project_id, subscription_id, destination, body, attempts, due };
-            by_subscription.entry(row.subscription_id).or_default().push(row);
+        for (subscription, webhook_id, project_id, destination, body, attempts) in rows {
+            let row = Due { webhook_id, project_id, destination, body, attempts };
+            by_subscription.entry(subscription).or_default().push(row);
         }
-        let sends = by_subscription.into_values().map(|rows| self.deliver_in_order(rows));
-        for result in futures::future::join_all(sends).await {
-            result?;
-        }
-        Ok(())
+        Ok(by_subscription.into_iter().collect())
     }
 
+    /// Sends a subscription's run in order, stopping at its first failure (which waits for
+    /// its retry with the later ones behind it).
     async fn deliver_in_order(&self, rows: Vec<Due>) -> Result<(), SyncError> {
         let pool = self.service.pool();
         let Some(first) = rows.first() else { return Ok(()) };
         let project = ProjectId(first.project_id);
-        let destination = destinations::get(pool, self.service.credentials(), project, &first.destination).await?;
-        for row in rows {
-            if !row.due {
-                // An earlier notification waits for its retry: the later ones wait behind it.
+        let name = first.destination.clone();
+        let unusable = match destinations::get(pool, self.service.credentials(), project, &name).await {
+            Ok(Some(d)) if d.disabled.is_none() => Ok(d),
+            Ok(Some(d)) => Err(format!("the destination is disabled ({})", d.disabled.unwrap_or_default())),
+            Ok(None) => Err("the destination does not exist".to_string()),
+            Err(error) => {
+                tracing::error!(destination = %name, %error, "a destination cannot be read");
+                Err(format!("the destination cannot be read: {}", error.code()))
+            }
+        };
+        let destination = match unusable {
+            Ok(destination) => destination,
+            Err(why) => {
+                // Nothing can be sent to it: its queued notifications are given up, with why.
+                let ids: Vec<&str> = rows.iter().map(|r| r.webhook_id.as_str()).collect();
+                sqlx::query(
+                    "UPDATE notification_deliveries SET given_up_at = now(), last_error = $2 WHERE webhook_id = ANY($1)",
+                )
+                .bind(&ids)
+                .bind(&why)
+                .execute(pool)
+                .await?;
                 return Ok(());
             }
+        };
+        for row in rows {
             let attempt = row.attempts + 1;
-            let outcome = match &destination {
-                None => webhook::Attempted { status: None, error: Some("the destination does not exist".into()) },
-                Some(d) if d.disabled.is_some() => {
-                    webhook::Attempted { status: None, error: Some("the destination is disabled".into()) }
-                }
-                Some(d) => {
-                    webhook::deliver(&self.http, &d.url, &d.secret.0, &row.webhook_id, row.body.as_bytes()).await
-                }
-            };
+            let outcome = webhook::deliver(
+                &self.http,
+                &destination.url,
+                &destination.secret.0,
+                &row.webhook_id,
+                row.body.as_bytes(),
+            )
+            .await;
             if outcome.delivered() {
                 sqlx::query(
                     "UPDATE notification_deliveries SET delivered_at = now(), attempts = $2, last_status = $3,
@@ -242,12 +307,8 @@ impl Notifier {
             }
             let gone = outcome.status == Some(410);
             let give_up = gone || attempt >= self.policy.max_attempts;
-            let delay = crate::worker::backoff(
-                self.policy.backoff,
-                self.policy.max_backoff,
-                attempt as u32,
-                row.subscription_id.as_u128() as u64,
-            );
+            let seed = Uuid::new_v5(&Uuid::NAMESPACE_OID, row.webhook_id.as_bytes()).as_u128() as u64;
+            let delay = crate::worker::backoff(self.policy.backoff, self.policy.max_backoff, attempt as u32, seed);
             sqlx::query(
                 "UPDATE notification_deliveries SET attempts = $2, last_status = $3, last_error = $4,
                         next_attempt_at = now() + $5 * interval '1 millisecond',
@@ -265,7 +326,9 @@ impl Notifier {
             if gone {
                 let reason = format!("answered 410 Gone to notification {}", row.webhook_id);
                 let ctx = CommandContext::new(project, format!("notifier:{}", self.holder));
-                self.service.disable_destination(&ctx, &row.destination, &reason).await?;
+                if let Err(error) = self.service.disable_destination(&ctx, &name, &reason).await {
+                    tracing::warn!(destination = %name, %error, "disabling the destination failed");
+                }
             }
             tracing::info!(webhook_id = %row.webhook_id, attempt, error = ?outcome.error, "notification not delivered");
             return Ok(());

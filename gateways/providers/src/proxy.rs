@@ -99,6 +99,26 @@ pub fn strip(headers: &HeaderMap) -> HeaderMap {
     kept
 }
 
+/// A provider's answer's headers as they may reach the caller: `strip`'s, and none that
+/// would speak for amplog's own origin (CORS, HSTS, Alt-Svc, key pins, Clear-Site-Data).
+pub fn strip_response(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = strip(headers);
+    let own: Vec<HeaderName> = kept
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            n.starts_with("access-control-")
+                || n.starts_with("public-key-pins")
+                || matches!(n, "strict-transport-security" | "alt-svc" | "clear-site-data" | "timing-allow-origin")
+        })
+        .cloned()
+        .collect();
+    for name in own {
+        kept.remove(name);
+    }
+    kept
+}
+
 /// The error class of a provider's status (none for a success or a redirect).
 pub fn status_class(status: StatusCode) -> Option<ErrorClass> {
     match status.as_u16() {
@@ -184,7 +204,7 @@ pub async fn send(tokens: &Tokens, request: ProxyRequest<'_>) -> Result<ProxyAns
                 continue;
             }
         }
-        let headers = strip(response.headers());
+        let headers = strip_response(response.headers());
         let body = response
             .bytes_stream()
             .map_err(|e| ProviderError::new(ErrorClass::Timeout, format!("reading the provider's answer failed: {e}")))
@@ -217,6 +237,17 @@ mod tests {
         }
         let kept = strip(&headers);
         let names: Vec<&str> = kept.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-type", "x-custom"]);
+        for (name, value) in [
+            ("access-control-allow-origin", "*"),
+            ("strict-transport-security", "max-age=1"),
+            ("alt-svc", "h3=\":443\""),
+            ("set-cookie", "a=b"),
+        ] {
+            headers.append(HeaderName::from_static(name), value.parse().unwrap());
+        }
+        let stripped = strip_response(&headers);
+        let names: Vec<&str> = stripped.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["content-type", "x-custom"]);
     }
 

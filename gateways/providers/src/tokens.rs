@@ -22,7 +22,14 @@ pub struct Tokens {
     service: CommandService,
     cache: moka::sync::Cache<ConnectionId, Arc<TokenSet>>,
     locks: moka::sync::Cache<ConnectionId, Arc<tokio::sync::Mutex<()>>>,
+    /// Connections whose token was refreshed because the provider refused it, in the last
+    /// `FORCED_EVERY`: a provider answering 401 for want of a permission does not make a
+    /// refresh (and an event) per call.
+    forced: moka::sync::Cache<ConnectionId, ()>,
 }
+
+/// At most one refresh forced by a refused token per connection this often.
+const FORCED_EVERY: Duration = Duration::from_secs(30);
 
 fn internal(message: impl std::fmt::Display) -> ProviderError {
     ProviderError::new(ErrorClass::Internal, message.to_string())
@@ -34,6 +41,7 @@ impl Tokens {
             service,
             cache: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(3600)).build(),
             locks: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
+            forced: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(FORCED_EVERY).build(),
         }
     }
 
@@ -59,6 +67,12 @@ impl Tokens {
         let fresh = |set: &TokenSet| Self::usable(set, Utc::now()) && Some(set.access_token.as_str()) != rejected;
         if let Some(set) = self.cache.get(&connection).filter(|s| fresh(s)) {
             return Ok(set);
+        }
+        if rejected.is_some() && self.forced.contains_key(&connection) {
+            return Err(ProviderError::new(
+                ErrorClass::AuthInvalidated,
+                "the provider refused a token refreshed moments ago: not refreshed again",
+            ));
         }
         let lock = self.locks.get_with(connection, || Arc::new(tokio::sync::Mutex::new(())));
         let _one_refresh = lock.lock().await;
@@ -102,6 +116,9 @@ impl Tokens {
             ));
         }
         let app = client_app(&self.service, ctx, connector).await?;
+        if rejected.is_some() {
+            self.forced.insert(connection, ());
+        }
         match connector.refresh(&app, &stored).await {
             Ok(set) => {
                 let secret = Secret(serde_json::to_string(&set).expect("token sets serialise"));
@@ -119,6 +136,13 @@ impl Tokens {
             }
             Err(error) => Err(error),
         }
+    }
+}
+
+impl Tokens {
+    /// Drops a connection's cached token (it was revoked or reconnected here).
+    pub fn forget(&self, connection: ConnectionId) {
+        self.cache.invalidate(&connection);
     }
 }
 

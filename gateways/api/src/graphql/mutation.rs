@@ -681,6 +681,7 @@ impl Mutation {
         // The log first: the grant ends there whatever the provider says (a refused
         // revocation — unknown, already revoked — calls no provider).
         let outcome = state.service.revoke_connection(&command, ConnectionId(id)).await?;
+        state.tokens.forget(ConnectionId(id));
         if let (Some(credential), Some(connector)) =
             (&connection.credential, state.config.connectors.get(&connection.provider))
         {

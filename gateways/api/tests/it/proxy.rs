@@ -220,6 +220,10 @@ async fn hostile_paths_other_tenants_and_other_groups_are_refused_and_record_not
         format!("/v1/proxy/{inst}/"),
         format!("/v1/proxy/{inst}"),
         format!("/v1/proxy/{inst}/{}", "a/".repeat(1100)),
+        format!("/v1/proxy/{inst}/{}", "a".repeat(2048)),
+        format!("/v1/proxy/{inst}/crm/..;/_sim/stats"),
+        format!("/v1/proxy/{inst}/crm/%3b/x"),
+        format!("/v1/proxy/{inst}/crm/%+f/x"),
         format!("/v1/proxy/{inst}/crm?{}", "q".repeat(9000)),
     ] {
         let (status, body) = raw(addr, &get(&path)).await;
@@ -292,6 +296,14 @@ async fn hostile_paths_other_tenants_and_other_groups_are_refused_and_record_not
     response.bytes().await.unwrap();
     let event = p.proxied(&own).await;
     assert_eq!(event["call"]["status"], 200);
+    // A revoked connection proxies nothing, whatever token is cached.
+    p.world.service.revoke_connection(&p.world.ctx, p.world.connection).await.unwrap();
+    let before = p.proxied_count().await;
+    let response = p.call(reqwest::Method::GET, "crm/v3/objects/contacts/1").send().await.unwrap();
+    assert_eq!(response.status(), 409);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["errors"][0]["extensions"]["code"], "connection.needs_reauth", "{body}");
+    assert_eq!(p.proxied_count().await, before);
     p.server.stop().await.unwrap();
 }
 

@@ -1,8 +1,9 @@
 //! Lifecycle notifications end to end: a scripted lifecycle (an install with a backfill, a
 //! revoked grant, a reconnect, a read failing until dead-lettered, a destination answering
 //! 410) yields exactly the expected topics, in log order, at a second sink, each verified by
-//! the Standard Webhooks reference library; a restart of the notifier and a projection
-//! rebuild deliver nothing again; a deleted subscription gets nothing more.
+//! the Standard Webhooks reference library, while another subscription's endpoint never
+//! answers; a restart of the notifier and a projection rebuild deliver nothing again; a
+//! deleted subscription gets nothing more.
 
 use amplog_commands::credentials::Secret;
 use amplog_commands::service::NewOperation;
@@ -87,6 +88,9 @@ async fn a_scripted_lifecycle_notifies_exactly_its_topics_once_each() {
             .map(String::from)
             .to_vec();
     let (subscription, _) = service.subscribe_notifications(ctx, "notify", &topics).await.unwrap();
+    // Another subscription, to an endpoint that never answers: it holds back only itself.
+    service.put_destination(ctx, "stuck", "http://127.0.0.1:9/hooks", None).await.unwrap();
+    let (stuck, _) = service.subscribe_notifications(ctx, "stuck", &["*".to_string()]).await.unwrap();
     // The receiver is down for the first two attempts: they are retried, in order.
     notices.fail_next(2);
     let (stop, notifier) = spawn_notifier(&world, "notifier-1");
@@ -195,6 +199,15 @@ print(len(case['cases']))\n";
         .await
         .unwrap();
     assert_eq!(queued, expected.len() as i64);
+    let (pending, tried): (i64, Option<i32>) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE delivered_at IS NULL), max(attempts) FROM notification_deliveries
+         WHERE subscription_id = $1",
+    )
+    .bind(stuck)
+    .fetch_one(&world.db.pool)
+    .await
+    .unwrap();
+    assert!(pending >= expected.len() as i64 && tried >= Some(2), "{pending} pending, {tried:?} attempts");
 
     // A deleted subscription gets nothing more.
     service.delete_notification_subscription(ctx, subscription).await.unwrap();
