@@ -41,6 +41,7 @@ fn object(name: &str, schedule: &str, backfill: Backfill, fields: &[&str]) -> Ob
         backfill,
         fields: fields.iter().map(|f| f.to_string()).collect(),
         destination: None,
+        subscribe: vec![],
     }
 }
 

@@ -54,13 +54,13 @@ pub async fn run(
             None => amplog_providers::connector::Connectors::from_env(),
         };
         let kafka = kafka.brokers.as_ref().map(|_| kafka.config()).transpose()?;
-        let (workers, until, egress) = (service.clone(), wait(), connectors.egress());
+        let (workers, until, routes) = (service.clone(), wait(), connectors.clone());
         tasks.push(tokio::spawn(async move {
             crate::sync::run_workers(&workers, connectors, kafka, Default::default(), until).await
         }));
         let (scheduler, until) = (service.clone(), wait());
         tasks.push(tokio::spawn(async move {
-            crate::sync::run_scheduler(&scheduler, egress, until).await;
+            crate::sync::run_scheduler(&scheduler, routes, until).await;
             Ok(())
         }));
     }

@@ -82,14 +82,10 @@ pub async fn run_workers(
 }
 
 /// Runs the scheduler and the notifier (each one leader among all processes) until `stop`.
-pub async fn run_scheduler(
-    service: &CommandService,
-    egress: amplog_providers::egress::Egress,
-    stop: impl Future<Output = ()>,
-) {
+pub async fn run_scheduler(service: &CommandService, connectors: Connectors, stop: impl Future<Output = ()>) {
     let stop = futures::FutureExt::shared(Box::pin(stop));
     let scheduler = Scheduler::new(service.clone(), holder("scheduler"));
-    let notifier = amplog_providers::notify::Notifier::new(service.clone(), egress, holder("notifier"));
+    let notifier = amplog_providers::notify::Notifier::new(service.clone(), connectors, holder("notifier"));
     tokio::join!(scheduler.run(stop.clone()), notifier.run(stop));
 }
 
@@ -105,7 +101,7 @@ pub async fn worker(
     let stopping = CancellationToken::new();
     let schedule = async {
         if scheduler {
-            run_scheduler(&service, Connectors::from_env().egress(), stopping.cancelled()).await;
+            run_scheduler(&service, Connectors::from_env(), stopping.cancelled()).await;
         }
     };
     let workers = run_workers(&service, Connectors::from_env(), config, options, stopping.cancelled());

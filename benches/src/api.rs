@@ -44,6 +44,7 @@ pub async fn seed(pool: &PgPool, seed_pool: &PgPool, installations: usize, opera
             backfill: Backfill::Days(30),
             fields: vec![],
             destination: None,
+            subscribe: vec![],
         });
         let manifest = Manifest { objects: objects.to_vec() };
         let integration = IntegrationId(

@@ -227,6 +227,7 @@ async fn setup_writers(service: &CommandService, writers: usize) -> Result<Vec<W
             backfill: Backfill::None,
             fields: vec![],
             destination: None,
+            subscribe: vec![],
         };
         service.deploy_revision(&ctx, integration, &Manifest { objects: vec![decl] }).await?;
         let connection = ConnectionId(

@@ -65,6 +65,7 @@ pub async fn run(report: &mut Report, pool: &PgPool, seconds: u64) -> Result<()>
             backfill: Backfill::None,
             fields: vec![],
             destination: None,
+            subscribe: vec![],
         };
         let manifest = Manifest { objects: vec![decl] };
         let outcome = service.declare_integration_with(&ctx, "crm", "simulator", Some(&manifest)).await?;

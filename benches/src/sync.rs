@@ -82,6 +82,7 @@ async fn provision(
         backfill: Backfill::Full,
         fields: vec![],
         destination: None,
+        subscribe: vec![],
     };
     let outcome =
         service.declare_integration_with(&ctx, "crm", "simulator", Some(&Manifest { objects: vec![decl] })).await?;

@@ -112,6 +112,7 @@ pub async fn seed(service: &CommandService) -> Seeded {
         backfill: Backfill::Days(7),
         fields: vec![],
         destination: None,
+        subscribe: vec![],
     };
     let manifest = Manifest { objects: vec![object("contacts"), object("companies"), object("deals")] };
     service.deploy_revision(&ctx, integration, &manifest).await.expect("deploy");

@@ -1,6 +1,7 @@
 //! The one error of the domain boundary: a rejected command, by aggregate.
 
 use crate::admin_key::AdminKeyError;
+use crate::change::ChangeError;
 use crate::connect_session::ConnectSessionError;
 use crate::connection::ConnectionError;
 use crate::installation::InstallationError;
@@ -30,6 +31,8 @@ pub enum DomainError {
     Organization(#[from] OrganizationError),
     #[error(transparent)]
     AdminKey(#[from] AdminKeyError),
+    #[error(transparent)]
+    Change(#[from] ChangeError),
 }
 
 impl DomainError {
@@ -45,6 +48,7 @@ impl DomainError {
             DomainError::ConnectSession(e) => ("connect_session", e.code()),
             DomainError::Organization(e) => ("organization", e.code()),
             DomainError::AdminKey(e) => ("admin_key", e.code()),
+            DomainError::Change(e) => ("change", e.code()),
         };
         format!("{aggregate}.{variant}")
     }
@@ -171,6 +175,8 @@ mod tests {
             (DomainError::from(ConnectSessionError::InvalidDigest).code(), "connect_session.invalid_digest"),
             (DomainError::from(ConnectSessionError::InvalidReason).code(), "connect_session.invalid_reason"),
             (DomainError::from(ConnectSessionError::TooManyAttempts).code(), "connect_session.too_many_attempts"),
+            (DomainError::from(ChangeError::AlreadyRecorded).code(), "change.already_recorded"),
+            (DomainError::from(ChangeError::Invalid).code(), "change.invalid"),
         ];
         for (got, want) in codes {
             assert_eq!(got, want);

@@ -35,6 +35,10 @@ pub struct ObjectDecl {
     /// The end user may leave it out when connecting (the connect page offers it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub optional: bool,
+    /// The changes the provider pushes (webhooks) that are delivered as they happen, each
+    /// with the record as it then is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscribe: Vec<crate::change::ChangeKind>,
 }
 
 /// The parsed manifest of one deploy.

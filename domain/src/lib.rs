@@ -1,10 +1,11 @@
 //! The pure domain of amplog: aggregates (Project, Integration, Connection, Installation,
-//! Operation, ProviderApp, ConnectSession, Organization, AdminKey), their commands,
+//! Operation, ProviderApp, ConnectSession, Organization, AdminKey, Change), their commands,
 //! versioned events, state machines, typed errors and upcasters; the notification topics.
 //! No IO, no clock, no id generation: time and ids arrive inside the commands.
 
 pub mod admin_key;
 pub mod aggregate;
+pub mod change;
 pub mod connect_session;
 pub mod connection;
 pub mod error;

@@ -68,6 +68,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/0013_operations_dead_lettered.sql"),
     },
     Migration { version: 14, name: "notifications", sql: include_str!("../sql/0014_notifications.sql") },
+    Migration { version: 15, name: "changes", sql: include_str!("../sql/0015_changes.sql") },
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -714,6 +714,7 @@ async fn every_text_a_command_accepts_projects_and_a_logged_nul_does_not_stop_th
                 backfill: Backfill::None,
                 fields: vec![text.clone()],
                 destination: None,
+                subscribe: vec![],
             };
             let refused = service.deploy_revision(&s.ctx, s.integration, &Manifest { objects: vec![object] }).await;
             assert!(matches!(refused, Err(CommandError::UnstorableText(_))), "{text:?}: {refused:?}");
@@ -739,6 +740,7 @@ async fn every_text_a_command_accepts_projects_and_a_logged_nul_does_not_stop_th
                 backfill: Backfill::Days(1),
                 fields: vec![text.clone()],
                 destination: Some(text.clone()),
+                subscribe: vec![],
             };
             service.deploy_revision(&s.ctx, integration, &Manifest { objects: vec![object] }).await.unwrap();
             let new = NewInstallation {

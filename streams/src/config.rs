@@ -17,6 +17,7 @@ pub const AGGREGATE_TYPES: &[&str] = &[
     "connect_session",
     "organization",
     "admin_key",
+    "change",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]

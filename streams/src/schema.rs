@@ -41,6 +41,7 @@ pub fn schemas() -> BTreeMap<String, String> {
         ("connect_session", schemars::schema_for!(ConnectSessionEvent)),
         ("organization", schemars::schema_for!(OrganizationEvent)),
         ("admin_key", schemars::schema_for!(AdminKeyEvent)),
+        ("change", schemars::schema_for!(amplog_domain::change::ChangeEvent)),
     ];
     for (aggregate, schema) in events {
         let root = schema.as_value();

@@ -3,6 +3,7 @@
 //! installation. Secrets (client secrets, token sets) go to the encrypted store in the
 //! command's transaction; events carry fingerprints and digests only.
 
+use super::connections::record_account;
 use super::*;
 use amplog_domain::connect_session::SessionRequest;
 use amplog_domain::provider_app::AppConfig;
@@ -232,6 +233,7 @@ impl CommandService {
         let conn = self.in_tx(&mut uow).await?;
         let credential =
             self.credentials.put(conn, CredentialId(Uuid::now_v7()), ctx.project_id, connection_id, secret).await?;
+        record_account(conn, ctx.project_id, connection_id, &request.provider, secret).await?;
         self.decide(&mut uow, &connection, &command(credential))?;
         self.decide(&mut uow, &session, &connect)?;
         self.commit(uow).await

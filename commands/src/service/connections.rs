@@ -2,6 +2,32 @@
 
 use super::*;
 
+/// Keeps the provider account a connection's token set names (its `account_id`, when the
+/// provider gives one), so the provider's change webhooks find their connection; in the
+/// caller's transaction.
+pub(super) async fn record_account(
+    conn: &mut PgConnection,
+    project: ProjectId,
+    connection: ConnectionId,
+    provider: &str,
+    secret: &Secret,
+) -> Result<(), CommandError> {
+    let parsed: Option<serde_json::Value> = serde_json::from_str(&secret.0).ok();
+    let account = parsed.as_ref().and_then(|v| v.get("account_id")?.as_str());
+    let Some(account) = account.filter(|a| !a.is_empty() && a.len() <= 256) else { return Ok(()) };
+    sqlx::query(
+        "INSERT INTO connection_accounts (provider, account_id, project_id, connection_id) VALUES ($1, $2, $3, $4)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(provider)
+    .bind(account)
+    .bind(project.0)
+    .bind(connection.0)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 impl CommandService {
     /// Creates a connection; the secret goes to the encrypted store in the same transaction.
     pub async fn create_connection(
@@ -22,10 +48,9 @@ impl CommandService {
             return Err(DomainError::from(integration::IntegrationError::NotFound).into());
         }
         let id = ConnectionId(Uuid::now_v7());
-        let credential = self
-            .credentials
-            .put(self.in_tx(&mut uow).await?, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret)
-            .await?;
+        let conn = self.in_tx(&mut uow).await?;
+        let credential = self.credentials.put(conn, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret).await?;
+        record_account(conn, ctx.project_id, id, &integration.state.provider, secret).await?;
         let loaded = self.load_in::<Connection>(&mut uow, id.0).await?;
         let command = ConnectionCommand::Create {
             project_id: ctx.project_id,
@@ -59,10 +84,9 @@ impl CommandService {
             fingerprint: self.credentials.key().fingerprint(secret),
         });
         loaded.state.decide(&probe).map_err(DomainError::from)?;
-        let credential = self
-            .credentials
-            .put(self.in_tx(&mut uow).await?, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret)
-            .await?;
+        let conn = self.in_tx(&mut uow).await?;
+        let credential = self.credentials.put(conn, CredentialId(Uuid::now_v7()), ctx.project_id, id, secret).await?;
+        record_account(conn, ctx.project_id, id, &loaded.state.provider, secret).await?;
         let command = match probe {
             ConnectionCommand::RefreshToken { expires_at, at, .. } => {
                 ConnectionCommand::RefreshToken { credential, expires_at, at }

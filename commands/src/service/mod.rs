@@ -26,6 +26,8 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+mod changes;
+pub use changes::change_id;
 mod connect;
 pub use connect::{default_objects, AppSettings, ProviderClient};
 mod connections;
@@ -317,7 +319,7 @@ macro_rules! owned {
         }
     )*};
 }
-owned!(Integration, Connection, Installation, Operation, ConnectSession);
+owned!(Integration, Connection, Installation, Operation, ConnectSession, change::Change);
 
 impl Owned for ProviderApp {
     /// A deleted app stays its project's (its stream id is derived from the project).

@@ -19,6 +19,7 @@ fn integration() -> IntegrationFacts {
                     backfill: Backfill::Full,
                     fields: vec![],
                     destination: None,
+                    subscribe: vec![],
                 },
                 ObjectDecl {
                     optional: false,
@@ -27,6 +28,7 @@ fn integration() -> IntegrationFacts {
                     backfill: Backfill::None,
                     fields: vec![],
                     destination: None,
+                    subscribe: vec![],
                 },
             ],
             manifest_digest: "d".into(),

@@ -169,6 +169,7 @@ fn decl(name: &str, schedule: Option<&str>) -> ObjectDecl {
         backfill: Backfill::Days(30),
         fields: vec!["email".into()],
         destination: None,
+        subscribe: vec![],
     }
 }
 

@@ -40,6 +40,9 @@ pub enum ApiError {
     ProviderUnreachable(String),
     #[error("the provider did not answer in time: {0}")]
     ProviderTimeout(String),
+    /// A provider's webhook that is not authentic or not fresh: nothing of it is stored.
+    #[error("webhook refused: {1}")]
+    WebhookRefused(&'static str, String),
     #[error(transparent)]
     Command(Arc<CommandError>),
     #[error(transparent)]
@@ -99,6 +102,7 @@ impl ApiError {
             ApiError::NeedsReauth(_) => "connection.needs_reauth".into(),
             ApiError::ProviderUnreachable(_) => "provider_unreachable".into(),
             ApiError::ProviderTimeout(_) => "provider_timeout".into(),
+            ApiError::WebhookRefused(code, _) => (*code).into(),
             _ if self.database_unavailable() => "database_unavailable".into(),
             ApiError::Command(e) if is_not_found(e) => "not_found".into(),
             ApiError::Command(e) => e.code(),
@@ -123,6 +127,7 @@ impl ApiError {
             ApiError::NeedsReauth(_) => StatusCode::CONFLICT,
             ApiError::ProviderUnreachable(_) => StatusCode::BAD_GATEWAY,
             ApiError::ProviderTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::WebhookRefused(..) => StatusCode::UNAUTHORIZED,
             _ if self.database_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Command(e) if is_not_found(e) => StatusCode::NOT_FOUND,
             ApiError::Command(e) => match &**e {

@@ -1,6 +1,7 @@
 //! The edges: the HTTP API (`amplog serve`). GraphQL over the read models and the command
 //! service, API keys and scopes, tenancy's second line (row-level security per request),
-//! the auditor's endpoints, the connect pages, the proxy, health, readiness and metrics.
+//! the auditor's endpoints, the connect pages, the proxy, provider webhooks, health, readiness
+//! and metrics.
 
 pub mod auth;
 pub mod connect;
@@ -11,6 +12,7 @@ pub mod manifest;
 pub mod proxy;
 pub mod server;
 pub mod state;
+pub mod subscribe;
 pub mod tenant;
 #[cfg(feature = "testing")]
 pub mod testing;

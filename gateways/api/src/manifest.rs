@@ -53,6 +53,10 @@ struct ObjectSpec {
     /// The end user may leave the object out on the connect page.
     #[serde(default)]
     optional: bool,
+    /// Changes the provider pushes that are delivered as they happen: `created`, `updated`,
+    /// `deleted` (at most these three, each once).
+    #[serde(default)]
+    subscribe: Vec<amplog_domain::change::ChangeKind>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -218,6 +222,12 @@ pub fn parse(yaml: &str) -> Result<Vec<DeclaredIntegration>, ApiError> {
                     for text in [&o.destination, &o.schedule].into_iter().flatten() {
                         name(text, &format!("{object}: a destination or schedule"))?;
                     }
+                    let mut subscribe = o.subscribe.clone();
+                    subscribe.sort();
+                    subscribe.dedup();
+                    if subscribe.len() != o.subscribe.len() {
+                        return Err(invalid(format!("{object}: `subscribe` names a change twice")));
+                    }
                     let backfill = match o.backfill.map(|b| b.default_period) {
                         None => Backfill::None,
                         Some(PeriodSpec { full_history: Some(true), days: None }) => Backfill::Full,
@@ -236,6 +246,7 @@ pub fn parse(yaml: &str) -> Result<Vec<DeclaredIntegration>, ApiError> {
                         fields: o.required_fields.into_iter().chain(o.optional_fields).map(|f| f.field_name).collect(),
                         destination: o.destination,
                         optional: o.optional,
+                        subscribe,
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -267,6 +278,7 @@ integrations:
           optionalFields:
             - fieldName: phone
         - objectName: companies
+          subscribe: [updated, created]
           backfill:
             defaultPeriod:
               fullHistory: true
@@ -285,6 +297,12 @@ integrations:
         assert_eq!(objects[0].fields, vec!["email", "phone"]);
         assert_eq!(objects[1].backfill, Backfill::Full);
         assert_eq!(objects[1].schedule, None);
+        use amplog_domain::change::ChangeKind;
+        assert_eq!(objects[1].subscribe, [ChangeKind::Created, ChangeKind::Updated]);
+        assert!(objects[0].subscribe.is_empty());
+        let twice = SAMPLE.replace("[updated, created]", "[updated, updated]");
+        assert!(parse(&twice).is_err());
+        assert!(parse(&SAMPLE.replace("[updated, created]", "[exploded]")).is_err());
     }
 
     #[test]

@@ -130,6 +130,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.config.body_limit;
     let connect = crate::connect::router(state.clone());
     let proxy = crate::proxy::router(state.clone());
+    let subscribe = crate::subscribe::router(state.clone());
     let shared = Shared { state, schema, limits: Arc::new(limits), introspection };
     Router::new()
         .route("/graphql", get(graphiql).post(graphql_http))
@@ -145,6 +146,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(shared)
         .merge(connect)
         .merge(proxy)
+        .merge(subscribe)
 }
 
 fn presented_key(headers: &HeaderMap) -> Option<&str> {

@@ -55,6 +55,10 @@ pub struct AuthSpec {
     /// Where a token is revoked (RFC 7009), if the provider has such an endpoint.
     #[serde(default)]
     pub revoke_url: Option<String>,
+    /// A JSON pointer to the customer's account id in the token response (HubSpot's portal):
+    /// what the provider's change webhooks name the account by.
+    #[serde(default)]
+    pub account_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -67,6 +71,9 @@ pub enum AuthStyle {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReadSpec {
     pub path: String,
+    /// One record by id (`{object}`, `{id}`): what a pushed change delivers.
+    #[serde(default)]
+    pub record: Option<String>,
     pub pagination: Pagination,
     /// JSON pointer to the page's records.
     pub records: String,
@@ -162,6 +169,9 @@ pub struct TokenSet {
     /// Where this customer's data lives, when the provider says (Salesforce).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_url: Option<String>,
+    /// The customer's account at the provider (`auth.accountId` of the catalog).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
 }
 
 /// One record read from a provider.
@@ -511,6 +521,20 @@ impl Connector {
         Ok(ProviderPage { records, next, bytes })
     }
 
+    /// One record as the provider has it now (`read.record` of the catalog); `None` when it
+    /// is gone or the catalog names no such call.
+    pub async fn get_record(&self, tokens: &TokenSet, object: &str, id: &str) -> Result<Option<Value>, ProviderError> {
+        let Some(path) = &self.entry.read.record else { return Ok(None) };
+        let escaped: String = url::form_urlencoded::byte_serialize(id.as_bytes()).collect();
+        let path = path.replace("{object}", object).replace("{id}", &escaped);
+        let request = self.http.get(self.data_url(tokens, &path)).bearer_auth(&tokens.access_token);
+        match self.send(request, false).await {
+            Ok((body, _)) => Ok(Some(body)),
+            Err(error) if matches!(error.status, Some(404 | 410)) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Writes `records` (`{id?, ...fields}`) in batches; one result per record, in order.
     pub async fn write(
         &self,
@@ -623,6 +647,11 @@ impl Connector {
             expires_at: body.get("expires_in").and_then(Value::as_i64).map(|s| now + chrono::Duration::seconds(s)),
             obtained_at: Some(now),
             instance_url: body.get("instance_url").and_then(Value::as_str).map(str::to_string),
+            account_id: self.entry.auth.account_id.as_deref().and_then(|p| body.pointer(p)).and_then(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }),
         })
     }
 
@@ -656,6 +685,9 @@ impl Connector {
         set.refresh_token.get_or_insert_with(|| refresh_token.to_string());
         if set.instance_url.is_none() {
             set.instance_url.clone_from(&previous.instance_url);
+        }
+        if set.account_id.is_none() {
+            set.account_id.clone_from(&previous.account_id);
         }
         Ok(set)
     }

@@ -50,6 +50,9 @@ impl Default for NotifyPolicy {
 #[derive(Clone)]
 pub struct Notifier {
     service: CommandService,
+    /// For the records of pushed changes: fetched when their notification goes out.
+    connectors: crate::connector::Connectors,
+    tokens: crate::tokens::Tokens,
     http: reqwest::Client,
     holder: String,
     pub policy: NotifyPolicy,
@@ -60,9 +63,14 @@ struct Due {
     webhook_id: String,
     project_id: Uuid,
     destination: String,
+    topic: String,
     body: String,
     attempts: i32,
 }
+
+/// The topic of a pushed change's delivery (to the object's destination, queued per
+/// installation).
+pub const RECORD_CHANGED: &str = "record.changed";
 
 /// Subscriptions sending at once, each on its own task (a slow endpoint holds only its own).
 const SENDERS: usize = 32;
@@ -72,9 +80,10 @@ const RUN: i64 = 50;
 const RETENTION_DAYS: i32 = 30;
 
 impl Notifier {
-    pub fn new(service: CommandService, egress: crate::egress::Egress, holder: impl Into<String>) -> Self {
-        let http = egress.client().build().expect("the HTTP client builds");
-        Self { service, http, holder: holder.into(), policy: NotifyPolicy::default() }
+    pub fn new(service: CommandService, connectors: crate::connector::Connectors, holder: impl Into<String>) -> Self {
+        let http = connectors.egress().client().build().expect("the HTTP client builds");
+        let tokens = crate::tokens::Tokens::new(service.clone());
+        Self { service, connectors, tokens, http, holder: holder.into(), policy: NotifyPolicy::default() }
     }
 
     /// Runs until `stop` resolves, leading whenever it can.
@@ -174,6 +183,10 @@ impl Notifier {
             }
             return Ok(0);
         }
+        self.route(tx, event).await?;
+        if event.aggregate_type == "change" {
+            return self.queue_change(tx, event).await;
+        }
         if !amplog_streams::notifications::notifies(event) {
             return Ok(0);
         }
@@ -216,6 +229,147 @@ impl Notifier {
         Ok(queued)
     }
 
+    /// Keeps where pushed changes go: each installation's connection, revision and enabled
+    /// objects, and each revision's subscribing objects.
+    async fn route(&self, tx: &mut sqlx::PgConnection, event: &amplog_log::RecordedEvent) -> Result<(), SyncError> {
+        use amplog_domain::installation::{Installation, InstallationEvent};
+        use amplog_domain::integration::{Integration, IntegrationEvent};
+        let store = self.service.store();
+        let (t, v) = (event.event_type.as_str(), event.event_version.as_str());
+        let id: Uuid = event.aggregate_id.parse().unwrap_or_default();
+        match (event.aggregate_type.as_str(), t) {
+            ("integration", "RevisionDeployed") => {
+                let IntegrationEvent::RevisionDeployed { revision, objects, .. } =
+                    store.decode::<Integration>(t, v, event.payload.clone())?
+                else {
+                    return Ok(());
+                };
+                for object in objects.iter().filter(|o| !o.subscribe.is_empty()) {
+                    let kinds: Vec<String> = object.subscribe.iter().map(name_of).collect();
+                    sqlx::query(
+                        "INSERT INTO change_subscriptions (integration_id, revision, object, kinds, destination)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(id)
+                    .bind(revision as i32)
+                    .bind(&object.name)
+                    .bind(&kinds)
+                    .bind(object.destination.as_deref().unwrap_or("default"))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            ("installation", "Created" | "ConfigUpdated" | "Paused" | "Unpaused" | "Deleted") => {
+                let enabled = |objects: &BTreeMap<String, amplog_domain::installation::ObjectConfig>| -> Vec<String> {
+                    objects.iter().filter(|(_, c)| c.enabled).map(|(n, _)| n.clone()).collect()
+                };
+                match store.decode::<Installation>(t, v, event.payload.clone())? {
+                    InstallationEvent::Created { integration_id, revision, connection_id, objects, .. } => {
+                        sqlx::query(
+                            "INSERT INTO change_routes
+                               (installation_id, project_id, connection_id, integration_id, revision, objects)
+                             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                        )
+                        .bind(id)
+                        .bind(event.project_id.unwrap_or_default())
+                        .bind(connection_id.0)
+                        .bind(integration_id.0)
+                        .bind(revision as i32)
+                        .bind(enabled(&objects))
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    InstallationEvent::ConfigUpdated { revision, objects, .. } => {
+                        sqlx::query("UPDATE change_routes SET revision = $2, objects = $3 WHERE installation_id = $1")
+                            .bind(id)
+                            .bind(revision as i32)
+                            .bind(enabled(&objects))
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    InstallationEvent::Paused { .. } | InstallationEvent::Unpaused { .. } => {
+                        sqlx::query("UPDATE change_routes SET paused = $2 WHERE installation_id = $1")
+                            .bind(id)
+                            .bind(t == "Paused")
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    InstallationEvent::Deleted { .. } => {
+                        sqlx::query("DELETE FROM change_routes WHERE installation_id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    InstallationEvent::OperationRequested { .. } => {}
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Queues a pushed change for each installation of its connection whose revision
+    /// subscribes its object to its kind: per installation (so in order per record), under
+    /// an id from the installation and the change.
+    async fn queue_change(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        event: &amplog_log::RecordedEvent,
+    ) -> Result<usize, SyncError> {
+        use amplog_domain::change::{Change, ChangeEvent};
+        let ChangeEvent::Received { facts, .. } =
+            self.service.store().decode::<Change>(&event.event_type, &event.event_version, event.payload.clone())?;
+        let kind = name_of(&facts.kind);
+        let targets: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT r.installation_id, s.destination FROM change_routes r
+             JOIN change_subscriptions s ON s.integration_id = r.integration_id AND s.revision = r.revision
+             WHERE r.connection_id = $1 AND r.project_id = $2 AND NOT r.paused AND s.object = $3
+               AND $3 = ANY (r.objects) AND $4 = ANY (s.kinds)
+             ORDER BY r.installation_id",
+        )
+        .bind(facts.connection_id.0)
+        .bind(facts.project_id.0)
+        .bind(&facts.object)
+        .bind(&kind)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut queued = 0;
+        for (installation, destination) in targets {
+            let body = serde_json::json!({
+                "type": RECORD_CHANGED,
+                "timestamp": event.recorded_at,
+                "data": {
+                    "installation_id": installation,
+                    "connection_id": facts.connection_id,
+                    "object": facts.object,
+                    "record_id": facts.record_id,
+                    "kind": kind,
+                    "properties": facts.properties,
+                    "occurred_at": facts.occurred_at,
+                    "change_id": event.aggregate_id,
+                },
+            });
+            let webhook_id = format!("chg_{}", Uuid::new_v5(&installation, event.event_id.as_bytes()).simple());
+            queued += sqlx::query(
+                "INSERT INTO notification_deliveries
+                   (webhook_id, project_id, subscription_id, destination, topic, installation_id, event_id, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (webhook_id) DO NOTHING",
+            )
+            .bind(&webhook_id)
+            .bind(facts.project_id.0)
+            .bind(installation)
+            .bind(&destination)
+            .bind(RECORD_CHANGED)
+            .bind(installation.to_string())
+            .bind(event.event_id)
+            .bind(body.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected() as usize;
+        }
+        Ok(queued)
+    }
+
     /// The subscriptions (not sending now) whose oldest undelivered notification is due,
     /// each with its next `RUN` undelivered notifications in queue order.
     async fn due(
@@ -223,10 +377,10 @@ impl Notifier {
         busy: &std::collections::HashSet<Uuid>,
         limit: usize,
     ) -> Result<Vec<(Uuid, Vec<Due>)>, SyncError> {
-        type Row = (Uuid, String, Uuid, String, String, i32);
+        type Row = (Uuid, String, Uuid, String, String, String, i32);
         let busy: Vec<Uuid> = busy.iter().copied().collect();
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT head.subscription_id, d.webhook_id, d.project_id, d.destination, d.body, d.attempts
+            "SELECT head.subscription_id, d.webhook_id, d.project_id, d.destination, d.topic, d.body, d.attempts
              FROM (SELECT subscription_id FROM (
                        SELECT DISTINCT ON (subscription_id) subscription_id, next_attempt_at
                        FROM notification_deliveries
@@ -234,7 +388,7 @@ impl Notifier {
                        ORDER BY subscription_id, seq) AS first
                    WHERE first.next_attempt_at <= now() ORDER BY first.next_attempt_at LIMIT $2) AS head
              CROSS JOIN LATERAL (
-                 SELECT webhook_id, project_id, destination, body, attempts, seq FROM notification_deliveries
+                 SELECT webhook_id, project_id, destination, topic, body, attempts, seq FROM notification_deliveries
                  WHERE subscription_id = head.subscription_id AND delivered_at IS NULL AND given_up_at IS NULL
                  ORDER BY seq LIMIT $3) AS d
              ORDER BY head.subscription_id, d.seq",
@@ -245,8 +399,8 @@ impl Notifier {
         .fetch_all(self.service.pool())
         .await?;
         let mut by_subscription: BTreeMap<Uuid, Vec<Due>> = BTreeMap::new();
-        for (subscription, webhook_id, project_id, destination, body, attempts) in rows {
-            let row = Due { webhook_id, project_id, destination, body, attempts };
+        for (subscription, webhook_id, project_id, destination, topic, body, attempts) in rows {
+            let row = Due { webhook_id, project_id, destination, topic, body, attempts };
             by_subscription.entry(subscription).or_default().push(row);
         }
         Ok(by_subscription.into_iter().collect())
@@ -285,14 +439,17 @@ impl Notifier {
         };
         for row in rows {
             let attempt = row.attempts + 1;
-            let outcome = webhook::deliver(
-                &self.http,
-                &destination.url,
-                &destination.secret.0,
-                &row.webhook_id,
-                row.body.as_bytes(),
-            )
-            .await;
+            let body = match row.topic.as_str() {
+                RECORD_CHANGED => self.with_record(project, &row.body).await,
+                _ => Ok(row.body.clone()),
+            };
+            let outcome = match body {
+                Ok(body) => {
+                    let (url, secret) = (&destination.url, &destination.secret.0);
+                    webhook::deliver(&self.http, url, secret, &row.webhook_id, body.as_bytes()).await
+                }
+                Err(why) => webhook::Attempted { status: None, error: Some(why) },
+            };
             if outcome.delivered() {
                 sqlx::query(
                     "UPDATE notification_deliveries SET delivered_at = now(), attempts = $2, last_status = $3,
@@ -335,6 +492,45 @@ impl Notifier {
         }
         Ok(())
     }
+}
+
+impl Notifier {
+    /// A pushed change's body with the record as the provider has it now (`null` once
+    /// deleted or gone); an `Err` (the provider unreachable, the connection needing
+    /// re-auth) is a failed attempt, retried like a refused delivery.
+    async fn with_record(&self, project: ProjectId, body: &str) -> Result<String, String> {
+        let mut body: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+        let data = &body["data"];
+        let text = |key: &str| data[key].as_str().unwrap_or_default().to_string();
+        let (object, record_id, kind) = (text("object"), text("record_id"), text("kind"));
+        let connection: Uuid =
+            text("connection_id").parse().map_err(|_| "a change without its connection".to_string())?;
+        let record = match kind.as_str() {
+            "deleted" => serde_json::Value::Null,
+            _ => {
+                let ctx = CommandContext::new(project, format!("notifier:{}", self.holder));
+                let loaded = self
+                    .service
+                    .load::<amplog_domain::connection::Connection>(&ctx, connection)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let connector = self
+                    .connectors
+                    .get(&loaded.state.provider)
+                    .ok_or_else(|| format!("no connector for provider {}", loaded.state.provider))?;
+                let id = amplog_domain::ConnectionId(connection);
+                let tokens = self.tokens.access_token(&ctx, id, &connector, None).await.map_err(|e| e.message)?;
+                let fetched = connector.get_record(&tokens, &object, &record_id).await.map_err(|e| e.message)?;
+                fetched.unwrap_or(serde_json::Value::Null)
+            }
+        };
+        body["data"]["record"] = record;
+        Ok(body.to_string())
+    }
+}
+
+fn name_of<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 /// A queued notification and what became of it.

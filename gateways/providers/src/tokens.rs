@@ -172,6 +172,7 @@ mod tests {
             expires_at: Some(now + chrono::TimeDelta::seconds(left)),
             obtained_at: known.then(|| now + chrono::TimeDelta::seconds(left - lifetime)),
             instance_url: None,
+            account_id: None,
         };
         // A 20 s token is used for its first 16 s.
         assert!(Tokens::usable(&set(20, 20, true), now));

@@ -17,8 +17,13 @@
 //!   streamed back (byte i is `i % 251`).
 //! - Faults, chosen per request from a seeded hash: 429 with Retry-After, 5xx, slow
 //!   responses; 401 for an expired or unknown token.
+//! - Change webhooks, HubSpot-style: once `PUT /_sim/webhooks {url}` names a receiver,
+//!   records touched for a customer (`/_sim/touch/{object}/{n}?customer=`) are sent to it
+//!   as batches of `{eventId, portalId, objectId, subscriptionType, occurredAt, ...}`
+//!   signed v3 with the client secret, each batch retried until it is acknowledged; some
+//!   batches sent twice (`duplicate`), some reversed (`reorder`).
 //! - Control (`/_sim/...`): faults, expire tokens, revoke a customer's grant, touch records
-//!   (they change and move to the end of the order), stats.
+//!   (they change and move to the end of the order), webhooks, stats.
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -153,6 +158,12 @@ pub struct SimStats {
     pub denials: u64,
     pub pkce_exchanges: u64,
     pub revocations: u64,
+    /// Change webhooks: changes queued, batches acknowledged, attempts refused or unanswered,
+    /// batches sent twice.
+    pub changes_queued: u64,
+    pub webhook_batches: u64,
+    pub webhook_failures: u64,
+    pub webhook_duplicates: u64,
 }
 
 struct Sim {
@@ -162,6 +173,28 @@ struct Sim {
     auth: Mutex<Auth>,
     stats: Mutex<SimStats>,
     counter: AtomicU64,
+    hooks: Mutex<Hooks>,
+    hooks_queued: tokio::sync::Notify,
+}
+
+/// Where change webhooks go, how, and what waits to be sent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub url: Option<String>,
+    /// The fraction of batches sent a second time after they were acknowledged.
+    pub duplicate: f64,
+    /// The fraction of batches sent in reverse order.
+    pub reorder: f64,
+    /// Changes per batch (1 to 100; 0: 20).
+    pub batch: usize,
+}
+
+#[derive(Default)]
+struct Hooks {
+    settings: WebhookSettings,
+    queue: std::collections::VecDeque<Value>,
+    next_event: u64,
 }
 
 /// A running simulator.
@@ -208,8 +241,11 @@ pub fn router(config: SimConfig) -> Router {
         auth: Mutex::new(Auth::default()),
         stats: Mutex::new(SimStats::default()),
         counter: AtomicU64::new(0),
+        hooks: Mutex::new(Hooks::default()),
+        hooks_queued: tokio::sync::Notify::new(),
         config,
     });
+    tokio::spawn(send_webhooks(Arc::downgrade(&sim)));
     Router::new()
         .route("/oauth/authorize", get(consent_page).post(decide_consent))
         .route("/oauth/token", post(token))
@@ -224,6 +260,7 @@ pub fn router(config: SimConfig) -> Router {
         .route("/_sim/expire-tokens", post(expire_tokens))
         .route("/_sim/revoke/{customer}", post(revoke))
         .route("/_sim/touch/{object}/{count}", post(touch))
+        .route("/_sim/webhooks", put(set_webhooks))
         .route("/_sim/stats", get(stats))
         .with_state(sim)
 }
@@ -624,9 +661,11 @@ async fn token(State(sim): State<Arc<Sim>>, headers: HeaderMap, Form(form): Form
         _ => return error(StatusCode::BAD_REQUEST, json!({"error": "unsupported_grant_type"})),
     };
     let access = hex::encode(amplog_commands::credentials::random_bytes::<16>());
-    auth.access.insert(access.clone(), (customer, Instant::now() + sim.config.token_ttl));
+    auth.access.insert(access.clone(), (customer.clone(), Instant::now() + sim.config.token_ttl));
     Json(json!({
         "access_token": access,
+        // The customer's portal: what its change webhooks name it by.
+        "hub_id": customer,
         "refresh_token": refresh,
         "expires_in": sim.config.token_ttl.as_secs(),
         "token_type": "bearer",
@@ -1018,7 +1057,17 @@ async fn revoke(State(sim): State<Arc<Sim>>, Path(customer): Path<String>) -> Js
 }
 
 /// Changes the `count` least recently updated records of `object`: they move to now.
-async fn touch(State(sim): State<Arc<Sim>>, Path((object, count)): Path<(String, usize)>) -> Response {
+#[derive(Deserialize)]
+struct TouchQuery {
+    /// The customer (portal) whose change webhooks report the touch.
+    customer: Option<String>,
+}
+
+async fn touch(
+    State(sim): State<Arc<Sim>>,
+    Path((object, count)): Path<(String, usize)>,
+    Query(q): Query<TouchQuery>,
+) -> Response {
     let mut tables = sim.tables.lock().expect("tables");
     let Some(table) = tables.get_mut(&object) else { return bad_request(format!("unknown object {object}")) };
     let now = Utc::now();
@@ -1030,9 +1079,147 @@ async fn touch(State(sim): State<Arc<Sim>>, Path((object, count)): Path<(String,
         let version = record.properties.get("version").and_then(Value::as_u64).unwrap_or(1) + 1;
         record.properties.insert("version".into(), json!(version));
         ids.push(record.id.clone());
+        if let Some(customer) = &q.customer {
+            sim.queue_change(
+                customer,
+                &object,
+                &record.id,
+                "propertyChange",
+                Some(("version", json!(version))),
+                record.updated,
+            );
+        }
         table.insert(record);
     }
+    drop(tables);
+    sim.hooks_queued.notify_one();
     Json(json!({"touched": ids, "updated": now})).into_response()
+}
+
+async fn set_webhooks(State(sim): State<Arc<Sim>>, Json(settings): Json<WebhookSettings>) -> Json<WebhookSettings> {
+    sim.hooks.lock().expect("hooks").settings = settings.clone();
+    sim.hooks_queued.notify_one();
+    Json(settings)
+}
+
+impl Sim {
+    /// Queues one change event for `customer`'s portal (when a receiver is set).
+    fn queue_change(
+        &self,
+        customer: &str,
+        object: &str,
+        id: &str,
+        kind: &str,
+        property: Option<(&str, Value)>,
+        at: DateTime<Utc>,
+    ) {
+        let singular = match object {
+            "contacts" => "contact",
+            "companies" => "company",
+            "deals" => "deal",
+            other => other,
+        };
+        let mut hooks = self.hooks.lock().expect("hooks");
+        if hooks.settings.url.is_none() {
+            return;
+        }
+        hooks.next_event += 1;
+        let mut event = json!({
+            "eventId": hooks.next_event,
+            "subscriptionId": 1,
+            "portalId": customer,
+            "appId": self.config.client_id,
+            "occurredAt": at.timestamp_millis(),
+            "subscriptionType": format!("{singular}.{kind}"),
+            "attemptNumber": 0,
+            "objectId": id,
+            "changeSource": "CRM",
+        });
+        if let Some((name, value)) = property {
+            event["propertyName"] = json!(name);
+            event["propertyValue"] = value;
+        }
+        hooks.queue.push_back(event);
+        drop(hooks);
+        self.stats.lock().expect("stats").changes_queued += 1;
+    }
+}
+
+/// HubSpot's v3 signature: base64 HMAC-SHA256 of method, URL, body and timestamp (ms).
+pub fn hubspot_signature(secret: &str, method: &str, url: &str, body: &[u8], timestamp: i64) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{method}{url}").as_bytes());
+    mac.update(body);
+    mac.update(timestamp.to_string().as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// Sends queued changes in batches, each until acknowledged (a refused or unanswered one
+/// is sent again, before any later one); ends with the simulator.
+async fn send_webhooks(sim: std::sync::Weak<Sim>) {
+    let http = amplog_providers::connector::http_client().build().expect("a client");
+    let mut sent = 0u64;
+    loop {
+        let Some(strong) = sim.upgrade() else { return };
+        let (url, batch, settings) = {
+            let mut hooks = strong.hooks.lock().expect("hooks");
+            let size = match hooks.settings.batch {
+                0 => 20,
+                n => n.min(100),
+            };
+            let take = hooks.queue.len().min(size);
+            let batch: Vec<Value> = hooks.queue.drain(..take).collect();
+            (hooks.settings.url.clone(), batch, hooks.settings.clone())
+        };
+        let (Some(url), false) = (url, batch.is_empty()) else {
+            let _ = tokio::time::timeout(Duration::from_millis(200), strong.hooks_queued.notified()).await;
+            continue;
+        };
+        sent += 1;
+        let seed = strong.config.seed ^ sent.wrapping_mul(0x9e37);
+        let mut batch = batch;
+        if unit(seed.wrapping_mul(7)) < settings.reorder {
+            batch.reverse();
+        }
+        let times = if unit(seed.wrapping_mul(13)) < settings.duplicate { 2 } else { 1 };
+        let body = serde_json::to_vec(&batch).expect("json");
+        let secret = strong.config.client_secret.clone();
+        drop(strong);
+        for time in 0..times {
+            let mut delay = Duration::from_millis(50);
+            loop {
+                let timestamp = Utc::now().timestamp_millis();
+                let signature = hubspot_signature(&secret, "POST", &url, &body, timestamp);
+                let answer = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-hubspot-signature-v3", signature)
+                    .header("x-hubspot-request-timestamp", timestamp.to_string())
+                    .body(body.clone())
+                    .send()
+                    .await;
+                let acknowledged = answer.is_ok_and(|a| a.status().is_success());
+                {
+                    let Some(strong) = sim.upgrade() else { return };
+                    let mut stats = strong.stats.lock().expect("stats");
+                    match acknowledged {
+                        true if time > 0 => {
+                            stats.webhook_batches += 1;
+                            stats.webhook_duplicates += 1;
+                        }
+                        true => stats.webhook_batches += 1,
+                        false => stats.webhook_failures += 1,
+                    }
+                }
+                if acknowledged {
+                    break;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 async fn stats(State(sim): State<Arc<Sim>>) -> Json<SimStats> {

@@ -53,6 +53,7 @@ impl SyncWorld {
             backfill: Backfill::None,
             fields: vec![],
             destination: None,
+            subscribe: vec![],
         };
         let manifest = Manifest { objects: vec![object("contacts"), object("companies"), object("deals")] };
         let integration = amplog_domain::IntegrationId(

@@ -36,6 +36,7 @@ impl Connect {
             fields: vec!["email".into()],
             destination: None,
             optional,
+            subscribe: vec![],
         };
         let manifest = Manifest { objects: vec![object("contacts", false), object("deals", true)] };
         world.service.deploy_revision(&world.ctx, world.integration, &manifest).await.expect("revision 2");

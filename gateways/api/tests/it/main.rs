@@ -8,4 +8,5 @@ mod connect;
 mod jwt;
 mod proxy;
 mod security;
+mod subscribe;
 mod sync;

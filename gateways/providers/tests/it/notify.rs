@@ -22,7 +22,7 @@ fn read(object: &str, trigger: Trigger) -> NewOperation {
 
 /// A notifier with quick retries, until the returned sender is dropped or sent to.
 fn spawn_notifier(world: &SyncWorld, name: &str) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let mut notifier = Notifier::new(world.service.clone(), amplog_providers::egress::Egress::private(), name);
+    let mut notifier = Notifier::new(world.service.clone(), world.connectors.clone(), name);
     notifier.policy.backoff = Duration::from_millis(50);
     notifier.policy.max_backoff = Duration::from_millis(200);
     notifier.policy.poll = Duration::from_millis(100);

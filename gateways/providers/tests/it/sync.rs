@@ -540,6 +540,7 @@ async fn provider_calls_go_only_to_the_connectors_hosts() {
         expires_at: None,
         obtained_at: None,
         instance_url: instance,
+        account_id: None,
     };
     let elsewhere = format!("http://{victim_addr}");
     for error in [
