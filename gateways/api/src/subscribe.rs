@@ -136,6 +136,18 @@ async fn receive(
     .bind(target.project)
     .fetch_all(state.service.pool())
     .await?;
+    // A revoked connection hears nothing more.
+    let mut rows = rows;
+    let mut live = std::collections::BTreeMap::new();
+    for (_, project, connection) in &rows {
+        if !live.contains_key(connection) {
+            let ctx = CommandContext::new(ProjectId(*project), format!("provider:{provider}"));
+            let state = state.service.load::<amplog_domain::connection::Connection>(&ctx, *connection).await?.state;
+            let revoked = state.status == amplog_domain::connection::ConnectionStatus::Revoked;
+            live.insert(*connection, state.exists && !revoked);
+        }
+    }
+    rows.retain(|(_, _, connection)| live.get(connection) == Some(&true));
     let mut facts = Vec::new();
     let mut ignored = 0;
     for change in &changes {
