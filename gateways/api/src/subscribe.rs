@@ -54,9 +54,10 @@ struct ProviderChange {
     property_name: Option<String>,
 }
 
+/// An id as text: 1 to 256 characters, no control characters (what a change may record).
 fn id_text(value: &Value) -> Option<String> {
     match value {
-        Value::String(s) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
+        Value::String(s) if !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
@@ -154,14 +155,19 @@ async fn receive(
         let (Some(account), Some(record), Some(event)) =
             (id_text(&change.portal_id), id_text(&change.object_id), id_text(&change.event_id))
         else {
-            return Err(ApiError::bad_request("invalid_webhook", "a change without a portal, object or event id"));
+            // Authentic but unusable (no ids, control characters): acknowledged and skipped,
+            // so the provider does not retry the whole batch forever.
+            ignored += 1;
+            continue;
         };
         let Some((object, kind)) = kind_of(&change.subscription_type) else {
             ignored += 1;
             continue;
         };
-        let occurred_at = chrono::DateTime::from_timestamp_millis(change.occurred_at)
-            .ok_or_else(|| ApiError::bad_request("invalid_webhook", "occurredAt is not a time"))?;
+        let Some(occurred_at) = chrono::DateTime::from_timestamp_millis(change.occurred_at) else {
+            ignored += 1;
+            continue;
+        };
         let owners: Vec<&(String, Uuid, Uuid)> = rows.iter().filter(|(a, ..)| *a == account).collect();
         if owners.is_empty() {
             ignored += 1;
@@ -173,7 +179,12 @@ async fn receive(
                 object: object.clone(),
                 record_id: record.clone(),
                 kind,
-                properties: change.property_name.iter().filter(|p| p.len() <= 256).cloned().collect(),
+                properties: change
+                    .property_name
+                    .iter()
+                    .filter(|p| !p.is_empty() && p.len() <= 256 && !p.chars().any(char::is_control))
+                    .cloned()
+                    .collect(),
                 provider_event_id: event.clone(),
                 occurred_at,
             });

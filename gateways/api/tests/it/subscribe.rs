@@ -100,6 +100,16 @@ async fn pushed_changes_are_verified_recorded_once_and_delivered_in_order_per_re
         .collect();
     let many = serde_json::to_vec(&many).unwrap();
     assert_eq!(send(many.clone(), Some(signed(&many, now)), now).await.0, 400);
+    // Authentic but unusable changes (a control character in an id, an unknown portal, a
+    // kind not delivered): acknowledged, so the provider stops retrying, and skipped.
+    let odd = serde_json::to_vec(&json!([
+        {"eventId": "a\u{1}", "portalId": "initech", "objectId": "1", "subscriptionType": "contact.creation", "occurredAt": now},
+        {"eventId": 5, "portalId": "nobody", "objectId": "1", "subscriptionType": "contact.creation", "occurredAt": now},
+        {"eventId": 6, "portalId": "initech", "objectId": "1", "subscriptionType": "contact.merge", "occurredAt": now},
+    ]))
+    .unwrap();
+    let acknowledged = send(odd.clone(), Some(signed(&odd, now)), now).await;
+    assert_eq!(acknowledged, (200, json!({"received": 3, "recorded": 0, "ignored": 3})));
     assert_eq!(changes_recorded(&world).await, 0, "nothing refused is stored");
 
     // 1,000 changes (10 touches of 100 of the 200 contacts), the API stopped twice meanwhile.
