@@ -17,7 +17,7 @@ mod sync;
 use amplog_commands::credentials::{CredentialKey, CredentialStore, Secret};
 use amplog_commands::service::{NewInstallation, NewOperation};
 use amplog_commands::{CommandContext, CommandService};
-use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
+use amplog_domain::integration::{Manifest, ObjectDecl};
 use amplog_domain::operation::{Cursor, OperationType, PageRecord, Trigger};
 use amplog_domain::*;
 use amplog_log::{EventStore, LogCursor, LogReader};
@@ -220,15 +220,7 @@ async fn setup_writers(service: &CommandService, writers: usize) -> Result<Vec<W
         let integration = IntegrationId(
             service.declare_integration(&ctx, "crm", "hubspot").await?.id_of("integration").context("id")?,
         );
-        let decl = ObjectDecl {
-            optional: false,
-            name: "contacts".into(),
-            schedule: None,
-            backfill: Backfill::None,
-            fields: vec![],
-            destination: None,
-            subscribe: vec![],
-        };
+        let decl = ObjectDecl::named("contacts");
         service.deploy_revision(&ctx, integration, &Manifest { objects: vec![decl] }).await?;
         let connection = ConnectionId(
             service

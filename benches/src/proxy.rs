@@ -8,7 +8,7 @@
 use crate::{drive, ms, Report, Stats};
 use amplog_api::{Keys, Scope, Server, ServerConfig};
 use amplog_commands::CommandContext;
-use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
+use amplog_domain::integration::{Manifest, ObjectDecl};
 use amplog_domain::{IntegrationId, ProjectId};
 use amplog_providers::connector::{Catalog, Connectors, ProviderSettings};
 use amplog_simulator::sim::{Faults, SimConfig, Simulator};
@@ -58,15 +58,7 @@ pub async fn run(report: &mut Report, pool: &PgPool, seconds: u64) -> Result<()>
             Connectors::with_egress(&Catalog::builtin(), &settings, amplog_providers::egress::Egress::private());
         let ctx = CommandContext::new(ProjectId(Uuid::now_v7()), "bench");
         service.create_project(&ctx, "proxy-bench").await?;
-        let decl = ObjectDecl {
-            optional: false,
-            name: "contacts".into(),
-            schedule: None,
-            backfill: Backfill::None,
-            fields: vec![],
-            destination: None,
-            subscribe: vec![],
-        };
+        let decl = ObjectDecl::named("contacts");
         let manifest = Manifest { objects: vec![decl] };
         let outcome = service.declare_integration_with(&ctx, "crm", "simulator", Some(&manifest)).await?;
         let integration = IntegrationId(outcome.id_of("integration").context("integration")?);

@@ -19,7 +19,7 @@ pub enum Backfill {
 }
 
 /// One object a revision can read or write.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ObjectDecl {
     pub name: String,
     /// Default schedule: `@every 15m`-style or a five-field cron expression.
@@ -39,6 +39,14 @@ pub struct ObjectDecl {
     /// with the record as it then is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscribe: Vec<crate::change::ChangeKind>,
+}
+
+impl ObjectDecl {
+    /// An object read on demand only: no schedule, no backfill, every field, the `default`
+    /// destination, nothing pushed.
+    pub fn named(name: &str) -> ObjectDecl {
+        ObjectDecl { name: name.into(), ..ObjectDecl::default() }
+    }
 }
 
 /// The parsed manifest of one deploy.

@@ -99,20 +99,12 @@ pub async fn job_for(
         return Ok(None);
     }
     let Some(project) = event.project_id else { return Ok(None) };
-    let (version, payload) = if event.event_type == "Requested" {
-        (event.event_version.clone(), event.payload.clone())
-    } else {
-        let row: (String, sqlx::types::Json<Value>) = sqlx::query_as(
-            "SELECT event_version, payload FROM events
-             WHERE aggregate_type = 'operation' AND aggregate_id = $1 AND sequence = 1",
-        )
-        .bind(&event.aggregate_id)
-        .fetch_one(&mut *conn)
-        .await?;
-        (row.0, row.1 .0)
+    let requested = match event.event_type.as_str() {
+        "Requested" => store.decode::<Operation>("Requested", &event.event_version, event.payload.clone())?,
+        _ => first_event(conn, store, &event.aggregate_id).await?,
     };
     let OperationEvent::Requested { installation_id, connection_id, op_type, object, since, until, trigger, .. } =
-        store.decode::<Operation>("Requested", &version, payload)?
+        requested
     else {
         return Ok(None);
     };
@@ -128,6 +120,22 @@ pub async fn job_for(
         event_id: event.event_id,
         time: event.recorded_at,
     }))
+}
+
+/// An operation's first event (its `Requested`, or a proxy call's `Proxied`), decoded.
+pub(crate) async fn first_event(
+    conn: &mut PgConnection,
+    store: &EventStore,
+    operation: &str,
+) -> Result<OperationEvent, StreamsError> {
+    let (kind, version, payload): (String, String, sqlx::types::Json<Value>) = sqlx::query_as(
+        "SELECT event_type, event_version, payload FROM events
+         WHERE aggregate_type = 'operation' AND aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(operation)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(store.decode::<Operation>(&kind, &version, payload.0)?)
 }
 
 /// What a job's processing asks of its transport.

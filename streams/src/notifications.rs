@@ -250,15 +250,8 @@ pub async fn derive(
         }
         "operation" => {
             let finished = store.decode::<Operation>(t, v, payload)?;
-            let row: (String, sqlx::types::Json<Value>) = sqlx::query_as(
-                "SELECT event_version, payload FROM events
-                 WHERE aggregate_type = 'operation' AND aggregate_id = $1 AND sequence = 1",
-            )
-            .bind(&event.aggregate_id)
-            .fetch_one(&mut *conn)
-            .await?;
             let OperationEvent::Requested { installation_id, op_type, object, trigger, .. } =
-                store.decode::<Operation>("Requested", &row.0, row.1 .0)?
+                crate::jobs::first_event(conn, store, &event.aggregate_id).await?
             else {
                 return Ok(vec![]);
             };

@@ -246,6 +246,25 @@ async fn own_connection(ctx: &Context<'_>, command: &CommandContext, id: Uuid) -
     }
 }
 
+/// What is done to one operation of the caller's (its group's, for an end user).
+enum OnOperation<'a> {
+    Retry,
+    Replay,
+    Cancel(&'a str),
+}
+
+async fn on_operation(ctx: &Context<'_>, id: Uuid, action: OnOperation<'_>, wait: bool) -> Result<MutationPayload> {
+    let command = command_ctx(ctx, Scope::Write, None)?;
+    own_operation(ctx, &command, id).await?;
+    let (service, op) = (&app(ctx).service, OperationId(id));
+    let outcome = match action {
+        OnOperation::Retry => service.retry_operation(&command, op).await?,
+        OnOperation::Replay => service.replay_dead_letter(&command, op).await?,
+        OnOperation::Cancel(reason) => service.cancel_operation(&command, op, reason).await?,
+    };
+    finish(ctx, outcome, Some(id), wait).await
+}
+
 /// Revokes a connection's grant at the provider (RFC 7009), best effort: a failure is
 /// logged, the revocation in the log stands.
 async fn revoke_at_provider(
@@ -718,10 +737,7 @@ impl Mutation {
         id: Uuid,
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
-        let command = command_ctx(ctx, Scope::Write, None)?;
-        own_operation(ctx, &command, id).await?;
-        let outcome = app(ctx).service.retry_operation(&command, OperationId(id)).await?;
-        finish(ctx, outcome, Some(id), wait_for_visibility).await
+        on_operation(ctx, id, OnOperation::Retry, wait_for_visibility).await
     }
 
     /// Replays a dead letter (an operation that failed after all its attempts): it is
@@ -732,10 +748,7 @@ impl Mutation {
         id: Uuid,
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
-        let command = command_ctx(ctx, Scope::Write, None)?;
-        own_operation(ctx, &command, id).await?;
-        let outcome = app(ctx).service.replay_dead_letter(&command, OperationId(id)).await?;
-        finish(ctx, outcome, Some(id), wait_for_visibility).await
+        on_operation(ctx, id, OnOperation::Replay, wait_for_visibility).await
     }
 
     async fn cancel_operation(
@@ -745,9 +758,6 @@ impl Mutation {
         #[graphql(default = "cancelled by the builder")] reason: String,
         #[graphql(default = false)] wait_for_visibility: bool,
     ) -> Result<MutationPayload> {
-        let command = command_ctx(ctx, Scope::Write, None)?;
-        own_operation(ctx, &command, id).await?;
-        let outcome = app(ctx).service.cancel_operation(&command, OperationId(id), &reason).await?;
-        finish(ctx, outcome, Some(id), wait_for_visibility).await
+        on_operation(ctx, id, OnOperation::Cancel(&reason), wait_for_visibility).await
     }
 }

@@ -453,6 +453,16 @@ async fn notification_subscriptions_are_checked_listed_and_deleted() {
     assert!(delivery["lastError"].as_str().is_some_and(|e| !e.is_empty()), "{delivery}");
     let none = app.data(&other.read, deliveries, json!({})).await;
     assert_eq!(none["notificationDeliveries"], json!([]));
+    // Page sizes and cursors out of range are refused, not clamped into a scan.
+    for (query, code) in [
+        ("{ notificationDeliveries(first: -1) { seq } }", "invalid_input"),
+        ("{ notificationDeliveries(first: 100000) { seq } }", "invalid_input"),
+        ("{ deadLetters(first: 100000) { nodes { id } } }", "invalid_input"),
+        ("{ deadLetters(after: \"not-a-cursor\") { nodes { id } } }", "invalid_cursor"),
+    ] {
+        let (_, body) = app.gql(&p.read, query, json!({})).await;
+        assert_eq!(error_code(&body), code, "{query}: {body}");
+    }
     let listed = app.data(&p.read, "{ notificationSubscriptions { id destination } }", json!({})).await;
     assert_eq!(listed["notificationSubscriptions"], json!([{"id": made["id"], "destination": "ops"}]));
     let none = app.data(&other.read, "{ notificationSubscriptions { id } }", json!({})).await;

@@ -9,7 +9,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 /// A key pair from openssl (Debian's): the private key in PKCS#8 PEM, the public in SPKI.
-fn key_pair(kind: &[&str]) -> (String, String) {
+pub(crate) fn key_pair(kind: &[&str]) -> (String, String) {
     let private = std::process::Command::new("openssl").args(["genpkey"]).args(kind).output().expect("openssl genpkey");
     assert!(private.status.success(), "{}", String::from_utf8_lossy(&private.stderr));
     let mut public = std::process::Command::new("openssl")

@@ -267,18 +267,9 @@ async fn hostile_paths_other_tenants_and_other_groups_are_refused_and_record_not
     assert_eq!(body["errors"][0]["extensions"]["code"], "not_found");
 
     // End users: their own group's installation, not another's.
-    let private = std::process::Command::new("openssl").args(["genpkey", "-algorithm", "ed25519"]).output().unwrap();
-    let mut public = std::process::Command::new("openssl")
-        .args(["pkey", "-pubout"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    public.stdin.take().unwrap().write_all(&private.stdout).unwrap();
-    let public = String::from_utf8(public.wait_with_output().unwrap().stdout).unwrap();
+    let (private, public) = crate::jwt::key_pair(&["-algorithm", "ed25519"]);
     let kid = p.keys.create_jwt_key(&p.world.ctx, "EdDSA", &public).await.unwrap();
-    let signer = jsonwebtoken::EncodingKey::from_ed_pem(&private.stdout).unwrap();
+    let signer = jsonwebtoken::EncodingKey::from_ed_pem(private.as_bytes()).unwrap();
     let token = |group: &str| {
         let header = jsonwebtoken::Header {
             kid: Some(kid.to_string()),

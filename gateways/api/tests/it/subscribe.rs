@@ -7,7 +7,7 @@
 
 use amplog_api::{Keys, Server, ServerConfig};
 use amplog_domain::change::ChangeKind;
-use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
+use amplog_domain::integration::{Manifest, ObjectDecl};
 use amplog_simulator::sim::{hubspot_signature, SimConfig};
 use amplog_simulator::testing::SyncWorld;
 use serde_json::{json, Value};
@@ -25,15 +25,8 @@ async fn changes_recorded(world: &SyncWorld) -> i64 {
 async fn pushed_changes_are_verified_recorded_once_and_delivered_in_order_per_record() {
     let world = SyncWorld::start(SimConfig { records: 200, ..SimConfig::default() }).await;
     let (service, ctx) = (&world.service, &world.ctx);
-    let contacts = ObjectDecl {
-        optional: false,
-        name: "contacts".into(),
-        schedule: None,
-        backfill: Backfill::None,
-        fields: vec![],
-        destination: None,
-        subscribe: vec![ChangeKind::Created, ChangeKind::Updated, ChangeKind::Deleted],
-    };
+    let subscribe = vec![ChangeKind::Created, ChangeKind::Updated, ChangeKind::Deleted];
+    let contacts = ObjectDecl { subscribe, ..ObjectDecl::named("contacts") };
     let manifest = Manifest { objects: vec![contacts] };
     let outcome = service.declare_integration_with(ctx, "crm-live", "simulator", Some(&manifest)).await.unwrap();
     let integration = amplog_domain::IntegrationId(outcome.id_of("integration").unwrap());

@@ -7,6 +7,20 @@ use amplog_simulator::testing::SyncWorld;
 use serde_json::{json, Value};
 use std::time::Duration;
 
+/// POSTs a GraphQL request with `key` to the server at `addr`; returns the JSON body.
+async fn gql_at(addr: std::net::SocketAddr, key: &str, query: &str, variables: Value) -> Value {
+    let response = amplog_providers::connector::http_client()
+        .build()
+        .unwrap()
+        .post(format!("http://{addr}/graphql"))
+        .header("x-api-key", key)
+        .json(&json!({"query": query, "variables": variables}))
+        .send()
+        .await
+        .unwrap();
+    response.json::<Value>().await.unwrap()
+}
+
 fn config(records: usize) -> SimConfig {
     SimConfig { records, ..SimConfig::default() }
 }
@@ -19,21 +33,7 @@ async fn a_write_from_a_mutation_reports_a_result_per_record() {
     let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
     let server = Server::start(config, world.service.clone(), keys.clone()).await.unwrap();
     let (_, key) = keys.create(world.ctx.project_id, Scope::Write, None).await.unwrap();
-    let gql = |query: &'static str, variables: Value| {
-        let (url, key) = (format!("http://{}/graphql", server.addr), key.clone());
-        async move {
-            let response = amplog_providers::connector::http_client()
-                .build()
-                .unwrap()
-                .post(url)
-                .header("x-api-key", key)
-                .json(&json!({"query": query, "variables": variables}))
-                .send()
-                .await
-                .unwrap();
-            response.json::<Value>().await.unwrap()
-        }
-    };
+    let gql = |query: &'static str, variables: Value| gql_at(server.addr, &key, query, variables);
     let write = "mutation($id: UUID!, $records: [JSON!]!) {
         writeRecords(installationId: $id, object: \"contacts\", records: $records) { id } }";
     let records = json!([
@@ -141,19 +141,8 @@ async fn a_dead_lettered_read_replayed_resumes_from_its_cursor() {
     let (_, write) = keys.create(world.ctx.project_id, Scope::Write, None).await.unwrap();
     let (_, read) = keys.create(world.ctx.project_id, Scope::Read, None).await.unwrap();
     let gql = |key: &str, query: &'static str, variables: Value| {
-        let (url, key) = (format!("http://{}/graphql", server.addr), key.to_string());
-        async move {
-            let response = amplog_providers::connector::http_client()
-                .build()
-                .unwrap()
-                .post(url)
-                .header("x-api-key", key)
-                .json(&json!({"query": query, "variables": variables}))
-                .send()
-                .await
-                .unwrap();
-            response.json::<Value>().await.unwrap()
-        }
+        let key = key.to_string();
+        async move { gql_at(server.addr, &key, query, variables).await }
     };
     // Slow pages, so the read is caught halfway.
     world.sim_control("/_sim/faults", Some(json!({"slow": 1.0, "slow_ms": 150}))).await;
