@@ -465,7 +465,8 @@ async fn an_interrupted_concurrent_index_build_is_built_again() {
     let valid =
         "SELECT count(*) FROM pg_index WHERE indexrelid = 'events_by_stream_log_order'::regclass AND indisvalid";
     assert_eq!(count(&db.pool, valid).await, 1);
-    let version = amplog_migrations::MIGRATIONS.iter().find(|m| !m.in_transaction()).unwrap().version;
+    let version =
+        amplog_migrations::MIGRATIONS.iter().find(|m| m.name == "events_by_stream_log_order").unwrap().version;
     sqlx::raw_sql(&format!(
         "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'events_by_stream_log_order'::regclass;
          DELETE FROM amplog_migrations WHERE version = {version}"
@@ -478,4 +479,76 @@ async fn an_interrupted_concurrent_index_build_is_built_again() {
     assert_eq!(amplog_migrations::migrate(&mut conn).await.unwrap(), 1);
     assert_eq!(count(&db.pool, valid).await, 1);
     assert!(amplog_migrations::is_current(&mut conn).await.unwrap());
+}
+
+/// Migrations build indexes on the log without stopping appends: while `CREATE INDEX
+/// CONCURRENTLY` runs over a large log (PostgreSQL reports it in progress before and after
+/// each append), commands keep committing.
+#[tokio::test]
+async fn appends_keep_committing_while_a_migration_builds_an_index() {
+    let db = test_db().await;
+    let s = seed(&db.service()).await;
+    let service = db.service();
+    let (op, lease) = start_read(&service, &s, "contacts").await;
+    sqlx::raw_sql(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'filler', (g / 1000)::text, g % 1000, 'Filled', '1.0', '{}', '{}' FROM generate_series(0, 599999) g;
+         DROP INDEX events_by_position;
+         DELETE FROM amplog_migrations WHERE version = 7",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let migration = async {
+        let applied = amplog_migrations::migrate(&mut conn).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        applied
+    };
+    let building = "SELECT count(*) FROM pg_stat_progress_create_index WHERE relid = 'events'::regclass";
+    let appends = async {
+        let (mut during, mut page) = (0, 0u64);
+        while !done.load(std::sync::atomic::Ordering::SeqCst) && page < 100_000 {
+            let before = count(&db.pool, building).await;
+            service.record_page(&s.ctx, op, lease, page, 1, &Cursor::default()).await.unwrap();
+            page += 1;
+            if before > 0 && count(&db.pool, building).await > 0 {
+                during += 1;
+            }
+        }
+        (during, page)
+    };
+    let (applied, (during, page)) = tokio::join!(migration, appends);
+    let applied = applied.unwrap();
+    assert_eq!(applied, 1);
+    assert!(amplog_migrations::is_current(&mut conn).await.unwrap());
+    eprintln!("{during} of {page} appends committed while the index was being built");
+    assert!(during >= 3, "only {during} of {page} appends committed while the index was being built");
+    let valid = "SELECT count(*) FROM pg_index WHERE indexrelid = 'events_by_position'::regclass AND indisvalid";
+    assert_eq!(count(&db.pool, valid).await, 1);
+}
+
+/// A database that applied a migration's first text, since rewritten to build its index
+/// without blocking, is current; any other change to an applied migration is refused.
+#[tokio::test]
+async fn a_migration_rewritten_to_build_concurrently_is_still_applied() {
+    let db = test_db().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    for (version, checksum) in amplog_migrations::REWRITTEN {
+        sqlx::query("UPDATE amplog_migrations SET checksum = $2 WHERE version = $1")
+            .bind(version)
+            .bind(checksum)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(amplog_migrations::migrate(&mut conn).await.unwrap(), 0);
+    assert!(amplog_migrations::is_current(&mut conn).await.unwrap());
+    sqlx::query("UPDATE amplog_migrations SET checksum = 'edited' WHERE version = 7")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let err = amplog_migrations::migrate(&mut conn).await.unwrap_err();
+    assert!(matches!(err, amplog_migrations::MigrationError::Changed { version: 7, .. }), "{err}");
 }
