@@ -19,8 +19,22 @@ pub struct Cli {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    /// Where a worker, the relay, a projector or the scheduler serves /healthz, /readyz and
+    /// its own /metrics (`serve` has them on its API port).
+    #[arg(long, env = "AMPLOG_OPS_LISTEN", global = true)]
+    pub ops_listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     pub command: Cmd,
+}
+
+impl Cmd {
+    /// Whether the command runs until stopped (then it serves the ops endpoints).
+    pub fn runs_until_stopped(&self) -> bool {
+        matches!(
+            self,
+            Cmd::Worker { .. } | Cmd::Relay | Cmd::Scheduler | Cmd::Projections { command: ProjectionsCmd::Run { .. } }
+        )
+    }
 }
 
 #[derive(Subcommand)]
@@ -86,6 +100,9 @@ pub enum Cmd {
         #[arg(long, default_value_t = 10)]
         lease_secs: u64,
     },
+    /// Run the read scheduler and the notifier (lifecycle notifications, pushed changes),
+    /// each one leader at a time, until Ctrl-C or SIGTERM.
+    Scheduler,
     /// Destinations: a project's webhook endpoints that receive read results.
     Destinations {
         #[command(subcommand)]
@@ -304,6 +321,7 @@ pub async fn run(app: &mut config::App, command: Cmd, kafka: &KafkaArgs) -> Resu
             let lease = std::time::Duration::from_secs(lease_secs.max(1));
             sync::worker(app, kafka, WorkerOptions { concurrency, lease }, !no_scheduler).await
         }
+        Cmd::Scheduler => sync::scheduler(app).await,
         Cmd::Destinations { command } => match command {
             DestinationsCmd::Create { project, name, url } => sync::create_destination(app, project, &name, &url).await,
             DestinationsCmd::List { project } => sync::list_destinations(app, project).await,

@@ -35,6 +35,7 @@ impl App {
         let pool = amplog_commands::connect_and_migrate(options, pool_size)
             .await
             .context("connecting to PostgreSQL and migrating")?;
+        amplog_log::telemetry::metrics().watch_pool(&pool);
         Ok(Self { pool, embedded, data_dir: data_dir.to_path_buf() })
     }
 

@@ -16,6 +16,7 @@ mod settings;
 mod shutdown;
 mod streams;
 mod sync;
+mod telemetry;
 
 use anyhow::Result;
 use clap::Parser;
@@ -24,18 +25,16 @@ pub use audit::hostname;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AMPLOG_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init()?;
     let cli = cli::Cli::parse();
     if let Some(result) = cli::run_offline(&cli).await {
         std::process::exit(result?);
     }
     let mut app = config::App::open(cli.database_url.as_deref(), &cli.data_dir).await?;
+    let _ops = match cli.ops_listen.filter(|_| cli.command.runs_until_stopped()) {
+        Some(listen) => Some(amplog_api::ops::serve(listen, app.pool.clone()).await?),
+        None => None,
+    };
     let result = cli::run(&mut app, cli.command, &cli.kafka).await;
     app.close().await;
     std::process::exit(result?)

@@ -115,6 +115,17 @@ pub async fn worker(
     Ok(0)
 }
 
+/// `amplog scheduler`: the scheduler and the notifier until Ctrl-C or SIGTERM.
+pub async fn scheduler(app: &App) -> Result<i32> {
+    let service = app.service()?;
+    run_scheduler(&service, Connectors::from_env(), async {
+        crate::shutdown::signal().await;
+        tracing::info!("stopping the scheduler and the notifier");
+    })
+    .await;
+    Ok(0)
+}
+
 /// `amplog destinations create`: prints the signing secret (the only time it is shown).
 pub async fn create_destination(app: &App, project: Uuid, name: &str, url: &str) -> Result<i32> {
     amplog_providers::egress::check_destination(url, amplog_providers::egress::Egress::from_env())

@@ -212,6 +212,52 @@ pub async fn render(pool: &PgPool, per_project: bool) -> Result<String, Projecti
         snap.gauges.push((name, help, vec![(projector.clone(), value)]));
     }
 
+    // Every log reader with a checkpoint (the projector, the relay, the notifier, …).
+    let readers: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM reader_checkpoints ORDER BY name").fetch_all(pool).await?;
+    let (mut lag_events, mut lag_seconds, mut leaders) = (Vec::new(), Vec::new(), Vec::new());
+    for reader in readers {
+        let st = status(pool, &reader).await?;
+        let l = labels(&[("reader", reader)]);
+        lag_events.push((l.clone(), st.lag_events as f64));
+        lag_seconds.push((l.clone(), st.lag_seconds));
+        leaders.push((l, if st.leader.is_some() { 1.0 } else { 0.0 }));
+    }
+    snap.gauges.push(("amplog_reader_lag_events", "Events in the log a reader has not processed", lag_events));
+    snap.gauges.push(("amplog_reader_lag_seconds", "Age of the oldest event a reader has not processed", lag_seconds));
+    snap.gauges.push(("amplog_reader_leader", "1 when a process leads the reader", leaders));
+
+    let rows = sqlx::query(&format!(
+        "SELECT {p} AS p, count(*) AS n FROM operations
+         WHERE status = 'failed' AND (doc->>'dead_lettered')::boolean GROUP BY 1 ORDER BY 1"
+    ))
+    .fetch_all(pool)
+    .await?;
+    let mut dead: Vec<(Labels, f64)> =
+        rows.iter().map(|r| (labels(&[("project", r.get("p"))]), r.get::<i64, _>("n") as f64)).collect();
+    if dead.is_empty() && !per_project {
+        dead.push((Vec::new(), 0.0));
+    }
+    snap.gauges.push(("amplog_dead_letters", "Operations dead-lettered and not replayed", dead));
+
+    // Pending from the queue's own index; given up within the 30 days deliveries are kept.
+    let rows = sqlx::query(&format!(
+        "SELECT {p} AS p, CASE WHEN given_up_at IS NULL THEN 'pending' ELSE 'failed' END AS s, count(*) AS n
+         FROM notification_deliveries WHERE delivered_at IS NULL GROUP BY 1, 2 ORDER BY 1, 2"
+    ))
+    .fetch_all(pool)
+    .await?;
+    let mut deliveries: Vec<(Labels, f64)> = rows
+        .iter()
+        .map(|r| (labels(&[("project", r.get("p")), ("status", r.get("s"))]), r.get::<i64, _>("n") as f64))
+        .collect();
+    for status in ["pending", "failed"] {
+        if !per_project && !rows.iter().any(|r| r.get::<String, _>("s") == status) {
+            deliveries.push((labels(&[("status", status.to_string())]), 0.0));
+        }
+    }
+    snap.gauges.push(("amplog_notification_deliveries", "Notifications not delivered, by status", deliveries));
+
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snap));
     let mut out = String::new();

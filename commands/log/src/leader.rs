@@ -24,6 +24,7 @@ pub struct Leadership {
     session: PgConnection,
     pub name: String,
     pub token: i64,
+    _reported: crate::telemetry::LeaderGuard,
 }
 
 impl Leadership {
@@ -53,7 +54,8 @@ impl Leadership {
         .fetch_one(&mut session)
         .await?;
         tracing::info!(singleton = %name, token, %holder, "leading");
-        Ok(Some(Self { session, name: name.to_string(), token }))
+        let reported = crate::telemetry::metrics().leading(name);
+        Ok(Some(Self { session, name: name.to_string(), token, _reported: reported }))
     }
 
     /// Fails when the session holding the advisory lock is gone.

@@ -9,6 +9,7 @@ pub mod hash;
 pub mod leader;
 pub mod reader;
 pub mod store;
+pub mod telemetry;
 
 pub use reader::{CatchUp, LogCursor, LogReader, RecordedEvent, StoredEvent, Subscription};
 pub use store::{AppendedEvent, CommandOutcome, EventStore, Loaded};

@@ -168,7 +168,7 @@ impl CommandService {
     /// Loads a stream as the context's project sees it: another project's aggregate looks
     /// like one that does not exist.
     pub async fn load<A: Aggregate + Owned>(&self, ctx: &CommandContext, id: Uuid) -> Result<Loaded<A>, CommandError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = amplog_log::telemetry::metrics().waiting_for(self.pool.acquire()).await?;
         let loaded = self.store.load::<A>(&mut conn, &id.to_string()).await?;
         Ok(scoped(ctx, loaded))
     }
@@ -191,13 +191,13 @@ impl CommandService {
         request: &impl Serialize,
     ) -> Result<Begun, CommandError> {
         let Some(key) = &ctx.idempotency_key else {
-            let conn = Conn::Plain(self.pool.acquire().await?);
+            let conn = Conn::Plain(amplog_log::telemetry::metrics().waiting_for(self.pool.acquire()).await?);
             return Ok(Begun::Fresh(UnitOfWork { conn, ctx: ctx.clone(), command, streams: Vec::new() }));
         };
         if key.is_empty() || key.len() > 255 {
             return Err(CommandError::Invalid("an idempotency key must be 1 to 255 characters".into()));
         }
-        let mut conn = Conn::Tx(self.pool.begin().await?);
+        let mut conn = Conn::Tx(amplog_log::telemetry::metrics().waiting_for(self.pool.begin()).await?);
         {
             let tx = conn.get();
             let digest = request_digest(command, request);

@@ -9,6 +9,7 @@ pub mod error;
 pub mod graphiql;
 pub mod graphql;
 pub mod manifest;
+pub mod ops;
 pub mod proxy;
 pub mod server;
 pub mod state;

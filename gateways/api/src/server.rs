@@ -147,6 +147,27 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(connect)
         .merge(proxy)
         .merge(subscribe)
+        .layer(axum::middleware::from_fn(observe))
+}
+
+/// Counts each request in this process's metrics by its route pattern (never the raw path,
+/// which carries ids), method and status, timed to the response's head.
+async fn observe(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    amplog_log::telemetry::metrics().http_request(
+        &route,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
 }
 
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
@@ -432,7 +453,12 @@ struct Readiness {
 /// Ready when PostgreSQL answers, the schema is current, and the read-model projector has
 /// a leader with a fresh heartbeat (in this process or another).
 async fn readyz(State(shared): State<Shared>) -> Response {
-    let state = &shared.state;
+    let ready = readiness(&shared.state).await;
+    let status = if ready.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(ready)).into_response()
+}
+
+async fn readiness(state: &AppState) -> Readiness {
     let mut ready = Readiness { ready: false, database: false, migrations: false, projector: false, detail: None };
     let check = async {
         let mut conn = state.service.pool().acquire().await?;
@@ -457,8 +483,7 @@ async fn readyz(State(shared): State<Shared>) -> Response {
         ready.detail = Some(error.public_message());
     }
     ready.ready = ready.database && ready.migrations && ready.projector;
-    let status = if ready.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(ready)).into_response()
+    ready
 }
 
 /// Prometheus metrics: OpenMetrics to a client that asks for it (`Accept`), the
@@ -478,13 +503,24 @@ async fn metrics(State(shared): State<Shared>, headers: HeaderMap) -> Result<Res
         }
     }
     use amplog_projections::metrics::{self, OPENMETRICS, PROMETHEUS_TEXT};
-    let text = metrics::render(shared.state.service.pool(), config.metrics_per_project).await?;
+    let derived = metrics::render(shared.state.service.pool(), config.metrics_per_project).await?;
+    let ready = readiness(&shared.state).await.ready;
+    let text =
+        amplog_log::telemetry::join(&[&derived, &amplog_log::telemetry::metrics().render(), &ready_gauge(ready)]);
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or_default();
     if accept.contains("application/openmetrics-text") {
         Ok(([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response())
     } else {
         Ok(([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], metrics::as_prometheus_text(&text)).into_response())
     }
+}
+
+/// `amplog_ready`: whether this process would answer its readiness probe with 200.
+pub(crate) fn ready_gauge(ready: bool) -> String {
+    format!(
+        "# HELP amplog_ready 1 when this process is ready\n# TYPE amplog_ready gauge\namplog_ready {}\n",
+        u8::from(ready)
+    )
 }
 
 #[derive(Deserialize)]

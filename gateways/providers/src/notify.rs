@@ -450,6 +450,11 @@ impl Notifier {
                 }
                 Err(why) => webhook::Attempted { status: None, error: Some(why) },
             };
+            amplog_log::telemetry::metrics().webhook_attempt(
+                amplog_log::telemetry::WebhookKind::Notification,
+                &format!("{}/{}", project.0, destination.name),
+                outcome.delivered(),
+            );
             if outcome.delivered() {
                 sqlx::query(
                     "UPDATE notification_deliveries SET delivered_at = now(), attempts = $2, last_status = $3,

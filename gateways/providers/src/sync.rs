@@ -360,6 +360,11 @@ impl SyncHandler {
         for attempt in 1u32.. {
             let outcome =
                 deliver(&self.http, &plan.destination.url, &plan.destination.secret.0, &webhook_id, &body).await;
+            amplog_log::telemetry::metrics().webhook_attempt(
+                amplog_log::telemetry::WebhookKind::Records,
+                &format!("{}/{}", job.command.project_id.0, plan.destination.name),
+                outcome.delivered(),
+            );
             let delivery = DeliveryAttempt {
                 webhook_id: webhook_id.clone(),
                 destination: plan.destination.name.clone(),

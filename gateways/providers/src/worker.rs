@@ -227,7 +227,12 @@ impl<H: JobHandler> Worker<H> {
                 return Ok(Disposition::Superseded);
             }
             match self.service.start_operation(&command, id, lease, lease_for).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    if state.status == OperationStatus::Running {
+                        amplog_log::telemetry::metrics().lease_takeover();
+                    }
+                    break;
+                }
                 Err(CommandError::Domain(DomainError::Operation(OperationError::LeaseHeld))) => {
                     // A crashed worker's lease: take the operation over when it expires.
                     let until = state.lease.as_ref().map(|l| l.until).unwrap_or_else(Utc::now);

@@ -1,0 +1,64 @@
+//! The operator's endpoints of a process that serves no API (a worker, the relay, a
+//! projector, the scheduler), on `AMPLOG_OPS_LISTEN`: `/healthz` (the process runs),
+//! `/readyz` (PostgreSQL answers and the schema is current) and `/metrics` (this process's
+//! own metrics: its leadership, webhooks, lease takeovers and pool).
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use sqlx::PgPool;
+use std::net::SocketAddr;
+
+/// A running ops listener; dropped, it stops.
+pub struct OpsServer {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OpsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds `listen` and serves the ops endpoints for `pool`'s database.
+pub async fn serve(listen: SocketAddr, pool: PgPool) -> std::io::Result<OpsServer> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(pool);
+    let task = tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!(%error, "the ops listener stopped");
+        }
+    });
+    tracing::info!(%addr, "ops: /healthz, /readyz, /metrics");
+    Ok(OpsServer { addr, task })
+}
+
+async fn ready(pool: &PgPool) -> bool {
+    match pool.acquire().await {
+        Ok(mut conn) => amplog_migrations::is_current(&mut conn).await.unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+async fn readyz(State(pool): State<PgPool>) -> impl IntoResponse {
+    if ready(&pool).await {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the database does not answer or its schema is not current\n")
+    }
+}
+
+async fn metrics(State(pool): State<PgPool>) -> impl IntoResponse {
+    let own = amplog_log::telemetry::metrics().render();
+    let text = amplog_log::telemetry::join(&[&own, &crate::server::ready_gauge(ready(&pool).await)]);
+    let text = amplog_projections::metrics::as_prometheus_text(&text);
+    ([(header::CONTENT_TYPE, amplog_projections::metrics::PROMETHEUS_TEXT)], text)
+}
