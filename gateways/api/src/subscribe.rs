@@ -11,10 +11,8 @@ use crate::state::AppState;
 use amplog_commands::CommandContext;
 use amplog_domain::change::{ChangeFacts, ChangeKind};
 use amplog_domain::{ConnectionId, ProjectId};
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -89,12 +87,14 @@ async fn receive(
     Query(target): Query<Target>,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(BODY_MAX),
-        _ => ApiError::bad_request("invalid_webhook", rejection.body_text()),
-    })?;
+    // Refused from its declared length before a byte is read; a chunked body is cut at the
+    // limit as it is read.
+    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_MAX as u64) {
+        return Err(ApiError::TooLarge(BODY_MAX));
+    }
     let connector = state.config.connectors.get(&provider).ok_or(ApiError::NotFound("provider"))?;
     // Whose client signs: the project's provider app, or the deployment's.
     let secret = match target.project {
@@ -116,6 +116,12 @@ async fn receive(
     if (chrono::Utc::now().timestamp_millis() - timestamp).abs() > WINDOW_MS {
         return Err(ApiError::WebhookRefused("webhook_stale", "the timestamp is more than 5 minutes away".into()));
     }
+    // A declared length is within the limit: failing, the body was cut short; undeclared
+    // (chunked), it went past the limit.
+    let body = axum::body::to_bytes(body, BODY_MAX).await.map_err(|e| match declared {
+        None => ApiError::TooLarge(BODY_MAX),
+        Some(_) => ApiError::bad_request("invalid_webhook", format!("the body could not be read: {e}")),
+    })?;
     let path = uri.path_and_query().map(axum::http::uri::PathAndQuery::as_str).unwrap_or("/");
     let url = format!("{}{path}", state.public_url);
     if !amplog_providers::webhook::hubspot_v3_matches(&secret, "POST", &url, &body, timestamp, signature) {
