@@ -85,8 +85,6 @@ pub enum MigrationError {
     Database(#[from] sqlx::Error),
     #[error("migration {version} ({name}) was changed after it was applied (checksum {applied} in the database, {embedded} embedded)")]
     Changed { version: i32, name: String, applied: String, embedded: String },
-    #[error("the database has migration {0}, which this binary does not know: it is newer than this binary")]
-    Unknown(i32),
 }
 
 /// A digest of all embedded migrations: names a template database in tests.
@@ -133,8 +131,12 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<usize, MigrationError
     for row in rows {
         applied.insert(row.get::<i32, _>("version"), row.get::<String, _>("checksum"));
     }
-    if let Some(unknown) = applied.keys().find(|v| !MIGRATIONS.iter().any(|m| m.version == **v)) {
-        return Err(MigrationError::Unknown(*unknown));
+    // A newer binary migrated first (a rolling upgrade, or a rollback of the code): its
+    // migrations only add what this binary ignores (the rule every migration follows), so
+    // this one runs on them.
+    let newer: Vec<i32> = applied.keys().copied().filter(|v| !MIGRATIONS.iter().any(|m| m.version == *v)).collect();
+    if !newer.is_empty() {
+        tracing::warn!(?newer, "the database has migrations this binary does not know: a newer release applied them");
     }
     let mut count = 0;
     for migration in MIGRATIONS {
@@ -171,14 +173,20 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<usize, MigrationError
     Ok(count)
 }
 
-/// Whether every embedded migration is applied (for readiness checks).
+/// Whether every embedded migration is applied (for readiness checks), whatever newer
+/// release's migrations are applied too.
 pub async fn is_current(conn: &mut PgConnection) -> Result<bool, MigrationError> {
     let exists: bool =
         sqlx::query_scalar("SELECT to_regclass('amplog_migrations') IS NOT NULL").fetch_one(&mut *conn).await?;
     if !exists {
         return Ok(false);
     }
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM amplog_migrations").fetch_one(&mut *conn).await?;
+    // Every embedded one applied; a newer release's on top do not make this process unready.
+    let versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM amplog_migrations WHERE version = ANY($1)")
+        .bind(&versions)
+        .fetch_one(&mut *conn)
+        .await?;
     Ok(count as usize == MIGRATIONS.len())
 }
 

@@ -552,3 +552,22 @@ async fn a_migration_rewritten_to_build_concurrently_is_still_applied() {
     let err = amplog_migrations::migrate(&mut conn).await.unwrap_err();
     assert!(matches!(err, amplog_migrations::MigrationError::Changed { version: 7, .. }), "{err}");
 }
+
+/// During a rolling upgrade the new release migrates first: an old binary on a database
+/// with a migration it does not know still migrates (nothing to do) and is current, so its
+/// replicas stay ready and can restart until they are replaced.
+#[tokio::test]
+async fn a_binary_runs_on_a_schema_a_newer_release_migrated() {
+    let db = test_db().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let newer = amplog_migrations::MIGRATIONS.last().unwrap().version + 1;
+    sqlx::query("INSERT INTO amplog_migrations (version, name, checksum) VALUES ($1, 'from_the_future', 'x')")
+        .bind(newer)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(amplog_migrations::migrate(&mut conn).await.unwrap(), 0);
+    assert!(amplog_migrations::is_current(&mut conn).await.unwrap());
+    sqlx::query("DELETE FROM amplog_migrations WHERE version = 7").execute(&mut *conn).await.unwrap();
+    assert!(!amplog_migrations::is_current(&mut conn).await.unwrap(), "one of its own is missing");
+}
