@@ -250,6 +250,7 @@ async fn real_read(service: &CommandService, ctx: &CommandContext) -> Result<Ins
         },
         event_id: requested.event_id,
         time: Utc::now(),
+        traceparent: None,
     };
     let handler =
         std::sync::Arc::new(amplog_providers::sync::SyncHandler::new(service.clone(), sandbox.connectors.clone()));

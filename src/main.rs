@@ -25,17 +25,22 @@ pub use audit::hostname;
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    telemetry::init()?;
+    let telemetry = telemetry::init()?;
     let cli = cli::Cli::parse();
-    if let Some(result) = cli::run_offline(&cli).await {
-        std::process::exit(result?);
+    let code = async {
+        if let Some(result) = cli::run_offline(&cli).await {
+            return result;
+        }
+        let mut app = config::App::open(cli.database_url.as_deref(), &cli.data_dir).await?;
+        let _ops = match cli.ops_listen.filter(|_| cli.command.runs_until_stopped()) {
+            Some(listen) => Some(amplog_api::ops::serve(listen, app.pool.clone()).await?),
+            None => None,
+        };
+        let result = cli::run(&mut app, cli.command, &cli.kafka).await;
+        app.close().await;
+        result
     }
-    let mut app = config::App::open(cli.database_url.as_deref(), &cli.data_dir).await?;
-    let _ops = match cli.ops_listen.filter(|_| cli.command.runs_until_stopped()) {
-        Some(listen) => Some(amplog_api::ops::serve(listen, app.pool.clone()).await?),
-        None => None,
-    };
-    let result = cli::run(&mut app, cli.command, &cli.kafka).await;
-    app.close().await;
-    std::process::exit(result?)
+    .await;
+    telemetry.shutdown().await;
+    std::process::exit(code?)
 }

@@ -63,8 +63,10 @@ impl Runner {
             let mut tx = self.pool.begin().await?;
             fence(&mut tx, &leadership).await?;
             if let Some(last) = batch.last() {
+                use tracing::Instrument;
                 let started = Instant::now();
-                Fold::apply_batch(&mut tx, &Tables::live(), &self.store, &batch).await?;
+                let span = tracing::info_span!("projector.batch", projector = %self.name, events = batch.len());
+                Fold::apply_batch(&mut tx, &Tables::live(), &self.store, &batch).instrument(span).await?;
                 LogReader::save_checkpoint(&mut tx, &self.name, last.cursor()).await?;
                 sqlx::query("UPDATE projector_leases SET last_batch_events = $2, last_batch_ms = $3 WHERE name = $1")
                     .bind(&self.name)

@@ -24,7 +24,8 @@ pub fn headers() -> OwnedHeaders {
 }
 
 /// A CloudEvent as amplog publishes it. Extension attributes: `projectid`, `sequence`,
-/// `position`, `hash` and `actor` (event topics); `projectid` and `attempt` (jobs).
+/// `position`, `hash` and `actor` (event topics); `projectid` and `attempt` (jobs); and
+/// `traceparent` (the Distributed Tracing extension) when the command was traced.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CloudEvent {
     /// Always "1.0".
@@ -58,6 +59,9 @@ pub struct CloudEvent {
     /// Who sent the command that recorded the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// The W3C trace context of the span that recorded the event (or dispatched the job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// Any other extension attribute (dead letters carry `errorcode`).
     #[serde(flatten, default)]
     pub extensions: BTreeMap<String, Value>,
@@ -86,6 +90,9 @@ impl CloudEvent {
             sequence: Some(event.sequence),
             position: Some(event.position),
             hash: event.hash.as_deref().map(hex::encode),
+            traceparent: amplog_log::telemetry::traceparent_of(&event.metadata)
+                .filter(|t| trace_text(t))
+                .map(str::to_string),
             actor: actor(event.metadata),
             extensions: BTreeMap::new(),
         }
@@ -223,6 +230,10 @@ impl<'a> StoredEncoder<'a> {
             out.extend_from_slice(b",\"actor\":");
             write_str(out, &[&actor]);
         }
+        if let Some(traceparent) = stored_traceparent(&event.metadata) {
+            out.extend_from_slice(b",\"traceparent\":");
+            write_str(out, &[traceparent]);
+        }
         out.push(b'}');
         Ok(())
     }
@@ -331,6 +342,21 @@ fn stored_actor(metadata: &str) -> Result<Option<Cow<'_, str>>, serde_json::Erro
         // Not an object, a non-string actor, a repeated member: the parsed path decides.
         Err(_) => Ok(actor(serde_json::from_str(metadata)?).map(Cow::Owned)),
     }
+}
+
+/// The `traceparent` member of stored metadata text, as the parsed path finds it (amplog
+/// writes it last, after `actor`, `command` and `correlation_id`; a W3C traceparent is
+/// 55 characters of lower-case hex and dashes, never escaped).
+fn stored_traceparent(metadata: &str) -> Option<&str> {
+    const KEY: &str = r#""traceparent":""#;
+    let at = metadata.rfind(KEY)? + KEY.len();
+    let value = &metadata[at..at + metadata[at..].find('"')?];
+    trace_text(value).then_some(value)
+}
+
+/// What a traceparent may hold: hex digits and dashes, at most 64 of them.
+fn trace_text(value: &str) -> bool {
+    value.len() <= 64 && value.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
 /// The one metadata member an envelope carries.

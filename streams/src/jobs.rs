@@ -43,6 +43,8 @@ pub struct JobMessage {
     /// The `Requested`, `Retried` or `DeadLetterReplayed` event's id: the CloudEvents id, for deduplication.
     pub event_id: Uuid,
     pub time: DateTime<Utc>,
+    /// The W3C trace context of its dispatch: the worker's span continues the trace.
+    pub traceparent: Option<String>,
 }
 
 impl JobMessage {
@@ -62,6 +64,7 @@ impl JobMessage {
             position: None,
             hash: None,
             actor: None,
+            traceparent: self.traceparent.clone(),
             extensions: BTreeMap::new(),
         }
     }
@@ -73,7 +76,9 @@ impl JobMessage {
         let job: Job =
             serde_json::from_value(event.data.clone()).map_err(|e| StreamsError::Envelope(format!("job data: {e}")))?;
         let event_id = event.id.parse().map_err(|e| StreamsError::Envelope(format!("job id: {e}")))?;
-        Ok(Self { project: ProjectId(project), job, event_id, time: event.time })
+        // The trace context is a hint, never trusted for anything else: a malformed one is dropped.
+        let traceparent = event.traceparent.clone().filter(|t| t.len() <= 64);
+        Ok(Self { project: ProjectId(project), job, event_id, time: event.time, traceparent })
     }
 
     /// The Kafka key: the installation, so one installation's jobs stay in order.
@@ -114,11 +119,22 @@ pub async fn job_for(
             .parse()
             .map_err(|_| StreamsError::Envelope(format!("operation id {}", event.aggregate_id)))?,
     );
+    // The dispatch: a span in the trace of the command that recorded the event.
+    let span = tracing::info_span!(
+        "dispatch",
+        operation.id = %operation_id.0,
+        installation.id = %installation_id.0,
+        op_type = ?op_type,
+        event = %event.event_type,
+    );
+    amplog_log::telemetry::follow(&span, amplog_log::telemetry::traceparent_of(&event.metadata));
+    let traceparent = span.in_scope(amplog_log::telemetry::current_traceparent);
     Ok(Some(JobMessage {
         project: ProjectId(project),
         job: Job { operation_id, installation_id, connection_id, op_type, object, since, until, trigger },
         event_id: event.event_id,
         time: event.recorded_at,
+        traceparent,
     }))
 }
 

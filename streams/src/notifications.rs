@@ -152,6 +152,7 @@ impl Derived {
             position: None,
             hash: None,
             actor: None,
+            traceparent: None,
             extensions,
         }
     }

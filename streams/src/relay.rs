@@ -194,22 +194,31 @@ impl Relay {
             let (mut relayed, mut reported, started) = (0u64, Instant::now(), Instant::now());
             let mut checkpointed = started;
             while let Some(pending) = acknowledged.recv().await {
-                let (cursor, events) = match pending {
-                    Pending::Batch { cursor, events, acks } => {
-                        acks.acknowledged().await?;
-                        (Some(cursor), events)
-                    }
-                    Pending::Idle => (None, 0),
+                let (cursor, events, acks) = match pending {
+                    Pending::Batch { cursor, events, acks } => (Some(cursor), events, Some(acks)),
+                    Pending::Idle => (None, 0, None),
                 };
-                leadership.alive().await?;
-                let mut tx = self.pool.begin().await?;
-                if !leadership.fence(&mut tx).await? {
-                    return Err(StreamsError::Fenced(RELAY.into()));
-                }
-                if let Some(cursor) = cursor {
-                    LogReader::save_checkpoint(&mut tx, RELAY, cursor).await?;
-                }
-                tx.commit().await?;
+                // A batch's span: from its last acknowledgement to its checkpoint.
+                let span = match cursor {
+                    Some(_) => tracing::info_span!("relay.batch", events),
+                    None => tracing::Span::none(),
+                };
+                let checkpoint = async {
+                    if let Some(acks) = acks {
+                        acks.acknowledged().await?;
+                    }
+                    leadership.alive().await?;
+                    let mut tx = self.pool.begin().await?;
+                    if !leadership.fence(&mut tx).await? {
+                        return Err(StreamsError::Fenced(RELAY.into()));
+                    }
+                    if let Some(cursor) = cursor {
+                        LogReader::save_checkpoint(&mut tx, RELAY, cursor).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(())
+                };
+                tracing::Instrument::instrument(checkpoint, span).await?;
                 checkpointed = Instant::now();
                 relayed += events as u64;
                 if events > 0 && reported.elapsed() >= Duration::from_secs(5) {

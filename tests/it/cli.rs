@@ -573,3 +573,72 @@ async fn dead_letters_and_failed_operations_from_the_cli() {
     ok(amplog(&["projections", "rebuild"], &env));
     assert_eq!(ok(amplog(&["dead-letters", "list", "--project", &project], &env)), "");
 }
+
+/// `amplog scheduler` as an operator runs it: its ops endpoints on AMPLOG_OPS_LISTEN
+/// (`/healthz`, `/readyz`, `/metrics` that promtool accepts, with its leadership), plain
+/// text logs without colour codes when standard error is a file, no trace sent while
+/// `OTEL_SDK_DISABLED=true` even with an endpoint set, and a clean stop on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_process_serves_its_ops_endpoints_and_plain_logs() {
+    let db = test_db().await;
+    let (otlp, collector) = amplog_simulator::collector::Collector::start().await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("scheduler.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amplog"))
+        .arg("scheduler")
+        .env("DATABASE_URL", &db.url)
+        .env("AMPLOG_CREDENTIALS_KEY", base64::engine::general_purpose::STANDARD.encode(TEST_KEY))
+        .env("AMPLOG_OPS_LISTEN", format!("127.0.0.1:{port}"))
+        .env("AMPLOG_LOG", "info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+        .env("OTEL_SDK_DISABLED", "true")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let http = amplog_providers::connector::http_client().build().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let scrape = http.get(format!("{base}/metrics")).send().await;
+        if let Ok(text) = async { scrape?.text().await }.await {
+            if text.contains("amplog_leader{role=\"notifier\"} 1")
+                && text.contains("amplog_leader{role=\"scheduler\"} 1")
+            {
+                break text;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the scheduler never reported leading");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    for series in
+        ["amplog_ready 1", "amplog_leader_changes_total{role=\"scheduler\"} 1", "amplog_db_pool_max_connections"]
+    {
+        assert!(text.contains(series), "{series} in\n{text}");
+    }
+    let promtool = std::env::var("AMPLOG_TEST_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(written.contains("leading") && written.contains("stopping the scheduler"), "{written}");
+    assert!(!written.contains('\u{1b}'), "no terminal colour codes in a file: {written:?}");
+    assert!(collector.spans().is_empty(), "OTEL_SDK_DISABLED=true sends nothing");
+}

@@ -3,4 +3,5 @@
 mod cli;
 mod relay;
 mod tidy;
+mod trace;
 mod worker;

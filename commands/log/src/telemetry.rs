@@ -76,8 +76,10 @@ impl ProcessMetrics {
     pub fn webhook_attempt(&self, kind: WebhookKind, destination: &str, delivered: bool) {
         let labels = vec![("kind", kind.as_str().to_string()), ("destination", destination.to_string())];
         self.webhook_attempts.get_or_create(&labels).inc();
+        // The failures' series exists from the first attempt on (a ratio needs both).
+        let failures = self.webhook_failures.get_or_create(&labels);
         if !delivered {
-            self.webhook_failures.get_or_create(&labels).inc();
+            failures.inc();
         }
     }
 
@@ -191,4 +193,36 @@ impl Drop for Decrement<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The W3C `traceparent` of the current span: what an event's metadata, a job and a
+/// CloudEvent carry so that the work they start joins the trace. `None` when no trace is
+/// recorded (tracing off, or no span).
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::propagation::TextMapPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .inject_context(&tracing::Span::current().context(), &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` (not yet entered) a child of the span `traceparent` names, recorded in
+/// another task or process. A missing or malformed `traceparent` leaves the span where it is.
+pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let Some(traceparent) = traceparent.filter(|t| t.len() <= 64) else { return };
+    let carrier = std::collections::HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    if parent.span().span_context().is_valid() {
+        // Refused when tracing is off or the span already started: it stays a root.
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The `traceparent` member of an event's metadata.
+pub fn traceparent_of(metadata: &serde_json::Value) -> Option<&str> {
+    metadata.get("traceparent")?.as_str()
 }

@@ -256,13 +256,39 @@ impl CommandService {
         Ok(())
     }
 
-    async fn commit(&self, mut uow: UnitOfWork) -> Result<CommandOutcome, CommandError> {
-        let metadata = serde_json::json!({
+    /// Appends a command's events and commits, in an `append` span (its operation's and
+    /// installation's ids as attributes) whose `traceparent` the events' metadata keeps, so
+    /// the work they dispatch joins the trace.
+    async fn commit(&self, uow: UnitOfWork) -> Result<CommandOutcome, CommandError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "append",
+            command = uow.command,
+            project.id = %uow.ctx.project_id.0,
+            operation.id = tracing::field::Empty,
+            installation.id = tracing::field::Empty,
+            events = tracing::field::Empty,
+        );
+        for stream in &uow.streams {
+            match stream.aggregate_type {
+                "operation" => span.record("operation.id", stream.aggregate_id.as_str()),
+                "installation" => span.record("installation.id", stream.aggregate_id.as_str()),
+                _ => &span,
+            };
+        }
+        self.commit_in_span(uow).instrument(span).await
+    }
+
+    async fn commit_in_span(&self, mut uow: UnitOfWork) -> Result<CommandOutcome, CommandError> {
+        let mut metadata = serde_json::json!({
             "actor": uow.ctx.actor,
             "command": uow.command,
             "correlation_id": uow.ctx.correlation_id,
-        })
-        .to_string();
+        });
+        if let Some(traceparent) = amplog_log::telemetry::current_traceparent() {
+            metadata["traceparent"] = traceparent.into();
+        }
+        let metadata = metadata.to_string();
         let events = self.store.append(uow.conn.get(), uow.ctx.project_id.0, &metadata, &uow.streams).await?;
         let outcome = CommandOutcome { events, replayed: false };
         if let Some(key) = &uow.ctx.idempotency_key {
@@ -281,6 +307,7 @@ impl CommandService {
         }
         self.store.committed(&uow.streams, &outcome.events);
         self.wake.notify_one();
+        tracing::Span::current().record("events", outcome.events.len());
         tracing::debug!(command = uow.command, events = outcome.events.len(), "command committed");
         Ok(outcome)
     }

@@ -160,7 +160,19 @@ async fn observe(request: axum::extract::Request, next: axum::middleware::Next) 
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
     let method = request.method().clone();
-    let response = next.run(request).await;
+    // The request's span, a child of the caller's when it sends a W3C `traceparent`.
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = format!("{method} {route}").as_str(),
+        otel.kind = "server",
+        http.request.method = method.as_str(),
+        http.route = route.as_str(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let traceparent = request.headers().get("traceparent").and_then(|v| v.to_str().ok());
+    amplog_log::telemetry::follow(&span, traceparent);
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
     amplog_log::telemetry::metrics().http_request(
         &route,
         method.as_str(),
@@ -235,7 +247,21 @@ async fn execute_once(
         (Some(introspection), true) => introspection.clone(),
         _ => shared.schema.clone(),
     };
-    let request = checked.request;
+    let mut request = checked.request;
+    // The operation's span: its kind and root fields, never its text or variables.
+    let span = tracing::info_span!(
+        "graphql",
+        otel.name = tracing::field::Empty,
+        graphql.operation.type = tracing::field::Empty,
+        graphql.operation.name = request.operation_name.as_deref().unwrap_or(""),
+        graphql.fields = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        let (kind, fields) = graphql::describe(&mut request);
+        span.record("otel.name", format!("{kind} {fields}").as_str());
+        span.record("graphql.operation.type", kind);
+        span.record("graphql.fields", fields.as_str());
+    }
     let db = Arc::new(
         TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms)
             .with_group(principal.group.clone()),
@@ -246,11 +272,14 @@ async fn execute_once(
     // to the pool in the middle of a BEGIN). statement_timeout bounds what keeps running.
     // The response goes back before the read-only transaction is rolled back.
     let (done, answer) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let response = schema.execute(request).await;
-        let _ = done.send((response, db.uses()));
-        db.release().await;
-    });
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let response = schema.execute(request).await;
+            let _ = done.send((response, db.uses()));
+            db.release().await;
+        },
+        span,
+    ));
     let (mut response, uses) = match tokio::time::timeout(state.config.request_timeout, answer).await {
         Ok(Ok(done)) => done,
         Ok(Err(_)) => return Err(ApiError::Internal("the request's task ended without an answer".into())),

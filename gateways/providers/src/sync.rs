@@ -235,11 +235,26 @@ impl SyncHandler {
         since: Option<DateTime<Utc>>,
         page_token: Option<&str>,
     ) -> Result<ProviderPage, JobFailure> {
+        use tracing::Instrument;
         let object = &job.message.job.object;
-        self.call_provider(job, connector, |tokens| async move {
-            connector.read_page(&tokens, object, since, page_token).await
-        })
-        .await
+        let span = tracing::info_span!(
+            "provider.page",
+            provider = %connector.name,
+            object = %object,
+            records = tracing::field::Empty,
+            more = tracing::field::Empty,
+        );
+        let page = self
+            .call_provider(job, connector, |tokens| async move {
+                connector.read_page(&tokens, object, since, page_token).await
+            })
+            .instrument(span.clone())
+            .await;
+        if let Ok(page) = &page {
+            span.record("records", page.records.len());
+            span.record("more", page.next.is_some());
+        }
+        page
     }
 
     async fn read(&self, job: JobContext<'_>) -> Result<(), JobFailure> {
@@ -358,8 +373,20 @@ impl SyncHandler {
         // cursor kept and every attempt recorded, until the receiver answers (or the
         // operation is cancelled: the next record then fails).
         for attempt in 1u32.. {
-            let outcome =
-                deliver(&self.http, &plan.destination.url, &plan.destination.secret.0, &webhook_id, &body).await;
+            use tracing::Instrument;
+            let span = tracing::info_span!(
+                "webhook.deliver",
+                destination = %plan.destination.name,
+                page,
+                attempt,
+                status = tracing::field::Empty,
+            );
+            let outcome = deliver(&self.http, &plan.destination.url, &plan.destination.secret.0, &webhook_id, &body)
+                .instrument(span.clone())
+                .await;
+            if let Some(status) = outcome.status {
+                span.record("status", status);
+            }
             amplog_log::telemetry::metrics().webhook_attempt(
                 amplog_log::telemetry::WebhookKind::Records,
                 &format!("{}/{}", job.command.project_id.0, plan.destination.name),

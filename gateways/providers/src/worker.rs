@@ -182,6 +182,28 @@ impl<H: JobHandler> Worker<H> {
     /// (database unreachable) come back as `Err`: the caller retries the same job later and
     /// must not acknowledge it.
     pub async fn process(&self, message: &JobMessage) -> Result<Disposition, SyncError> {
+        use tracing::Instrument;
+        // The job's span continues the trace of the command that dispatched it.
+        let span = tracing::info_span!(
+            "job",
+            operation.id = %message.job.operation_id.0,
+            installation.id = %message.job.installation_id.0,
+            project.id = %message.project.0,
+            op_type = ?message.job.op_type,
+            object = %message.job.object,
+            worker = %self.name,
+            disposition = tracing::field::Empty,
+        );
+        amplog_log::telemetry::follow(&span, message.traceparent.as_deref());
+        let disposition = self.process_in_span(message).instrument(span.clone()).await;
+        if let Ok(outcome) = &disposition {
+            span.record("disposition", tracing::field::debug(outcome));
+            span.in_scope(|| tracing::info!(disposition = ?outcome, "job done"));
+        }
+        disposition
+    }
+
+    async fn process_in_span(&self, message: &JobMessage) -> Result<Disposition, SyncError> {
         let _in_hand = InHand::new(&self.in_hand);
         if *self.stopping.borrow() {
             return Ok(Disposition::Released);

@@ -2,6 +2,8 @@
 //! injectable faults) and the verifying webhook sink: what the demo, the tests and the
 //! benchmarks sync against. Never a dependency of the API or the providers.
 
+#[cfg(feature = "testing")]
+pub mod collector;
 pub mod sim;
 pub mod sink;
 #[cfg(feature = "testing")]

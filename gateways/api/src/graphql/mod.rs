@@ -50,6 +50,40 @@ fn build_with_depth(state: Arc<AppState>, limits: &Limits, depth: usize) -> Ampl
     builder.finish()
 }
 
+/// What a checked request runs, for its span: the operation's kind (`query`, `mutation`,
+/// `subscription`) and its root fields, comma-separated (at most 8).
+pub fn describe(request: &mut async_graphql::Request) -> (&'static str, String) {
+    use async_graphql::parser::types::{DocumentOperations, OperationType, Selection};
+    let name = request.operation_name.clone();
+    let Ok(doc) = request.parsed_query() else { return ("unknown", String::new()) };
+    let operation = match &doc.operations {
+        DocumentOperations::Single(op) => Some(op),
+        DocumentOperations::Multiple(ops) => match &name {
+            Some(name) => ops.iter().find(|(n, _)| n.as_str() == name).map(|(_, op)| op),
+            None => ops.values().next(),
+        },
+    };
+    let Some(operation) = operation else { return ("unknown", String::new()) };
+    let kind = match operation.node.ty {
+        OperationType::Query => "query",
+        OperationType::Mutation => "mutation",
+        OperationType::Subscription => "subscription",
+    };
+    let fields: Vec<&str> = operation
+        .node
+        .selection_set
+        .node
+        .items
+        .iter()
+        .filter_map(|item| match &item.node {
+            Selection::Field(field) => Some(field.node.name.node.as_str()),
+            _ => None,
+        })
+        .take(8)
+        .collect();
+    (kind, fields.join(","))
+}
+
 /// The schema as SDL (committed as `gateways/api/schema.graphql`; a test keeps the two equal).
 pub fn sdl() -> String {
     Schema::build(query::Query, mutation::Mutation, subscription::Subscription).finish().sdl()

@@ -215,7 +215,13 @@ async fn a_worker_takes_the_tenant_from_the_envelope_never_from_the_data() {
             .fetch_one(service.pool())
             .await
             .unwrap();
-    let message = |project| JobMessage { project, job: job.clone(), event_id: requested, time: chrono::Utc::now() };
+    let message = |project| JobMessage {
+        project,
+        job: job.clone(),
+        event_id: requested,
+        time: chrono::Utc::now(),
+        traceparent: None,
+    };
     // 1. Project B's envelope naming project A's operation.
     let forged = message(b.ctx.project_id).to_cloud_event();
     // 2. No tenant in the envelope at all.
