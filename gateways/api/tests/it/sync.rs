@@ -72,7 +72,8 @@ async fn a_write_from_a_mutation_reports_a_result_per_record() {
 
 /// `/metrics` after a sync run: the Prometheus text format passes promtool (every counter
 /// has its HELP and TYPE under its series' name), OpenMetrics goes to a client that asks
-/// for it, and with a metrics token nothing is served without it.
+/// for it, with a metrics token nothing is served without it, and every series the
+/// dashboard and the alert rules in `deploy/` query is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_after_a_sync_run_passes_promtool_and_needs_the_token() {
     use amplog_api::{Keys, Server, ServerConfig};
@@ -125,6 +126,24 @@ async fn a_scrape_after_a_sync_run_passes_promtool_and_needs_the_token() {
         .unwrap();
     assert_eq!(openmetrics.headers()["content-type"], "application/openmetrics-text; version=1.0.0; charset=utf-8");
     assert!(openmetrics.text().await.unwrap().ends_with("# EOF\n"));
+    server.stop().await.unwrap();
+
+    // Every series the dashboard and the alert rules query (deploy/prometheus/metrics.txt,
+    // which deploy/check keeps equal to what they query) is in a real scrape of a process
+    // that serves the API and ran the sync.
+    amplog_log::telemetry::metrics().watch_pool(&world.db.pool);
+    let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
+    let server = Server::start(config, world.service.clone(), Keys::new(&world.service)).await.unwrap();
+    let text = client.get(format!("http://{}/metrics", server.addr)).send().await.unwrap().text().await.unwrap();
+    let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/prometheus/metrics.txt"))
+        .expect("deploy/prometheus/metrics.txt");
+    let names: Vec<&str> = listed.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    assert!(names.len() >= 20, "{names:?}");
+    let missing: Vec<&&str> = names
+        .iter()
+        .filter(|name| !text.lines().any(|l| l.strip_prefix(**name).is_some_and(|r| r.starts_with(['{', ' ']))))
+        .collect();
+    assert!(missing.is_empty(), "queried by the dashboard or the alerts, missing from a scrape: {missing:?}\n{text}");
     server.stop().await.unwrap();
 }
 
