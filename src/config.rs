@@ -4,39 +4,39 @@
 
 use crate::embedded::EmbeddedPostgres;
 use amplog_commands::credentials::{CredentialKey, CredentialStore};
+use amplog_commands::database::{Database, Hosts};
 use amplog_commands::CommandService;
 use amplog_log::EventStore;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
-use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 pub struct App {
     pub pool: PgPool,
+    /// Follows the primary when DATABASE_URL names several hosts.
+    _database: Database,
     embedded: Option<EmbeddedPostgres>,
     data_dir: PathBuf,
 }
 
 impl App {
     pub async fn open(database_url: Option<&str>, data_dir: &Path) -> Result<Self> {
-        let (options, embedded) = match database_url {
-            Some(url) => (PgConnectOptions::from_str(url).context("DATABASE_URL is not a PostgreSQL URL")?, None),
+        let (hosts, embedded) = match database_url {
+            Some(url) => (Hosts::parse(url).context("DATABASE_URL")?, None),
             None => {
                 let pg = EmbeddedPostgres::start(data_dir)?;
-                (pg.database().await?, Some(pg))
+                (Hosts::single(pg.database().await?), Some(pg))
             }
         };
         let pool_size = match std::env::var("AMPLOG_DB_POOL") {
             Ok(n) => n.parse().context("AMPLOG_DB_POOL is not a number")?,
             Err(_) => 16,
         };
-        let pool = amplog_commands::connect_and_migrate(options, pool_size)
-            .await
-            .context("connecting to PostgreSQL and migrating")?;
+        let database = Database::connect(hosts, pool_size).await.context("connecting to PostgreSQL and migrating")?;
+        let pool = database.pool.clone();
         amplog_log::telemetry::metrics().watch_pool(&pool);
-        Ok(Self { pool, embedded, data_dir: data_dir.to_path_buf() })
+        Ok(Self { pool, _database: database, embedded, data_dir: data_dir.to_path_buf() })
     }
 
     /// Whether amplog runs its own PostgreSQL (then it also runs the projectors in `serve`).

@@ -3,6 +3,7 @@
 //! the encrypted credential store and webhook destinations.
 
 pub mod credentials;
+pub mod database;
 pub mod destinations;
 pub mod error;
 pub mod service;

@@ -1,6 +1,7 @@
 //! The integration tests of this crate, one binary (each file a module).
 
 mod cli;
+mod failover;
 mod relay;
 mod tidy;
 mod trace;
