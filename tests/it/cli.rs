@@ -146,7 +146,7 @@ fn the_embedded_default_works_as_a_normal_user() {
 }
 
 /// Usage and operations as the log says, by SQL over the raw events.
-async fn log_truth(pool: &sqlx::PgPool) -> (i64, i64) {
+pub(crate) async fn log_truth(pool: &sqlx::PgPool) -> (i64, i64) {
     sqlx::query_as(
         "SELECT (SELECT count(*) FROM events WHERE aggregate_type = 'operation' AND event_type = 'Requested'),
                 (SELECT coalesce(sum((e.payload->>'records')::bigint), 0)::bigint FROM events e
@@ -158,7 +158,7 @@ async fn log_truth(pool: &sqlx::PgPool) -> (i64, i64) {
     .unwrap()
 }
 
-async fn projected(pool: &sqlx::PgPool) -> (i64, i64) {
+pub(crate) async fn projected(pool: &sqlx::PgPool) -> (i64, i64) {
     sqlx::query_as(
         "SELECT (SELECT count(*) FROM operations),
                 (SELECT coalesce(sum((doc->>'records_read')::bigint), 0)::bigint FROM usage_daily)",

@@ -2,6 +2,8 @@
 
 mod cli;
 mod failover;
+mod partition;
+mod pg;
 mod relay;
 mod tidy;
 mod trace;
