@@ -6,21 +6,12 @@
 //! relay with nothing skipped and per-aggregate order kept.
 
 use crate::pg::Cluster;
+use crate::process::{free_port, Process};
 use amplog_commands::database::{Database, Hosts};
 use base64::Engine;
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A process SIGKILLed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const REQUESTS: usize = 120;
 const KILL_AT: usize = 40;
@@ -62,40 +53,24 @@ async fn serve_moves_to_a_promoted_standby_and_loses_no_acknowledged_command() {
     drop(database);
 
     let logs = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let serve = Process(
-        Command::new(env!("CARGO_BIN_EXE_amplog"))
-            .args(["serve", "--listen", &listen, "--projectors", "on", "--workers", "off"])
-            .env("DATABASE_URL", &both)
-            .env(
-                "AMPLOG_CREDENTIALS_KEY",
-                base64::engine::general_purpose::STANDARD.encode(amplog_commands::testing::TEST_KEY),
-            )
-            .env("AMPLOG_LOG", "info,sqlx=error")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(logs.path().join("serve.log")).unwrap())
-            .spawn()
-            .unwrap(),
+    let key = base64::engine::general_purpose::STANDARD.encode(amplog_commands::testing::TEST_KEY);
+    let env =
+        [("DATABASE_URL", both.clone()), ("AMPLOG_CREDENTIALS_KEY", key), ("AMPLOG_LOG", "info,sqlx=error".into())];
+    let serve = Process::amplog(
+        &["serve", "--listen", &listen, "--projectors", "on", "--workers", "off"],
+        &env,
+        &logs.path().join("serve.log"),
     );
     let kafka = amplog_streams::testing::kafka_config();
-    let relay = Process(
-        Command::new(env!("CARGO_BIN_EXE_amplog"))
-            .arg("relay")
-            .env("DATABASE_URL", &both)
-            .env(
-                "AMPLOG_CREDENTIALS_KEY",
-                base64::engine::general_purpose::STANDARD.encode(amplog_commands::testing::TEST_KEY),
-            )
-            .env("AMPLOG_KAFKA_BROKERS", &kafka.brokers)
-            .env("AMPLOG_KAFKA_TOPIC_PREFIX", &kafka.topic_prefix)
-            .env("AMPLOG_KAFKA_PARTITIONS", kafka.partitions.to_string())
-            .env("AMPLOG_LOG", "info,sqlx=error")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(logs.path().join("relay.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut relay_env = env.to_vec();
+    relay_env.extend([
+        ("AMPLOG_KAFKA_BROKERS", kafka.brokers.clone()),
+        ("AMPLOG_KAFKA_TOPIC_PREFIX", kafka.topic_prefix.clone()),
+        ("AMPLOG_KAFKA_PARTITIONS", kafka.partitions.to_string()),
+    ]);
+    let relay = Process::amplog(&["relay"], &relay_env, &logs.path().join("relay.log"));
     let http = amplog_providers::connector::http_client().timeout(Duration::from_secs(10)).build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !http.get(format!("http://{listen}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {

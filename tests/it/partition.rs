@@ -8,9 +8,10 @@
 
 use crate::cli::{log_truth, projected};
 use crate::pg::Cluster;
+use crate::process::Process;
 use amplog_commands::database::{Database, Hosts};
 use amplog_projections::{status, READ_MODELS};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The namespace and its veth pair, removed when dropped.
@@ -58,15 +59,6 @@ impl Drop for Namespace {
     }
 }
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn projector(url: &str, log: &std::path::Path, netns: Option<&str>) -> Process {
     let binary = env!("CARGO_BIN_EXE_amplog");
     let mut command = match netns {
@@ -83,7 +75,7 @@ fn projector(url: &str, log: &std::path::Path, netns: Option<&str>) -> Process {
         .env("AMPLOG_LOG", "info,sqlx=error")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
-    Process(command.spawn().unwrap())
+    Process(Some(command.spawn().unwrap()))
 }
 
 /// The pid in the leader's holder name (`…:{host}:{pid}`).
@@ -120,7 +112,7 @@ async fn a_partitioned_projector_is_fenced_and_rejoins_as_a_follower() {
     let remote = format!("postgres://postgres@10.231.{n}.1:{}/amplog", cluster.port);
     let inside = projector(&remote, &logs.path().join("inside.log"), Some(&ns.name));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while leader_pid(&pool).await != Some(inside.0.id()) {
+    while leader_pid(&pool).await != Some(inside.pid()) {
         assert!(Instant::now() < deadline, "the namespaced projector did not lead");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -158,7 +150,7 @@ async fn a_partitioned_projector_is_fenced_and_rejoins_as_a_follower() {
     ns.link(n, false);
     let cut = Instant::now();
     let deadline = cut + Duration::from_secs(60);
-    while leader_pid(&pool).await != Some(outside.0.id()) {
+    while leader_pid(&pool).await != Some(outside.pid()) {
         assert!(Instant::now() < deadline, "nobody took over from the partitioned leader");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -176,11 +168,11 @@ async fn a_partitioned_projector_is_fenced_and_rejoins_as_a_follower() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(projected(&pool).await, log_truth(&pool).await, "no batch applied twice or skipped");
-    assert_eq!(leader_pid(&pool).await, Some(outside.0.id()), "the old leader did not take the lead back");
+    assert_eq!(leader_pid(&pool).await, Some(outside.pid()), "the old leader did not take the lead back");
     let rejoin = Instant::now();
     drop(outside);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while leader_pid(&pool).await != Some(inside.0.id()) {
+    while leader_pid(&pool).await != Some(inside.pid()) {
         assert!(Instant::now() < deadline, "the healed projector did not take over");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -126,6 +126,13 @@ impl Cluster {
         Command::new("kill").args(["-KILL", &pid]).status().unwrap();
     }
 
+    /// An immediate stop (no checkpoint: a crash's recovery) and a start on the same port.
+    pub fn restart(&self) {
+        let data = self.dir.join("data");
+        self.run("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"]);
+        self.start("");
+    }
+
     pub fn promote(&self) {
         self.run("pg_ctl", &["-D", self.dir.join("data").to_str().unwrap(), "-w", "promote"]);
     }

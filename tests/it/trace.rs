@@ -4,49 +4,16 @@
 //! is one trace, from the HTTP request through the append, the relay's dispatch and Kafka,
 //! to the worker's provider pages and webhook deliveries.
 
+use crate::process::{free_port, Process};
 use amplog_simulator::collector::{Collector, ReceivedSpan};
 use amplog_simulator::sim::SimConfig;
 use amplog_simulator::testing::{SyncWorld, SINK_SECRET};
 use base64::Engine;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const RECORDS: usize = 450; // 5 pages
-
-/// A process SIGKILLed when dropped (when an assertion fails first).
-struct Process(Option<Child>);
-
-impl Process {
-    /// SIGTERM, then a bounded wait for a clean exit (which flushes its spans).
-    fn terminate(mut self) {
-        let mut child = self.0.take().unwrap();
-        Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "stopped cleanly: {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_triggered_read_is_one_trace_across_the_api_the_relay_and_a_worker() {
@@ -59,27 +26,22 @@ async fn one_triggered_read_is_one_trace_across_the_api_the_relay_and_a_worker()
     let logs = tempfile::tempdir().unwrap();
     let port = free_port();
     let spawn = |service: &str, args: &[&str]| {
-        let log = std::fs::File::create(logs.path().join(format!("{service}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_amplog"))
-            .args(args)
-            .env("DATABASE_URL", &world.db.url)
-            .env("AMPLOG_CREDENTIALS_KEY", &credential_key)
-            .env("AMPLOG_PROVIDER_SIMULATOR_URL", world.sim.url())
-            .env("AMPLOG_ALLOW_PRIVATE_NETWORKS", "true")
-            .env("AMPLOG_KAFKA_BROKERS", &kafka.brokers)
-            .env("AMPLOG_KAFKA_TOPIC_PREFIX", &kafka.topic_prefix)
-            .env("AMPLOG_KAFKA_PARTITIONS", kafka.partitions.to_string())
-            .env("AMPLOG_KAFKA_PROPERTIES", "session.timeout.ms=6000,heartbeat.interval.ms=1000")
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
-            .env("OTEL_SERVICE_NAME", service)
-            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-            .env("AMPLOG_LOG_FORMAT", "json")
-            .env("AMPLOG_LOG", "info,sqlx=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Process(Some(child))
+        let env = [
+            ("DATABASE_URL", world.db.url.clone()),
+            ("AMPLOG_CREDENTIALS_KEY", credential_key.clone()),
+            ("AMPLOG_PROVIDER_SIMULATOR_URL", world.sim.url()),
+            ("AMPLOG_ALLOW_PRIVATE_NETWORKS", "true".into()),
+            ("AMPLOG_KAFKA_BROKERS", kafka.brokers.clone()),
+            ("AMPLOG_KAFKA_TOPIC_PREFIX", kafka.topic_prefix.clone()),
+            ("AMPLOG_KAFKA_PARTITIONS", kafka.partitions.to_string()),
+            ("AMPLOG_KAFKA_PROPERTIES", "session.timeout.ms=6000,heartbeat.interval.ms=1000".into()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")),
+            ("OTEL_SERVICE_NAME", service.to_string()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200".into()),
+            ("AMPLOG_LOG_FORMAT", "json".into()),
+            ("AMPLOG_LOG", "info,sqlx=warn".into()),
+        ];
+        Process::amplog(args, &env, &logs.path().join(format!("{service}.log")))
     };
     let listen = format!("127.0.0.1:{port}");
     let api = spawn("amplog-api", &["serve", "--listen", &listen, "--projectors", "on", "--workers", "off"]);

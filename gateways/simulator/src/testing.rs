@@ -32,9 +32,13 @@ pub const SINK_SECRET: &str = "whsec_c2luay1zZWNyZXQtZm9yLXRlc3RzLTAxMjM0NQ==";
 
 impl SyncWorld {
     pub async fn start(config: crate::sim::SimConfig) -> SyncWorld {
+        Self::start_on(test_db_with(16).await, config).await
+    }
+
+    /// The same world on a migrated database of the test's own (a cluster it restarts).
+    pub async fn start_on(db: TestDb, config: crate::sim::SimConfig) -> SyncWorld {
         use amplog_domain::integration::{Backfill, Manifest, ObjectDecl};
         use connector::{Catalog, Connectors, ProviderSettings};
-        let db = test_db_with(16).await;
         let service = db.service();
         let sim = crate::sim::Simulator::start("127.0.0.1:0".parse().expect("addr"), config).await.expect("simulator");
         let sink = crate::sink::Sink::new(SINK_SECRET);
