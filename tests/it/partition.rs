@@ -155,8 +155,22 @@ async fn a_partitioned_projector_is_fenced_and_rejoins_as_a_follower() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let takeover = cut.elapsed();
-    let second_token = token(pool.clone()).await;
-    assert!(second_token > first_token, "the takeover moved the fencing token");
+    // The lock is taken first, the token moved right after it.
+    let token_above = |floor: i64| {
+        let pool = pool.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let now = token(pool.clone()).await;
+                if now > floor {
+                    return now;
+                }
+                assert!(Instant::now() < deadline, "the takeover did not move the fencing token past {floor}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let second_token = token_above(first_token).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     ns.link(n, true);
     writing.await.unwrap();
@@ -177,7 +191,7 @@ async fn a_partitioned_projector_is_fenced_and_rejoins_as_a_follower() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let rejoined = rejoin.elapsed();
-    assert!(token(pool.clone()).await > second_token);
+    token_above(second_token).await;
     drop(inside);
     assert_eq!(projected(&pool).await, log_truth(&pool).await);
     assert_eq!(log_truth(&pool).await, (150, 150 * 7));

@@ -90,6 +90,19 @@ async fn taken_over(pool: &sqlx::PgPool, singleton: &str, killed: u32) -> Durati
     }
 }
 
+/// The last lines of every process's log, for a failure's message.
+fn tails(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out.push_str(&format!("== {}\n{}\n", file.display(), lines[lines.len().saturating_sub(8)..].join("\n")));
+    }
+    out
+}
+
 async fn checksums(pool: &sqlx::PgPool) -> BTreeMap<String, (i64, String)> {
     let mut out = BTreeMap::new();
     for table in amplog_projections::fold::TABLES {
@@ -212,7 +225,23 @@ async fn every_replica_can_die() {
             refused
         })
     };
-    let op = world.request_read("contacts").await;
+    // A full read (from the start of time): the scheduler's own reads of the installation
+    // may have moved its watermark already.
+    let full = amplog_commands::service::NewOperation {
+        since: Some(chrono::DateTime::UNIX_EPOCH),
+        ..amplog_commands::testing::read_of("contacts")
+    };
+    // Refused while the scheduler's own read of the object runs (one read per object at a
+    // time): asked again until it is accepted.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let requested = loop {
+        match world.service.request_operation(&world.ctx, world.installation, &full).await {
+            Ok(outcome) => break outcome,
+            Err(error) => assert!(Instant::now() < deadline, "the read was never accepted: {error} ({})", error.code()),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let op = amplog_domain::OperationId(requested.id_of("operation").unwrap());
     let pages = || async {
         world
             .service
@@ -223,7 +252,7 @@ async fn every_replica_can_die() {
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     while pages().await < 2 {
-        assert!(Instant::now() < deadline, "the read did not start");
+        assert!(Instant::now() < deadline, "the read did not start:\n{}", tails(logs.path()));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -260,7 +289,20 @@ async fn every_replica_can_die() {
     report.push(format!("broker restarted in {:?}", restarted.elapsed()));
 
     let refused = client.await.unwrap();
-    let state = world.finished(op, Duration::from_secs(240)).await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let state = loop {
+        let state = world.service.load::<amplog_domain::operation::Operation>(&world.ctx, op.0).await.map(|l| l.state);
+        match state {
+            Ok(state) if state.status.is_terminal() => break state,
+            state => assert!(
+                Instant::now() < deadline,
+                "the read did not finish: {state:?}\n{}\n{}",
+                report.join("\n"),
+                tails(logs.path())
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(state.status, OperationStatus::Succeeded);
     assert_eq!(state.records, RECORDS as u64);
     assert_eq!(world.sink.report().distinct_records, RECORDS, "every record delivered");

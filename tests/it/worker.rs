@@ -131,7 +131,8 @@ async fn stopped_mid_read_and_resumed(kafka: Option<amplog_streams::KafkaConfig>
     }
     let resumed = world.sim_stats().await.records_served - served_at_kill;
     println!("killed after {} recorded pages; the next worker read {resumed} records", at_kill.pages);
-    assert!(resumed <= RECORDS as u64 - at_kill.records + 100, "{resumed} records read after the kill");
+    // At most the two pages in flight at the kill (being delivered, and prefetched) again.
+    assert!(resumed <= RECORDS as u64 - at_kill.records + 200, "{resumed} records read after the kill");
     let report = world.sink.report();
     assert_eq!(report.distinct_records, RECORDS, "nothing skipped");
     assert!(report.duplicate_deliveries <= 1, "at most the page in flight again: {report:?}");

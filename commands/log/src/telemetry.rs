@@ -72,7 +72,7 @@ impl ProcessMetrics {
         self.http.get_or_create(&labels).observe(seconds);
     }
 
-    /// One webhook attempt to `destination` (its id); `delivered` when it was acknowledged.
+    /// One webhook attempt to `destination` (`{project}/{name}`); `delivered` when acknowledged.
     pub fn webhook_attempt(&self, kind: WebhookKind, destination: &str, delivered: bool) {
         let labels = vec![("kind", kind.as_str().to_string()), ("destination", destination.to_string())];
         self.webhook_attempts.get_or_create(&labels).inc();

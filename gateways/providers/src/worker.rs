@@ -404,7 +404,6 @@ impl<H: JobHandler> JobProcessor for Worker<H> {
 
     async fn run_job(&self, job: &JobMessage) -> Result<Ack, SyncError> {
         let disposition = self.process(job).await?;
-        tracing::info!(?disposition, operation = %job.job.operation_id, "job done");
         Ok(match disposition {
             Disposition::DeadLetter { code, message } => Ack::DeadLetter { code, message },
             Disposition::Released => Ack::Leave,

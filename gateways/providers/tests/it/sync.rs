@@ -176,11 +176,12 @@ async fn a_worker_killed_mid_read_is_resumed_from_the_recorded_cursor() {
     assert!(count(&events, "LeaseRenewed") >= 1, "the live worker renewed its 2 s lease");
     assert_eq!(count(&events, "PageRecorded"), 30);
     // The second worker went on from the recorded page token: the provider served the rest
-    // (and at most the page in flight at the kill), not the object from its start.
+    // (and at most the two pages in flight at the kill: the one being delivered and the
+    // next, prefetched meanwhile), not the object from its start.
     let served = world.sim_stats().await.records_served;
     let resumed = served - served_at_kill;
     println!("killed after {} pages; the second worker read {resumed} records", at_kill.pages);
-    assert!(resumed <= 3_000 - at_kill.records + 100, "{resumed} records read after the kill");
+    assert!(resumed <= 3_000 - at_kill.records + 200, "{resumed} records read after the kill");
     let report = world.sink.report();
     assert_eq!(report.distinct_records, 3_000, "nothing skipped");
     // A page delivered but not recorded at the kill is delivered again under its webhook-id.
