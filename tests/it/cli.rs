@@ -145,6 +145,20 @@ fn the_embedded_default_works_as_a_normal_user() {
     assert!(!data.join("pg/postmaster.pid").exists(), "the embedded server was stopped");
 }
 
+/// A read requested, started and given one page of 7 records (what `log_truth` counts).
+pub(crate) async fn read_one_page_of_seven(
+    service: &amplog_commands::CommandService,
+    ctx: &amplog_commands::CommandContext,
+    installation: amplog_domain::InstallationId,
+) {
+    let requested =
+        service.request_operation(ctx, installation, &amplog_commands::testing::read_of("contacts")).await.unwrap();
+    let op = amplog_domain::OperationId(requested.id_of("operation").unwrap());
+    let lease = amplog_domain::LeaseId(uuid::Uuid::now_v7());
+    service.start_operation(ctx, op, lease, chrono::Duration::minutes(5)).await.unwrap();
+    service.record_page(ctx, op, lease, 7, 70, &Default::default()).await.unwrap();
+}
+
 /// Usage and operations as the log says, by SQL over the raw events.
 pub(crate) async fn log_truth(pool: &sqlx::PgPool) -> (i64, i64) {
     sqlx::query_as(
@@ -170,7 +184,7 @@ pub(crate) async fn projected(pool: &sqlx::PgPool) -> (i64, i64) {
 
 #[tokio::test]
 async fn projector_processes_killed_with_sigkill_hand_over_and_lose_nothing() {
-    use amplog_commands::testing::{read_of, seed};
+    use amplog_commands::testing::seed;
     use amplog_projections::{status, READ_MODELS};
     let db = test_db().await;
     let service = db.service();
@@ -193,17 +207,7 @@ async fn projector_processes_killed_with_sigkill_hand_over_and_lose_nothing() {
         let (ctx, installation) = (s.ctx.clone(), s.installation);
         async move {
             for _ in 0..n {
-                let op = amplog_domain::OperationId(
-                    service
-                        .request_operation(&ctx, installation, &read_of("contacts"))
-                        .await
-                        .unwrap()
-                        .id_of("operation")
-                        .unwrap(),
-                );
-                let lease = amplog_domain::LeaseId(uuid::Uuid::now_v7());
-                service.start_operation(&ctx, op, lease, chrono::Duration::minutes(5)).await.unwrap();
-                service.record_page(&ctx, op, lease, 7, 70, &Default::default()).await.unwrap();
+                read_one_page_of_seven(&service, &ctx, installation).await;
             }
         }
     };

@@ -131,17 +131,7 @@ async fn a_partitioned_projector_is_fenced_and_rejoins_as_a_follower() {
         let (service, ctx, installation) = (service.clone(), s.ctx.clone(), s.installation);
         tokio::spawn(async move {
             for _ in 0..150 {
-                let op = amplog_domain::OperationId(
-                    service
-                        .request_operation(&ctx, installation, &amplog_commands::testing::read_of("contacts"))
-                        .await
-                        .unwrap()
-                        .id_of("operation")
-                        .unwrap(),
-                );
-                let lease = amplog_domain::LeaseId(uuid::Uuid::now_v7());
-                service.start_operation(&ctx, op, lease, chrono::Duration::minutes(5)).await.unwrap();
-                service.record_page(&ctx, op, lease, 7, 70, &Default::default()).await.unwrap();
+                crate::cli::read_one_page_of_seven(&service, &ctx, installation).await;
                 tokio::time::sleep(Duration::from_millis(60)).await;
             }
         })

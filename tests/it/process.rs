@@ -50,3 +50,26 @@ impl Drop for Process {
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// What every process of a sync world on Kafka is started with: its database, the test
+/// credential key, the simulator (on loopback), the broker and the topics' prefix.
+pub(crate) fn world_env(
+    world: &amplog_simulator::testing::SyncWorld,
+    kafka: &amplog_streams::KafkaConfig,
+) -> Vec<(&'static str, String)> {
+    use base64::Engine;
+    vec![
+        ("DATABASE_URL", world.db.url.clone()),
+        (
+            "AMPLOG_CREDENTIALS_KEY",
+            base64::engine::general_purpose::STANDARD.encode(amplog_commands::testing::TEST_KEY),
+        ),
+        ("AMPLOG_PROVIDER_SIMULATOR_URL", world.sim.url()),
+        ("AMPLOG_ALLOW_PRIVATE_NETWORKS", "true".into()),
+        ("AMPLOG_KAFKA_BROKERS", kafka.brokers.clone()),
+        ("AMPLOG_KAFKA_TOPIC_PREFIX", kafka.topic_prefix.clone()),
+        ("AMPLOG_KAFKA_PARTITIONS", kafka.partitions.to_string()),
+        // A dead member's partitions move after the session timeout (45 s by default).
+        ("AMPLOG_KAFKA_PROPERTIES", "session.timeout.ms=6000,heartbeat.interval.ms=1000".into()),
+    ]
+}

@@ -13,7 +13,6 @@ use amplog_domain::operation::OperationStatus;
 use amplog_projections::{status, READ_MODELS};
 use amplog_simulator::sim::{Faults, SimConfig};
 use amplog_simulator::testing::SyncWorld;
-use base64::Engine;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -137,20 +136,7 @@ async fn every_replica_can_die() {
         .unwrap();
     let logs = tempfile::tempdir().unwrap();
     let mut topology = Topology {
-        env: vec![
-            ("DATABASE_URL", url.clone()),
-            (
-                "AMPLOG_CREDENTIALS_KEY",
-                base64::engine::general_purpose::STANDARD.encode(amplog_commands::testing::TEST_KEY),
-            ),
-            ("AMPLOG_PROVIDER_SIMULATOR_URL", world.sim.url()),
-            ("AMPLOG_ALLOW_PRIVATE_NETWORKS", "true".into()),
-            ("AMPLOG_KAFKA_BROKERS", kafka.brokers.clone()),
-            ("AMPLOG_KAFKA_TOPIC_PREFIX", kafka.topic_prefix.clone()),
-            ("AMPLOG_KAFKA_PARTITIONS", kafka.partitions.to_string()),
-            ("AMPLOG_KAFKA_PROPERTIES", "session.timeout.ms=6000,heartbeat.interval.ms=1000".into()),
-            ("AMPLOG_LOG", "info,sqlx=error".into()),
-        ],
+        env: [crate::process::world_env(&world, &kafka), vec![("AMPLOG_LOG", "info,sqlx=error".into())]].concat(),
         logs: logs.path().to_path_buf(),
         roles: BTreeMap::new(),
     };

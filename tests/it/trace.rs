@@ -26,21 +26,14 @@ async fn one_triggered_read_is_one_trace_across_the_api_the_relay_and_a_worker()
     let logs = tempfile::tempdir().unwrap();
     let port = free_port();
     let spawn = |service: &str, args: &[&str]| {
-        let env = [
-            ("DATABASE_URL", world.db.url.clone()),
-            ("AMPLOG_CREDENTIALS_KEY", credential_key.clone()),
-            ("AMPLOG_PROVIDER_SIMULATOR_URL", world.sim.url()),
-            ("AMPLOG_ALLOW_PRIVATE_NETWORKS", "true".into()),
-            ("AMPLOG_KAFKA_BROKERS", kafka.brokers.clone()),
-            ("AMPLOG_KAFKA_TOPIC_PREFIX", kafka.topic_prefix.clone()),
-            ("AMPLOG_KAFKA_PARTITIONS", kafka.partitions.to_string()),
-            ("AMPLOG_KAFKA_PROPERTIES", "session.timeout.ms=6000,heartbeat.interval.ms=1000".into()),
+        let mut env = crate::process::world_env(&world, &kafka);
+        env.extend([
             ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")),
             ("OTEL_SERVICE_NAME", service.to_string()),
             ("OTEL_BSP_SCHEDULE_DELAY", "200".into()),
             ("AMPLOG_LOG_FORMAT", "json".into()),
             ("AMPLOG_LOG", "info,sqlx=warn".into()),
-        ];
+        ]);
         Process::amplog(args, &env, &logs.path().join(format!("{service}.log")))
     };
     let listen = format!("127.0.0.1:{port}");
