@@ -26,6 +26,8 @@ pub use audit::hostname;
 #[tokio::main]
 async fn main() -> Result<()> {
     let telemetry = telemetry::init()?;
+    let per_project = std::env::var("AMPLOG_METRICS_PER_PROJECT").is_ok_and(|v| v.trim() == "true");
+    amplog_log::telemetry::metrics().set_per_project(per_project);
     let cli = cli::Cli::parse();
     let code = async {
         if let Some(result) = cli::run_offline(&cli).await {

@@ -39,6 +39,12 @@ impl Hosts {
             }
             None => tail.to_string(),
         };
+        if !hostlist.contains(',') {
+            // One host (or none: a Unix socket in `?host=`): sqlx reads the URL as it is.
+            let options =
+                PgConnectOptions::from_str(url).map_err(|e| invalid(&format!("is not a PostgreSQL URL: {e}")))?;
+            return Ok(Self::single(options));
+        }
         let mut candidates = Vec::new();
         for host in hostlist.split(',') {
             if host.is_empty() {
@@ -46,27 +52,15 @@ impl Hosts {
             }
             let options = PgConnectOptions::from_str(&format!("{scheme}://{userinfo}{host}{tail}"))
                 .map_err(|e| invalid(&format!("is not a PostgreSQL URL: {e}")))?;
-            candidates.push((host.to_string(), Self::probed(options)));
+            candidates.push((host.to_string(), options));
         }
         Ok(Self { candidates })
-    }
-
-    /// Every connection asks the server to probe it: a client cut off by the network (a
-    /// partitioned leader) loses its session, its advisory locks and its open transaction
-    /// within about 11 s, instead of the operating system's two hours.
-    fn probed(options: PgConnectOptions) -> PgConnectOptions {
-        options.options([
-            ("tcp_keepalives_idle", "5"),
-            ("tcp_keepalives_interval", "2"),
-            ("tcp_keepalives_count", "3"),
-            ("tcp_user_timeout", "11000"),
-        ])
     }
 
     /// One host's options (the embedded PostgreSQL's).
     pub fn single(options: PgConnectOptions) -> Self {
         let host = format!("{}:{}", options.get_host(), options.get_port());
-        Self { candidates: vec![(host, Self::probed(options))] }
+        Self { candidates: vec![(host, options)] }
     }
 
     /// Each host's name (`host:port`), in the URL's order.
@@ -74,8 +68,10 @@ impl Hosts {
         self.candidates.iter().map(|(h, _)| h.as_str()).collect()
     }
 
-    /// The first host, in the URL's order, that answers and is not in recovery.
-    pub async fn primary(&self) -> Option<(String, PgConnectOptions)> {
+    /// The first host, in the URL's order, that answers and is not in recovery; else what
+    /// each host said.
+    pub async fn primary(&self) -> Result<(String, PgConnectOptions), Vec<String>> {
+        let mut why = Vec::new();
         for (host, options) in &self.candidates {
             let probe = async {
                 let mut conn = options.connect().await?;
@@ -84,13 +80,13 @@ impl Hosts {
                 Ok::<bool, sqlx::Error>(standby)
             };
             match tokio::time::timeout(Duration::from_secs(2), probe).await {
-                Ok(Ok(false)) => return Some((host.clone(), options.clone())),
-                Ok(Ok(true)) => tracing::debug!(%host, "a standby"),
-                Ok(Err(error)) => tracing::debug!(%host, %error, "does not answer"),
-                Err(_) => tracing::debug!(%host, "does not answer within 2 s"),
+                Ok(Ok(false)) => return Ok((host.clone(), options.clone())),
+                Ok(Ok(true)) => why.push(format!("{host}: a standby (in recovery)")),
+                Ok(Err(error)) => why.push(format!("{host}: {error}")),
+                Err(_) => why.push(format!("{host}: no answer within 2 s")),
             }
         }
-        None
+        Err(why)
     }
 }
 
@@ -117,32 +113,48 @@ impl Database {
     /// standby is refused, and a task checks every second that the pool's host is still
     /// the primary, pointing the pool at the one that is when it is not.
     pub async fn connect(hosts: Hosts, max_connections: u32) -> Result<Self, CommandError> {
-        let deadline = Instant::now() + FIND_PRIMARY;
-        let (host, options) = loop {
-            match hosts.primary().await {
-                Some(found) => break found,
-                None if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(500)).await,
-                None => {
-                    return Err(CommandError::Invalid(format!(
-                        "no primary among the database hosts {:?} (each refused, or is a standby)",
-                        hosts.names()
-                    )))
+        let several = hosts.candidates.len() > 1;
+        // One host: connected to as it is (its own error, at once, when it refuses).
+        let (host, options) = match several {
+            false => hosts.candidates[0].clone(),
+            true => {
+                let deadline = Instant::now() + FIND_PRIMARY;
+                loop {
+                    match hosts.primary().await {
+                        Ok(found) => break found,
+                        Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(500)).await,
+                        Err(why) => {
+                            return Err(CommandError::Invalid(format!(
+                                "no primary among the database hosts: {}",
+                                why.join("; ")
+                            )))
+                        }
+                    }
                 }
             }
         };
-        let several = hosts.candidates.len() > 1;
-        let mut pool_options = PgPoolOptions::new().max_connections(max_connections);
-        if several {
-            pool_options = pool_options.after_connect(|conn, _| {
-                Box::pin(async move {
+        // Every connection asks the server to probe it: a client cut off by the network (a
+        // partitioned leader) loses its session, its advisory locks and its open
+        // transaction within about 11 s, not the operating system's two hours. (Set after
+        // connecting, not as startup options, which a session pooler may refuse.) With
+        // several hosts, a connection that lands on a standby is refused.
+        let pool_options = PgPoolOptions::new().max_connections(max_connections).after_connect(move |conn, _| {
+            Box::pin(async move {
+                sqlx::query(
+                    "SELECT set_config('tcp_keepalives_idle', '5', false), set_config('tcp_keepalives_interval', '2', false),
+                            set_config('tcp_keepalives_count', '3', false), set_config('tcp_user_timeout', '11000', false)",
+                )
+                .execute(&mut *conn)
+                .await?;
+                if several {
                     let standby: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()").fetch_one(&mut *conn).await?;
-                    match standby {
-                        true => Err(sqlx::Error::Protocol("connected to a standby: the primary moved".into())),
-                        false => Ok(()),
+                    if standby {
+                        return Err(sqlx::Error::Protocol("connected to a standby: the primary moved".into()));
                     }
-                })
-            });
-        }
+                }
+                Ok(())
+            })
+        });
         let pool = pool_options.connect_with(options).await?;
         tracing::info!(%host, "database primary");
         let mut conn = pool.acquire().await?;
@@ -159,21 +171,34 @@ impl Database {
 async fn follow_primary(pool: PgPool, hosts: Hosts, mut current: String) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        // On an idle pooled connection, or (the pool busy) on one of its own: a busy pool
+        // is no reason to move.
         let check = async {
-            let mut conn = pool.acquire().await?;
-            sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()").fetch_one(&mut *conn).await
+            match pool.try_acquire() {
+                Some(mut conn) => {
+                    sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()").fetch_one(&mut *conn).await
+                }
+                None => {
+                    let options = hosts.candidates.iter().find(|(h, _)| *h == current).map(|(_, o)| o.clone());
+                    let mut conn = options.expect("the current host is a candidate").connect().await?;
+                    let standby =
+                        sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()").fetch_one(&mut conn).await;
+                    conn.close().await.ok();
+                    standby
+                }
+            }
         };
         if let Ok(Ok(false)) = tokio::time::timeout(Duration::from_secs(2), check).await {
             continue;
         }
         match hosts.primary().await {
-            Some((host, options)) if host != current => {
+            Ok((host, options)) if host != current => {
                 tracing::warn!(from = %current, to = %host, "the database primary moved");
                 pool.set_connect_options(options);
                 current = host;
             }
-            Some(_) => {}
-            None => tracing::warn!(hosts = ?hosts.names(), "no database host is the primary"),
+            Ok(_) => {}
+            Err(why) => tracing::warn!(hosts = %why.join("; "), "no database host is the primary"),
         }
     }
 }
@@ -197,7 +222,9 @@ mod tests {
         }
         let ports: Vec<u16> = several.candidates.iter().map(|(_, o)| o.get_port()).collect();
         assert_eq!(ports, [5432, 5432, 6000]);
-        for bad in ["no-scheme", "postgres://a@h1,,h2/db", "postgres://a@h1:notaport/db"] {
+        let socket = Hosts::parse("postgres:///amplog?host=/run/postgresql").unwrap();
+        assert_eq!(socket.candidates.len(), 1);
+        for bad in ["no-scheme", "postgres://a@h1,,h2/db", "postgres://a@h1:notaport,h2/db"] {
             assert!(Hosts::parse(bad).is_err(), "{bad}");
         }
     }

@@ -160,10 +160,17 @@ async fn migrate_locked(conn: &mut PgConnection) -> Result<usize, MigrationError
         if migration.in_transaction() {
             sqlx::raw_sql(migration.sql).execute(&mut *tx).await?;
         }
+        // A rewritten migration is recorded under its first text's checksum, which the
+        // releases before the rewrite know: rolling the code back to one of them works.
+        let recorded = REWRITTEN
+            .iter()
+            .find(|(version, _)| *version == migration.version)
+            .map(|(_, first)| first.to_string())
+            .unwrap_or_else(|| migration.checksum());
         sqlx::query("INSERT INTO amplog_migrations (version, name, checksum) VALUES ($1, $2, $3)")
             .bind(migration.version)
             .bind(migration.name)
-            .bind(migration.checksum())
+            .bind(recorded)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

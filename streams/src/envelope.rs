@@ -230,9 +230,9 @@ impl<'a> StoredEncoder<'a> {
             out.extend_from_slice(b",\"actor\":");
             write_str(out, &[&actor]);
         }
-        if let Some(traceparent) = stored_traceparent(&event.metadata) {
+        if let Some(traceparent) = stored_traceparent(&event.metadata).map_err(|e| corrupt("metadata", e))? {
             out.extend_from_slice(b",\"traceparent\":");
-            write_str(out, &[traceparent]);
+            write_str(out, &[&traceparent]);
         }
         out.push(b'}');
         Ok(())
@@ -344,14 +344,25 @@ fn stored_actor(metadata: &str) -> Result<Option<Cow<'_, str>>, serde_json::Erro
     }
 }
 
-/// The `traceparent` member of stored metadata text, as the parsed path finds it (amplog
-/// writes it last, after `actor`, `command` and `correlation_id`; a W3C traceparent is
-/// 55 characters of lower-case hex and dashes, never escaped).
-fn stored_traceparent(metadata: &str) -> Option<&str> {
-    const KEY: &str = r#""traceparent":""#;
-    let at = metadata.rfind(KEY)? + KEY.len();
-    let value = &metadata[at..at + metadata[at..].find('"')?];
-    trace_text(value).then_some(value)
+/// The `traceparent` member of stored metadata text, exactly as the parsed path finds it.
+/// What amplog writes is read without parsing: the member last, after `actor`, `command`
+/// and `correlation_id`, 55 characters of hex and dashes. Text without the key (and no
+/// escape that could spell it) has none; anything else is parsed.
+fn stored_traceparent(metadata: &str) -> Result<Option<Cow<'_, str>>, serde_json::Error> {
+    const KEY: &str = r#","traceparent":""#;
+    if !metadata.contains("traceparent") && !metadata.contains('\\') {
+        return Ok(None);
+    }
+    if let Some(at) = metadata.rfind(KEY) {
+        let value = &metadata[at + KEY.len()..];
+        if let Some(value) = value.strip_suffix("\"}") {
+            if trace_text(value) && !metadata[..at].contains("traceparent") {
+                return Ok(Some(Cow::Borrowed(value)));
+            }
+        }
+    }
+    let parsed: Value = serde_json::from_str(metadata)?;
+    Ok(amplog_log::telemetry::traceparent_of(&parsed).filter(|t| trace_text(t)).map(|t| Cow::Owned(t.to_string())))
 }
 
 /// What a traceparent may hold: hex digits and dashes, at most 64 of them.
@@ -423,6 +434,27 @@ mod tests {
             let mut out = Vec::new();
             write_str(&mut out, parts);
             assert_eq!(out, serde_json::to_vec(&parts.concat()).unwrap(), "{parts:?}");
+        }
+    }
+
+    #[test]
+    fn a_traceparent_is_read_from_any_metadata_as_the_parsed_path_reads_it() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cases = [
+            format!(r#"{{"actor":"a","command":"c","correlation_id":null,"traceparent":"{tp}"}}"#),
+            format!(r#"{{"traceparent": "{tp}"}}"#),
+            format!(r#"{{"a":{{"traceparent":"{tp}"}}}}"#),
+            format!(r#"{{"x":"0","traceparent":"{tp}"}}"#),
+            format!(r#"{{"traceparent":"{tp}","traceparent":"ab"}}"#),
+            format!(r#"{{"traceparent":"{tp}"}}"#),
+            r#"{"traceparent":"not hex!"}"#.to_string(),
+            r#"{"actor":"a"}"#.to_string(),
+            r#"[1,2]"#.to_string(),
+        ];
+        for metadata in cases {
+            let parsed: Value = serde_json::from_str(&metadata).unwrap();
+            let expected = amplog_log::telemetry::traceparent_of(&parsed).filter(|t| trace_text(t));
+            assert_eq!(stored_traceparent(&metadata).unwrap().as_deref(), expected, "{metadata}");
         }
     }
 

@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{LazyLock, Mutex};
 
 type Labels = Vec<(&'static str, String)>;
@@ -31,6 +31,7 @@ pub struct ProcessMetrics {
     lease_takeovers: Counter,
     pool_waiting: AtomicI64,
     pools: Mutex<Vec<PgPool>>,
+    per_project: AtomicBool,
 }
 
 static METRICS: LazyLock<ProcessMetrics> = LazyLock::new(|| ProcessMetrics {
@@ -42,11 +43,19 @@ static METRICS: LazyLock<ProcessMetrics> = LazyLock::new(|| ProcessMetrics {
     lease_takeovers: Counter::default(),
     pool_waiting: AtomicI64::new(0),
     pools: Mutex::new(Vec::new()),
+    per_project: AtomicBool::new(false),
 });
 
 /// This process's metrics.
 pub fn metrics() -> &'static ProcessMetrics {
     &METRICS
+}
+
+/// A request method as a label: the standard ones, every other token `other` (a client
+/// may send any).
+pub fn method_label(method: &str) -> &'static str {
+    const KNOWN: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"];
+    KNOWN.iter().find(|m| **m == method).copied().unwrap_or("other")
 }
 
 /// What a webhook carried: a read's records to a destination, or a lifecycle notification.
@@ -68,13 +77,24 @@ impl WebhookKind {
 impl ProcessMetrics {
     /// One HTTP request answered: its route pattern (never the raw path), method and status.
     pub fn http_request(&self, route: &str, method: &str, status: u16, seconds: f64) {
-        let labels = vec![("route", route.to_string()), ("method", method.to_string()), ("status", status.to_string())];
+        let labels =
+            vec![("route", route.to_string()), ("method", method_label(method).into()), ("status", status.to_string())];
         self.http.get_or_create(&labels).observe(seconds);
     }
 
-    /// One webhook attempt to `destination` (`{project}/{name}`); `delivered` when acknowledged.
+    /// Whether labels may name tenants (`AMPLOG_METRICS_PER_PROJECT`, which needs the
+    /// metrics token): then webhook attempts are counted per destination.
+    pub fn set_per_project(&self, on: bool) {
+        self.per_project.store(on, Ordering::Relaxed);
+    }
+
+    /// One webhook attempt to `destination` (`{project}/{name}`, a label only per project);
+    /// `delivered` when acknowledged.
     pub fn webhook_attempt(&self, kind: WebhookKind, destination: &str, delivered: bool) {
-        let labels = vec![("kind", kind.as_str().to_string()), ("destination", destination.to_string())];
+        let mut labels = vec![("kind", kind.as_str().to_string())];
+        if self.per_project.load(Ordering::Relaxed) {
+            labels.push(("destination", destination.to_string()));
+        }
         self.webhook_attempts.get_or_create(&labels).inc();
         // The failures' series exists from the first attempt on (a ratio needs both).
         let failures = self.webhook_failures.get_or_create(&labels);

@@ -1,7 +1,8 @@
 //! The operator's endpoints of a process that serves no API (a worker, the relay, a
 //! projector, the scheduler), on `AMPLOG_OPS_LISTEN`: `/healthz` (the process runs),
 //! `/readyz` (PostgreSQL answers and the schema is current) and `/metrics` (this process's
-//! own metrics: its leadership, webhooks, lease takeovers and pool).
+//! own metrics: its leadership, webhooks, lease takeovers and pool; behind
+//! `AMPLOG_METRICS_TOKEN` when set).
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -41,11 +42,13 @@ pub async fn serve(listen: SocketAddr, pool: PgPool) -> std::io::Result<OpsServe
     Ok(OpsServer { addr, task })
 }
 
+/// Bounded: a probe or a scrape never waits on a saturated pool.
 async fn ready(pool: &PgPool) -> bool {
-    match pool.acquire().await {
-        Ok(mut conn) => amplog_migrations::is_current(&mut conn).await.unwrap_or(false),
-        Err(_) => false,
-    }
+    let check = async {
+        let mut conn = pool.acquire().await.ok()?;
+        amplog_migrations::is_current(&mut conn).await.ok()
+    };
+    matches!(tokio::time::timeout(std::time::Duration::from_secs(2), check).await, Ok(Some(true)))
 }
 
 async fn readyz(State(pool): State<PgPool>) -> impl IntoResponse {
@@ -56,9 +59,22 @@ async fn readyz(State(pool): State<PgPool>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(pool): State<PgPool>) -> impl IntoResponse {
+async fn metrics(State(pool): State<PgPool>, headers: axum::http::HeaderMap) -> axum::response::Response {
+    // Behind the same token as the API's `/metrics` when one is configured.
+    if let Ok(token) = std::env::var("AMPLOG_METRICS_TOKEN") {
+        use subtle::ConstantTimeEq;
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let digest = |s: &str| <sha2::Sha256 as sha2::Digest>::digest(s.as_bytes());
+        if !token.is_empty() && !bool::from(digest(presented).ct_eq(&digest(&token))) {
+            return crate::ApiError::Unauthenticated.into_response();
+        }
+    }
     let own = amplog_log::telemetry::metrics().render();
     let text = amplog_log::telemetry::join(&[&own, &crate::server::ready_gauge(ready(&pool).await)]);
     let text = amplog_projections::metrics::as_prometheus_text(&text);
-    ([(header::CONTENT_TYPE, amplog_projections::metrics::PROMETHEUS_TEXT)], text)
+    ([(header::CONTENT_TYPE, amplog_projections::metrics::PROMETHEUS_TEXT)], text).into_response()
 }

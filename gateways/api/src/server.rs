@@ -65,6 +65,9 @@ impl Server {
         let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
         let public_url = public_url.trim_end_matches('/').to_string();
         let tokens = amplog_providers::tokens::Tokens::new(service.clone());
+        if config.metrics_per_project {
+            amplog_log::telemetry::metrics().set_per_project(true);
+        }
         let state = Arc::new(AppState {
             service,
             keys,
@@ -163,9 +166,9 @@ async fn observe(request: axum::extract::Request, next: axum::middleware::Next) 
     // The request's span, a child of the caller's when it sends a W3C `traceparent`.
     let span = tracing::info_span!(
         "http.request",
-        otel.name = format!("{method} {route}").as_str(),
+        otel.name = format!("{} {route}", amplog_log::telemetry::method_label(method.as_str())).as_str(),
         otel.kind = "server",
-        http.request.method = method.as_str(),
+        http.request.method = amplog_log::telemetry::method_label(method.as_str()),
         http.route = route.as_str(),
         http.response.status_code = tracing::field::Empty,
     );
@@ -253,7 +256,7 @@ async fn execute_once(
         "graphql",
         otel.name = tracing::field::Empty,
         graphql.operation.type = tracing::field::Empty,
-        graphql.operation.name = request.operation_name.as_deref().unwrap_or(""),
+        graphql.operation.name = graphql::span_name(request.operation_name.as_deref().unwrap_or("")),
         graphql.fields = tracing::field::Empty,
     );
     if !span.is_disabled() {
@@ -489,6 +492,7 @@ async fn readyz(State(shared): State<Shared>) -> Response {
 
 async fn readiness(state: &AppState) -> Readiness {
     let mut ready = Readiness { ready: false, database: false, migrations: false, projector: false, detail: None };
+    // Bounded: a scrape or a probe never waits on a saturated pool.
     let check = async {
         let mut conn = state.service.pool().acquire().await?;
         ready.database = true;
@@ -508,8 +512,10 @@ async fn readiness(state: &AppState) -> Readiness {
         }
         Ok::<(), ApiError>(())
     };
-    if let Err(error) = check.await {
-        ready.detail = Some(error.public_message());
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => ready.detail = Some(error.public_message()),
+        Err(_) => ready.detail = Some("the readiness checks took more than 2 s".into()),
     }
     ready.ready = ready.database && ready.migrations && ready.projector;
     ready

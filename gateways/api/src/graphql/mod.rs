@@ -50,6 +50,16 @@ fn build_with_depth(state: Arc<AppState>, limits: &Limits, depth: usize) -> Ampl
     builder.finish()
 }
 
+/// A client-chosen name as a span attribute: at most 64 bytes of it (the field names
+/// are not checked against the schema yet, the operation's name never is).
+pub fn span_name(name: &str) -> &str {
+    let mut end = name.len().min(64);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 /// What a checked request runs, for its span: the operation's kind (`query`, `mutation`,
 /// `subscription`) and its root fields, comma-separated (at most 8).
 pub fn describe(request: &mut async_graphql::Request) -> (&'static str, String) {
@@ -76,7 +86,7 @@ pub fn describe(request: &mut async_graphql::Request) -> (&'static str, String) 
         .items
         .iter()
         .filter_map(|item| match &item.node {
-            Selection::Field(field) => Some(field.node.name.node.as_str()),
+            Selection::Field(field) => Some(span_name(field.node.name.node.as_str())),
             _ => None,
         })
         .take(8)
