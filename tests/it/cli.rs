@@ -597,6 +597,7 @@ async fn a_scheduler_process_serves_its_ops_endpoints_and_plain_logs() {
         .env("AMPLOG_LOG", "info")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
         .env("OTEL_SDK_DISABLED", "true")
+        .env("AMPLOG_METRICS_TOKEN", "ops-token")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -604,7 +605,7 @@ async fn a_scheduler_process_serves_its_ops_endpoints_and_plain_logs() {
     let base = format!("http://127.0.0.1:{port}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let text = loop {
-        let scrape = http.get(format!("{base}/metrics")).send().await;
+        let scrape = http.get(format!("{base}/metrics")).bearer_auth("ops-token").send().await;
         if let Ok(text) = async { scrape?.text().await }.await {
             if text.contains("amplog_leader{role=\"notifier\"} 1")
                 && text.contains("amplog_leader{role=\"scheduler\"} 1")
@@ -615,6 +616,13 @@ async fn a_scheduler_process_serves_its_ops_endpoints_and_plain_logs() {
         assert!(std::time::Instant::now() < deadline, "the scheduler never reported leading");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
+    for token in [None, Some("wrong")] {
+        let mut request = http.get(format!("{base}/metrics"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 401, "the ops metrics need the token: {token:?}");
+    }
     assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
     for series in

@@ -246,3 +246,17 @@ pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
 pub fn traceparent_of(metadata: &serde_json::Value) -> Option<&str> {
     metadata.get("traceparent")?.as_str()
 }
+
+#[cfg(test)]
+mod tests {
+    /// A client may send any token as a method: labels take the standard ones only.
+    #[test]
+    fn a_hostile_method_is_one_label() {
+        for method in ["GET", "POST", "DELETE"] {
+            assert_eq!(super::method_label(method), method);
+        }
+        for hostile in ["M1", "get", "X".repeat(10_000).as_str(), ""] {
+            assert_eq!(super::method_label(hostile), "other");
+        }
+    }
+}

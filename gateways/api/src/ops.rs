@@ -61,17 +61,9 @@ async fn readyz(State(pool): State<PgPool>) -> impl IntoResponse {
 
 async fn metrics(State(pool): State<PgPool>, headers: axum::http::HeaderMap) -> axum::response::Response {
     // Behind the same token as the API's `/metrics` when one is configured.
-    if let Ok(token) = std::env::var("AMPLOG_METRICS_TOKEN") {
-        use subtle::ConstantTimeEq;
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        let digest = |s: &str| <sha2::Sha256 as sha2::Digest>::digest(s.as_bytes());
-        if !token.is_empty() && !bool::from(digest(presented).ct_eq(&digest(&token))) {
-            return crate::ApiError::Unauthenticated.into_response();
-        }
+    let token = std::env::var("AMPLOG_METRICS_TOKEN").unwrap_or_default();
+    if !token.is_empty() && !crate::server::presents_token(&headers, &token) {
+        return crate::ApiError::Unauthenticated.into_response();
     }
     let own = amplog_log::telemetry::metrics().render();
     let text = amplog_log::telemetry::join(&[&own, &crate::server::ready_gauge(ready(&pool).await)]);

@@ -521,21 +521,24 @@ async fn readiness(state: &AppState) -> Readiness {
     ready
 }
 
+/// Whether the request carries `Authorization: Bearer {token}` (compared in constant time).
+pub(crate) fn presents_token(headers: &HeaderMap, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let digest = |s: &str| <sha2::Sha256 as sha2::Digest>::digest(s.as_bytes());
+    bool::from(digest(presented).ct_eq(&digest(token)))
+}
+
 /// Prometheus metrics: OpenMetrics to a client that asks for it (`Accept`), the
 /// Prometheus text format otherwise; behind the metrics token when one is configured.
 async fn metrics(State(shared): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
     let config = &shared.state.config;
-    if let Some(token) = &config.metrics_token {
-        use subtle::ConstantTimeEq;
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        let digest = |s: &str| <sha2::Sha256 as sha2::Digest>::digest(s.as_bytes());
-        if !bool::from(digest(presented).ct_eq(&digest(token))) {
-            return Err(ApiError::Unauthenticated);
-        }
+    if config.metrics_token.as_deref().is_some_and(|token| !presents_token(&headers, token)) {
+        return Err(ApiError::Unauthenticated);
     }
     use amplog_projections::metrics::{self, OPENMETRICS, PROMETHEUS_TEXT};
     let derived = metrics::render(shared.state.service.pool(), config.metrics_per_project).await?;

@@ -227,3 +227,16 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod span_tests {
+    /// Names a client chooses are cut to 64 bytes, on a character boundary.
+    #[test]
+    fn client_names_in_spans_are_bounded() {
+        assert_eq!(super::span_name("triggerRead"), "triggerRead");
+        assert_eq!(super::span_name(&"a".repeat(100_000)).len(), 64);
+        let wide = "é".repeat(100);
+        let cut = super::span_name(&wide);
+        assert!(cut.len() <= 64 && cut.chars().all(|c| c == 'é'));
+    }
+}
