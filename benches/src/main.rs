@@ -277,7 +277,7 @@ const RAW_PAYLOAD: &str = r#"{"lease_id":"01a20987-4121-77f1-82b3-a126ef612179",
 
 /// Raw baseline: one transaction, one INSERT of `rows` rows into the same events table.
 async fn raw_insert(pool: &PgPool, stream: &str, first_sequence: i64, rows: i64) -> Result<u64> {
-    let mut tx = pool.begin().await?;
+    let mut tx = amplog_log::tx::begin(pool).await?;
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          SELECT 'raw', $1, s, 'PageRecorded', '2.0', $3::json, '{\"actor\":\"bench\"}'

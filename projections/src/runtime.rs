@@ -60,7 +60,7 @@ impl Runner {
             let batch = subscription.next_batch_within(Duration::from_secs(2)).await?;
             // The leadership session must still be alive: it holds the advisory lock.
             leadership.alive().await?;
-            let mut tx = self.pool.begin().await?;
+            let mut tx = amplog_log::tx::begin(&self.pool).await?;
             fence(&mut tx, &leadership).await?;
             if let Some(last) = batch.last() {
                 use tracing::Instrument;
@@ -97,7 +97,7 @@ impl Runner {
         drop(conn);
         let mut log = LogReader::new(self.pool.clone()).catch_up(cursor, self.batch_size).await?;
         while let Some(batch) = log.next().await? {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = amplog_log::tx::begin(&self.pool).await?;
             fence(&mut tx, &leadership).await?;
             Fold::apply_batch(&mut tx, &Tables::live(), &self.store, &batch).await?;
             LogReader::save_checkpoint(&mut tx, &self.name, log.cursor()).await?;
@@ -138,7 +138,7 @@ pub async fn rebuild(
     let mut log = LogReader::new(pool.clone()).catch_up(LogCursor::default(), 10_000).await?;
     let mut done = 0u64;
     while let Some(batch) = log.next().await? {
-        let mut tx = pool.begin().await?;
+        let mut tx = amplog_log::tx::begin(pool).await?;
         Fold::apply_batch(&mut tx, &shadow, store, &batch).await?;
         tx.commit().await?;
         done += batch.len() as u64;
@@ -146,7 +146,7 @@ pub async fn rebuild(
     }
     let mut cursor = log.cursor();
     // The swap: fence the leader, project what arrived meanwhile, rename, checkpoint.
-    let mut tx = pool.begin().await?;
+    let mut tx = amplog_log::tx::begin(pool).await?;
     sqlx::query(
         "INSERT INTO projector_leases (name, token) VALUES ($1, 1)
          ON CONFLICT (name) DO UPDATE SET token = projector_leases.token + 1",

@@ -208,7 +208,7 @@ impl Relay {
                         acks.acknowledged().await?;
                     }
                     leadership.alive().await?;
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = amplog_log::tx::begin(&self.pool).await?;
                     if !leadership.fence(&mut tx).await? {
                         return Err(StreamsError::Fenced(RELAY.into()));
                     }

@@ -59,7 +59,7 @@ async fn demo_history_and_verify_on_a_database_url() {
     assert!(verified.contains("intact: 19 events in 4 streams, 0 break(s)"), "{verified}");
 
     // An altered row makes `verify` fail, naming it.
-    let mut tx = db.pool.begin().await.unwrap();
+    let mut tx = amplog_log::tx::begin(&db.pool).await.unwrap();
     sqlx::query("SET LOCAL session_replication_role = replica").execute(&mut *tx).await.unwrap();
     sqlx::query("UPDATE events SET metadata = '{\"actor\":\"mallory\"}' WHERE aggregate_id = $1 AND sequence = 1")
         .bind(&installation)

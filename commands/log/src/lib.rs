@@ -10,6 +10,7 @@ pub mod leader;
 pub mod reader;
 pub mod store;
 pub mod telemetry;
+pub mod tx;
 
 pub use reader::{CatchUp, LogCursor, LogReader, RecordedEvent, StoredEvent, Subscription};
 pub use store::{AppendedEvent, CommandOutcome, EventStore, Loaded};

@@ -21,7 +21,7 @@ impl CommandService {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut tx = self.pool.begin().await?;
+            let mut tx = amplog_log::tx::begin(&self.pool).await?;
             let recorded: Vec<String> = sqlx::query_scalar(
                 "SELECT aggregate_id FROM events WHERE aggregate_type = 'change' AND aggregate_id = ANY($1)
                    AND sequence = 1",

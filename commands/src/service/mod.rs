@@ -197,7 +197,7 @@ impl CommandService {
         if key.is_empty() || key.len() > 255 {
             return Err(CommandError::Invalid("an idempotency key must be 1 to 255 characters".into()));
         }
-        let mut conn = Conn::Tx(amplog_log::telemetry::metrics().waiting_for(self.pool.begin()).await?);
+        let mut conn = Conn::Tx(amplog_log::telemetry::metrics().waiting_for(amplog_log::tx::begin(&self.pool)).await?);
         {
             let tx = conn.get();
             let digest = request_digest(command, request);
@@ -236,7 +236,7 @@ impl CommandService {
             let Conn::Plain(plain) = std::mem::replace(&mut uow.conn, Conn::Gone) else { unreachable!() };
             // BEGIN on the connection already held (sqlx's own `Pool::begin` does the same),
             // so a command never holds two pool connections at once.
-            uow.conn = Conn::Tx(Transaction::begin(plain, None).await?);
+            uow.conn = Conn::Tx(amplog_log::tx::begin_on(plain).await?);
         }
         Ok(uow.conn.get())
     }

@@ -88,7 +88,7 @@ async fn commit_batch(pool: &PgPool, store: &EventStore, batch: &[&Pending]) -> 
     for pending in batch {
         groups.entry((pending.project_id, pending.actor.as_str())).or_default().push(pending.stream.clone());
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = amplog_log::tx::begin(pool).await?;
     let mut appended = Vec::new();
     for ((project, actor), streams) in &groups {
         let metadata = serde_json::json!({ "actor": actor, "command": "operation.record_proxy_call" }).to_string();

@@ -127,7 +127,7 @@ async fn history_pages_by_cursor_are_exactly_the_timeline() {
 
 /// Alters the log as an attacker with table-owner rights would (triggers off).
 async fn tamper(pool: &sqlx::PgPool, sql: &str, id: &str) {
-    let mut tx = pool.begin().await.unwrap();
+    let mut tx = amplog_log::tx::begin(pool).await.unwrap();
     sqlx::query("SET LOCAL session_replication_role = replica").execute(&mut *tx).await.unwrap();
     sqlx::query(sql).bind(id).execute(&mut *tx).await.unwrap();
     tx.commit().await.unwrap();

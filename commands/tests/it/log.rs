@@ -2,7 +2,7 @@
 //! snapshots, upcasting of old rows, append-only storage, tenancy, secrets kept out.
 
 use amplog_commands::credentials::Secret;
-use amplog_commands::testing::{read_of, seed, start_read, test_db, SEED_SECRET};
+use amplog_commands::testing::{read_of, seed, start_read, test_db, test_db_with, SEED_SECRET};
 use amplog_commands::{CommandContext, CommandError};
 use amplog_domain::installation::{Installation, InstallationError};
 use amplog_domain::operation::{Cursor, Operation, OperationError, OperationStatus};
@@ -42,7 +42,7 @@ async fn a_command_appends_all_its_events_or_none() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    let mut tx = db.pool.begin().await.unwrap();
+    let mut tx = amplog_log::tx::begin(&db.pool).await.unwrap();
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          VALUES ('installation', $1, $2, 'Paused', '1.0', '{\"at\":\"2026-01-01T00:00:00Z\"}', '{}')",
@@ -570,4 +570,56 @@ async fn a_binary_runs_on_a_schema_a_newer_release_migrated() {
     assert!(amplog_migrations::is_current(&mut conn).await.unwrap());
     sqlx::query("DELETE FROM amplog_migrations WHERE version = 7").execute(&mut *conn).await.unwrap();
     assert!(!amplog_migrations::is_current(&mut conn).await.unwrap(), "one of its own is missing");
+}
+
+/// Whether the pool's (only) connection is inside a transaction nobody ends: a `SAVEPOINT`
+/// is refused outside a transaction block and accepted inside one.
+async fn left_in_a_transaction(pool: &sqlx::PgPool) -> bool {
+    match sqlx::query("SAVEPOINT leak_probe").execute(pool).await {
+        Ok(_) => true,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("25P01") => false,
+        Err(e) => panic!("probe: {e}"),
+    }
+}
+
+/// Polls a future `polls` times, letting the connection's I/O move on between polls, and
+/// then drops it: a caller that gives up (a client hanging up, a timeout) at that point.
+async fn give_up_after<F: std::future::Future>(polls: usize, future: F) {
+    let mut future = std::pin::pin!(future);
+    for _ in 0..polls {
+        if futures::poll!(future.as_mut()).is_ready() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A command or transaction abandoned at any point, `BEGIN`'s round trip included, leaves
+/// its connection out of any transaction: otherwise the next borrower's statements run
+/// inside it, and its snapshot holds back every log reader of the cluster.
+#[tokio::test]
+async fn a_command_cancelled_at_any_point_leaves_no_connection_in_a_transaction() {
+    // One connection, so whatever an abandoned command leaves on it, the probe meets.
+    let db = test_db_with(1).await;
+    let service = db.service();
+    let s = seed(&service).await;
+    for polls in 0..100 {
+        give_up_after(polls, async {
+            let mut tx = amplog_log::tx::begin(&db.pool).await.unwrap();
+            sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+        })
+        .await;
+        assert!(!left_in_a_transaction(&db.pool).await, "a bare transaction given up after {polls} polls");
+        // Unkeyed: loads on a plain connection, then BEGIN on it.
+        give_up_after(polls, service.request_operation(&s.ctx, s.installation, &read_of("contacts"))).await;
+        assert!(!left_in_a_transaction(&db.pool).await, "an unkeyed command given up after {polls} polls");
+        // Keyed: BEGIN first, for the idempotency key.
+        let keyed = CommandContext { idempotency_key: Some(format!("cancel-{polls}")), ..s.ctx.clone() };
+        give_up_after(polls, service.pause_installation(&keyed, s.installation)).await;
+        assert!(!left_in_a_transaction(&db.pool).await, "a keyed command given up after {polls} polls");
+    }
+    // Whatever was given up committed whole or not at all: the log still verifies.
+    let mut conn = db.pool.acquire().await.unwrap();
+    let report = amplog_log::audit::verify(&mut conn, None, |_| {}).await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
 }

@@ -131,7 +131,7 @@ async fn a_rolled_back_append_does_not_stall_the_reader() {
     let reader = LogReader::new(db.pool.clone());
     let mut sub = reader.subscribe(LogCursor::default()).await.unwrap();
 
-    let mut doomed = db.pool.begin().await.unwrap();
+    let mut doomed = amplog_log::tx::begin(&db.pool).await.unwrap();
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
          VALUES ('project', 'doomed', 1, 'Created', '1.0', '{\"name\":\"doomed\",\"at\":\"2026-01-01T00:00:00Z\"}', '{}')",

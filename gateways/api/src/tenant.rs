@@ -56,7 +56,9 @@ impl TenantDb {
                  set_config('amplog.project_id', '{}', true), set_config('statement_timeout', '{}', true){group}",
                 self.project.0, self.statement_timeout_ms
             );
-            *guard = Some(amplog_log::telemetry::metrics().waiting_for(self.pool.begin_with(begin)).await?);
+            *guard = Some(
+                amplog_log::telemetry::metrics().waiting_for(amplog_log::tx::begin_with(&self.pool, begin)).await?,
+            );
         }
         Ok(MutexGuard::map(guard, |tx| &mut **tx.as_mut().expect("begun above")))
     }

@@ -106,7 +106,7 @@ impl Notifier {
             let batch = subscription.next_batch_within(self.policy.poll).await?;
             leadership.alive().await?;
             if let Some(last) = batch.last() {
-                let mut tx = pool.begin().await?;
+                let mut tx = amplog_log::tx::begin(&pool).await?;
                 if !leadership.fence(&mut tx).await? {
                     return Err(SyncError::Fenced(NOTIFIER.into()));
                 }

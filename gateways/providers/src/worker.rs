@@ -558,7 +558,7 @@ impl<H: JobHandler> InProcessDispatch<H> {
             // Everything before the oldest unfinished job is done.
             let safe = unfinished.values().next().copied().unwrap_or(read_to);
             if safe > saved {
-                let mut tx = pool.begin().await?;
+                let mut tx = amplog_log::tx::begin(&pool).await?;
                 if !leadership.fence(&mut tx).await? {
                     return Err(SyncError::Fenced(JOB_DISPATCH.into()));
                 }

@@ -143,7 +143,7 @@ async fn an_auditor_reads_the_timeline_replays_the_past_verifies_and_exports() {
     assert_eq!(report["verifyInstallation"]["intact"], true);
     assert_eq!(report["verifyInstallation"]["streams"], 3);
     assert_eq!(report["verifyInstallation"]["events"], events.len());
-    let mut tx = app.db.pool.begin().await.unwrap();
+    let mut tx = amplog_log::tx::begin(&app.db.pool).await.unwrap();
     sqlx::query("SET LOCAL session_replication_role = replica").execute(&mut *tx).await.unwrap();
     sqlx::query("UPDATE events SET payload = '{\"forged\": true}' WHERE aggregate_type = 'operation' AND sequence = 3")
         .execute(&mut *tx)

@@ -129,7 +129,7 @@ async fn row_level_security_hides_other_projects_even_from_unscoped_sql() {
     assert!(written.is_err(), "amplog_app must not write");
     db.release().await;
     // A transaction with no project set sees nothing at all.
-    let mut tx = app.db.pool.begin().await.unwrap();
+    let mut tx = amplog_log::tx::begin(&app.db.pool).await.unwrap();
     sqlx::query("SELECT set_config('role', 'amplog_app', true)").execute(&mut *tx).await.unwrap();
     let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut *tx).await.unwrap();
     assert_eq!(seen, 0);
