@@ -10,7 +10,7 @@ pub mod queries;
 pub mod runtime;
 pub mod usage;
 
-pub use runtime::{rebuild, status, wait_for, ProjectorStatus, Runner, PROJECTED_CHANNEL, READ_MODELS};
+pub use runtime::{fingerprint, rebuild, status, wait_for, ProjectorStatus, Runner, PROJECTED_CHANNEL, READ_MODELS};
 
 /// The one error of the projections boundary.
 #[derive(Debug, thiserror::Error)]

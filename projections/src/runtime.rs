@@ -245,3 +245,20 @@ pub async fn wait_for(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The read models' fingerprint: per table, its row count and an md5 of its rows in key
+/// order. Two databases (or one before and after a rebuild) hold the same read models when
+/// their fingerprints are equal.
+pub async fn fingerprint(pool: &PgPool) -> Result<std::collections::BTreeMap<String, (i64, String)>, ProjectionError> {
+    let mut out = std::collections::BTreeMap::new();
+    for table in TABLES {
+        let row: (i64, String) = sqlx::query_as(&format!(
+            "SELECT count(*), md5(coalesce(string_agg(key || '|' || project_id || '|' || doc::text, ',' ORDER BY key), ''))
+             FROM {table}"
+        ))
+        .fetch_one(pool)
+        .await?;
+        out.insert(table.to_string(), row);
+    }
+    Ok(out)
+}

@@ -19,23 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-const TABLES: &[&str] =
-    &["installations", "connections", "operations", "read_states", "usage_daily", "installation_streams"];
-
-async fn checksums(pool: &sqlx::PgPool) -> BTreeMap<String, (i64, String)> {
-    let mut out = BTreeMap::new();
-    for table in TABLES {
-        let row: (i64, String) = sqlx::query_as(&format!(
-            "SELECT count(*), md5(coalesce(string_agg(key || '|' || project_id || '|' || doc::text, ',' ORDER BY key), '')) FROM {table}"
-        ))
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        out.insert(table.to_string(), row);
-    }
-    out
-}
-
 struct Workload {
     service: CommandService,
     projects: Vec<Seeded>,
@@ -310,7 +293,7 @@ async fn incremental_rebuild_and_an_independent_fold_agree_on_a_random_workload(
     let st = status(&db.pool, READ_MODELS).await.unwrap();
     assert_eq!(st.lag_events, 0);
     assert_matches_independent_fold(&db.pool).await;
-    let incremental = checksums(&db.pool).await;
+    let incremental = amplog_projections::fingerprint(&db.pool).await.unwrap();
     assert!(
         incremental["operations"].0 > 50 && incremental["usage_daily"].0 > 0 && incremental["read_states"].0 > 0,
         "{incremental:?}"
@@ -318,7 +301,11 @@ async fn incremental_rebuild_and_an_independent_fold_agree_on_a_random_workload(
 
     let rebuilt_events = rebuild(&db.pool, &EventStore::default(), |_, _| {}).await.unwrap();
     assert_eq!(rebuilt_events as i64, events);
-    assert_eq!(checksums(&db.pool).await, incremental, "a rebuild gives byte-identical read models");
+    assert_eq!(
+        amplog_projections::fingerprint(&db.pool).await.unwrap(),
+        incremental,
+        "a rebuild gives byte-identical read models"
+    );
     eprintln!("{events} events, {total_conflicts} conflicts retried");
 }
 
@@ -329,14 +316,14 @@ async fn a_rebuild_into_an_empty_database_matches_the_incremental_models() {
     let runner = Runner::new(db.pool.clone(), EventStore::default(), "test");
     run_workload(&mut w, 99, 60).await;
     assert!(runner.catch_up().await.unwrap());
-    let incremental = checksums(&db.pool).await;
+    let incremental = amplog_projections::fingerprint(&db.pool).await.unwrap();
     // Drop every read-model row and the checkpoint, then rebuild from the log alone.
-    for table in TABLES {
+    for table in amplog_projections::fold::TABLES {
         sqlx::query(&format!("DELETE FROM {table}")).execute(&db.pool).await.unwrap();
     }
     sqlx::query("DELETE FROM reader_checkpoints").execute(&db.pool).await.unwrap();
     rebuild(&db.pool, &EventStore::default(), |_, _| {}).await.unwrap();
-    assert_eq!(checksums(&db.pool).await, incremental);
+    assert_eq!(amplog_projections::fingerprint(&db.pool).await.unwrap(), incremental);
     assert_eq!(status(&db.pool, READ_MODELS).await.unwrap().lag_events, 0);
 }
 
@@ -814,7 +801,7 @@ async fn every_text_a_command_accepts_projects_and_a_logged_nul_does_not_stop_th
         .unwrap();
     assert_eq!(group, "legacy\u{fffd}group");
     // And a rebuild agrees with it, byte for byte.
-    let incremental = checksums(&db.pool).await;
+    let incremental = amplog_projections::fingerprint(&db.pool).await.unwrap();
     rebuild(&db.pool, &EventStore::default(), |_, _| {}).await.unwrap();
-    assert_eq!(checksums(&db.pool).await, incremental);
+    assert_eq!(amplog_projections::fingerprint(&db.pool).await.unwrap(), incremental);
 }
