@@ -10,7 +10,7 @@ use amplog_simulator::sim::SimConfig;
 use amplog_simulator::testing::{SyncWorld, SINK_SECRET};
 use base64::Engine;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 const RECORDS: usize = 450; // 5 pages
@@ -47,6 +47,30 @@ async fn one_triggered_read_is_one_trace_across_the_api_the_relay_and_a_worker()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A caller's `traceparent` continues its trace; any other (too long, malformed, zero ids,
+    // an unknown version) is ignored: the request starts a trace of its own, answered as usual.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let callers = [
+        ("caller", format!("00-{caller_trace}-00f067aa0ba902b7-01")),
+        ("too_long", format!("00-{caller_trace}-00f067aa0ba902b7-01{}", "-x".repeat(5000))),
+        ("malformed", "00-zz-yy-01".to_string()),
+        ("zero_ids", format!("00-{}-{}-01", "0".repeat(32), "0".repeat(16))),
+        ("bad_version", format!("ff-{caller_trace}-00f067aa0ba902b7-01")),
+    ];
+    for (name, traceparent) in &callers {
+        let response = http
+            .post(format!("http://{listen}/graphql"))
+            .header("x-api-key", &api_key)
+            .header("traceparent", traceparent)
+            .json(&json!({"query": format!("query {name} {{ installations(first: 1) {{ nodes {{ id }} }} }}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{name}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["errors"].is_null(), "{name}: {body}");
+    }
+
     let body: Value = http
         .post(format!("http://{listen}/graphql"))
         .header("x-api-key", &api_key)
@@ -70,6 +94,18 @@ async fn one_triggered_read_is_one_trace_across_the_api_the_relay_and_a_worker()
 
     // The trace: the one whose `append` recorded the operation's request.
     let spans = collector.spans();
+    let requests: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.name == "query installations")
+        .map(|q| spans.iter().find(|s| s.span_id == q.parent_span_id).expect("the query's request span"))
+        .collect();
+    assert_eq!(requests.len(), callers.len());
+    let continued: Vec<_> = requests.iter().filter(|r| r.trace_id == caller_trace).collect();
+    assert_eq!(continued.len(), 1, "only the well-formed traceparent is followed");
+    assert_eq!(continued[0].parent_span_id, "00f067aa0ba902b7");
+    let roots: HashSet<&str> =
+        requests.iter().filter(|r| r.parent_span_id.is_empty()).map(|r| r.trace_id.as_str()).collect();
+    assert_eq!(roots.len(), callers.len() - 1, "each ignored traceparent: a trace of its own");
     let op = op.to_string();
     let request = spans
         .iter()

@@ -98,6 +98,25 @@ async fn pushed_changes_are_verified_recorded_once_and_delivered_in_order_per_re
     let n = tokio::time::timeout(Duration::from_secs(10), read).await.expect("answered from the headers").unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // Undeclared (chunked) and past the limit: refused once the limit is read; a client still
+    // writing may see its write cut off instead of the answer.
+    let chunks = || futures::stream::iter((0..32).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])));
+    let streamed = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("x-hubspot-signature-v3", signed(&vec![b' '; 2 * 1024 * 1024], now))
+        .header("x-hubspot-request-timestamp", now.to_string())
+        .body(reqwest::Body::wrap_stream(chunks()))
+        .send()
+        .await;
+    match streamed {
+        Ok(response) => {
+            assert_eq!(response.status(), 413);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["errors"][0]["extensions"]["code"], "payload_too_large", "{body}");
+        }
+        Err(error) => assert!(error.is_request() && !error.is_connect(), "{error}"),
+    }
     let garbage = b"{\"not\": \"a list\"}".to_vec();
     let refused = send(garbage.clone(), Some(signed(&garbage, now)), now).await;
     assert_eq!((refused.0, code(&refused)), (400, "invalid_webhook".to_string()));
