@@ -48,6 +48,7 @@ struct FileConfig {
     metrics_token: Option<String>,
     metrics_per_project: Option<bool>,
     public_url: Option<String>,
+    compiled_reads: Option<bool>,
 }
 
 /// The server's settings: defaults, then the config file, then variables and flags. Every
@@ -70,6 +71,7 @@ pub fn server_config(file: Option<&Path>, listen: Option<SocketAddr>, dev: bool)
     config.limits.depth = from_file.max_depth.unwrap_or(config.limits.depth);
     config.limits.complexity = from_file.max_complexity.unwrap_or(config.limits.complexity);
     config.limits.aliases = from_file.max_aliases.unwrap_or(config.limits.aliases);
+    config.compiled_reads = from_file.compiled_reads.unwrap_or(config.compiled_reads);
     for (name, value) in [
         ("body_limit_bytes", config.body_limit as u64),
         ("request_timeout_ms", config.request_timeout.as_millis() as u64),

@@ -13,6 +13,7 @@ use amplog_domain::operation::{OperationType, Trigger};
 use amplog_domain::*;
 use anyhow::{bail, Context, Result};
 use futures::future::BoxFuture;
+use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -160,7 +161,10 @@ impl ServerProcess {
             .env("DATABASE_URL", database_url)
             .env("AMPLOG_CREDENTIALS_KEY", key)
             .env("AMPLOG_DB_POOL", "32")
-            .env("AMPLOG_LOG", "warn")
+            // As deployed (deploy/k8s): info spans live, JSON logs (here into a file).
+            .env("AMPLOG_LOG", "info,sqlx=warn")
+            .env("AMPLOG_LOG_FORMAT", "json")
+            .stderr(std::fs::File::create(std::env::temp_dir().join("amplog-bench-serve.log"))?)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {bin}"))?;
@@ -208,11 +212,19 @@ impl Load {
         sorted.get(((sorted.len() as f64 - 1.0) * p) as usize).copied().unwrap_or_default()
     }
 
+    fn p99_ms(&self) -> f64 {
+        ms(self.percentile(0.99))
+    }
+
+    fn passed(&self) -> bool {
+        self.errors == 0 && self.percentile(0.99) < Duration::from_millis(100)
+    }
+
     fn describe(&self) -> String {
         format!(
             "p50 {:.1} ms, p99 {:.1} ms, errors {}/{} ({:.0}/s achieved)",
             ms(self.percentile(0.5)),
-            ms(self.percentile(0.99)),
+            self.p99_ms(),
             self.errors,
             self.sent,
             self.latencies.len() as f64 / self.elapsed.as_secs_f64()
@@ -220,13 +232,13 @@ impl Load {
     }
 }
 
+/// One request of a side: its answer, reduced to what the sides must agree on (`None`: an
+/// error or a missing result).
+type Request = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<Option<Value>>> + Send + Sync>;
+
 /// Sends `request(i)` at `rate` per second for `duration`, each at its scheduled time.
-/// A request that returns `Ok(false)` or `Err` is an error.
-pub async fn open_loop(
-    rate: u64,
-    duration: Duration,
-    request: Arc<dyn Fn(u64) -> BoxFuture<'static, Result<bool>> + Send + Sync>,
-) -> Load {
+/// A request that answers `None` or fails is an error.
+pub async fn open_loop(rate: u64, duration: Duration, request: Request) -> Load {
     let start = Instant::now();
     let total = rate * duration.as_secs();
     let results = Arc::new(std::sync::Mutex::new((Vec::with_capacity(total as usize), 0u64)));
@@ -252,7 +264,7 @@ pub async fn open_loop(
                 let latency = scheduled.elapsed();
                 let mut r = results.lock().unwrap();
                 r.0.push(latency);
-                if !matches!(ok, Ok(Ok(true))) {
+                if !matches!(ok, Ok(Ok(Some(_)))) {
                     r.1 += 1;
                 }
             }));
@@ -270,8 +282,33 @@ pub async fn open_loop(
 /// Requests on the wire at once (connections the harness keeps open).
 const IN_FLIGHT: usize = 64;
 
-const QUERY: &str = "query($id: UUID!) { installation(id: $id) { id health paused groupRef
-    connection { status } operations(first: 10) { nodes { id status object requestedAt } } } }";
+/// The two queries measured: what a builder's dashboard asks most.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// One installation with its connection's status and its 10 newest operations.
+    Installation,
+    /// The first 50 installations with their health and connection status.
+    List,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Installation => "installation with its connection and 10 operations",
+            Kind::List => "installations(first: 50) with health and connection status",
+        }
+    }
+
+    fn query(self) -> &'static str {
+        match self {
+            Kind::Installation => {
+                "query($id: UUID!) { installation(id: $id) { id health paused groupRef
+                 connection { status } operations(first: 10) { nodes { id status object requestedAt } } } }"
+            }
+            Kind::List => "query { installations(first: 50) { nodes { id health connection { status } } } }",
+        }
+    }
+}
 
 fn pick(seeded: &Seeded, i: u64) -> (&ProjectId, &str, InstallationId) {
     // A cheap deterministic scatter over projects and installations.
@@ -280,96 +317,281 @@ fn pick(seeded: &Seeded, i: u64) -> (&ProjectId, &str, InstallationId) {
     (project, key.as_str(), ids[((h >> 16) % ids.len() as u64) as usize])
 }
 
-pub async fn run(report: &mut Report, pool: &PgPool, seeded: Seeded, bin: &str, url: &str, secs: u64) -> Result<()> {
-    let server = ServerProcess::start(bin, url)?;
-    let seeded = Arc::new(seeded);
-    let client = amplog_providers::connector::http_client().pool_max_idle_per_host(512).build()?;
-    let api: Arc<dyn Fn(u64) -> BoxFuture<'static, Result<bool>> + Send + Sync> = {
-        let (seeded, client, endpoint) = (seeded.clone(), client.clone(), format!("{}/graphql", server.base));
+/// The API's answer, reduced: ids, statuses and health in the order given.
+fn api_answer(kind: Kind, body: &Value) -> Option<Value> {
+    if body.get("errors").is_some() {
+        return None;
+    }
+    match kind {
+        Kind::Installation => {
+            let i = &body["data"]["installation"];
+            let ops: Vec<Value> = i["operations"]["nodes"]
+                .as_array()?
+                .iter()
+                .map(|o| json!([o["id"], o["status"], o["object"]]))
+                .collect();
+            Some(json!([i["id"], i["health"], i["paused"], i["groupRef"], i["connection"]["status"], ops]))
+        }
+        Kind::List => {
+            let nodes = body["data"]["installations"]["nodes"].as_array()?;
+            Some(Value::Array(nodes.iter().map(|n| json!([n["id"], n["health"], n["connection"]["status"]])).collect()))
+        }
+    }
+}
+
+/// The same reads as plain SQL, on `conn`, reduced like `api_answer`.
+async fn raw_answer(
+    kind: Kind,
+    conn: &mut sqlx::PgConnection,
+    project: Uuid,
+    installation: Uuid,
+) -> Result<Option<Value>> {
+    let doc = |text: &str| serde_json::from_str::<Value>(text);
+    match kind {
+        Kind::Installation => {
+            let key = installation.to_string();
+            let inst: Option<String> =
+                sqlx::query_scalar("SELECT doc::text FROM installations WHERE key = $1 AND project_id = $2")
+                    .bind(&key)
+                    .bind(project)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let Some(inst) = inst else { return Ok(None) };
+            let inst = doc(&inst)?;
+            let connection: Option<String> =
+                sqlx::query_scalar("SELECT doc::text FROM connections WHERE key = $1 AND project_id = $2")
+                    .bind(inst["connection_id"].as_str())
+                    .bind(project)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let connection = doc(&connection.unwrap_or_else(|| "null".into()))?;
+            let ops: Vec<String> = sqlx::query_scalar(
+                "SELECT doc::text FROM operations WHERE project_id = $1 AND installation_id = $2 ORDER BY key DESC LIMIT 11",
+            )
+            .bind(project)
+            .bind(&key)
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut nodes = Vec::new();
+            for op in ops.iter().take(10) {
+                let op = doc(op)?;
+                nodes.push(json!([op["operation_id"], op["status"], op["object"]]));
+            }
+            Ok(Some(json!([
+                inst["installation_id"],
+                inst["health"],
+                inst["paused"],
+                inst["group_ref"],
+                connection["status"],
+                nodes
+            ])))
+        }
+        Kind::List => {
+            let rows: Vec<String> = sqlx::query_scalar(
+                "SELECT doc::text FROM installations WHERE project_id = $1 AND (doc->>'deleted')::boolean IS NOT TRUE
+                 ORDER BY key LIMIT 51",
+            )
+            .bind(project)
+            .fetch_all(&mut *conn)
+            .await?;
+            let docs = rows.iter().take(50).map(|r| doc(r)).collect::<Result<Vec<_>, _>>()?;
+            let keys: Vec<&str> = docs.iter().filter_map(|d| d["connection_id"].as_str()).collect();
+            let connections: Vec<(String, String)> =
+                sqlx::query_as("SELECT key, doc::text FROM connections WHERE project_id = $1 AND key = ANY($2)")
+                    .bind(project)
+                    .bind(&keys)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            let status: std::collections::HashMap<String, Value> = connections
+                .iter()
+                .map(|(k, d)| Ok((k.clone(), doc(d)?["status"].clone())))
+                .collect::<Result<_, serde_json::Error>>()?;
+            Ok(Some(Value::Array(
+                docs.iter()
+                    .map(|d| {
+                        let s = d["connection_id"].as_str().and_then(|c| status.get(c)).cloned().unwrap_or(Value::Null);
+                        json!([d["installation_id"], d["health"], s])
+                    })
+                    .collect(),
+            )))
+        }
+    }
+}
+
+/// The three sides of a query: amplog's API, the same reads as plain SQL on one pool, and
+/// the same reads in the tenancy a correct service needs (one transaction as the
+/// application role with the project set: row-level security on).
+struct Sides {
+    api: Request,
+    raw: Request,
+    tenant: Request,
+}
+
+fn sides(kind: Kind, seeded: &Arc<Seeded>, pool: &PgPool, client: &reqwest::Client, base: &str) -> Sides {
+    let api: Request = {
+        let (seeded, client, endpoint) = (seeded.clone(), client.clone(), format!("{base}/graphql"));
         Arc::new(move |i| {
             let (_, key, installation) = pick(&seeded, i);
-            let body = serde_json::json!({"query": QUERY, "variables": {"id": installation.0}});
+            let body = match kind {
+                Kind::Installation => json!({"query": kind.query(), "variables": {"id": installation.0}}),
+                Kind::List => json!({"query": kind.query()}),
+            };
             let request = client.post(&endpoint).header("x-api-key", key).json(&body);
             Box::pin(async move {
                 let response = request.send().await?;
-                let ok = response.status() == 200;
-                let body: serde_json::Value = response.json().await?;
-                Ok(ok && body.get("errors").is_none() && body["data"]["installation"]["operations"]["nodes"].is_array())
+                if response.status() != 200 {
+                    return Ok(None);
+                }
+                Ok(api_answer(kind, &response.json().await?))
             })
         })
     };
-    let raw: Arc<dyn Fn(u64) -> BoxFuture<'static, Result<bool>> + Send + Sync> = {
+    let raw: Request = {
         let (seeded, pool) = (seeded.clone(), pool.clone());
         Arc::new(move |i| {
             let (project, _, installation) = pick(&seeded, i);
             let (project, pool) = (project.0, pool.clone());
             Box::pin(async move {
-                let key = installation.0.to_string();
-                let inst: Option<(String, String)> = sqlx::query_as(
-                    "SELECT doc::text, doc->>'connection_id' FROM installations WHERE key = $1 AND project_id = $2",
-                )
-                .bind(&key)
-                .bind(project)
-                .fetch_optional(&pool)
-                .await?;
-                let Some((_, connection)) = inst else { return Ok(false) };
-                let _: Option<String> =
-                    sqlx::query_scalar("SELECT doc::text FROM connections WHERE key = $1 AND project_id = $2")
-                        .bind(&connection)
-                        .bind(project)
-                        .fetch_optional(&pool)
-                        .await?;
-                let ops: Vec<String> = sqlx::query_scalar(
-                    "SELECT doc::text FROM operations WHERE project_id = $1 AND installation_id = $2 ORDER BY key DESC LIMIT 11",
-                )
-                .bind(project)
-                .bind(&key)
-                .fetch_all(&pool)
-                .await?;
-                Ok(!ops.is_empty())
+                let mut conn = pool.acquire().await?;
+                raw_answer(kind, &mut conn, project, installation.0).await
             })
         })
     };
-    let duration = Duration::from_secs(secs);
-    eprintln!("warming up...");
-    open_loop(300, Duration::from_secs(3), api.clone()).await;
-    open_loop(300, Duration::from_secs(2), raw.clone()).await;
-    eprintln!("installation-with-operations at 1000 requests/s for {secs} s...");
-    let at_1000 = open_loop(1000, duration, api.clone()).await;
-    let raw_1000 = open_loop(1000, duration, raw.clone()).await;
-    let (rss, _) = server.rss_mib();
-    eprintln!("api {} | raw {} | rss {rss:.0} MiB", at_1000.describe(), raw_1000.describe());
-    report.rows.push(format!(
-        "| API: installation with its connection and 10 operations at 1,000 requests/s (open loop, {secs} s) | {} | {} | p99 {:.1}× raw; target p99 < 20 ms |",
-        at_1000.describe(),
-        raw_1000.describe(),
-        ms(at_1000.percentile(0.99)) / ms(raw_1000.percentile(0.99)).max(1e-9)
-    ));
-    // The highest rate with p99 < 100 ms and no errors, in steps.
-    let mut best: Option<Load> = None;
-    let mut raw_at_best: Option<Load> = None;
-    for rate in [1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000] {
-        eprintln!("stepping: {rate} requests/s for {secs} s...");
-        let load = open_loop(rate, duration, api.clone()).await;
-        eprintln!("  {}", load.describe());
-        let passed = load.errors == 0 && load.percentile(0.99) < Duration::from_millis(100);
-        if !passed {
-            break;
+    let tenant: Request = {
+        let (seeded, pool) = (seeded.clone(), pool.clone());
+        Arc::new(move |i| {
+            let (project, _, installation) = pick(&seeded, i);
+            let (project, pool) = (*project, pool.clone());
+            Box::pin(async move {
+                let db = amplog_api::tenant::TenantDb::new(pool, project, STATEMENT_TIMEOUT_MS);
+                let answer = raw_answer(kind, &mut *db.conn().await?, project.0, installation.0).await;
+                db.release().await;
+                answer
+            })
+        })
+    };
+    Sides { api, raw, tenant }
+}
+
+/// `serve`'s default statement timeout, which the tenant side sets too.
+const STATEMENT_TIMEOUT_MS: u64 = 5_000;
+
+/// The sides answer alike: the same reduced answer for a sample of requests (none missing).
+async fn same_answers(kind: Kind, sides: &Sides) -> Result<()> {
+    for i in (0..2_000u64).step_by(37) {
+        let api = (sides.api)(i).await?;
+        let raw = (sides.raw)(i).await?;
+        let tenant = (sides.tenant)(i).await?;
+        if api.is_none() || api != raw || api != tenant {
+            bail!(
+                "{}: the sides answered request {i} differently:\napi {api:?}\nraw {raw:?}\ntenant {tenant:?}",
+                kind.name()
+            );
         }
-        raw_at_best = Some(open_loop(rate, duration, raw.clone()).await);
-        best = Some(load);
-    }
-    let (_, peak_rss) = server.rss_mib();
-    match (best, raw_at_best) {
-        (Some(best), Some(raw)) => report.rows.push(format!(
-            "| API: highest rate with p99 < 100 ms and no errors | **{} requests/s**: {} | same rate as SQL: {} | target ≥ 3,000 requests/s; server RSS peak {peak_rss:.0} MiB |",
-            best.rate,
-            best.describe(),
-            raw.describe()
-        )),
-        _ => report.rows.push(format!(
-            "| API: highest rate with p99 < 100 ms and no errors | below 1,500 requests/s | — | target ≥ 3,000 requests/s; server RSS peak {peak_rss:.0} MiB |"
-        )),
     }
     Ok(())
+}
+
+/// CPU seconds `pid` has used (user + system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect())
+        .unwrap_or_default();
+    (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
+/// The highest rate with p99 < 100 ms and no errors, stepped up until a step fails.
+async fn highest_rate(request: &Request, secs: u64) -> Option<Load> {
+    let mut best = None;
+    for rate in [500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000] {
+        let load = open_loop(rate, Duration::from_secs(secs), request.clone()).await;
+        eprintln!("  {rate}/s: {}", load.describe());
+        if !load.passed() {
+            break;
+        }
+        best = Some(load);
+    }
+    best
+}
+
+/// The installation query's p99 at 1,000 requests/s on one seed, beside raw-tenant's.
+pub struct AtRate {
+    pub api: Load,
+    pub tenant: Load,
+}
+
+/// Measures both queries on one seed (`label`): each at 1,000 requests/s against its raw and
+/// raw-tenant baselines, serve's CPU per request, and (with `step`) the highest rate of
+/// each side. Returns the installation query's figures at 1,000 requests/s.
+/// What one measurement of the API runs against.
+pub struct Target<'a> {
+    pub bin: &'a str,
+    pub url: &'a str,
+    pub secs: u64,
+    /// The seed's name in the report.
+    pub label: &'a str,
+    /// Also step each side's rate up to its highest.
+    pub step: bool,
+}
+
+pub async fn run(report: &mut Report, pool: &PgPool, seeded: Seeded, target: Target<'_>) -> Result<AtRate> {
+    let Target { bin, url, secs, label, step } = target;
+    let server = ServerProcess::start(bin, url)?;
+    let seeded = Arc::new(seeded);
+    let client = amplog_providers::connector::http_client().pool_max_idle_per_host(512).build()?;
+    let duration = Duration::from_secs(secs);
+    let mut installation = None;
+    for kind in [Kind::Installation, Kind::List] {
+        let sides = sides(kind, &seeded, pool, &client, &server.base);
+        same_answers(kind, &sides).await?;
+        eprintln!("{label}, {}: warming up...", kind.name());
+        open_loop(300, Duration::from_secs(3), sides.api.clone()).await;
+        open_loop(300, Duration::from_secs(2), sides.tenant.clone()).await;
+        eprintln!("{label}, {}: 1,000 requests/s for {secs} s per side...", kind.name());
+        let cpu = cpu_seconds(server.child.id());
+        let api = open_loop(1000, duration, sides.api.clone()).await;
+        let cpu_ms = (cpu_seconds(server.child.id()) - cpu) * 1000.0 / api.sent as f64;
+        let raw = open_loop(1000, duration, sides.raw.clone()).await;
+        let tenant = open_loop(1000, duration, sides.tenant.clone()).await;
+        eprintln!(
+            "api {} | raw {} | raw-tenant {} | serve CPU {cpu_ms:.3} ms/request",
+            api.describe(),
+            raw.describe(),
+            tenant.describe()
+        );
+        report.rows.push(format!(
+            "| API ({label}): {} at 1,000 requests/s, open loop {secs} s | {} (serve CPU {cpu_ms:.3} ms/request) | raw {}; raw-tenant {} | p99 **{:.2}×** raw-tenant ({:.2}× raw) |",
+            kind.name(),
+            api.describe(),
+            raw.describe(),
+            tenant.describe(),
+            api.p99_ms() / tenant.p99_ms().max(1e-9),
+            api.p99_ms() / raw.p99_ms().max(1e-9),
+        ));
+        if step {
+            eprintln!("{label}, {}: stepping the API...", kind.name());
+            let api_best = highest_rate(&sides.api, secs).await;
+            eprintln!("{label}, {}: stepping raw-tenant...", kind.name());
+            let tenant_best = highest_rate(&sides.tenant, secs).await;
+            let rate = |l: &Option<Load>| l.as_ref().map_or(0, |l| l.rate);
+            let describe = |l: &Option<Load>| {
+                l.as_ref().map_or("below 500/s".into(), |l| format!("{}/s: {}", l.rate, l.describe()))
+            };
+            report.rows.push(format!(
+                "| API ({label}): {}, highest rate with p99 < 100 ms and no errors | {} | raw-tenant {} | **{:.2}** |",
+                kind.name(),
+                describe(&api_best),
+                describe(&tenant_best),
+                rate(&api_best) as f64 / rate(&tenant_best).max(1) as f64
+            ));
+        }
+        if kind == Kind::Installation {
+            installation = Some(AtRate { api, tenant });
+        }
+    }
+    let (_, peak_rss) = server.rss_mib();
+    eprintln!("serve RSS peak {peak_rss:.0} MiB");
+    installation.context("measured")
 }

@@ -9,6 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod api;
 mod cpu;
+mod growth;
 mod history;
 mod proxy;
 mod relay;
@@ -44,8 +45,9 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     catchup_events: i64,
     /// Which benchmarks: `write` (commands, reader, projections), `api`, `relay` (Kafka),
-    /// `sync` (workers, simulator → webhook sink), `history` (audit pages), `proxy`, or `all`.
-    #[arg(long, default_value = "all", value_parser = ["write", "api", "relay", "sync", "history", "proxy", "all"])]
+    /// `sync` (workers, simulator → webhook sink), `history` (audit pages), `proxy`, `growth`
+    /// (the log at 100k, 1M, 10M events), or `all`.
+    #[arg(long, default_value = "all", value_parser = ["write", "api", "relay", "sync", "history", "proxy", "growth", "all"])]
     suite: String,
     /// The sync benchmark: installations read per round, and contacts each reads.
     #[arg(long, default_value_t = 16)]
@@ -63,6 +65,12 @@ struct Args {
     api_installations: usize,
     #[arg(long, default_value_t = 1_000_000)]
     api_operations: usize,
+    /// The log sizes the growth benchmark measures at, in events.
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000,10000000")]
+    growth_levels: Vec<i64>,
+    /// Also measure the API on the full seed (`--api-installations`, `--api-operations`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    api_full_seed: bool,
     /// Read operations of each installation in the history benchmark (measured at a
     /// quarter of it and at all of it).
     #[arg(long, default_value_t = 2_000)]
@@ -540,6 +548,21 @@ async fn projection_lag(pool: &PgPool, report: &mut Report, rate: u64, duration:
     Ok(())
 }
 
+/// A fresh database `name` seeded for the API benchmark: its pool, the seed, its URL.
+async fn api_seed(
+    args: &Args,
+    name: &str,
+    installations: usize,
+    operations: usize,
+) -> Result<(PgPool, api::Seeded, String)> {
+    let pool = fresh_database(&args.database_url, name).await?;
+    let seed_pool = seeding_pool(&args.database_url, name, 40).await?;
+    let seeded = api::seed(&pool, &seed_pool, installations, operations).await?;
+    seed_pool.close().await;
+    let url = PgConnectOptions::from_str(&args.database_url)?.database(name).to_url_lossy().to_string();
+    Ok((pool, seeded, url))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -577,14 +600,34 @@ async fn main() -> Result<()> {
         seed_pool.close().await;
         pool.close().await;
     }
+    if wants("growth") {
+        let pool = fresh_database(&args.database_url, "amplog_bench_growth").await?;
+        growth::run(&mut report, &pool, &args.growth_levels, duration).await?;
+        pool.close().await;
+    }
     if wants("api") {
-        let pool = fresh_database(&args.database_url, "amplog_bench_api").await?;
-        let seed_pool = seeding_pool(&args.database_url, "amplog_bench_api", 40).await?;
-        let seeded = api::seed(&pool, &seed_pool, args.api_installations, args.api_operations).await?;
-        seed_pool.close().await;
-        let url =
-            PgConnectOptions::from_str(&args.database_url)?.database("amplog_bench_api").to_url_lossy().to_string();
-        api::run(&mut report, &pool, seeded, &args.amplog_bin, &url, args.seconds.max(10)).await?;
+        // The small seed (1k installations, 20k operations) measured in full, then the full
+        // seed's installation query at the same rate: does the cost grow with the data?
+        let secs = args.seconds.max(10);
+        let small = api_seed(&args, "amplog_bench_api", 1_000, 20_000).await?;
+        let target = api::Target { bin: &args.amplog_bin, url: &small.2, secs, label: "small seed", step: true };
+        let small = api::run(&mut report, &small.0, small.1, target).await?;
+        if args.api_full_seed {
+            let full = api_seed(&args, "amplog_bench_api_full", args.api_installations, args.api_operations).await?;
+            let label = format!(
+                "full seed, {}k installations, {}k operations",
+                args.api_installations / 1000,
+                args.api_operations / 1000
+            );
+            let target = api::Target { bin: &args.amplog_bin, url: &full.2, secs, label: &label, step: false };
+            let full = api::run(&mut report, &full.0, full.1, target).await?;
+            let (a, b) = (full.api.percentile(0.99), small.api.percentile(0.99));
+            let (ta, tb) = (full.tenant.percentile(0.99), small.tenant.percentile(0.99));
+            report.rows.push(format!(
+                "| API: installation query p99 at 1,000 requests/s, {label} ÷ small seed | {:.1} ms ÷ {:.1} ms = **{:.2}×** | raw-tenant {:.1} ms ÷ {:.1} ms = {:.2}× | target ≤ 1.5× |",
+                ms(a), ms(b), ms(a) / ms(b).max(1e-9), ms(ta), ms(tb), ms(ta) / ms(tb).max(1e-9)
+            ));
+        }
     }
     println!("| benchmark | amplog | raw baseline | ratio |");
     println!("|---|---|---|---|");

@@ -7,6 +7,7 @@ pub mod docs;
 pub mod fold;
 pub mod metrics;
 pub mod queries;
+pub mod reads;
 pub mod runtime;
 pub mod usage;
 

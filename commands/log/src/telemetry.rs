@@ -29,6 +29,7 @@ pub struct ProcessMetrics {
     leader: Family<Labels, Gauge>,
     leader_changes: Family<Labels, Counter>,
     lease_takeovers: Counter,
+    graphql_answers: Family<Labels, Counter>,
     pool_waiting: AtomicI64,
     pools: Mutex<Vec<PgPool>>,
     per_project: AtomicBool,
@@ -41,6 +42,7 @@ static METRICS: LazyLock<ProcessMetrics> = LazyLock::new(|| ProcessMetrics {
     leader: Family::default(),
     leader_changes: Family::default(),
     lease_takeovers: Counter::default(),
+    graphql_answers: Family::default(),
     pool_waiting: AtomicI64::new(0),
     pools: Mutex::new(Vec::new()),
     per_project: AtomicBool::new(false),
@@ -116,6 +118,11 @@ impl ProcessMetrics {
         self.lease_takeovers.inc();
     }
 
+    /// A GraphQL request answered by a compiled plan (`plan`) or by the executor.
+    pub fn graphql_answer(&self, by: &'static str) {
+        self.graphql_answers.get_or_create(&vec![("by", by.to_string())]).inc();
+    }
+
     /// Reports `pool`'s connections (in use, idle, the maximum) in this process's metrics.
     pub fn watch_pool(&self, pool: &PgPool) {
         self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(pool.clone());
@@ -153,6 +160,11 @@ impl ProcessMetrics {
             "amplog_lease_takeovers",
             "Operations taken over from a worker whose lease expired",
             self.lease_takeovers.clone(),
+        );
+        registry.register(
+            "amplog_graphql_answers",
+            "GraphQL requests over HTTP answered, by a compiled plan or by the executor",
+            self.graphql_answers.clone(),
         );
         let pools = self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let (mut in_use, mut idle, mut max) = (0i64, 0i64, 0i64);

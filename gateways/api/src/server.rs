@@ -34,6 +34,8 @@ use uuid::Uuid;
 
 /// Bytes of query text the parsed-document cache holds at most (weighed as guard.rs says).
 const PARSED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes the compiled plans may take (weighed as compiled.rs says).
+const PLAN_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 struct Shared {
@@ -43,6 +45,8 @@ struct Shared {
     limits: Arc<Limits>,
     /// In `--dev`: the schema that answers introspection-only queries (deeper nesting).
     introspection: Option<AmplogSchema>,
+    /// Compiled read queries by text (`graphql::compiled`).
+    plans: graphql::compiled::PlanCache,
 }
 
 /// A running server.
@@ -134,7 +138,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     let connect = crate::connect::router(state.clone());
     let proxy = crate::proxy::router(state.clone());
     let subscribe = crate::subscribe::router(state.clone());
-    let shared = Shared { state, schema, limits: Arc::new(limits), introspection };
+    let plans = graphql::compiled::plan_cache(PLAN_CACHE_BYTES);
+    let shared = Shared { state, schema, limits: Arc::new(limits), introspection, plans };
     Router::new()
         .route("/graphql", get(graphiql).post(graphql_http))
         .route("/graphql/ws", get(graphql_ws))
@@ -234,17 +239,33 @@ async fn graphql_http(
                 .to_string(),
         ),
     };
-    let response = execute_once(&shared, principal, checked, idempotency_key).await?;
-    Ok(Json(response).into_response())
+    match execute_once(&shared, principal, checked, idempotency_key, true).await? {
+        Executed::Response(response) => Ok(Json(response).into_response()),
+        Executed::Body(body) => Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response()),
+    }
 }
 
-/// Executes a checked query or mutation for `principal` within the request timeout.
+/// What answered a request: the executor, or a compiled plan (its JSON body, written whole).
+enum Executed {
+    Response(async_graphql::Response),
+    Body(Vec<u8>),
+}
+
+/// What the request's task hands back.
+enum Answer {
+    Executed(Box<async_graphql::Response>, usize),
+    Compiled(Vec<u8>),
+}
+
+/// Executes a checked query or mutation for `principal` within the request timeout;
+/// `compiled`: a compiled plan may answer it (over HTTP).
 async fn execute_once(
     shared: &Shared,
     principal: Principal,
     checked: guard::Checked,
     idempotency_key: Option<String>,
-) -> Result<async_graphql::Response, ApiError> {
+    compiled: bool,
+) -> Result<Executed, ApiError> {
     let state = &shared.state;
     let schema = match (&shared.introspection, checked.introspection_only) {
         (Some(introspection), true) => introspection.clone(),
@@ -269,6 +290,18 @@ async fn execute_once(
         TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms)
             .with_group(principal.group.clone()),
     );
+    // A read query compiled before (or to compile if the executor answers it cleanly).
+    let plan_key = (compiled && state.config.compiled_reads && !checked.introspection_only)
+        .then(|| (request.query.clone(), request.operation_name.clone()));
+    let cached = plan_key.as_ref().and_then(|key| shared.plans.get(key));
+    let candidate = match (&plan_key, &cached) {
+        (Some((_, operation)), None) => {
+            request.parsed_query().ok().map(|doc| graphql::compiled::compile(doc, operation.as_deref()))
+        }
+        _ => None,
+    };
+    let plans = shared.plans.clone();
+    let max_complexity = shared.limits.complexity;
     let request = graphql::request_data(request, principal, db.clone(), idempotency_key);
     // Executed on its own task: a timeout or a client hanging up stops waiting for it, but
     // never cancels it halfway through a PostgreSQL exchange (a connection must not go back
@@ -277,14 +310,40 @@ async fn execute_once(
     let (done, answer) = tokio::sync::oneshot::channel();
     tokio::spawn(tracing::Instrument::instrument(
         async move {
+            if let Some(plan) = cached.as_ref().and_then(|plan| plan.as_ref().as_ref()) {
+                if let Some(bound) = plan.bind(&request.variables, max_complexity) {
+                    if let Ok(fetched) = db.read_once(&bound.reads).await {
+                        if let Some(body) = bound.answer(fetched) {
+                            amplog_log::telemetry::metrics().graphql_answer("plan");
+                            let _ = done.send(Answer::Compiled(body));
+                            return;
+                        }
+                    }
+                }
+            }
             let response = schema.execute(request).await;
-            let _ = done.send((response, db.uses()));
+            if compiled {
+                amplog_log::telemetry::metrics().graphql_answer("executor");
+            }
+            if let (Some(key), Some(compiled)) = (plan_key, candidate) {
+                if response.errors.is_empty() {
+                    plans.insert(key, Arc::new(compiled));
+                }
+            }
+            let _ = done.send(Answer::Executed(Box::new(response), db.uses()));
             db.release().await;
         },
         span,
     ));
     let (mut response, uses) = match tokio::time::timeout(state.config.request_timeout, answer).await {
-        Ok(Ok(done)) => done,
+        Ok(Ok(Answer::Executed(response, uses))) => (*response, uses),
+        Ok(Ok(Answer::Compiled(mut body))) => {
+            if state.config.dev {
+                body.pop();
+                body.extend_from_slice(b",\"extensions\":{\"sqlStatements\":1}}");
+            }
+            return Ok(Executed::Body(body));
+        }
         Ok(Err(_)) => return Err(ApiError::Internal("the request's task ended without an answer".into())),
         Err(_) => return Err(ApiError::Timeout(state.config.request_timeout)),
     };
@@ -305,7 +364,7 @@ async fn execute_once(
             }
         }
     }
-    Ok(response)
+    Ok(Executed::Response(response))
 }
 
 async fn graphiql(State(shared): State<Shared>) -> Response {
@@ -429,7 +488,10 @@ async fn ws_operation(
     let principal = state.keys.authenticate(&session.key).await?;
     let checked = guard::check(request, &shared.limits, &state.parsed)?;
     if !checked.subscription {
-        let response = execute_once(&shared, principal, checked, None).await?;
+        let response = match execute_once(&shared, principal, checked, None, false).await? {
+            Executed::Response(response) => response,
+            Executed::Body(_) => return Err(ApiError::Internal("a compiled answer over a WebSocket".into())),
+        };
         return Ok(futures::stream::iter([response]).boxed());
     }
     let too_many = |n: usize, per: &str| {

@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub connectors: amplog_providers::connector::Connectors,
     /// Largest body a proxy call may send, in bytes (it streams; it is never held whole).
     pub proxy_body_limit: u64,
+    /// Whether common read queries are answered by their compiled plans
+    /// (`graphql::compiled`); off, the executor answers every request.
+    pub compiled_reads: bool,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +62,7 @@ impl Default for ServerConfig {
             public_url: None,
             connectors: Default::default(),
             proxy_body_limit: 256 * 1024 * 1024,
+            compiled_reads: true,
         }
     }
 }

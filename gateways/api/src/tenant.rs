@@ -36,31 +36,48 @@ impl TenantDb {
         self
     }
 
+    /// The statement that makes what follows it in its transaction run as `amplog_app`,
+    /// scoped to the project (and the group). Both values are rendered from typed values
+    /// (a UUID, an integer), so nothing can be injected; the group is tenant input: it
+    /// reaches the statement hex-encoded, never as text.
+    fn settings(&self) -> String {
+        let group = match &self.group {
+            Some(group) => format!(
+                ", set_config('amplog.group_ref', convert_from(decode('{}', 'hex'), 'UTF8'), true)",
+                hex::encode(group)
+            ),
+            None => String::new(),
+        };
+        format!(
+            "SELECT set_config('role', '{APP_ROLE}', true), set_config('amplog.project_id', '{}', true), \
+             set_config('statement_timeout', '{}', true){group};",
+            self.project.0, self.statement_timeout_ms
+        )
+    }
+
     /// The request's connection: a transaction as `amplog_app`, scoped to the project.
     pub async fn conn(&self) -> Result<MappedMutexGuard<'_, PgConnection>, ApiError> {
         self.uses.fetch_add(1, Ordering::Relaxed);
         let mut guard = self.tx.lock().await;
         if guard.is_none() {
-            // One round trip: BEGIN and the settings as one simple query. Both values are
-            // rendered from typed values (a UUID, an integer), so nothing can be injected.
-            // The group is tenant input: it reaches the statement hex-encoded, never as text.
-            let group = match &self.group {
-                Some(group) => format!(
-                    ", set_config('amplog.group_ref', convert_from(decode('{}', 'hex'), 'UTF8'), true)",
-                    hex::encode(group)
-                ),
-                None => String::new(),
-            };
-            let begin = format!(
-                "BEGIN; SELECT set_config('role', '{APP_ROLE}', true), \
-                 set_config('amplog.project_id', '{}', true), set_config('statement_timeout', '{}', true){group}",
-                self.project.0, self.statement_timeout_ms
-            );
+            // One round trip: BEGIN and the settings as one simple query.
+            let begin = format!("BEGIN; {}", self.settings());
             *guard = Some(
                 amplog_log::telemetry::metrics().waiting_for(amplog_log::tx::begin_with(&self.pool, begin)).await?,
             );
         }
         Ok(MutexGuard::map(guard, |tx| &mut **tx.as_mut().expect("begun above")))
+    }
+
+    /// One-statement reads in one round trip, in the same tenancy as `conn`: the settings and
+    /// the reads are one simple query, so one implicit transaction, which ends with it.
+    pub async fn read_once(
+        &self,
+        reads: &[amplog_projections::reads::InstallationRead],
+    ) -> Result<Vec<amplog_projections::reads::Fetched>, ApiError> {
+        self.uses.fetch_add(1, Ordering::Relaxed);
+        let mut conn = amplog_log::telemetry::metrics().waiting_for(self.pool.acquire()).await?;
+        Ok(amplog_projections::reads::read(&mut conn, &self.settings(), self.project.0, reads).await?)
     }
 
     pub fn uses(&self) -> usize {

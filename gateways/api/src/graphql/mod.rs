@@ -2,6 +2,7 @@
 //! command service, the `operationUpdates` subscription, and the limits every request runs
 //! under.
 
+pub mod compiled;
 pub mod guard;
 pub mod loaders;
 pub mod mutation;

@@ -16,8 +16,8 @@ type Result<T, E = ApiError> = std::result::Result<T, E>;
 use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
-const DEFAULT_PAGE: usize = 20;
-const MAX_PAGE: usize = 100;
+pub(crate) const DEFAULT_PAGE: usize = 20;
+pub(crate) const MAX_PAGE: usize = 100;
 /// The largest history page.
 const MAX_HISTORY_PAGE: i32 = 1000;
 /// What a replay of a whole installation (`installationAsOf`, `verifyInstallation`) costs
@@ -547,7 +547,7 @@ pub struct JwtKey {
 }
 
 /// Complexity of a paginated field: its page size times what each item costs.
-fn page_complexity(first: Option<i32>, last: Option<i32>, child: usize) -> usize {
+pub(crate) fn page_complexity(first: Option<i32>, last: Option<i32>, child: usize) -> usize {
     let n = first.or(last).unwrap_or(DEFAULT_PAGE as i32).clamp(0, MAX_PAGE as i32) as usize;
     n.max(1) * child + 1
 }

@@ -4,6 +4,7 @@ mod admin;
 mod api;
 mod audit;
 mod browser;
+mod compiled;
 mod connect;
 mod jwt;
 mod proxy;
