@@ -100,8 +100,13 @@ pub fn init() -> Result<Telemetry> {
         let own = |m: &tracing::Metadata<'_>| {
             !["hyper", "h2", "reqwest", "opentelemetry", "tower"].iter().any(|t| m.target().starts_with(t))
         };
+        // Spans carry what a trace needs; not the busy/idle times of every poll, the thread,
+        // or an OpenTelemetry context entered on every poll (nothing here reads it).
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("amplog"))
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_context_activation(false)
             .with_filter(tracing_subscriber::filter::filter_fn(own))
     });
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
@@ -152,7 +157,8 @@ where
         mut writer: Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let context = opentelemetry::Context::current();
+        // The event's span's context (no OpenTelemetry context is entered on each poll).
+        let context = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
         let span = context.span();
         let ids = span.span_context();
         if !ids.is_valid() {

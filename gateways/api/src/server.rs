@@ -225,7 +225,6 @@ async fn graphql_http(
     })?;
     let request: async_graphql::Request = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("bad_request", format!("the body is not a GraphQL request: {e}")))?;
-    let checked = guard::check(request, &shared.limits, &state.parsed)?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(
@@ -239,33 +238,58 @@ async fn graphql_http(
                 .to_string(),
         ),
     };
-    match execute_once(&shared, principal, checked, idempotency_key, true).await? {
-        Executed::Response(response) => Ok(Json(response).into_response()),
-        Executed::Body(body) => Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response()),
+    if idempotency_key.is_none() {
+        if let Some(body) = answer_by_plan(&shared, &principal, &request).await {
+            return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+        }
     }
+    let checked = guard::check(request, &shared.limits, &state.parsed)?;
+    let response = execute_once(&shared, principal, checked, idempotency_key, true).await?;
+    Ok(Json(response).into_response())
 }
 
-/// What answered a request: the executor, or a compiled plan (its JSON body, written whole).
-enum Executed {
-    Response(async_graphql::Response),
-    Body(Vec<u8>),
-}
-
-/// What the request's task hands back.
-enum Answer {
-    Executed(Box<async_graphql::Response>, usize),
-    Compiled(Vec<u8>),
+/// The answer of a request's compiled plan (`graphql::compiled`), if it has one and it
+/// answers: bound to the request's variables, its documents read in one round trip, its
+/// body written whole. `None` sends the request to the executor, which answers everything
+/// (the refusals included) as always. Run in the handler: the plan's one statement holds
+/// no transaction open, so a client hanging up mid-read leaves nothing behind.
+async fn answer_by_plan(shared: &Shared, principal: &Principal, request: &async_graphql::Request) -> Option<Vec<u8>> {
+    let state = &shared.state;
+    if !state.config.compiled_reads {
+        return None;
+    }
+    let plan = shared.plans.get(&(request.query.clone(), request.operation_name.clone()))?;
+    let plan = plan.as_ref().as_ref()?;
+    let bound = plan.bind(&request.variables, shared.limits.complexity)?;
+    let span = tracing::info_span!(
+        "graphql",
+        otel.name = plan.span_name(),
+        graphql.operation.type = "query",
+        graphql.operation.name = graphql::span_name(request.operation_name.as_deref().unwrap_or("")),
+        graphql.fields = plan.fields(),
+    );
+    let db = TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms)
+        .with_group(principal.group.clone());
+    let read = tracing::Instrument::instrument(db.read_once(&bound.reads), span);
+    let fetched = tokio::time::timeout(state.config.request_timeout, read).await.ok()?.ok()?;
+    let mut body = bound.answer(fetched)?;
+    amplog_log::telemetry::metrics().graphql_answer("plan");
+    if state.config.dev {
+        body.pop();
+        body.extend_from_slice(b",\"extensions\":{\"sqlStatements\":1}}");
+    }
+    Some(body)
 }
 
 /// Executes a checked query or mutation for `principal` within the request timeout;
-/// `compiled`: a compiled plan may answer it (over HTTP).
+/// `compiled`: compile it for later requests (over HTTP) when the executor answers cleanly.
 async fn execute_once(
     shared: &Shared,
     principal: Principal,
     checked: guard::Checked,
     idempotency_key: Option<String>,
     compiled: bool,
-) -> Result<Executed, ApiError> {
+) -> Result<async_graphql::Response, ApiError> {
     let state = &shared.state;
     let schema = match (&shared.introspection, checked.introspection_only) {
         (Some(introspection), true) => introspection.clone(),
@@ -293,15 +317,14 @@ async fn execute_once(
     // A read query compiled before (or to compile if the executor answers it cleanly).
     let plan_key = (compiled && state.config.compiled_reads && !checked.introspection_only)
         .then(|| (request.query.clone(), request.operation_name.clone()));
-    let cached = plan_key.as_ref().and_then(|key| shared.plans.get(key));
-    let candidate = match (&plan_key, &cached) {
-        (Some((_, operation)), None) => {
+    let cached = plan_key.as_ref().is_some_and(|key| shared.plans.contains_key(key));
+    let candidate = match (&plan_key, cached) {
+        (Some((_, operation)), false) => {
             request.parsed_query().ok().map(|doc| graphql::compiled::compile(doc, operation.as_deref()))
         }
         _ => None,
     };
     let plans = shared.plans.clone();
-    let max_complexity = shared.limits.complexity;
     let request = graphql::request_data(request, principal, db.clone(), idempotency_key);
     // Executed on its own task: a timeout or a client hanging up stops waiting for it, but
     // never cancels it halfway through a PostgreSQL exchange (a connection must not go back
@@ -310,17 +333,6 @@ async fn execute_once(
     let (done, answer) = tokio::sync::oneshot::channel();
     tokio::spawn(tracing::Instrument::instrument(
         async move {
-            if let Some(plan) = cached.as_ref().and_then(|plan| plan.as_ref().as_ref()) {
-                if let Some(bound) = plan.bind(&request.variables, max_complexity) {
-                    if let Ok(fetched) = db.read_once(&bound.reads).await {
-                        if let Some(body) = bound.answer(fetched) {
-                            amplog_log::telemetry::metrics().graphql_answer("plan");
-                            let _ = done.send(Answer::Compiled(body));
-                            return;
-                        }
-                    }
-                }
-            }
             let response = schema.execute(request).await;
             if compiled {
                 amplog_log::telemetry::metrics().graphql_answer("executor");
@@ -330,20 +342,13 @@ async fn execute_once(
                     plans.insert(key, Arc::new(compiled));
                 }
             }
-            let _ = done.send(Answer::Executed(Box::new(response), db.uses()));
+            let _ = done.send((response, db.uses()));
             db.release().await;
         },
         span,
     ));
     let (mut response, uses) = match tokio::time::timeout(state.config.request_timeout, answer).await {
-        Ok(Ok(Answer::Executed(response, uses))) => (*response, uses),
-        Ok(Ok(Answer::Compiled(mut body))) => {
-            if state.config.dev {
-                body.pop();
-                body.extend_from_slice(b",\"extensions\":{\"sqlStatements\":1}}");
-            }
-            return Ok(Executed::Body(body));
-        }
+        Ok(Ok(done)) => done,
         Ok(Err(_)) => return Err(ApiError::Internal("the request's task ended without an answer".into())),
         Err(_) => return Err(ApiError::Timeout(state.config.request_timeout)),
     };
@@ -364,7 +369,7 @@ async fn execute_once(
             }
         }
     }
-    Ok(Executed::Response(response))
+    Ok(response)
 }
 
 async fn graphiql(State(shared): State<Shared>) -> Response {
@@ -488,10 +493,7 @@ async fn ws_operation(
     let principal = state.keys.authenticate(&session.key).await?;
     let checked = guard::check(request, &shared.limits, &state.parsed)?;
     if !checked.subscription {
-        let response = match execute_once(&shared, principal, checked, None, false).await? {
-            Executed::Response(response) => response,
-            Executed::Body(_) => return Err(ApiError::Internal("a compiled answer over a WebSocket".into())),
-        };
+        let response = execute_once(&shared, principal, checked, None, false).await?;
         return Ok(futures::stream::iter([response]).boxed());
     }
     let too_many = |n: usize, per: &str| {

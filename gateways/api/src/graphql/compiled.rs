@@ -44,6 +44,9 @@ pub struct Plan {
     roots: Vec<Root>,
     /// The document's fields as the complexity limit counts them (every occurrence).
     complexity: Vec<Cost>,
+    /// The span's name (`query {fields}`) and its root fields, as `graphql::describe` gives.
+    span_name: String,
+    fields: String,
 }
 
 #[derive(Debug)]
@@ -272,7 +275,19 @@ pub fn compile(doc: &ExecutableDocument, operation: Option<&str>) -> Option<Plan
         }
         roots.push(Root { key, kind });
     }
-    Some(Plan { variables, roots, complexity })
+    let fields: Vec<&str> = op
+        .selection_set
+        .node
+        .items
+        .iter()
+        .filter_map(|item| match &item.node {
+            Selection::Field(field) => Some(super::span_name(field.node.name.node.as_str())),
+            _ => None,
+        })
+        .take(8)
+        .collect();
+    let fields = fields.join(",");
+    Some(Plan { variables, roots, complexity, span_name: format!("query {fields}"), fields })
 }
 
 fn scalar_type(ty: &Type) -> Option<(Scalar, bool)> {
@@ -398,6 +413,14 @@ pub struct Bound<'p> {
 }
 
 impl Plan {
+    pub fn span_name(&self) -> &str {
+        &self.span_name
+    }
+
+    pub fn fields(&self) -> &str {
+        &self.fields
+    }
+
     /// Binds the request's variables; `None` when any would not pass the executor unchanged
     /// (a missing or mistyped value, a page size it refuses) or the complexity is over
     /// `max_complexity`.
