@@ -45,8 +45,9 @@ pub async fn run(report: &mut Report, pool: &PgPool, levels: &[i64], duration: D
             })
             .await?
         };
+        let events = settled(pool).await?;
         eprintln!("{events} events: the reader over the newest {READ_WINDOW}...");
-        let reads = read_newest(pool).await?;
+        let reads = read_newest(pool, events).await?;
         let (table, indexes): (i64, i64) =
             sqlx::query_as("SELECT pg_table_size('events'), pg_indexes_size('events')").fetch_one(pool).await?;
         let level = Level {
@@ -91,8 +92,9 @@ async fn fill(
     target: i64,
 ) -> Result<()> {
     let have: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
-    let rounds = (target - have).max(0) as u64 / (fillers.len() as u64 * 10 * 100);
-    let bar = indicatif::ProgressBar::new(rounds * fillers.len() as u64 * 10 * 100);
+    let per_round = fillers.len() as u64 * 10 * 100;
+    let rounds = ((target - have).max(0) as u64).div_ceil(per_round);
+    let bar = indicatif::ProgressBar::new(rounds * per_round);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "filling the log to {len} events [{bar:30}] {pos} ({per_sec}, {eta} left)",
@@ -119,29 +121,56 @@ async fn fill(
         for t in tasks {
             t.await??;
         }
-        bar.inc(fillers.len() as u64 * 10 * 100);
+        bar.inc(per_round);
     }
     bar.finish_and_clear();
     Ok(())
 }
 
+/// The log's size once two counts a second apart agree (the last appends of the writers
+/// were seen landing just after their commands returned, on a durable cluster).
+async fn settled(pool: &PgPool) -> Result<i64> {
+    let mut last = -1;
+    loop {
+        let now: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(pool).await?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// The reader's rate over the newest `READ_WINDOW` events: a catch-up from the cursor
 /// before them to the end, as a projector or the relay that fell behind reads.
-async fn read_newest(pool: &PgPool) -> Result<f64> {
+async fn read_newest(pool: &PgPool, events: i64) -> Result<f64> {
+    let window = READ_WINDOW.min(events / 2);
     let (xid, position): (String, i64) = sqlx::query_as(
         "SELECT transaction_id::text, position FROM events ORDER BY transaction_id DESC, position DESC
          OFFSET $1 LIMIT 1",
     )
-    .bind(READ_WINDOW)
+    .bind(window)
     .fetch_one(pool)
     .await?;
     let from = LogCursor { transaction_id: xid.parse().context("xid")?, position };
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2)")
+        .bind(xid)
+        .bind(position)
+        .fetch_one(pool)
+        .await?;
+    anyhow::ensure!(after == window, "{after} events follow the cursor, not {window}");
+    let reader = LogReader::new(pool.clone());
     let start = Instant::now();
-    let mut log = LogReader::new(pool.clone()).catch_up(from, 5000).await?;
-    let mut events = 0u64;
-    while let Some(batch) = log.next_stored().await? {
-        events += batch.len() as u64;
+    let (mut cursor, mut events) = (from, 0i64);
+    while events < window {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(300), "the reader stalled at {events} of {window} events");
+        let batch = reader.read_stored_batch(cursor, 5000).await?;
+        let Some(last) = batch.last() else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        cursor = last.cursor();
+        events += batch.len() as i64;
     }
-    anyhow::ensure!(events as i64 >= READ_WINDOW, "the reader delivered {events} of {READ_WINDOW} events");
     Ok(events as f64 / start.elapsed().as_secs_f64())
 }
