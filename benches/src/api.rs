@@ -550,19 +550,26 @@ pub async fn run(report: &mut Report, pool: &PgPool, seeded: Seeded, target: Tar
         open_loop(300, Duration::from_secs(3), sides.api.clone()).await;
         open_loop(300, Duration::from_secs(2), sides.tenant.clone()).await;
         eprintln!("{label}, {}: 1,000 requests/s for {secs} s per side...", kind.name());
-        let cpu = cpu_seconds(server.child.id());
+        // Per request: serve's CPU, and PostgreSQL's for each side.
+        let per = |seconds: f64, load: &Load| seconds * 1000.0 / load.sent as f64;
+        let (cpu, pg) = (cpu_seconds(server.child.id()), crate::cpu::CpuSnapshot::now());
         let api = open_loop(1000, duration, sides.api.clone()).await;
-        let cpu_ms = (cpu_seconds(server.child.id()) - cpu) * 1000.0 / api.sent as f64;
+        let cpu_ms = per(cpu_seconds(server.child.id()) - cpu, &api);
+        let api_pg = per(pg.used("PostgreSQL"), &api);
+        let pg = crate::cpu::CpuSnapshot::now();
         let raw = open_loop(1000, duration, sides.raw.clone()).await;
+        let raw_pg = per(pg.used("PostgreSQL"), &raw);
+        let pg = crate::cpu::CpuSnapshot::now();
         let tenant = open_loop(1000, duration, sides.tenant.clone()).await;
+        let tenant_pg = per(pg.used("PostgreSQL"), &tenant);
         eprintln!(
-            "api {} | raw {} | raw-tenant {} | serve CPU {cpu_ms:.3} ms/request",
+            "api {} | raw {} | raw-tenant {} | serve CPU {cpu_ms:.3} ms/request; PostgreSQL {api_pg:.3} / {raw_pg:.3} / {tenant_pg:.3}",
             api.describe(),
             raw.describe(),
             tenant.describe()
         );
         report.rows.push(format!(
-            "| API ({label}): {} at 1,000 requests/s, open loop {secs} s | {} (serve CPU {cpu_ms:.3} ms/request) | raw {}; raw-tenant {} | p99 **{:.2}×** raw-tenant ({:.2}× raw) |",
+            "| API ({label}): {} at 1,000 requests/s, open loop {secs} s | {} (serve CPU {cpu_ms:.3} ms/request, PostgreSQL {api_pg:.3}) | raw {} (PostgreSQL {raw_pg:.3}); raw-tenant {} (PostgreSQL {tenant_pg:.3}) | p99 **{:.2}×** raw-tenant ({:.2}× raw) |",
             kind.name(),
             api.describe(),
             raw.describe(),

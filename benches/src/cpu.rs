@@ -41,6 +41,11 @@ impl CpuSnapshot {
         Self { at: Instant::now(), parts }
     }
 
+    /// CPU seconds `part` used since `self`.
+    pub fn used(&self, part: &str) -> f64 {
+        Self::now().parts.get(part).copied().unwrap_or(0.0) - self.parts.get(part).copied().unwrap_or(0.0)
+    }
+
     /// "wall 2.1 s; CPU: this process 1.9 s, PostgreSQL 0.8 s, broker 1.1 s" since `self`.
     pub fn since(&self) -> String {
         let now = Self::now();

@@ -89,38 +89,60 @@ fn uuid_text(u: Uuid) -> String {
     format!("'{u}'")
 }
 
-/// The statement for `reads` of `project`.
-pub fn statement(project: Uuid, reads: &[InstallationRead]) -> String {
-    let p = uuid_text(project);
+/// A statement's values: in place (literals), or as parameters of a prepared statement
+/// (their types and literals kept apart).
+struct Values {
+    prepared: bool,
+    types: Vec<&'static str>,
+    literals: Vec<String>,
+}
+
+impl Values {
+    fn add(&mut self, ty: &'static str, literal: String) -> String {
+        if !self.prepared {
+            return literal;
+        }
+        self.types.push(ty);
+        self.literals.push(literal);
+        format!("${}", self.types.len())
+    }
+}
+
+/// The statement for `reads` of `project`: with its values in place, or (`prepared`) with
+/// parameters, their types and their literals.
+fn statement(project: Uuid, reads: &[InstallationRead], prepared: bool) -> (String, Values) {
+    let mut v = Values { prepared, types: Vec::new(), literals: Vec::new() };
+    let p = v.add("uuid", uuid_text(project));
     let numbered = nodes(reads);
     let (mut ctes, mut selects) = (Vec::new(), Vec::new());
     for (read, nodes) in reads.iter().zip(&numbered) {
         let root = format!("n{}", nodes.installations);
         let selection = match &read.installations {
             Installations::ById(id) => {
-                format!("SELECT key, doc FROM installations WHERE project_id = {p} AND key = {}", uuid_text(*id))
+                let id = v.add("text", uuid_text(*id));
+                format!("SELECT key, doc FROM installations WHERE project_id = {p} AND key = {id}")
             }
             Installations::Page { after, integration_id, group_ref, health, paused, include_deleted, limit } => {
                 let mut sql = format!("SELECT key, doc FROM installations WHERE project_id = {p}");
                 if let Some(after) = after {
-                    let _ = write!(sql, " AND key > {}", uuid_text(*after));
+                    let _ = write!(sql, " AND key > {}", v.add("text", uuid_text(*after)));
                 }
                 if let Some(integration) = integration_id {
-                    let _ = write!(sql, " AND integration_id = {}", uuid_text(*integration));
+                    let _ = write!(sql, " AND integration_id = {}", v.add("text", uuid_text(*integration)));
                 }
                 if let Some(group) = group_ref {
-                    let _ = write!(sql, " AND group_ref = {}", text(group));
+                    let _ = write!(sql, " AND group_ref = {}", v.add("text", text(group)));
                 }
                 if let Some(health) = health {
-                    let _ = write!(sql, " AND health = {}", text(health));
+                    let _ = write!(sql, " AND health = {}", v.add("text", text(health)));
                 }
                 if let Some(paused) = paused {
-                    let _ = write!(sql, " AND paused = {paused}");
+                    let _ = write!(sql, " AND paused = {}", v.add("boolean", paused.to_string()));
                 }
                 if !include_deleted {
                     sql.push_str(" AND (doc->>'deleted')::boolean IS NOT TRUE");
                 }
-                let _ = write!(sql, " ORDER BY key LIMIT {limit}");
+                let _ = write!(sql, " ORDER BY key LIMIT {}", v.add("int8", limit.to_string()));
                 sql
             }
         };
@@ -135,24 +157,36 @@ pub fn statement(project: Uuid, reads: &[InstallationRead]) -> String {
         for (page, node) in read.operations.iter().zip(&nodes.operations) {
             let mut filter = String::new();
             if let Some(after) = page.after {
-                let _ = write!(filter, " AND key < {}", uuid_text(after));
+                let _ = write!(filter, " AND key < {}", v.add("text", uuid_text(after)));
             }
             if let Some(status) = &page.status {
-                let _ = write!(filter, " AND status = {}", text(status));
+                let _ = write!(filter, " AND status = {}", v.add("text", text(status)));
             }
             if let Some(op_type) = &page.op_type {
-                let _ = write!(filter, " AND op_type = {}", text(op_type));
+                let _ = write!(filter, " AND op_type = {}", v.add("text", text(op_type)));
             }
+            let limit = v.add("int8", page.limit.to_string());
             selects.push(format!(
                 "SELECT {node}, i.key, o.key, o.doc::text FROM {root} i CROSS JOIN LATERAL (
                      SELECT key, doc FROM operations
                      WHERE project_id = {p} AND installation_id = i.key{filter}
-                     ORDER BY key DESC LIMIT {}) o",
-                page.limit
+                     ORDER BY key DESC LIMIT {limit}) o"
             ));
         }
     }
-    format!("WITH {} {}", ctes.join(", "), selects.join(" UNION ALL "))
+    (format!("WITH {} {}", ctes.join(", "), selects.join(" UNION ALL ")), v)
+}
+
+/// Statement shapes prepared on the pool's connections, at most `MAX_PREPARED` (a tenant
+/// choosing shapes must not grow every session's memory without bound); beyond them a
+/// statement is sent with its values in place, planned each time.
+static PREPARED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<u64>>> =
+    std::sync::LazyLock::new(Default::default);
+const MAX_PREPARED: usize = 256;
+
+fn may_prepare(shape: u64) -> bool {
+    let mut prepared = PREPARED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    prepared.contains(&shape) || (prepared.len() < MAX_PREPARED && prepared.insert(shape))
 }
 
 /// Runs `prefix` (the caller's tenancy settings, statements ending in `;`) and the reads in
@@ -164,8 +198,26 @@ pub async fn read(
     project: Uuid,
     reads: &[InstallationRead],
 ) -> Result<Vec<Fetched>, ProjectionError> {
-    let sql = format!("{prefix} {}", statement(project, reads));
-    read_statement(conn, sql).await
+    use std::hash::{Hash, Hasher};
+    let (template, values) = statement(project, reads, true);
+    let mut hasher = std::hash::DefaultHasher::new();
+    template.hash(&mut hasher);
+    let shape = hasher.finish();
+    if !may_prepare(shape) {
+        return read_statement(conn, format!("{prefix} {}", statement(project, reads, false).0)).await;
+    }
+    // Prepared once per connection (the first EXECUTE on a connection without it fails
+    // alone, before anything is read), planned by PostgreSQL's plan cache after that.
+    let name = format!("amplog_read_{shape:016x}");
+    let execute = format!("{prefix} EXECUTE {name}({});", values.literals.join(", "));
+    match read_statement(conn, execute.clone()).await {
+        Err(ProjectionError::Database(sqlx::Error::Database(e))) if e.code().as_deref() == Some("26000") => {
+            use sqlx::Executor;
+            conn.execute(format!("PREPARE {name}({}) AS {template}", values.types.join(", ")).as_str()).await?;
+            read_statement(conn, execute).await
+        }
+        read => read,
+    }
 }
 
 /// A `&str` without arguments goes as a simple query (several statements in one message).
@@ -178,4 +230,52 @@ async fn read_statement(conn: &mut PgConnection, sql: String) -> Result<Vec<Fetc
         out.push(Fetched { node: node as usize, parent: row.try_get(1)?, key: row.try_get(2)?, doc: row.try_get(3)? });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The prepared statement with its literals put back is the statement sent in place.
+    #[test]
+    fn prepared_and_in_place_statements_agree() {
+        let reads = [
+            InstallationRead {
+                installations: Installations::ById(Uuid::now_v7()),
+                connection: true,
+                operations: vec![
+                    OperationsPage { after: None, status: None, op_type: None, limit: 11 },
+                    OperationsPage {
+                        after: Some(Uuid::now_v7()),
+                        status: Some("fa'iled".into()),
+                        op_type: None,
+                        limit: 3,
+                    },
+                ],
+            },
+            InstallationRead {
+                installations: Installations::Page {
+                    after: Some(Uuid::now_v7()),
+                    integration_id: Some(Uuid::now_v7()),
+                    group_ref: Some("g'); DROP TABLE events; --".into()),
+                    health: Some("healthy".into()),
+                    paused: Some(false),
+                    include_deleted: false,
+                    limit: 51,
+                },
+                connection: false,
+                operations: vec![],
+            },
+        ];
+        let project = Uuid::now_v7();
+        let (template, values) = statement(project, &reads, true);
+        let (in_place, _) = statement(project, &reads, false);
+        let mut filled = template.clone();
+        for (i, literal) in values.literals.iter().enumerate().rev() {
+            filled = filled.replace(&format!("${}", i + 1), literal);
+        }
+        assert_eq!(filled, in_place);
+        assert_eq!(values.types.len(), values.literals.len());
+        assert!(!in_place.contains("DROP TABLE"), "tenant text reaches the statement hex-encoded only");
+    }
 }
