@@ -3,8 +3,7 @@
 //! The log is filled with realistic read operations through the command service (request,
 //! start, 96 pages, succeed), so streams, snapshots and indexes grow as they do in use.
 
-use crate::{drive, finished_read, page, service, setup_writers, Report};
-use amplog_domain::operation::PageRecord;
+use crate::{drive, page, service, setup_writers, Report};
 use amplog_log::{LogCursor, LogReader};
 use anyhow::{Context, Result};
 use sqlx::PgPool;
@@ -104,23 +103,7 @@ async fn fill(
     bar.set_position(have as u64);
     bar.set_length(target as u64);
     for round in 0..rounds {
-        let tasks: Vec<_> = fillers
-            .iter()
-            .cloned()
-            .map(|w| {
-                let svc = svc.clone();
-                tokio::spawn(async move {
-                    let pages: Vec<PageRecord> = (0..96).map(|p| page(round * 100 + p)).collect();
-                    for _ in 0..10 {
-                        finished_read(&svc, &w, &pages).await?;
-                    }
-                    Ok::<_, anyhow::Error>(())
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await??;
-        }
+        crate::fill_round(svc, fillers, round).await?;
         bar.inc(per_round);
     }
     bar.finish_and_clear();

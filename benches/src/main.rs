@@ -369,6 +369,28 @@ async fn hundred_event(pool: &PgPool, report: &mut Report, writers: usize, durat
     Ok(())
 }
 
+/// Ten finished read operations (100 events each) per writer, all writers at once.
+async fn fill_round(svc: &CommandService, writers: &[Writer], round: u64) -> Result<()> {
+    let tasks: Vec<_> = writers
+        .iter()
+        .cloned()
+        .map(|w| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let pages: Vec<PageRecord> = (0..96).map(|p| page(round * 100 + p)).collect();
+                for _ in 0..10 {
+                    finished_read(&svc, &w, &pages).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
 async fn catch_up(pool: &PgPool, report: &mut Report, target: i64) -> Result<()> {
     let svc = service(pool);
     let setup = Arc::new(setup_writers(&svc, 8).await?);
@@ -378,23 +400,7 @@ async fn catch_up(pool: &PgPool, report: &mut Report, target: i64) -> Result<()>
     );
     let mut round = 0u64;
     while have < target {
-        let tasks: Vec<_> = setup
-            .iter()
-            .cloned()
-            .map(|w| {
-                let svc = svc.clone();
-                tokio::spawn(async move {
-                    let pages: Vec<PageRecord> = (0..96).map(|p| page(round * 100 + p)).collect();
-                    for _ in 0..10 {
-                        finished_read(&svc, &w, &pages).await?;
-                    }
-                    Ok::<_, anyhow::Error>(())
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await??;
-        }
+        fill_round(&svc, &setup, round).await?;
         have += 8 * 10 * 100;
         round += 1;
         if round.is_multiple_of(20) {
