@@ -239,7 +239,7 @@ async fn graphql_http(
         ),
     };
     if idempotency_key.is_none() {
-        if let Some(body) = answer_by_plan(&shared, &principal, &request).await {
+        if let Some(body) = answer_by_plan(&shared, &principal, &request).await? {
             return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
         }
     }
@@ -251,16 +251,23 @@ async fn graphql_http(
 /// The answer of a request's compiled plan (`graphql::compiled`), if it has one and it
 /// answers: bound to the request's variables, its documents read in one round trip, its
 /// body written whole. `None` sends the request to the executor, which answers everything
-/// (the refusals included) as always. Run in the handler: the plan's one statement holds
-/// no transaction open, so a client hanging up mid-read leaves nothing behind.
-async fn answer_by_plan(shared: &Shared, principal: &Principal, request: &async_graphql::Request) -> Option<Vec<u8>> {
+/// (the refusals included) as always; a read past the request timeout is the timeout.
+/// Run in the handler: the plan's one statement holds no transaction open, so a client
+/// hanging up mid-read leaves nothing behind.
+async fn answer_by_plan(
+    shared: &Shared,
+    principal: &Principal,
+    request: &async_graphql::Request,
+) -> Result<Option<Vec<u8>>, ApiError> {
     let state = &shared.state;
     if !state.config.compiled_reads {
-        return None;
+        return Ok(None);
     }
-    let plan = shared.plans.get(&(request.query.clone(), request.operation_name.clone()))?;
-    let plan = plan.as_ref().as_ref()?;
-    let bound = plan.bind(&request.variables, shared.limits.complexity)?;
+    let Some(cached) = shared.plans.get(&(request.query.clone(), request.operation_name.clone())) else {
+        return Ok(None);
+    };
+    let Some(plan) = cached.as_ref().as_ref() else { return Ok(None) };
+    let Some(bound) = plan.bind(&request.variables, shared.limits.complexity) else { return Ok(None) };
     let span = tracing::info_span!(
         "graphql",
         otel.name = plan.span_name(),
@@ -271,14 +278,18 @@ async fn answer_by_plan(shared: &Shared, principal: &Principal, request: &async_
     let db = TenantDb::new(state.service.pool().clone(), principal.project_id, state.config.statement_timeout_ms)
         .with_group(principal.group.clone());
     let read = tracing::Instrument::instrument(db.read_once(&bound.reads), span);
-    let fetched = tokio::time::timeout(state.config.request_timeout, read).await.ok()?.ok()?;
-    let mut body = bound.answer(fetched)?;
+    let fetched = match tokio::time::timeout(state.config.request_timeout, read).await {
+        Ok(Ok(fetched)) => fetched,
+        Ok(Err(_)) => return Ok(None),
+        Err(_) => return Err(ApiError::Timeout(state.config.request_timeout)),
+    };
+    let Some(mut body) = bound.answer(fetched) else { return Ok(None) };
     amplog_log::telemetry::metrics().graphql_answer("plan");
     if state.config.dev {
         body.pop();
         body.extend_from_slice(b",\"extensions\":{\"sqlStatements\":1}}");
     }
-    Some(body)
+    Ok(Some(body))
 }
 
 /// Executes a checked query or mutation for `principal` within the request timeout;
