@@ -201,7 +201,13 @@ struct Compiler<'d> {
     fragments: &'d HashMap<Name, Positioned<FragmentDefinition>>,
     /// Fragment spreads being inlined (a cycle is a validation error; refused here too).
     inlining: Vec<Name>,
+    /// Fields inlined so far: fragments spread twice at each of many levels multiply, so a
+    /// compile stops (the executor answers) past `MAX_FIELDS`.
+    fields: usize,
 }
+
+/// The most field occurrences a compiled query may inline.
+const MAX_FIELDS: usize = 1_000;
 
 /// Compiles `operation` of `doc`, if it is a query this module answers.
 pub fn compile(doc: &ExecutableDocument, operation: Option<&str>) -> Option<Plan> {
@@ -230,7 +236,7 @@ pub fn compile(doc: &ExecutableDocument, operation: Option<&str>) -> Option<Plan
             default: def.default_value.as_ref().map(|d| d.node.clone()),
         });
     }
-    let mut compiler = Compiler { fragments: &doc.fragments, inlining: Vec::new() };
+    let mut compiler = Compiler { fragments: &doc.fragments, inlining: Vec::new(), fields: 0 };
     let mut roots: Vec<Root> = Vec::new();
     let mut complexity = Vec::new();
     for (key, name, field) in compiler.flatten(&op.selection_set, "Query")? {
@@ -319,6 +325,10 @@ impl<'d> Compiler<'d> {
                         return None;
                     }
                     let key = f.alias.as_ref().unwrap_or(&f.name).node.to_string();
+                    self.fields += 1;
+                    if self.fields > MAX_FIELDS {
+                        return None;
+                    }
                     out.push((key, f.name.node.clone(), f));
                 }
                 Selection::InlineFragment(fragment) => {
@@ -410,6 +420,9 @@ pub struct Bound<'p> {
     pub reads: Vec<InstallationRead>,
     /// Per root: the page size asked for (an installations page).
     limits: Vec<usize>,
+    /// Per `operations` field (by address in the plan): its page among the root's reads,
+    /// and its page size.
+    pages: HashMap<usize, (usize, usize)>,
 }
 
 impl Plan {
@@ -444,7 +457,7 @@ impl Plan {
             }
             values.insert(def.name.as_str(), value);
         }
-        let mut bound = Bound { plan: self, values, reads: Vec::new(), limits: Vec::new() };
+        let mut bound = Bound { plan: self, values, reads: Vec::new(), limits: Vec::new(), pages: HashMap::new() };
         let complexity: usize = self.complexity.iter().map(|c| bound.cost(c)).sum::<Option<usize>>()?;
         if complexity > max_complexity {
             return None;
@@ -501,9 +514,14 @@ impl Plan {
                     op_type: bound.string(field.arg("opType"))?,
                     limit: first + 1,
                 };
-                if !operations.contains(&page) {
-                    operations.push(page);
-                }
+                let index = match operations.iter().position(|p| *p == page) {
+                    Some(index) => index,
+                    None => {
+                        operations.push(page);
+                        operations.len() - 1
+                    }
+                };
+                bound.pages.insert(*field as *const Field as usize, (index, first as usize));
             }
             bound.reads.push(InstallationRead { installations, connection, operations });
             bound.limits.push(limit);
@@ -629,7 +647,7 @@ impl Bound<'_> {
         let mut take = |node: usize| by_node.get_mut(node).map(std::mem::take).unwrap_or_default();
         let mut out = Vec::with_capacity(1024);
         out.extend_from_slice(b"{\"data\":{");
-        let mut reads = self.reads.iter().zip(&numbered);
+        let mut numbered = numbered.iter();
         for (i, root) in self.plan.roots.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
@@ -639,7 +657,7 @@ impl Bound<'_> {
                 string(&mut out, "Query");
                 continue;
             }
-            let (read, nodes) = reads.next()?;
+            let nodes = numbered.next()?;
             let mut installations = take(nodes.installations);
             installations.sort_by(|a, b| a.key.cmp(&b.key));
             let connections: HashMap<Uuid, Connection> = match nodes.connection {
@@ -663,7 +681,7 @@ impl Bound<'_> {
                 }
                 pages.push(page);
             }
-            let nested = Nested { read, connections: &connections, pages: &pages, bound: self };
+            let nested = Nested { connections: &connections, pages: &pages, bound: self };
             match &root.kind {
                 RootKind::Typename => unreachable!("answered above"),
                 RootKind::Installation { fields, .. } => {
@@ -693,7 +711,6 @@ impl Bound<'_> {
 
 /// What an installation's nested fields are answered from.
 struct Nested<'a> {
-    read: &'a InstallationRead,
     connections: &'a HashMap<Uuid, Connection>,
     pages: &'a [HashMap<String, Vec<Operation>>],
     bound: &'a Bound<'a>,
@@ -797,19 +814,10 @@ impl Nested<'_> {
         });
     }
 
-    /// The fetched page an `operations` field reads, and its page size.
+    /// The fetched page an `operations` field reads, and its page size (recorded at bind).
     fn operations_page(&self, field: &Field) -> Option<(&HashMap<String, Vec<Operation>>, usize)> {
-        let b = self.bound;
-        let first = b.int(field.arg("first"))?.unwrap_or(DEFAULT_PAGE as i64);
-        let after = b.string(field.arg("after"))?.and_then(|a| Uuid::try_parse(&a).ok());
-        let wanted = OperationsPage {
-            after,
-            status: b.string(field.arg("status"))?,
-            op_type: b.string(field.arg("opType"))?,
-            limit: first + 1,
-        };
-        let index = self.read.operations.iter().position(|p| *p == wanted)?;
-        Some((&self.pages[index], first as usize))
+        let (index, first) = *self.bound.pages.get(&(field as *const Field as usize))?;
+        Some((self.pages.get(index)?, first))
     }
 }
 
@@ -979,5 +987,18 @@ mod tests {
         ] {
             assert!(plan(query).is_none(), "{query}");
         }
+    }
+
+    /// Fragments spread twice at each of 40 levels would inline 2^40 fields: the compile
+    /// gives up past `MAX_FIELDS` and leaves the query to the executor.
+    #[test]
+    fn fragments_that_multiply_do_not_compile() {
+        let mut query = String::from("{ installation(id: \"x\") { ...F0 } }");
+        for level in 0..40 {
+            query
+                .push_str(&format!(" fragment F{level} on Installation {{ ...F{next} ...F{next} }}", next = level + 1));
+        }
+        query.push_str(" fragment F40 on Installation { id }");
+        assert!(plan(&query).is_none());
     }
 }
