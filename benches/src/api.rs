@@ -492,16 +492,6 @@ async fn same_answers(kind: Kind, sides: &Sides) -> Result<()> {
     Ok(())
 }
 
-/// CPU seconds `pid` has used (user + system).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<f64> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect())
-        .unwrap_or_default();
-    (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) / 100.0
-}
-
 /// The highest rate with p99 < 100 ms and no errors, stepped up until a step fails.
 async fn highest_rate(request: &Request, secs: u64) -> Option<Load> {
     let mut best = None;
@@ -552,9 +542,9 @@ pub async fn run(report: &mut Report, pool: &PgPool, seeded: Seeded, target: Tar
         eprintln!("{label}, {}: 1,000 requests/s for {secs} s per side...", kind.name());
         // Per request: serve's CPU, and PostgreSQL's for each side.
         let per = |seconds: f64, load: &Load| seconds * 1000.0 / load.sent as f64;
-        let (cpu, pg) = (cpu_seconds(server.child.id()), crate::cpu::CpuSnapshot::now());
+        let (cpu, pg) = (crate::cpu::process_seconds(server.child.id()), crate::cpu::CpuSnapshot::now());
         let api = open_loop(1000, duration, sides.api.clone()).await;
-        let cpu_ms = per(cpu_seconds(server.child.id()) - cpu, &api);
+        let cpu_ms = per(crate::cpu::process_seconds(server.child.id()) - cpu, &api);
         let api_pg = per(pg.used("PostgreSQL"), &api);
         let pg = crate::cpu::CpuSnapshot::now();
         let raw = open_loop(1000, duration, sides.raw.clone()).await;

@@ -4,6 +4,20 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+/// A process's name and its `/proc/<pid>/stat` fields after it (pid (comm) state ppid …:
+/// index 11 utime, 12 stime, 13 cutime, 14 cstime, in ticks).
+fn stat_of(path: &std::path::Path) -> Option<(String, Vec<f64>)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<f64> = stat[close + 2..].split(' ').map(|f| f.parse().unwrap_or(0.0)).collect();
+    (fields.len() > 14).then(|| (stat[open + 1..close].to_string(), fields))
+}
+
+/// CPU seconds process `pid` has used itself (user + system).
+pub fn process_seconds(pid: u32) -> f64 {
+    stat_of(std::path::Path::new(&format!("/proc/{pid}/stat"))).map_or(0.0, |(_, f)| (f[11] + f[12]) / 100.0)
+}
+
 /// CPU seconds used so far, by part, and when they were read.
 pub struct CpuSnapshot {
     at: Instant,
@@ -20,11 +34,7 @@ impl CpuSnapshot {
             if !name.bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-            // pid (comm) state ppid ... field 14 utime, 15 stime, 16 cutime, 17 cstime.
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-            let comm = &stat[open + 1..close];
-            let fields: Vec<f64> = stat[close + 2..].split(' ').map(|f| f.parse().unwrap_or(0.0)).collect();
+            let Some((comm, fields)) = stat_of(&entry.path().join("stat")) else { continue };
             let (own, children) = (fields[11] + fields[12], fields[13] + fields[14]);
             let part = if name == me {
                 "this process"
